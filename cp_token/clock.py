@@ -1,0 +1,69 @@
+"""Injected time: wall clock for expiry stamps, monotonic clock for intervals.
+
+Everything time-based takes a :class:`Clock`, so tests move a :class:`FakeClock` instead of
+sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Protocol
+
+
+class Clock(Protocol):
+    """Source of time for expiry, caching, backoff and rate limiting."""
+
+    def time(self) -> float:
+        """Wall-clock seconds since the epoch (for `exp`, `iat`, `expires_at`)."""
+        ...
+
+    def monotonic(self) -> float:
+        """Monotonic seconds (for intervals: caches, refresh deadlines, buckets)."""
+        ...
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait `seconds` of this clock's time."""
+        ...
+
+
+class SystemClock:
+    """The real clock."""
+
+    def time(self) -> float:
+        """Wall-clock seconds since the epoch."""
+        return time.time()
+
+    def monotonic(self) -> float:
+        """Monotonic seconds."""
+        return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep on the event loop."""
+        await asyncio.sleep(max(0.0, seconds))
+
+
+class FakeClock:
+    """A clock that only moves when told to; `sleep` advances it instantly."""
+
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self._wall = start
+        self._mono = 1000.0
+
+    def time(self) -> float:
+        """Fake wall-clock seconds."""
+        return self._wall
+
+    def monotonic(self) -> float:
+        """Fake monotonic seconds."""
+        return self._mono
+
+    def advance(self, seconds: float) -> None:
+        """Move both clocks forward."""
+        self._wall += seconds
+        self._mono += seconds
+
+    async def sleep(self, seconds: float) -> None:
+        """Advance instead of waiting, then yield to the loop once."""
+        self.advance(max(0.0, seconds))
+        await asyncio.sleep(0)

@@ -54,9 +54,12 @@ def _get(env: Mapping[str, str], name: str) -> str | None:
     return value or None
 
 
+_ADDR = re.compile(r"(?:\[(?P<v6>[0-9a-fA-F:.%]+)\]|(?P<host>[^:\[\]]*)):(?P<port>\d{1,5})")
+
+
 def parse_addr(name: str, value: str) -> tuple[str, int]:
     """Parse ``host:port`` (``:8080`` = all interfaces, ``[::1]:80`` for IPv6)."""
-    m = re.fullmatch(r"(?:\[(?P<v6>[0-9a-fA-F:.%]+)\]|(?P<host>[^:\[\]]*)):(?P<port>\d{1,5})", value)
+    m = _ADDR.fullmatch(value)
     if not m:
         raise ConfigError(name, f"{value!r} is not host:port (e.g. ':8080' or '127.0.0.1:8099')")
     port = int(m.group("port"))
@@ -325,7 +328,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         if issuer is None:
             if url is None:
                 raise ConfigError(
-                    "CP_TOKEN_ISSUER", "required with CP_TOKEN_MINTER=jwt when CP_TOKEN_URL is unset"
+                    "CP_TOKEN_ISSUER",
+                    "required with CP_TOKEN_MINTER=jwt when CP_TOKEN_URL is unset",
                 )
             issuer = issuer_from_url(url)
 
@@ -343,9 +347,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     min_ttl = parse_number("CP_TOKEN_MIN_TTL", g("CP_TOKEN_MIN_TTL"), 300.0)
     ttl = parse_number("CP_TOKEN_TTL", g("CP_TOKEN_TTL"), 900.0, minimum=1)
     if ttl <= min_ttl:
-        raise ConfigError(
-            "CP_TOKEN_TTL", f"must exceed CP_TOKEN_MIN_TTL ({ttl:g} <= {min_ttl:g})"
-        )
+        raise ConfigError("CP_TOKEN_TTL", f"must exceed CP_TOKEN_MIN_TTL ({ttl:g} <= {min_ttl:g})")
 
     rate, burst = parse_rate("CP_TOKEN_RATE_LIMIT", g("CP_TOKEN_RATE_LIMIT"))
 
@@ -353,7 +355,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     key = g("CP_TOKEN_TLS_KEY_FILE")
     if (cert is None) != (key is None):
         missing = "CP_TOKEN_TLS_KEY_FILE" if key is None else "CP_TOKEN_TLS_CERT_FILE"
-        raise ConfigError(missing, "both CP_TOKEN_TLS_CERT_FILE and CP_TOKEN_TLS_KEY_FILE are needed")
+        raise ConfigError(missing, "set both CP_TOKEN_TLS_CERT_FILE and CP_TOKEN_TLS_KEY_FILE")
     if cert is not None and key is not None:
         check_readable("CP_TOKEN_TLS_CERT_FILE", cert)
         check_readable("CP_TOKEN_TLS_KEY_FILE", key)
@@ -389,7 +391,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             "CP_TOKEN_REVIEW_CACHE_TTL", g("CP_TOKEN_REVIEW_CACHE_TTL"), 30.0
         ),
         max_reviews=int(
-            parse_number("CP_TOKEN_MAX_REVIEWS", g("CP_TOKEN_MAX_REVIEWS"), 64, minimum=1, integer=True)
+            parse_number(
+                "CP_TOKEN_MAX_REVIEWS", g("CP_TOKEN_MAX_REVIEWS"), 64, minimum=1, integer=True
+            )
         ),
         minter=minter,
         oidc_token_url=oidc_url,
@@ -465,7 +469,9 @@ def load_client_settings(env: Mapping[str, str] | None = None) -> ClientSettings
         sa_token_file=_get(env, "AMBIENT_SA_TOKEN_FILE") or DEFAULT_SA_TOKEN_FILE,
         ca_file=ca_file,
         timeout=parse_number(
-            "AMBIENT_CP_TOKEN_TIMEOUT_SECS", _get(env, "AMBIENT_CP_TOKEN_TIMEOUT_SECS"), 10.0,
+            "AMBIENT_CP_TOKEN_TIMEOUT_SECS",
+            _get(env, "AMBIENT_CP_TOKEN_TIMEOUT_SECS"),
+            10.0,
             minimum=0.001,
         ),
     )
@@ -536,14 +542,14 @@ def load_sidecar_settings(env: Mapping[str, str] | None = None) -> SidecarSettin
         allow_non_loopback=allow,
         sa_token_file=g("AMBIENT_SA_TOKEN_FILE") or DEFAULT_SA_TOKEN_FILE,
         token_file=token_file,
-        token_file_mode=parse_mode(
-            "SIDECAR_TOKEN_FILE_MODE", g("SIDECAR_TOKEN_FILE_MODE"), 0o600
-        ),
+        token_file_mode=parse_mode("SIDECAR_TOKEN_FILE_MODE", g("SIDECAR_TOKEN_FILE_MODE"), 0o600),
         min_ttl=parse_number("SIDECAR_MIN_TTL", g("SIDECAR_MIN_TTL"), 60.0),
         refresh_fraction=fraction,
         ca_file=ca_file,
         timeout=parse_number(
-            "AMBIENT_CP_TOKEN_TIMEOUT_SECS", g("AMBIENT_CP_TOKEN_TIMEOUT_SECS"), 10.0,
+            "AMBIENT_CP_TOKEN_TIMEOUT_SECS",
+            g("AMBIENT_CP_TOKEN_TIMEOUT_SECS"),
+            10.0,
             minimum=0.001,
         ),
         metrics_host=metrics_host,

@@ -8,6 +8,7 @@ turn into exit code 2 and one line naming the variable.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import re
@@ -270,7 +271,7 @@ def redacted(settings: Any) -> dict[str, Any]:
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Read and validate the CP service's configuration; raises :class:`ConfigError`."""
     env = os.environ if env is None else env
-    g = lambda n: _get(env, n)  # noqa: E731
+    g = functools.partial(_get, env)
 
     host, port = parse_addr("CP_TOKEN_LISTEN_ADDR", g("CP_TOKEN_LISTEN_ADDR") or ":8080")
     m_host, m_port = parse_addr("CP_TOKEN_METRICS_ADDR", g("CP_TOKEN_METRICS_ADDR") or ":9090")
@@ -504,7 +505,7 @@ class SidecarSettings:
 def load_sidecar_settings(env: Mapping[str, str] | None = None) -> SidecarSettings:
     """Read and validate the sidecar's configuration; raises :class:`ConfigError`."""
     env = os.environ if env is None else env
-    g = lambda n: _get(env, n)  # noqa: E731
+    g = functools.partial(_get, env)
     url = g("AMBIENT_CP_TOKEN_URL")
     if url is None:
         raise ConfigError("AMBIENT_CP_TOKEN_URL", "required: the CP token service's /token URL")

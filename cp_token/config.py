@@ -268,9 +268,16 @@ def redacted(settings: Any) -> dict[str, Any]:
     return out
 
 
-def load_settings(env: Mapping[str, str] | None = None) -> Settings:
-    """Read and validate the CP service's configuration; raises :class:`ConfigError`."""
+def load_settings(
+    env: Mapping[str, str] | None = None, overrides: Mapping[str, str] | None = None
+) -> Settings:
+    """Read and validate the CP service's configuration; raises :class:`ConfigError`.
+
+    ``overrides`` (command-line flags, by variable name) take precedence over ``env``.
+    """
     env = os.environ if env is None else env
+    if overrides:
+        env = {**env, **overrides}
     g = functools.partial(_get, env)
 
     host, port = parse_addr("CP_TOKEN_LISTEN_ADDR", g("CP_TOKEN_LISTEN_ADDR") or ":8080")

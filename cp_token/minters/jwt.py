@@ -1,0 +1,219 @@
+"""The ``jwt`` minter: per-session JWTs signed by the CP, verifiable through its JWKS.
+
+The key file holds one or more PEM private keys (EC P-256 -> ES256, RSA -> RS256); the first
+signs, all are published, so a rotation is: add the new key second, wait out the JWKS
+``max-age``, then move it first. ``kid`` is the RFC 7638 thumbprint, so replicas sharing a
+key agree on it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from joserfc import jwt
+from joserfc.jwk import ECKey, RSAKey
+
+from cp_token.clock import Clock
+from cp_token.errors import Unavailable
+from cp_token.identity import Identity
+from cp_token.minters import IssuedToken
+
+__all__ = ["JwtMinter", "KeyRing", "load_keyring", "session_id_of"]
+
+log = logging.getLogger(__name__)
+
+_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z ]*PRIVATE KEY)-----.+?-----END \1-----", re.DOTALL)
+_SESSION_SA = re.compile(r"^session-(.+)-sa$")
+
+
+def session_id_of(service_account: str | None) -> str | None:
+    """``<id>`` from a ServiceAccount named ``session-<id>-sa``."""
+    if not service_account:
+        return None
+    m = _SESSION_SA.match(service_account)
+    return m.group(1) if m else None
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    """A private key with its algorithm and RFC 7638 ``kid``."""
+
+    key: ECKey | RSAKey
+    alg: str
+    kid: str
+
+    def public_jwk(self) -> dict[str, Any]:
+        """The public half as a JWK with kid, alg and use."""
+        jwk = dict(self.key.as_dict(private=False))
+        jwk.update({"kid": self.kid, "alg": self.alg, "use": "sig"})
+        return jwk
+
+
+@dataclass(frozen=True)
+class KeyRing:
+    """Keys in file order: the first signs, every one is published."""
+
+    keys: tuple[SigningKey, ...]
+
+    @property
+    def signer(self) -> SigningKey:
+        """The signing key."""
+        return self.keys[0]
+
+
+def _signing_key(pem: bytes) -> SigningKey:
+    private = serialization.load_pem_private_key(pem, password=None)
+    if isinstance(private, ec.EllipticCurvePrivateKey):
+        if not isinstance(private.curve, ec.SECP256R1):
+            raise ValueError(f"EC keys must be P-256 (got {private.curve.name})")
+        key: ECKey | RSAKey = ECKey.import_key(pem)
+        alg = "ES256"
+    elif isinstance(private, rsa.RSAPrivateKey):
+        if private.key_size < 2048:
+            raise ValueError(f"RSA keys must have at least 2048 bits (got {private.key_size})")
+        key = RSAKey.import_key(pem)
+        alg = "RS256"
+    else:
+        raise ValueError("only EC P-256 (ES256) and RSA (RS256) keys are supported")
+    return SigningKey(key=key, alg=alg, kid=key.thumbprint())
+
+
+def load_keyring(raw: bytes) -> KeyRing:
+    """Parse every PEM private key in ``raw``; raises ValueError naming what is wrong."""
+    blocks = [m.group(0) for m in _PEM_BLOCK.finditer(raw)]
+    if not blocks:
+        raise ValueError("no PEM private key found")
+    keys = []
+    for i, block in enumerate(blocks):
+        try:
+            keys.append(_signing_key(block))
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"key #{i + 1} does not load ({exc})") from None
+    return KeyRing(keys=tuple(keys))
+
+
+def ephemeral_keyring() -> KeyRing:
+    """A fresh P-256 key that lives as long as the process (dev only)."""
+    key = ECKey.generate_key("P-256", private=True)
+    return KeyRing(keys=(SigningKey(key=key, alg="ES256", kid=key.thumbprint()),))
+
+
+class JwtMinter:
+    """Signs a JWT per caller with the claims of SPEC.md."""
+
+    def __init__(
+        self,
+        *,
+        issuer: str,
+        audience: str,
+        ttl: float,
+        clock: Clock,
+        key_pem: bytes | None = None,
+        key_variable: str = "CP_TOKEN_SIGNING_KEY_FILE",
+        jwks_max_age: int = 300,
+    ) -> None:
+        self.issuer = issuer.rstrip("/")
+        self._audience = audience
+        self._ttl = int(ttl)
+        self._clock = clock
+        self._variable = key_variable
+        self.jwks_max_age = jwks_max_age
+        self._problem: str | None = None
+        self._ring: KeyRing | None = None
+        self._jwks_body = b'{"keys":[]}'
+        if key_pem is None:
+            log.warning(
+                "CP_TOKEN_SIGNING_KEY_FILE is unset: signing with an ephemeral key; tokens "
+                "become unverifiable when this process restarts and differ between replicas"
+            )
+            self._install(ephemeral_keyring())
+        else:
+            self.reload(key_pem)
+
+    def reload(self, key_pem: bytes) -> None:
+        """Load keys from PEM bytes (a rotated Secret); a bad file keeps the last good keys."""
+        try:
+            ring = load_keyring(key_pem)
+        except ValueError as exc:
+            if self._ring is None:
+                self._problem = f"{self._variable}: {exc}"
+                log.error("%s", self._problem)
+            else:
+                log.warning("%s: new content ignored: %s", self._variable, exc)
+            return
+        self._install(ring)
+        log.info(
+            "signing keys loaded",
+            extra={"fields": {"kids": [k.kid for k in ring.keys], "signing_kid": ring.signer.kid}},
+        )
+
+    def _install(self, ring: KeyRing) -> None:
+        self._ring = ring
+        self._problem = None
+        body = {"keys": [k.public_jwk() for k in ring.keys]}
+        self._jwks_body = json.dumps(body, separators=(",", ":")).encode()
+
+    @property
+    def problem(self) -> str | None:
+        """Why no key is loaded, if none is."""
+        return self._problem
+
+    async def run(self) -> None:
+        """No background work (the file watcher calls :meth:`reload`)."""
+
+    async def aclose(self) -> None:
+        """Nothing to close."""
+
+    def jwks(self) -> dict[str, Any]:
+        """The public keys as a JWK Set."""
+        data: dict[str, Any] = json.loads(self._jwks_body)
+        return data
+
+    @property
+    def jwks_body(self) -> bytes:
+        """The JWK Set, pre-rendered."""
+        return self._jwks_body
+
+    def openid_configuration(self) -> dict[str, Any]:
+        """OIDC discovery for an API server that verifies minted tokens."""
+        algs = sorted({k.alg for k in self._ring.keys}) if self._ring else []
+        return {
+            "issuer": self.issuer,
+            "jwks_uri": f"{self.issuer}/.well-known/jwks.json",
+            "response_types_supported": ["id_token"],
+            "subject_types_supported": ["public"],
+            "id_token_signing_alg_values_supported": algs,
+        }
+
+    async def mint(self, identity: Identity) -> IssuedToken:
+        """A JWT for this caller, valid for ``CP_TOKEN_TTL`` seconds."""
+        ring = self._ring
+        if ring is None:
+            raise Unavailable("no signing key is loaded", reason="no_signing_key", retry_after=30)
+        now = int(self._clock.time())
+        jti = str(uuid.uuid4())
+        claims: dict[str, Any] = {
+            "iss": self.issuer,
+            "sub": identity.username,
+            "aud": self._audience,
+            "iat": now,
+            "nbf": now,
+            "exp": now + self._ttl,
+            "jti": jti,
+            "namespace": identity.namespace,
+            "service_account": identity.service_account,
+            "session_id": session_id_of(identity.service_account),
+        }
+        if identity.pod_bound:
+            claims["pod"] = identity.pod_name
+        signer = ring.signer
+        header = {"alg": signer.alg, "kid": signer.kid, "typ": "JWT"}
+        token = jwt.encode(header, claims, signer.key, algorithms=[signer.alg])
+        return IssuedToken(token=token, expires_at=float(now + self._ttl), jti=jti)

@@ -1,0 +1,74 @@
+"""May this identity have a token? Pure decisions over an Identity and labels.
+
+The label lookups themselves (namespace and ServiceAccount, through the Kubernetes API) live
+in :mod:`cp_token.labels`; this module does no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+
+from cp_token.errors import Forbidden
+from cp_token.identity import Identity
+
+__all__ = ["RunnerPolicy"]
+
+
+@dataclass(frozen=True)
+class RunnerPolicy:
+    """The rules a caller must meet to be treated as a session runner."""
+
+    allowed_sa: str = "system:serviceaccount:*:session-*-sa"
+    allowed_namespaces: tuple[str, ...] = ("*",)
+    require_bound: bool = True
+    managed_label: tuple[str, str] | None = None
+    namespace_label: tuple[str, str] | None = None
+
+    def check_identity(self, identity: Identity) -> None:
+        """Checks that need no lookup: username pattern, namespace, pod binding."""
+        ns, sa = identity.namespace, identity.service_account
+        if ns is None or sa is None:
+            raise Forbidden("caller is not a ServiceAccount", reason="not_service_account")
+        if not fnmatchcase(identity.username, self.allowed_sa):
+            raise Forbidden(
+                f"ServiceAccount {identity.username} is not a session runner "
+                f"(must match {self.allowed_sa})",
+                reason="sa_not_allowed",
+            )
+        if not any(fnmatchcase(ns, pattern) for pattern in self.allowed_namespaces):
+            raise Forbidden(f"namespace {ns} is not allowed", reason="namespace_not_allowed")
+        if self.require_bound and not identity.pod_bound:
+            raise Forbidden(
+                "token is not bound to a pod (use a projected ServiceAccount token)",
+                reason="not_pod_bound",
+            )
+
+    @property
+    def needs_labels(self) -> bool:
+        """True when a label lookup is required."""
+        return self.managed_label is not None or self.namespace_label is not None
+
+    def check_labels(
+        self,
+        identity: Identity,
+        namespace_labels: Mapping[str, str] | None,
+        sa_labels: Mapping[str, str] | None,
+    ) -> None:
+        """Namespace and ServiceAccount must carry the managed labels (None = not found)."""
+        if self.namespace_label is not None:
+            key, value = self.namespace_label
+            if namespace_labels is None or namespace_labels.get(key) != value:
+                raise Forbidden(
+                    f"namespace {identity.namespace} is not managed (needs label {key}={value})",
+                    reason="namespace_not_managed",
+                )
+        if self.managed_label is not None:
+            key, value = self.managed_label
+            if sa_labels is None or sa_labels.get(key) != value:
+                raise Forbidden(
+                    f"ServiceAccount {identity.username} is not managed "
+                    f"(needs label {key}={value})",
+                    reason="sa_not_managed",
+                )

@@ -1,0 +1,138 @@
+"""Serving: the API port and the metrics port in one process, signals, TLS reload.
+
+SIGTERM/SIGINT stop accepting, drain in-flight requests (uvicorn's graceful shutdown) and
+exit 0. A dead background task exits 1. Certificates are re-read when their files change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import ssl
+from collections.abc import Iterator
+
+import uvicorn
+
+from cp_token.config import ConfigError, Settings
+from cp_token.filewatch import WatchedFile
+from cp_token.service import Service
+
+__all__ = ["bind", "run_service", "serve"]
+
+log = logging.getLogger(__name__)
+
+GRACEFUL_SECONDS = 20
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: two servers share ours."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def bind(variable: str, host: str, port: int) -> socket.socket:
+    """A listening socket, or ConfigError naming the variable (address in use, bad host)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        sock = socket.create_server(
+            (host, port), family=family, reuse_port=False, dualstack_ipv6=host == "::"
+        )
+    except OSError as exc:
+        raise ConfigError(
+            variable, f"cannot listen on {host}:{port} ({exc.strerror or exc})"
+        ) from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _tls_reloader(s: Settings, ctx: ssl.SSLContext) -> list[WatchedFile[bytes]]:
+    assert s.tls_cert_file and s.tls_key_file
+    cert, key = s.tls_cert_file, s.tls_key_file
+
+    def reload(_raw: bytes) -> None:
+        try:
+            ctx.load_cert_chain(cert, key)
+            log.info("TLS certificate reloaded")
+        except (ssl.SSLError, OSError) as exc:
+            # Cert and key are replaced one after the other; the next change completes the pair.
+            log.warning("TLS certificate reload failed (%s); keeping the previous one", exc)
+
+    return [
+        WatchedFile("CP_TOKEN_TLS_CERT_FILE", cert, bytes, on_change=reload),
+        WatchedFile("CP_TOKEN_TLS_KEY_FILE", key, bytes, on_change=reload),
+    ]
+
+
+async def serve(service: Service, api_sock: socket.socket, metrics_sock: socket.socket) -> int:
+    """Run both servers until a signal (exit 0) or a fatal background failure (exit 1)."""
+    s = service.settings
+    common = {"log_config": None, "access_log": False, "server_header": False}
+    api_cfg = uvicorn.Config(
+        service.app,
+        lifespan="on",
+        timeout_graceful_shutdown=GRACEFUL_SECONDS,
+        ssl_certfile=s.tls_cert_file,
+        ssl_keyfile=s.tls_key_file,
+        **common,  # type: ignore[arg-type]
+    )
+    metrics_cfg = uvicorn.Config(service.metrics_app, lifespan="off", **common)  # type: ignore[arg-type]
+    try:
+        api_cfg.load()
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError("CP_TOKEN_TLS_CERT_FILE", f"certificate does not load ({exc})") from None
+    if s.tls and api_cfg.ssl is not None:
+        for watched in _tls_reloader(s, api_cfg.ssl):
+            service.watcher.add(watched)
+    api, metrics = _Server(api_cfg), _Server(metrics_cfg)
+    exit_code = 0
+
+    def stop(code: int) -> None:
+        nonlocal exit_code
+        exit_code = max(exit_code, code)
+        if api.should_exit:  # a second signal: stop waiting for connections
+            api.force_exit = metrics.force_exit = True
+        api.should_exit = metrics.should_exit = True
+
+    service.on_fatal = lambda reason: stop(1)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop, 0)
+
+    scheme = "https" if s.tls else "http"
+    host, port = api_sock.getsockname()[:2]
+    m_host, m_port = metrics_sock.getsockname()[:2]
+    log.info(
+        "serving",
+        extra={
+            "fields": {
+                "api": f"{scheme}://{host}:{port}",
+                "metrics": f"http://{m_host}:{m_port}",
+            }
+        },
+    )
+    results = await asyncio.gather(
+        api.serve(sockets=[api_sock]), metrics.serve(sockets=[metrics_sock]), return_exceptions=True
+    )
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)
+    for result in results:
+        if isinstance(result, BaseException):
+            log.error("server failed: %r", result)
+            exit_code = 1
+    if not api.started:
+        exit_code = max(exit_code, 1)
+    log.info("stopped", extra={"fields": {"exit_code": exit_code}})
+    return exit_code
+
+
+def run_service(service: Service) -> int:
+    """Bind, serve, return the exit code."""
+    s = service.settings
+    api_sock = bind("CP_TOKEN_LISTEN_ADDR", s.listen_host, s.listen_port)
+    metrics_sock = bind("CP_TOKEN_METRICS_ADDR", s.metrics_host, s.metrics_port)
+    return asyncio.run(serve(service, api_sock, metrics_sock))

@@ -255,11 +255,15 @@ def build_service(
                 ) from None
         kube = KubeClient(kube_connection, max_connections=s.max_reviews, metrics=metrics)
     reviewer = build_reviewer(s, kube, clock, watcher, metrics)
+    # With jwks authn the review cache must not outlive the liveness check it depends on.
+    review_ttl = s.review_cache_ttl
+    if s.authn == "jwks":
+        review_ttl = min(review_ttl, s.liveness_cache_ttl)
     authenticator = CachedAuthenticator(
         reviewer,
         clock=clock,
         audiences=s.audiences,
-        ttl=s.review_cache_ttl,
+        ttl=review_ttl,
         max_in_flight=s.max_reviews,
         jwt_precheck=s.authn != "static",
         metrics=metrics,

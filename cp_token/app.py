@@ -13,7 +13,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 from typing import Any
@@ -22,6 +22,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from cp_token.authn import Authenticator
 from cp_token.clock import Clock
@@ -85,6 +86,17 @@ def token_body(issued: IssuedToken, now: float) -> bytes:
         "expires_in": expires_in,
     }
     return json.dumps(body, separators=(",", ":")).encode()
+
+
+class _AnyMethod:
+    """An ASGI endpoint that sees every method, so `/token` answers its own 405 (HEAD too)."""
+
+    def __init__(self, handler: Callable[[Request], Awaitable[Response]]) -> None:
+        self._handler = handler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = await self._handler(Request(scope, receive))
+        await response(scope, receive, send)
 
 
 def _health_routes(readiness: Readiness) -> list[Route]:
@@ -164,7 +176,7 @@ def create_app(
         )
         return response
 
-    routes = [Route("/token", token_endpoint, methods=None), *_health_routes(ready)]
+    routes = [Route("/token", _AnyMethod(token_endpoint)), *_health_routes(ready)]
 
     if isinstance(minter, JwtMinter):
         jwt_minter = minter

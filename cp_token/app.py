@@ -34,7 +34,8 @@ from cp_token.errors import (
     error_response,
 )
 from cp_token.identity import Identity
-from cp_token.labels import LabelLookup
+from cp_token.kube import labels_of
+from cp_token.labels import ObjectCache
 from cp_token.logs import audit
 from cp_token.metrics import Metrics
 from cp_token.minters import IssuedToken, Minter
@@ -119,7 +120,7 @@ def create_app(
     minter: Minter,
     clock: Clock,
     limiter: RateLimiter,
-    labels: LabelLookup | None = None,
+    objects: ObjectCache | None = None,
     metrics: Metrics | None = None,
     readiness: Readiness | None = None,
     lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]] | None = None,
@@ -137,12 +138,16 @@ def create_app(
         seen.append(identity)
         limiter.check(identity.username)
         policy.check_identity(identity)
-        if labels is not None and policy.needs_labels:
+        if objects is not None and policy.needs_labels:
             ns, sa = identity.namespace, identity.service_account
             assert ns is not None and sa is not None  # check_identity ensured it
-            ns_labels = await labels.namespace(ns) if policy.namespace_label else {}
-            sa_labels = await labels.service_account(ns, sa) if policy.managed_label else {}
-            policy.check_labels(identity, ns_labels, sa_labels)
+            ns_obj = await objects.namespace(ns) if policy.namespace_label else {}
+            sa_obj = await objects.service_account(ns, sa) if policy.managed_label else {}
+            policy.check_labels(
+                identity,
+                None if ns_obj is None else labels_of(ns_obj),
+                None if sa_obj is None else labels_of(sa_obj),
+            )
         return await minter.mint(identity)
 
     async def token_endpoint(request: Request) -> Response:

@@ -1,4 +1,9 @@
-"""Namespace and ServiceAccount labels, looked up through the Kubernetes API, cached briefly."""
+"""Namespaces, ServiceAccounts and Pods read through the Kubernetes API, cached briefly.
+
+One cache serves the policy's label checks and the ``jwks`` authenticator's liveness checks,
+so a cold request reads each object once. Reads are coalesced; a missing object is
+remembered as None for the same time as a found one.
+"""
 
 from __future__ import annotations
 
@@ -11,76 +16,83 @@ from cachetools import TTLCache
 
 from cp_token.clock import Clock
 from cp_token.errors import Unavailable
-from cp_token.kube import KubeClient, KubeForbidden, KubeUnavailable, labels_of
+from cp_token.kube import KubeClient, KubeForbidden, KubeUnavailable
 
-__all__ = ["LabelLookup"]
+__all__ = ["ObjectCache"]
 
 log = logging.getLogger(__name__)
-_MISSING: dict[str, str] = {}
+
+Obj = dict[str, Any] | None
 
 
-class LabelLookup:
-    """Cached, coalesced label reads; a missing object is remembered as None."""
+class ObjectCache:
+    """Cached, coalesced GETs of the objects the CP's decisions depend on."""
 
     def __init__(
         self, kube: KubeClient, clock: Clock, *, ttl: float = 10.0, metrics: Any = None
     ) -> None:
         self._kube = kube
-        self._cache: TTLCache[tuple[str, str, str], dict[str, str] | None] = TTLCache(
+        self._cache: TTLCache[tuple[str, str, str], Obj] = TTLCache(
             maxsize=50_000, ttl=ttl, timer=clock.monotonic
         )
-        self._inflight: dict[tuple[str, str, str], asyncio.Future[dict[str, str] | None]] = {}
+        self._inflight: dict[tuple[str, str, str], asyncio.Future[Obj]] = {}
         self._metrics = metrics
         self._forbidden_logged: set[str] = set()
 
-    async def namespace(self, name: str) -> dict[str, str] | None:
-        """Labels of a namespace (None if it does not exist)."""
-        return await self._get(("ns", "", name), lambda: self._kube.get_namespace(name))
+    async def namespace(self, name: str) -> Obj:
+        """The Namespace (None if it does not exist)."""
+        return await self._get("namespaces", "", name, lambda: self._kube.get_namespace(name))
 
-    async def service_account(self, namespace: str, name: str) -> dict[str, str] | None:
-        """Labels of a ServiceAccount (None if it does not exist)."""
+    async def service_account(self, namespace: str, name: str) -> Obj:
+        """The ServiceAccount (None if it does not exist)."""
         return await self._get(
-            ("sa", namespace, name), lambda: self._kube.get_service_account(namespace, name)
+            "serviceaccounts",
+            namespace,
+            name,
+            lambda: self._kube.get_service_account(namespace, name),
         )
 
+    async def pod(self, namespace: str, name: str) -> Obj:
+        """The Pod (None if it does not exist)."""
+        return await self._get("pods", namespace, name, lambda: self._kube.get_pod(namespace, name))
+
     async def _get(
-        self,
-        key: tuple[str, str, str],
-        fetch: Callable[[], Awaitable[dict[str, Any] | None]],
-    ) -> dict[str, str] | None:
+        self, kind: str, namespace: str, name: str, fetch: Callable[[], Awaitable[Obj]]
+    ) -> Obj:
+        key = (kind, namespace, name)
         if key in self._cache:
             if self._metrics is not None:
-                self._metrics.cache("labels", True)
+                self._metrics.cache(kind, True)
             return self._cache[key]
         if self._metrics is not None:
-            self._metrics.cache("labels", False)
+            self._metrics.cache(kind, False)
         pending = self._inflight.get(key)
         if pending is not None:
             return await asyncio.shield(pending)
-        fut: asyncio.Future[dict[str, str] | None] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Obj] = asyncio.get_running_loop().create_future()
         self._inflight[key] = fut
         try:
             try:
                 obj = await fetch()
             except KubeForbidden as exc:
-                kind = "namespaces" if key[0] == "ns" else "serviceaccounts"
                 if kind not in self._forbidden_logged:
-                    log.error("label lookup refused: %s (the CP needs 'get %s')", exc.reason, kind)
+                    log.error(
+                        "reading %s refused: %s (the CP needs 'get %s')", kind, exc.reason, kind
+                    )
                     self._forbidden_logged.add(kind)
                 raise Unavailable(
-                    "the token service cannot read labels (missing permission)",
+                    f"the token service cannot read {kind} (missing permission)",
                     reason="kube_forbidden",
                     retry_after=30,
                 ) from None
             except KubeUnavailable as exc:
-                log.warning("label lookup failed: %s", exc.reason)
+                log.warning("reading %s failed: %s", kind, exc.reason)
                 raise Unavailable(
                     "the Kubernetes API is unavailable", reason="kube_unavailable"
                 ) from None
-            labels = None if obj is None else labels_of(obj)
-            self._cache[key] = labels
-            fut.set_result(labels)
-            return labels
+            self._cache[key] = obj
+            fut.set_result(obj)
+            return obj
         except BaseException as exc:
             if not fut.done():
                 fut.set_exception(exc)

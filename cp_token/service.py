@@ -21,13 +21,14 @@ from cp_token import __version__
 from cp_token.app import create_app, create_metrics_app
 from cp_token.authn import Authenticator, Reviewer
 from cp_token.authn.cache import CachedAuthenticator
+from cp_token.authn.jwks import JwksReviewer
 from cp_token.authn.static import StaticReviewer, parse_identities
 from cp_token.authn.tokenreview import FORBIDDEN_HINT, TokenReviewer
 from cp_token.clock import Clock, SystemClock
 from cp_token.config import ConfigError, Settings, redacted
 from cp_token.filewatch import FileWatcher, WatchedFile
 from cp_token.kube import KubeClient, KubeConnection, KubeError, load_connection
-from cp_token.labels import LabelLookup
+from cp_token.labels import ObjectCache
 from cp_token.metrics import Metrics
 from cp_token.minters import Minter
 from cp_token.minters.jwt import JwtMinter
@@ -54,7 +55,7 @@ class Service:
     limiter: RateLimiter
     watcher: FileWatcher
     kube: KubeClient | None = None
-    labels: LabelLookup | None = None
+    objects: ObjectCache | None = None
     on_fatal: Callable[[str], None] = field(default=lambda reason: None)
     app: Starlette = field(init=False)
     metrics_app: Starlette = field(init=False)
@@ -66,7 +67,7 @@ class Service:
             minter=self.minter,
             clock=self.clock,
             limiter=self.limiter,
-            labels=self.labels,
+            objects=self.objects,
             metrics=self.metrics,
             readiness=self.readiness,
             lifespan=self.lifespan,
@@ -120,9 +121,9 @@ class Service:
         if s.authn == "jwks":
             needed.append(("get", "", "pods", "jwks authn checks that the pod still exists"))
             needed.append(("get", "", "serviceaccounts", "jwks authn checks the ServiceAccount"))
-        if self.labels is not None and s.managed_label is not None:
+        if self.objects is not None and s.managed_label is not None:
             needed.append(("get", "", "serviceaccounts", "for CP_TOKEN_MANAGED_LABEL"))
-        if self.labels is not None and s.namespace_label is not None:
+        if self.objects is not None and s.namespace_label is not None:
             needed.append(("get", "", "namespaces", "for CP_TOKEN_NAMESPACE_LABEL"))
         for verb, group, resource, why in dict.fromkeys(needed):
             try:
@@ -207,7 +208,12 @@ def build_minter(s: Settings, clock: Clock, watcher: FileWatcher, metrics: Metri
 
 
 def build_reviewer(
-    s: Settings, kube: KubeClient | None, clock: Clock, watcher: FileWatcher, metrics: Metrics
+    s: Settings,
+    kube: KubeClient | None,
+    objects: ObjectCache | None,
+    clock: Clock,
+    watcher: FileWatcher,
+    metrics: Metrics,
 ) -> Reviewer:
     """The configured authenticator's upstream half (no caching)."""
     if s.authn == "static":
@@ -218,18 +224,9 @@ def build_reviewer(
             )
         )
         return StaticReviewer(identities)
-    assert kube is not None
+    assert kube is not None and objects is not None
     if s.authn == "jwks":
-        from cp_token.authn.jwks import JwksReviewer
-
-        return JwksReviewer(
-            kube,
-            clock=clock,
-            audiences=s.audiences,
-            issuers=s.sa_issuers,
-            liveness_ttl=s.liveness_cache_ttl,
-            metrics=metrics,
-        )
+        return JwksReviewer(kube, objects, clock=clock, audiences=s.audiences, issuers=s.sa_issuers)
     return TokenReviewer(kube, s.audiences)
 
 
@@ -254,7 +251,13 @@ def build_service(
                     variable, f"no usable Kubernetes configuration ({str(exc)[:200]})"
                 ) from None
         kube = KubeClient(kube_connection, max_connections=s.max_reviews, metrics=metrics)
-    reviewer = build_reviewer(s, kube, clock, watcher, metrics)
+    # One object cache for label checks and jwks liveness checks: each object read once.
+    objects = (
+        None
+        if kube is None
+        else ObjectCache(kube, clock, ttl=s.liveness_cache_ttl, metrics=metrics)
+    )
+    reviewer = build_reviewer(s, kube, objects, clock, watcher, metrics)
     # With jwks authn the review cache must not outlive the liveness check it depends on.
     review_ttl = s.review_cache_ttl
     if s.authn == "jwks":
@@ -276,7 +279,6 @@ def build_service(
         managed_label=None if static else s.managed_label,
         namespace_label=None if static else s.namespace_label,
     )
-    labels = None if kube is None else LabelLookup(kube, clock, metrics=metrics)
     minter = build_minter(s, clock, watcher, metrics)
     limiter = RateLimiter(s.rate, s.burst, clock)
     log.info(
@@ -294,5 +296,5 @@ def build_service(
         limiter=limiter,
         watcher=watcher,
         kube=kube,
-        labels=labels,
+        objects=objects,
     )

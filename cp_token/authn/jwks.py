@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-from cachetools import TTLCache
 from joserfc import jws
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, JWKRegistry, RSAKey
@@ -26,6 +24,7 @@ from cp_token.clock import Clock
 from cp_token.errors import Unauthenticated, Unavailable
 from cp_token.identity import CREDENTIAL_ID_KEY, POD_NAME_KEY, POD_UID_KEY, Identity
 from cp_token.kube import KubeClient, KubeForbidden, KubeUnavailable, uid_of
+from cp_token.labels import ObjectCache
 
 __all__ = ["JwksReviewer"]
 
@@ -66,30 +65,25 @@ class JwksReviewer:
     def __init__(
         self,
         kube: KubeClient,
+        objects: ObjectCache,
         *,
         clock: Clock,
         audiences: tuple[str, ...],
         issuers: tuple[str, ...] = (),
-        liveness_ttl: float = 10.0,
         refetch_interval: float = REFETCH_INTERVAL,
-        metrics: Any = None,
     ) -> None:
         self._kube = kube
+        self._objects = objects
         self._clock = clock
         self._audiences = frozenset(audiences)
         self._issuers: frozenset[str] | None = frozenset(issuers) if issuers else None
         self._refetch_interval = refetch_interval
-        self._metrics = metrics
         self._keys: dict[str, Key] = {}
         self._unnamed: list[Key] = []
         self._keys_at = float("-inf")  # monotonic time of the last fetch attempt
         self._keys_loaded = False
         self._key_fetch: asyncio.Task[None] | None = None
         self._issuer_fetch: asyncio.Task[frozenset[str]] | None = None
-        self._alive: TTLCache[tuple[str, str, str], str | None] = TTLCache(
-            maxsize=100_000, ttl=liveness_ttl, timer=clock.monotonic
-        )
-        self._alive_inflight: dict[tuple[str, str, str], asyncio.Future[str | None]] = {}
         self.jwks_fetches = 0
 
     async def aclose(self) -> None:
@@ -145,13 +139,18 @@ class JwksReviewer:
         self._keys, self._unnamed, self._keys_loaded = keys, unnamed, True
 
     async def _refresh_keys(self, *, wait: bool) -> None:
-        """One coalesced fetch, at most one per ``refetch_interval``."""
+        """One coalesced fetch, at most one per ``refetch_interval`` (1 s while none loaded)."""
         now = self._clock.monotonic()
-        if self._key_fetch is None and now - self._keys_at >= self._refetch_interval:
+        interval = self._refetch_interval if self._keys_loaded else min(1.0, self._refetch_interval)
+        if self._key_fetch is None and now - self._keys_at >= interval:
             self._keys_at = now
             self._key_fetch = asyncio.create_task(self._fetch_keys())
             self._key_fetch.add_done_callback(self._key_fetch_done)
         task = self._key_fetch
+        if task is None and wait and not self._keys_loaded:
+            raise Unavailable(
+                "the API server's signing keys are not available yet", reason="kube_unavailable"
+            )
         if task is None or not wait:
             return
         try:
@@ -278,34 +277,7 @@ class JwksReviewer:
         )
 
     async def _uid(self, kind: str, namespace: str, name: str) -> str | None:
-        """The live object's UID (None if it does not exist), cached and coalesced."""
-        key = (kind, namespace, name)
-        if key in self._alive:
-            if self._metrics is not None:
-                self._metrics.cache("liveness", True)
-            return self._alive[key]
-        if self._metrics is not None:
-            self._metrics.cache("liveness", False)
-        pending = self._alive_inflight.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        fetch: Callable[[str, str], Awaitable[dict[str, Any] | None]] = (
-            self._kube.get_pod if kind == "pod" else self._kube.get_service_account
-        )
-        fut: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
-        self._alive_inflight[key] = fut
-        try:
-            try:
-                uid = uid_of(await fetch(namespace, name))
-            except (KubeUnavailable, KubeForbidden) as exc:
-                raise _unavailable(exc, f"{kind} lookup") from None
-            self._alive[key] = uid
-            fut.set_result(uid)
-            return uid
-        except BaseException as exc:
-            if not fut.done():
-                fut.set_exception(exc)
-                fut.exception()
-            raise
-        finally:
-            self._alive_inflight.pop(key, None)
+        """The live object's UID (None if it does not exist), from the shared object cache."""
+        if kind == "pod":
+            return uid_of(await self._objects.pod(namespace, name))
+        return uid_of(await self._objects.service_account(namespace, name))

@@ -267,7 +267,7 @@ async def test_audit_line_schema_and_no_token(
 
 
 async def test_jwks_and_discovery(clock: FakeClock, reviewer: DictReviewer) -> None:
-    app, minter = build(clock, reviewer)
+    app, _ = build(clock, reviewer)
     jwks = await call(app, path="/.well-known/jwks.json")
     assert jwks.status_code == 200
     assert "max-age=" in jwks.headers["cache-control"]

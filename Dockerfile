@@ -1,0 +1,37 @@
+# One image for both commands: `cp-token serve` (the default) and `cp-token-sidecar`.
+#
+#   docker build -t cp-token:dev .
+#
+# Pin the base image by digest in production (PYTHON_IMAGE=python:3.11-slim@sha256:...).
+ARG PYTHON_IMAGE=python:3.11-slim
+
+# ---- builder: build the wheel and install it, with its dependencies, into /opt/venv ----
+FROM ${PYTHON_IMAGE} AS builder
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+RUN python -m venv /opt/venv
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY cp_token ./cp_token
+COPY sidecar ./sidecar
+# The runtime needs neither pip nor setuptools: less to patch, less to abuse.
+RUN /opt/venv/bin/pip wheel --no-deps --wheel-dir /dist . \
+ && /opt/venv/bin/pip install /dist/*.whl \
+ && /opt/venv/bin/pip uninstall --yes pip setuptools
+
+# ---- runtime: the interpreter and /opt/venv, nothing else (no compilers, no pip) ----
+FROM ${PYTHON_IMAGE}
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+COPY --from=builder /opt/venv /opt/venv
+WORKDIR /app
+# Numeric, so the kubelet can verify runAsNonRoot (it cannot resolve a user name).
+# Matches runAsUser/runAsGroup in k8s/.
+USER 10001:10001
+# 8080: /token and the JWKS; 9090: /metrics, /healthz, /readyz.
+EXPOSE 8080 9090
+# No HEALTHCHECK: Kubernetes probes (k8s/) and compose healthchecks say what to check.
+ENTRYPOINT []
+CMD ["cp-token", "serve"]

@@ -1,0 +1,1 @@
+"""Test doubles that speak the real wire formats: a fake kube-apiserver and a fake IdP."""

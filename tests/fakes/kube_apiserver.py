@@ -1,0 +1,1135 @@
+"""A fake kube-apiserver that speaks the real wire format, for tests.
+
+`FakeKubeAPIServer` serves, over HTTPS on 127.0.0.1, the handful of Kubernetes API routes the
+CP token service uses (TokenReview, SelfSubjectAccessReview, GET namespace / ServiceAccount /
+Pod, the ServiceAccount issuer discovery documents), with Kubernetes' JSON shapes, status
+codes and `Status` errors. It mints real ServiceAccount JWTs (bound and legacy) with its own
+signing keys and reviews them the way the API server does: signature, time claims with
+go-jose's 60 s leeway, issuer, audience intersection, and liveness of the bound objects.
+
+Tests drive it through a thread-safe Python API (objects, tokens, caller RBAC, faults).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+from joserfc import jws
+from joserfc.errors import JoseError
+from joserfc.jwk import ECKey, RSAKey
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from tests.fakes.servers import BASE_FAULT_MODES, FaultPlan, LoopbackServer, gate
+
+__all__ = [
+    "DEFAULT_CALLER_TOKEN",
+    "DEFAULT_CALLER_USERNAME",
+    "DEFAULT_ISSUER",
+    "DEFAULT_PERMISSIONS",
+    "LEGACY_ISSUER",
+    "ROUTES",
+    "FakeKubeAPIServer",
+    "RecordedRequest",
+]
+
+DEFAULT_ISSUER = "https://kubernetes.default.svc.cluster.local"
+LEGACY_ISSUER = "kubernetes/serviceaccount"
+DEFAULT_CALLER_TOKEN = "cp-sa-token"
+DEFAULT_CALLER_USERNAME = "system:serviceaccount:cp:cp-token"
+
+#: Route keys accepted by `set_latency`, `fail` and `calls`.
+ROUTES: frozenset[str] = frozenset(
+    {
+        "tokenreviews",
+        "selfsubjectaccessreviews",
+        "namespaces",
+        "serviceaccounts",
+        "pods",
+        "jwks",
+        "openid-configuration",
+    }
+)
+
+#: What a caller may do by default: (verb, API group, resource); non-resource URLs are
+#: written as (verb, "", "/path").
+DEFAULT_PERMISSIONS: frozenset[tuple[str, str, str]] = frozenset(
+    {
+        ("create", "authentication.k8s.io", "tokenreviews"),
+        ("create", "authorization.k8s.io", "selfsubjectaccessreviews"),
+        ("get", "", "namespaces"),
+        ("get", "", "serviceaccounts"),
+        ("get", "", "pods"),
+        ("get", "", "/openid/v1/jwks"),
+        ("get", "", "/.well-known/openid-configuration"),
+    }
+)
+
+_PKEY = "kubernetes.io/serviceaccount/"
+_EXTRA = "authentication.kubernetes.io/"
+_DISCOVERY_CACHE_CONTROL = "public, max-age=3600"
+
+
+def _rfc3339(ts: float) -> str:
+    return datetime.fromtimestamp(int(ts), tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _b64url_json(segment: str) -> Any:
+    padded = segment + "=" * (-len(segment) % 4)
+    return json.loads(base64.urlsafe_b64decode(padded.encode()))
+
+
+def _go_quote_list(items: Iterable[str]) -> str:
+    """Format like Go's %q of a []string: ["a" "b"]."""
+    return "[" + " ".join(json.dumps(i) for i in items) + "]"
+
+
+@dataclass
+class _Obj:
+    name: str
+    namespace: str | None
+    uid: str
+    labels: dict[str, str]
+    resource_version: str
+    created: float
+    service_account: str = ""  # pods
+    node: str = ""  # pods
+    data: dict[str, str] = field(default_factory=dict)  # secrets
+    secret_type: str = "Opaque"
+
+
+@dataclass
+class _SigningKey:
+    key: RSAKey | ECKey
+    alg: str
+    kid: str
+
+
+@dataclass
+class _Caller:
+    username: str
+    groups: list[str]
+    permissions: set[tuple[str, str, str]]
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    """One request the fake received (for assertions on what the product sent)."""
+
+    method: str
+    path: str
+    query: str
+    headers: Mapping[str, str]
+    json: Any
+
+
+class _ReviewFailure(Exception):
+    """A token that does not authenticate; `str()` is the TokenReview `status.error`."""
+
+
+class FakeKubeAPIServer:
+    """An HTTPS fake of the Kubernetes API server (see module docstring).
+
+    Use as a context manager or call `start()` / `stop()`. Every control method is
+    thread-safe and may be called while requests are in flight.
+    """
+
+    def __init__(
+        self,
+        *,
+        issuer: str = DEFAULT_ISSUER,
+        api_audiences: Sequence[str] = (DEFAULT_ISSUER,),
+        caller_token: str = DEFAULT_CALLER_TOKEN,
+        caller_username: str = DEFAULT_CALLER_USERNAME,
+        clock: Callable[[], float] = time.time,
+        leeway_seconds: float = 60.0,
+        signing_alg: str = "RS256",
+    ) -> None:
+        self._lock = threading.RLock()
+        self._clock = clock
+        self._leeway = leeway_seconds
+        self._issuer = issuer
+        self._accepted_issuers: list[str] = [issuer]
+        self._api_audiences = list(api_audiences)
+        self._keys: list[_SigningKey] = [self._new_key(signing_alg)]
+        self._rv = 0
+        self._namespaces: dict[str, _Obj] = {}
+        self._service_accounts: dict[tuple[str, str], _Obj] = {}
+        self._pods: dict[tuple[str, str], _Obj] = {}
+        self._secrets: dict[tuple[str, str], _Obj] = {}
+        self._nodes: dict[str, str] = {}
+        self._callers: dict[str, _Caller] = {}
+        self._default_caller_token = caller_token
+        self.add_caller(caller_token, caller_username)
+        self._requests: dict[str, list[RecordedRequest]] = {}
+        self._app = self._build_app()
+        self._server = LoopbackServer(self._app, tls=True, name="fake-kube-apiserver")
+        self._faults = FaultPlan(BASE_FAULT_MODES, on_change=self._server.notify)
+
+    # -- lifecycle and addresses -------------------------------------------------------------
+
+    def start(self) -> FakeKubeAPIServer:
+        """Start serving; returns once connections are accepted. Restartable on the same port."""
+        self._server.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving (hanging requests are reset). The port is kept for a later `start()`."""
+        self._server.stop()
+
+    def close(self) -> None:
+        """Stop and release the port."""
+        self._server.close()
+
+    def __enter__(self) -> FakeKubeAPIServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def url(self) -> str:
+        """``https://127.0.0.1:PORT`` (the port is fixed on first use)."""
+        return self._server.url
+
+    @property
+    def port(self) -> int:
+        """The TCP port."""
+        return self._server.port
+
+    @property
+    def ca_pem(self) -> bytes:
+        """PEM of the CA that signed the serving certificate."""
+        return self._server.ca_pem
+
+    @property
+    def running(self) -> bool:
+        """True while serving."""
+        return self._server.running
+
+    def write_kubeconfig(
+        self, path: str | Path, *, user_token: str | None = None, namespace: str = "cp"
+    ) -> Path:
+        """Write a kubeconfig for this server (CA inline, bearer-token user); return the path.
+
+        `user_token` defaults to the default caller token; an unregistered token is written as
+        is (the server then answers 401), to test a CP with bad credentials.
+        """
+        token = self._default_caller_token if user_token is None else user_token
+        doc = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "preferences": {},
+            "clusters": [
+                {
+                    "name": "fake",
+                    "cluster": {
+                        "server": self.url,
+                        "certificate-authority-data": base64.b64encode(self.ca_pem).decode(),
+                    },
+                }
+            ],
+            "users": [{"name": "cp-token", "user": {"token": token}}],
+            "contexts": [
+                {
+                    "name": "fake",
+                    "context": {"cluster": "fake", "user": "cp-token", "namespace": namespace},
+                }
+            ],
+            "current-context": "fake",
+        }
+        out = Path(path)
+        out.write_text(yaml.safe_dump(doc, sort_keys=False))
+        return out
+
+    # -- issuer and keys ---------------------------------------------------------------------
+
+    @property
+    def issuer(self) -> str:
+        """The `iss` of bound tokens minted from now on."""
+        with self._lock:
+            return self._issuer
+
+    @property
+    def accepted_issuers(self) -> list[str]:
+        """Issuers TokenReview accepts for bound tokens (legacy tokens are always accepted)."""
+        with self._lock:
+            return list(self._accepted_issuers)
+
+    def set_issuer(self, issuer: str, *, also_accept: Sequence[str] = ()) -> None:
+        """Change the issuer (like `--service-account-issuer`, repeated for a rotation)."""
+        with self._lock:
+            self._issuer = issuer
+            self._accepted_issuers = [issuer, *[i for i in also_accept if i != issuer]]
+
+    @property
+    def api_audiences(self) -> list[str]:
+        """The API server's own audiences (`--api-audiences`)."""
+        with self._lock:
+            return list(self._api_audiences)
+
+    @property
+    def signing_kid(self) -> str:
+        """`kid` of the key that signs new tokens."""
+        with self._lock:
+            return self._keys[-1].kid
+
+    @staticmethod
+    def _new_key(alg: str) -> _SigningKey:
+        key: RSAKey | ECKey
+        if alg == "RS256":
+            key = RSAKey.generate_key(2048, private=True)
+        elif alg == "ES256":
+            key = ECKey.generate_key("P-256", private=True)
+        else:
+            raise ValueError(f"unsupported signing algorithm {alg!r} (RS256 or ES256)")
+        return _SigningKey(key=key, alg=alg, kid=key.thumbprint())
+
+    def rotate_signing_key(self, alg: str = "RS256") -> str:
+        """Add a key that signs from now on; older keys keep verifying. Returns its kid."""
+        new = self._new_key(alg)
+        with self._lock:
+            self._keys.append(new)
+        return new.kid
+
+    def drop_old_keys(self) -> None:
+        """Forget every key but the current signing key (tokens they signed stop verifying)."""
+        with self._lock:
+            self._keys = self._keys[-1:]
+
+    def jwks(self) -> dict[str, Any]:
+        """The public JWK set, as served at /openid/v1/jwks."""
+        with self._lock:
+            keys = list(self._keys)
+        out = []
+        for k in keys:
+            pub = dict(k.key.as_dict(private=False))
+            pub.pop("kid", None)
+            out.append({"use": "sig", "kid": k.kid, "alg": k.alg, **pub})
+        return {"keys": out}
+
+    def sign_claims(
+        self, claims: Mapping[str, Any], *, header: Mapping[str, Any] | None = None
+    ) -> str:
+        """Sign arbitrary claims with the current key (header: alg + kid, plus `header`)."""
+        with self._lock:
+            k = self._keys[-1]
+        hdr = {"alg": k.alg, "kid": k.kid, **(header or {})}
+        payload = json.dumps(dict(claims), separators=(",", ":")).encode()
+        return jws.serialize_compact(hdr, payload, k.key, algorithms=[k.alg])
+
+    # -- objects -----------------------------------------------------------------------------
+
+    def _next_rv(self) -> str:
+        self._rv += 1
+        return str(self._rv)
+
+    def _new_obj(self, name: str, namespace: str | None, labels: Mapping[str, str]) -> _Obj:
+        return _Obj(
+            name=name,
+            namespace=namespace,
+            uid=str(uuid.uuid4()),
+            labels=dict(labels),
+            resource_version=self._next_rv(),
+            created=self._clock(),
+        )
+
+    def add_namespace(self, name: str, labels: Mapping[str, str] | None = None) -> str:
+        """Create a namespace; returns its uid. Like Kubernetes, it also gets the
+        `kubernetes.io/metadata.name` label."""
+        with self._lock:
+            if name in self._namespaces:
+                raise ValueError(f'namespaces "{name}" already exists')
+            obj = self._new_obj(name, None, {**(labels or {}), "kubernetes.io/metadata.name": name})
+            self._namespaces[name] = obj
+            return obj.uid
+
+    def set_namespace_labels(self, name: str, labels: Mapping[str, str]) -> None:
+        """Replace a namespace's labels (`kubernetes.io/metadata.name` is kept)."""
+        with self._lock:
+            obj = self._namespaces[name]
+            obj.labels = {**labels, "kubernetes.io/metadata.name": name}
+            obj.resource_version = self._next_rv()
+
+    def delete_namespace(self, name: str) -> None:
+        """Delete a namespace and everything in it."""
+        with self._lock:
+            del self._namespaces[name]
+            for table in (self._service_accounts, self._pods, self._secrets):
+                for key in [k for k in table if k[0] == name]:
+                    del table[key]
+
+    def _require_ns(self, namespace: str) -> None:
+        if namespace not in self._namespaces:
+            raise ValueError(f'namespaces "{namespace}" not found')
+
+    def add_service_account(
+        self, namespace: str, name: str, labels: Mapping[str, str] | None = None
+    ) -> str:
+        """Create a ServiceAccount; returns its uid."""
+        with self._lock:
+            self._require_ns(namespace)
+            if (namespace, name) in self._service_accounts:
+                raise ValueError(f'serviceaccounts "{name}" already exists')
+            obj = self._new_obj(name, namespace, labels or {})
+            self._service_accounts[(namespace, name)] = obj
+            return obj.uid
+
+    def set_service_account_labels(
+        self, namespace: str, name: str, labels: Mapping[str, str]
+    ) -> None:
+        """Replace a ServiceAccount's labels."""
+        with self._lock:
+            obj = self._service_accounts[(namespace, name)]
+            obj.labels = dict(labels)
+            obj.resource_version = self._next_rv()
+
+    def delete_service_account(self, namespace: str, name: str) -> None:
+        """Delete a ServiceAccount (tokens for it stop authenticating)."""
+        with self._lock:
+            del self._service_accounts[(namespace, name)]
+
+    def add_pod(
+        self, namespace: str, name: str, service_account: str, *, node: str = "fake-node-1"
+    ) -> str:
+        """Create a running Pod using `service_account` on `node`; returns its uid."""
+        with self._lock:
+            self._require_ns(namespace)
+            if (namespace, service_account) not in self._service_accounts:
+                # The ServiceAccount admission plugin refuses such a pod.
+                raise ValueError(f'serviceaccount "{service_account}" not found')
+            if (namespace, name) in self._pods:
+                raise ValueError(f'pods "{name}" already exists')
+            obj = self._new_obj(name, namespace, {})
+            obj.service_account = service_account
+            obj.node = node
+            self._nodes.setdefault(node, str(uuid.uuid4()))
+            self._pods[(namespace, name)] = obj
+            return obj.uid
+
+    def delete_pod(self, namespace: str, name: str) -> None:
+        """Delete a Pod (tokens bound to it stop authenticating)."""
+        with self._lock:
+            del self._pods[(namespace, name)]
+
+    def add_secret(
+        self,
+        namespace: str,
+        name: str,
+        *,
+        data: Mapping[str, str] | None = None,
+        secret_type: str = "Opaque",
+    ) -> str:
+        """Create a Secret (only used to bind tokens to); returns its uid."""
+        with self._lock:
+            self._require_ns(namespace)
+            if (namespace, name) in self._secrets:
+                raise ValueError(f'secrets "{name}" already exists')
+            obj = self._new_obj(name, namespace, {})
+            obj.data = dict(data or {})
+            obj.secret_type = secret_type
+            self._secrets[(namespace, name)] = obj
+            return obj.uid
+
+    def delete_secret(self, namespace: str, name: str) -> None:
+        """Delete a Secret (legacy and secret-bound tokens for it stop authenticating)."""
+        with self._lock:
+            del self._secrets[(namespace, name)]
+
+    def uid(self, resource: str, namespace: str, name: str = "") -> str:
+        """The uid of an object: resource is namespaces/serviceaccounts/pods/secrets."""
+        with self._lock:
+            if resource == "namespaces":
+                return self._namespaces[namespace].uid
+            table = {
+                "serviceaccounts": self._service_accounts,
+                "pods": self._pods,
+                "secrets": self._secrets,
+            }[resource]
+            return table[(namespace, name)].uid
+
+    # -- tokens ------------------------------------------------------------------------------
+
+    def _sa_or_raise(self, namespace: str, name: str) -> _Obj:
+        sa = self._service_accounts.get((namespace, name))
+        if sa is None:
+            raise ValueError(f'serviceaccounts "{name}" not found')
+        return sa
+
+    def issue_bound_token(
+        self,
+        namespace: str,
+        service_account: str,
+        pod: str | None = None,
+        audiences: Sequence[str] = ("ambient-cp",),
+        expiration_seconds: int = 3600,
+        now: float | None = None,
+    ) -> str:
+        """A TokenRequest token (projected volume), pod-bound when `pod` is given."""
+        with self._lock:
+            sa = self._sa_or_raise(namespace, service_account)
+            ref: dict[str, Any] = {
+                "namespace": namespace,
+                "serviceaccount": {"name": sa.name, "uid": sa.uid},
+            }
+            if pod is not None:
+                p = self._pods.get((namespace, pod))
+                if p is None:
+                    raise ValueError(f'pods "{pod}" not found')
+                if p.service_account != service_account:
+                    raise ValueError(
+                        f'cannot bind token for pod "{pod}" to service account "{service_account}"'
+                    )
+                ref["node"] = {"name": p.node, "uid": self._nodes[p.node]}
+                ref["pod"] = {"name": p.name, "uid": p.uid}
+            return self._sign_bound(
+                namespace, service_account, ref, audiences, expiration_seconds, now
+            )
+
+    def issue_secret_bound_token(
+        self,
+        namespace: str,
+        service_account: str,
+        secret: str,
+        audiences: Sequence[str] = ("ambient-cp",),
+        expiration_seconds: int = 3600,
+        now: float | None = None,
+    ) -> str:
+        """A TokenRequest token bound to a Secret instead of a pod (not pod-bound)."""
+        with self._lock:
+            sa = self._sa_or_raise(namespace, service_account)
+            s = self._secrets.get((namespace, secret))
+            if s is None:
+                raise ValueError(f'secrets "{secret}" not found')
+            ref = {
+                "namespace": namespace,
+                "secret": {"name": s.name, "uid": s.uid},
+                "serviceaccount": {"name": sa.name, "uid": sa.uid},
+            }
+            return self._sign_bound(
+                namespace, service_account, ref, audiences, expiration_seconds, now
+            )
+
+    def _sign_bound(
+        self,
+        namespace: str,
+        service_account: str,
+        ref: dict[str, Any],
+        audiences: Sequence[str],
+        expiration_seconds: int,
+        now: float | None,
+    ) -> str:
+        iat = int(self._clock() if now is None else now)
+        claims = {
+            "aud": list(audiences),
+            "exp": iat + int(expiration_seconds),
+            "iat": iat,
+            "iss": self._issuer,
+            "jti": str(uuid.uuid4()),
+            "kubernetes.io": ref,
+            "nbf": iat,
+            "sub": f"system:serviceaccount:{namespace}:{service_account}",
+        }
+        return self.sign_claims(claims)
+
+    def issue_legacy_token(
+        self, namespace: str, service_account: str, secret_name: str | None = None
+    ) -> str:
+        """An old Secret-based token: never expires, no `aud`, iss ``kubernetes/serviceaccount``.
+
+        Creates the `kubernetes.io/service-account-token` Secret holding it; deleting that
+        Secret or the ServiceAccount invalidates the token, as in Kubernetes.
+        """
+        with self._lock:
+            sa = self._sa_or_raise(namespace, service_account)
+            name = secret_name or f"{service_account}-token-{secrets.token_hex(3)[:5]}"
+            claims = {
+                "iss": LEGACY_ISSUER,
+                _PKEY + "namespace": namespace,
+                _PKEY + "secret.name": name,
+                _PKEY + "service-account.name": service_account,
+                _PKEY + "service-account.uid": sa.uid,
+                "sub": f"system:serviceaccount:{namespace}:{service_account}",
+            }
+            token = self.sign_claims(claims)
+            self.add_secret(
+                namespace,
+                name,
+                data={"token": token},
+                secret_type="kubernetes.io/service-account-token",
+            )
+            return token
+
+    # -- callers and RBAC --------------------------------------------------------------------
+
+    def add_caller(
+        self,
+        token: str,
+        username: str,
+        *,
+        groups: Sequence[str] | None = None,
+        permissions: Iterable[tuple[str, str, str]] = DEFAULT_PERMISSIONS,
+    ) -> None:
+        """Register a bearer token the API accepts from clients, with its identity and RBAC."""
+        if groups is None:
+            groups = ["system:authenticated"]
+            parts = username.split(":")
+            if len(parts) == 4 and parts[:2] == ["system", "serviceaccount"]:
+                groups = ["system:serviceaccounts", f"system:serviceaccounts:{parts[2]}", *groups]
+        with self._lock:
+            self._callers[token] = _Caller(username, list(groups), set(permissions))
+
+    def remove_caller(self, token: str) -> None:
+        """Forget a caller token (its requests then get 401)."""
+        with self._lock:
+            self._callers.pop(token, None)
+
+    def _caller_for(self, token: str | None) -> _Caller:
+        return self._callers[self._default_caller_token if token is None else token]
+
+    def deny(self, verb: str, group: str, resource: str, *, token: str | None = None) -> None:
+        """Take a permission away from a caller (default: the kubeconfig's caller).
+
+        E.g. ``deny("create", "authentication.k8s.io", "tokenreviews")``; a non-resource URL
+        is ``deny("get", "", "/openid/v1/jwks")``.
+        """
+        with self._lock:
+            self._caller_for(token).permissions.discard((verb, group, resource))
+
+    def allow(self, verb: str, group: str, resource: str, *, token: str | None = None) -> None:
+        """Grant a permission to a caller (default: the kubeconfig's caller)."""
+        with self._lock:
+            self._caller_for(token).permissions.add((verb, group, resource))
+
+    # -- faults, counters, recorded requests -------------------------------------------------
+
+    def set_latency(self, seconds: float, route: str | None = None) -> None:
+        """Delay answers on `route` (a key of `ROUTES`), or with None on every route."""
+        self._check_route(route)
+        self._faults.set_latency(seconds, route)
+
+    def fail(self, route: str | None, mode: str | None, *, times: int | None = None) -> None:
+        """Fail `route` (None: all): "500", "hang" (held until the next fault change or stop),
+        "reset" (TCP reset, no response), or None to clear. `times`: only the next N calls."""
+        self._check_route(route)
+        self._faults.fail(route, mode, times=times)
+
+    def clear_faults(self) -> None:
+        """Remove every latency and fault."""
+        self._faults.clear()
+
+    def calls(self, route: str | None = None) -> int:
+        """Requests received on `route` (None: all routes), faulted ones included."""
+        self._check_route(route)
+        return self._faults.calls(route)
+
+    def reset_counts(self) -> None:
+        """Zero the call counters and forget recorded requests."""
+        self._faults.reset_counts()
+        with self._lock:
+            self._requests.clear()
+
+    def requests(self, route: str) -> list[RecordedRequest]:
+        """The requests received on `route`, oldest first."""
+        self._check_route(route)
+        with self._lock:
+            return list(self._requests.get(route, []))
+
+    @staticmethod
+    def _check_route(route: str | None) -> None:
+        if route is not None and route not in ROUTES:
+            raise ValueError(f"unknown route {route!r}; expected one of {sorted(ROUTES)}")
+
+    # -- TokenReview -------------------------------------------------------------------------
+
+    def review(self, token: str, audiences: Sequence[str] = ()) -> dict[str, Any]:
+        """The `status` a TokenReview of `token` for `audiences` gets (no HTTP involved)."""
+        with self._lock:
+            try:
+                user, auds = self._authenticate(token, list(audiences))
+            except _ReviewFailure as exc:
+                # The review runs the request authenticator on "Bearer <token>", whose
+                # failures read "invalid bearer token" (plus the cause when there is one).
+                msg = str(exc)
+                error = f"[invalid bearer token, {msg}]" if msg else "invalid bearer token"
+                return {"user": {}, "error": error}
+        return {"authenticated": True, "user": user, "audiences": auds}
+
+    def _authenticate(self, token: str, requested: list[str]) -> tuple[dict[str, Any], list[str]]:
+        parts = token.split(".")
+        if len(parts) != 3:
+            raise _ReviewFailure("")  # not a JWT: no authenticator claims it
+        try:
+            header = _b64url_json(parts[0])
+            unverified = _b64url_json(parts[1])
+        except (ValueError, TypeError):
+            raise _ReviewFailure("") from None
+        if not isinstance(header, dict) or not isinstance(unverified, dict):
+            raise _ReviewFailure("")
+        iss = unverified.get("iss")
+        legacy = iss == LEGACY_ISSUER
+        if not legacy and iss not in self._accepted_issuers:
+            raise _ReviewFailure("")  # another issuer's token: not ours to judge
+        claims = self._verify_signature(token, header)
+
+        token_auds = claims.get("aud")
+        if isinstance(token_auds, str):
+            token_auds = [token_auds]
+        if not token_auds:
+            token_auds = list(self._api_audiences)  # implicit audiences
+        if not requested:
+            requested = list(self._api_audiences)
+        auds = [a for a in token_auds if a in requested]
+        if not auds:
+            raise _ReviewFailure(
+                f"token audiences {_go_quote_list(token_auds)} is invalid for the target "
+                f"audiences {_go_quote_list(requested)}"
+            )
+        if legacy:
+            return self._validate_legacy(token, claims), auds
+        return self._validate_bound(claims), auds
+
+    def _verify_signature(self, token: str, header: dict[str, Any]) -> dict[str, Any]:
+        kid = header.get("kid")
+        candidates = [k for k in self._keys if kid is None or k.kid == kid]
+        if not candidates:
+            candidates = list(self._keys)
+        for k in candidates:
+            try:
+                obj = jws.deserialize_compact(token, k.key, algorithms=[k.alg])
+            except (JoseError, ValueError):
+                continue
+            claims = json.loads(obj.payload)
+            if isinstance(claims, dict):
+                return claims
+        raise _ReviewFailure("go-jose/go-jose: error in cryptographic primitive")
+
+    def _validate_times(self, claims: Mapping[str, Any]) -> None:
+        now = self._clock()
+        exp, nbf, iat = claims.get("exp"), claims.get("nbf"), claims.get("iat")
+        if isinstance(nbf, int | float) and now + self._leeway < nbf:
+            raise _ReviewFailure("service account token is not valid yet")
+        if isinstance(exp, int | float) and now - self._leeway > exp:
+            raise _ReviewFailure("service account token has expired")
+        if isinstance(iat, int | float) and now + self._leeway < iat:
+            raise _ReviewFailure("service account token is issued in the future")
+
+    def _validate_bound(self, claims: dict[str, Any]) -> dict[str, Any]:
+        self._validate_times(claims)
+        ref = claims.get("kubernetes.io")
+        if not isinstance(ref, dict):
+            raise _ReviewFailure("service account token claims are missing kubernetes.io")
+        namespace = ref.get("namespace", "")
+        sa_ref = ref.get("serviceaccount") or {}
+        sa = self._service_accounts.get((namespace, sa_ref.get("name", "")))
+        if sa is None:
+            raise _ReviewFailure(f'serviceaccounts "{sa_ref.get("name", "")}" not found')
+        if sa.uid != sa_ref.get("uid"):
+            raise _ReviewFailure(
+                f"service account UID ({sa.uid}) does not match claim ({sa_ref.get('uid')})"
+            )
+        extra: dict[str, list[str]] = {}
+        pod_ref, secret_ref, node_ref = ref.get("pod"), ref.get("secret"), ref.get("node")
+        if isinstance(secret_ref, dict):
+            s = self._secrets.get((namespace, secret_ref.get("name", "")))
+            if s is None:
+                raise _ReviewFailure("service account token has been invalidated")
+            if s.uid != secret_ref.get("uid"):
+                raise _ReviewFailure(
+                    f"secret UID ({s.uid}) does not match service account secret ref claim "
+                    f"({secret_ref.get('uid')})"
+                )
+        if isinstance(pod_ref, dict):
+            p = self._pods.get((namespace, pod_ref.get("name", "")))
+            if p is None:
+                raise _ReviewFailure("service account token has been invalidated")
+            if p.uid != pod_ref.get("uid"):
+                raise _ReviewFailure(
+                    f"pod UID ({p.uid}) does not match service account pod ref claim "
+                    f"({pod_ref.get('uid')})"
+                )
+            extra[_EXTRA + "pod-name"] = [p.name]
+            extra[_EXTRA + "pod-uid"] = [p.uid]
+        if isinstance(node_ref, dict):
+            extra[_EXTRA + "node-name"] = [str(node_ref.get("name", ""))]
+            extra[_EXTRA + "node-uid"] = [str(node_ref.get("uid", ""))]
+        if claims.get("jti"):
+            extra[_EXTRA + "credential-id"] = [f"JTI={claims['jti']}"]
+        return self._user(namespace, sa, extra)
+
+    def _validate_legacy(self, token: str, claims: dict[str, Any]) -> dict[str, Any]:
+        namespace = claims.get(_PKEY + "namespace", "")
+        sa_name = claims.get(_PKEY + "service-account.name", "")
+        sa_uid = claims.get(_PKEY + "service-account.uid", "")
+        secret_name = claims.get(_PKEY + "secret.name", "")
+        if not (namespace and sa_name and sa_uid and secret_name):
+            raise _ReviewFailure("service account token is missing required claims")
+        secret = self._secrets.get((namespace, secret_name))
+        if secret is None or secret.data.get("token") != token:
+            raise _ReviewFailure("service account token has been invalidated")
+        sa = self._service_accounts.get((namespace, sa_name))
+        if sa is None:
+            raise _ReviewFailure(f'serviceaccounts "{sa_name}" not found')
+        if sa.uid != sa_uid:
+            raise _ReviewFailure(f"ServiceAccount UID ({sa.uid}) does not match claim ({sa_uid})")
+        return self._user(namespace, sa, {})
+
+    @staticmethod
+    def _user(namespace: str, sa: _Obj, extra: dict[str, list[str]]) -> dict[str, Any]:
+        user: dict[str, Any] = {
+            "username": f"system:serviceaccount:{namespace}:{sa.name}",
+            "uid": sa.uid,
+            "groups": [
+                "system:serviceaccounts",
+                f"system:serviceaccounts:{namespace}",
+                "system:authenticated",
+            ],
+        }
+        if extra:
+            user["extra"] = extra
+        return user
+
+    # -- HTTP --------------------------------------------------------------------------------
+
+    def _build_app(self) -> Starlette:
+        routes = [
+            Route(
+                "/apis/authentication.k8s.io/v1/tokenreviews",
+                self._ep_tokenreviews,
+                methods=["POST"],
+            ),
+            Route(
+                "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews",
+                self._ep_ssar,
+                methods=["POST"],
+            ),
+            Route("/api/v1/namespaces/{ns}", self._ep_namespace, methods=["GET"]),
+            Route(
+                "/api/v1/namespaces/{ns}/serviceaccounts/{name}",
+                self._ep_service_account,
+                methods=["GET"],
+            ),
+            Route("/api/v1/namespaces/{ns}/pods/{name}", self._ep_pod, methods=["GET"]),
+            Route("/.well-known/openid-configuration", self._ep_openid, methods=["GET"]),
+            Route("/openid/v1/jwks", self._ep_jwks, methods=["GET"]),
+        ]
+        return Starlette(
+            routes=routes,
+            exception_handlers={404: self._not_routed, 405: self._not_routed},
+        )
+
+    @staticmethod
+    async def _not_routed(request: Request, exc: Exception) -> Response:
+        if isinstance(exc, HTTPException) and exc.status_code == 405:
+            return _status(
+                405,
+                "MethodNotAllowed",
+                "the server does not allow this method on the requested resource",
+            )
+        return _status(404, "NotFound", "the server could not find the requested resource")
+
+    async def _prologue(
+        self,
+        request: Request,
+        route: str,
+        verb: str,
+        group: str,
+        resource: str,
+        name: str = "",
+        namespace: str = "",
+    ) -> tuple[Response | None, _Caller | None, Any]:
+        """Record, apply faults, authenticate, authorize: (early answer, caller, JSON body)."""
+        body: Any = None
+        if request.method == "POST":
+            raw = await request.body()
+            try:
+                body = json.loads(raw) if raw else None
+            except ValueError:
+                body = None
+        with self._lock:
+            self._requests.setdefault(route, []).append(
+                RecordedRequest(
+                    method=request.method,
+                    path=request.url.path,
+                    query=request.url.query,
+                    headers=dict(request.headers),
+                    json=body,
+                )
+            )
+        early = await gate(self._server, self._faults, route, request, error_500=_internal_error)
+        if early is not None:
+            return early, None, body
+        auth = request.headers.get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        with self._lock:
+            caller = self._callers.get(token.strip()) if scheme.lower() == "bearer" else None
+            if caller is None:
+                return _status(401, "Unauthorized", "Unauthorized"), None, body
+            allowed = (verb, group, resource) in caller.permissions
+            username = caller.username
+        if not allowed:
+            return _forbidden(username, verb, group, resource, name, namespace), None, body
+        return None, caller, body
+
+    async def _ep_tokenreviews(self, request: Request) -> Response:
+        early, _, body = await self._prologue(
+            request, "tokenreviews", "create", "authentication.k8s.io", "tokenreviews"
+        )
+        if early is not None:
+            return early
+        bad = _check_body(request, body, "TokenReview", "authentication.k8s.io/v1")
+        if bad is not None:
+            return bad
+        spec = body["spec"]
+        token = spec.get("token", "")
+        auds = spec.get("audiences") or []
+        if not isinstance(token, str) or not isinstance(auds, list):
+            return _status(400, "BadRequest", "the body of the request was in an unknown format")
+        if not token:
+            return _status(400, "BadRequest", "token is required for TokenReview in authentication")
+        status = self.review(token, [str(a) for a in auds])
+        out = {
+            "kind": "TokenReview",
+            "apiVersion": "authentication.k8s.io/v1",
+            "metadata": {"creationTimestamp": None},
+            "spec": spec,
+            "status": status,
+        }
+        return JSONResponse(out, status_code=201)
+
+    async def _ep_ssar(self, request: Request) -> Response:
+        early, caller, body = await self._prologue(
+            request,
+            "selfsubjectaccessreviews",
+            "create",
+            "authorization.k8s.io",
+            "selfsubjectaccessreviews",
+        )
+        if early is not None:
+            return early
+        assert caller is not None
+        bad = _check_body(request, body, "SelfSubjectAccessReview", "authorization.k8s.io/v1")
+        if bad is not None:
+            return bad
+        spec = body["spec"]
+        ra, nra = spec.get("resourceAttributes"), spec.get("nonResourceAttributes")
+        if isinstance(ra, dict):
+            perm = (ra.get("verb", ""), ra.get("group", ""), ra.get("resource", ""))
+        elif isinstance(nra, dict):
+            perm = (nra.get("verb", ""), "", nra.get("path", ""))
+        else:
+            return _status(
+                422,
+                "Invalid",
+                'SelfSubjectAccessReview.authorization.k8s.io "" is invalid: '
+                'spec.resourceAttributes: Invalid value: "null": exactly one of '
+                "nonResourceAttributes or resourceAttributes must be specified",
+            )
+        with self._lock:
+            allowed = perm in caller.permissions
+        status: dict[str, Any] = {"allowed": allowed}
+        if allowed:
+            status["reason"] = (
+                'RBAC: allowed by ClusterRoleBinding "fake" of ClusterRole "fake" to '
+                f'User "{caller.username}"'
+            )
+        out = {
+            "kind": "SelfSubjectAccessReview",
+            "apiVersion": "authorization.k8s.io/v1",
+            "metadata": {"creationTimestamp": None},
+            "spec": spec,
+            "status": status,
+        }
+        return JSONResponse(out, status_code=201)
+
+    async def _ep_namespace(self, request: Request) -> Response:
+        ns = request.path_params["ns"]
+        early, _, _ = await self._prologue(request, "namespaces", "get", "", "namespaces", ns)
+        if early is not None:
+            return early
+        with self._lock:
+            obj = self._namespaces.get(ns)
+            if obj is None:
+                return _not_found("namespaces", ns)
+            doc = {
+                "kind": "Namespace",
+                "apiVersion": "v1",
+                "metadata": _metadata(obj),
+                "spec": {"finalizers": ["kubernetes"]},
+                "status": {"phase": "Active"},
+            }
+        return JSONResponse(doc)
+
+    async def _ep_service_account(self, request: Request) -> Response:
+        ns, name = request.path_params["ns"], request.path_params["name"]
+        early, _, _ = await self._prologue(
+            request, "serviceaccounts", "get", "", "serviceaccounts", name, ns
+        )
+        if early is not None:
+            return early
+        with self._lock:
+            obj = self._service_accounts.get((ns, name))
+            if obj is None:
+                return _not_found("serviceaccounts", name)
+            doc = {"kind": "ServiceAccount", "apiVersion": "v1", "metadata": _metadata(obj)}
+        return JSONResponse(doc)
+
+    async def _ep_pod(self, request: Request) -> Response:
+        ns, name = request.path_params["ns"], request.path_params["name"]
+        early, _, _ = await self._prologue(request, "pods", "get", "", "pods", name, ns)
+        if early is not None:
+            return early
+        with self._lock:
+            obj = self._pods.get((ns, name))
+            if obj is None:
+                return _not_found("pods", name)
+            doc = {
+                "kind": "Pod",
+                "apiVersion": "v1",
+                "metadata": _metadata(obj),
+                "spec": {
+                    "containers": [{"name": "runner", "image": "runner:latest"}],
+                    "serviceAccountName": obj.service_account,
+                    "serviceAccount": obj.service_account,
+                    "nodeName": obj.node,
+                },
+                "status": {"phase": "Running", "startTime": _rfc3339(obj.created)},
+            }
+        return JSONResponse(doc)
+
+    async def _ep_openid(self, request: Request) -> Response:
+        early, _, _ = await self._prologue(
+            request, "openid-configuration", "get", "", "/.well-known/openid-configuration"
+        )
+        if early is not None:
+            return early
+        with self._lock:
+            algs = sorted({k.alg for k in self._keys})
+            doc = {
+                "issuer": self._issuer,
+                "jwks_uri": f"{self._issuer}/openid/v1/jwks",
+                "response_types_supported": ["id_token"],
+                "subject_types_supported": ["public"],
+                "id_token_signing_alg_values_supported": algs,
+            }
+        return JSONResponse(doc, headers={"Cache-Control": _DISCOVERY_CACHE_CONTROL})
+
+    async def _ep_jwks(self, request: Request) -> Response:
+        early, _, _ = await self._prologue(request, "jwks", "get", "", "/openid/v1/jwks")
+        if early is not None:
+            return early
+        return Response(
+            json.dumps(self.jwks()),
+            media_type="application/jwk-set+json",
+            headers={"Cache-Control": _DISCOVERY_CACHE_CONTROL},
+        )
+
+
+def _metadata(obj: _Obj) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": obj.name}
+    if obj.namespace is not None:
+        meta["namespace"] = obj.namespace
+    meta["uid"] = obj.uid
+    meta["resourceVersion"] = obj.resource_version
+    meta["creationTimestamp"] = _rfc3339(obj.created)
+    if obj.labels:  # like Kubernetes: no labels, no key
+        meta["labels"] = dict(obj.labels)
+    return meta
+
+
+def _status(
+    code: int, reason: str, message: str, details: Mapping[str, Any] | None = None
+) -> JSONResponse:
+    doc: dict[str, Any] = {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+    }
+    if details is not None:
+        doc["details"] = dict(details)
+    doc["code"] = code
+    return JSONResponse(doc, status_code=code)
+
+
+def _check_body(request: Request, body: Any, kind: str, api_version: str) -> JSONResponse | None:
+    """Like the API server: a JSON body (no Content-Type means JSON, another type is 415);
+    kind/apiVersion default from the URL, but must match if sent."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media not in ("", "application/json"):
+        return _status(
+            415,
+            "UnsupportedMediaType",
+            "the body of the request was in an unknown format - accepted media types include: "
+            "application/json, application/yaml, application/vnd.kubernetes.protobuf",
+        )
+    if not isinstance(body, dict) or not isinstance(body.get("spec"), dict):
+        return _status(400, "BadRequest", "the body of the request was in an unknown format")
+    sent_version = body.get("apiVersion") or api_version
+    if sent_version != api_version:
+        return _status(
+            400,
+            "BadRequest",
+            f"the API version in the data ({sent_version}) does not match the expected API "
+            f"version ({api_version})",
+        )
+    if (body.get("kind") or kind) != kind:
+        return _status(
+            400,
+            "BadRequest",
+            f"the kind in the data ({body.get('kind')}) does not match the expected kind ({kind})",
+        )
+    return None
+
+
+def _not_found(resource: str, name: str) -> JSONResponse:
+    return _status(
+        404, "NotFound", f'{resource} "{name}" not found', {"name": name, "kind": resource}
+    )
+
+
+def _internal_error() -> Response:
+    return _status(
+        500,
+        "InternalError",
+        "Internal error occurred: injected fault",
+        {"causes": [{"message": "injected fault"}]},
+    )
+
+
+def _forbidden(
+    username: str, verb: str, group: str, resource: str, name: str, namespace: str
+) -> JSONResponse:
+    if resource.startswith("/"):
+        return _status(
+            403, "Forbidden", f'forbidden: User "{username}" cannot {verb} path "{resource}"', {}
+        )
+    qualified = f"{resource}.{group}" if group else resource
+    subject = f'{qualified} "{name}"' if name else qualified
+    scope = f'in the namespace "{namespace}"' if namespace else "at the cluster scope"
+    message = (
+        f'{subject} is forbidden: User "{username}" cannot {verb} resource "{resource}" '
+        f'in API group "{group}" {scope}'
+    )
+    details: dict[str, Any] = {"kind": resource}
+    if name:
+        details = {"name": name, **details}
+    if group:
+        details["group"] = group
+    return _status(403, "Forbidden", message, details)

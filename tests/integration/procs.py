@@ -35,7 +35,7 @@ class Proc:
 
     def __init__(self, args: list[str], env: Mapping[str, str], log: Path) -> None:
         self.log_path = log
-        self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()
+        self._log = open(log, "wb")
         self.popen = subprocess.Popen(
             args, env=clean_env(env), stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT
         )

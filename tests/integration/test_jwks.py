@@ -1,0 +1,179 @@
+"""``CP_TOKEN_AUTHN=jwks``: forgeries, issuer rules, key rotation and the unknown-kid flood."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from cp_token.clock import FakeClock
+from cp_token.config import load_settings
+from cp_token.service import build_service
+from tests.fakes.fixtures import SESSION_NS, SESSION_POD, SESSION_SA
+from tests.fakes.kube_apiserver import FakeKubeAPIServer
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def claims_of(token: str) -> dict[str, Any]:
+    part = token.split(".")[1]
+    return json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))  # type: ignore[no-any-return]
+
+
+class JwksCP:
+    def __init__(self, kubeconfig: Path, **extra: str) -> None:
+        self.clock = FakeClock(start=time.time())
+        env = {
+            "KUBECONFIG": str(kubeconfig),
+            "CP_TOKEN_AUTHN": "jwks",
+            "CP_TOKEN_MINTER": "jwt",
+            "CP_TOKEN_URL": "https://cp.test/token",
+            "CP_TOKEN_RATE_LIMIT": "1000/s,1000",
+            **extra,
+        }
+        self.service = build_service(load_settings(env), self.clock)
+        self.client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=self.service.app), base_url="http://cp"
+        )
+
+    async def get(self, token: str) -> httpx.Response:
+        return await self.client.get("/token", headers={"Authorization": f"Bearer {token}"})
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+        await self.service.authenticator.aclose()
+        assert self.service.kube is not None
+        await self.service.kube.aclose()
+
+
+@pytest.fixture
+async def cp(kubeconfig: Path) -> AsyncIterator[JwksCP]:
+    c = JwksCP(kubeconfig)
+    yield c
+    await c.aclose()
+
+
+def good(k: FakeKubeAPIServer) -> str:
+    return k.issue_bound_token(SESSION_NS, SESSION_SA, pod=SESSION_POD)
+
+
+async def test_alg_none_and_hmac_with_the_public_key_are_refused(
+    kube_apiserver: FakeKubeAPIServer, cp: JwksCP
+) -> None:
+    claims = claims_of(good(kube_apiserver))
+    payload = b64(json.dumps(claims).encode())
+    none_token = f"{b64(json.dumps({'alg': 'none'}).encode())}.{payload}.c2ln"
+    assert (await cp.get(none_token)).status_code == 401
+    # HS256 "signed" with the RSA public key (the classic algorithm-confusion forgery)
+    jwk = kube_apiserver.jwks()["keys"][0]
+    head = b64(json.dumps({"alg": "HS256", "kid": jwk["kid"]}).encode())
+    secret = json.dumps(jwk).encode()
+    sig = b64(hmac.new(secret, f"{head}.{payload}".encode(), hashlib.sha256).digest())
+    resp = await cp.get(f"{head}.{payload}.{sig}")
+    assert resp.status_code == 401
+    assert "algorithm" in resp.json()["error_description"]
+
+
+@pytest.mark.parametrize(
+    ("change", "reason_word"),
+    [
+        ({"iss": "https://evil.example"}, "issuer"),
+        ({"nbf": time.time() + 3600, "iat": time.time() + 3600}, "not valid yet"),
+    ],
+)
+async def test_claim_checks(
+    kube_apiserver: FakeKubeAPIServer, cp: JwksCP, change: dict[str, Any], reason_word: str
+) -> None:
+    claims = {**claims_of(good(kube_apiserver)), **change}
+    resp = await cp.get(kube_apiserver.sign_claims(claims))
+    assert resp.status_code == 401
+    assert reason_word in resp.json()["error_description"]
+
+
+async def test_forged_signature_from_another_key(
+    kube_apiserver: FakeKubeAPIServer, cp: JwksCP
+) -> None:
+    token = good(kube_apiserver)
+    other = FakeKubeAPIServer()  # never started: only its key is used
+    forged = other.sign_claims(claims_of(token), header={"kid": kube_apiserver.signing_kid})
+    assert (await cp.get(forged)).status_code == 401
+
+
+async def test_key_rotation_on_the_api_server(
+    kube_apiserver: FakeKubeAPIServer, cp: JwksCP
+) -> None:
+    assert (await cp.get(good(kube_apiserver))).status_code == 200
+    kube_apiserver.rotate_signing_key("ES256")
+    cp.clock.advance(11)  # past the refetch window
+    resp = await cp.get(good(kube_apiserver))  # new kid: one coalesced re-fetch
+    assert resp.status_code == 200, resp.text
+
+
+async def test_unknown_kid_flood_costs_one_fetch_per_window(
+    kube_apiserver: FakeKubeAPIServer, cp: JwksCP
+) -> None:
+    assert (await cp.get(good(kube_apiserver))).status_code == 200
+    kube_apiserver.reset_counts()
+    cp.clock.advance(11)
+    claims = claims_of(good(kube_apiserver))
+    forged = [
+        kube_apiserver.sign_claims({**claims, "jti": str(i)}, header={"kid": f"forged-{i}"})
+        for i in range(200)
+    ]
+    results = await asyncio.gather(*(cp.get(t) for t in forged))
+    assert {r.status_code for r in results} == {401}
+    assert kube_apiserver.calls("jwks") == 1
+    cp.clock.advance(3)  # still inside the window: no fetch at all
+    more = [
+        kube_apiserver.sign_claims({**claims, "jti": f"m{i}"}, header={"kid": f"m{i}"})
+        for i in range(20)
+    ]
+    await asyncio.gather(*(cp.get(t) for t in more))
+    assert kube_apiserver.calls("jwks") == 1
+    assert kube_apiserver.calls("tokenreviews") == 0
+
+
+async def test_issuer_rotation_list(kube_apiserver: FakeKubeAPIServer, kubeconfig: Path) -> None:
+    old = good(kube_apiserver)
+    kube_apiserver.set_issuer("https://new-issuer.example", also_accept=[kube_apiserver.issuer])
+    new = good(kube_apiserver)
+    c = JwksCP(
+        kubeconfig,
+        CP_TOKEN_SA_ISSUER="https://kubernetes.default.svc.cluster.local,https://new-issuer.example",
+    )
+    try:
+        assert (await c.get(old)).status_code == 200
+        assert (await c.get(new)).status_code == 200
+        assert kube_apiserver.calls("openid-configuration") == 0  # explicit list: no discovery
+    finally:
+        await c.aclose()
+
+
+async def test_deleted_pod_stops_working_within_liveness_ttl(
+    kube_apiserver: FakeKubeAPIServer, cp: JwksCP
+) -> None:
+    token = good(kube_apiserver)
+    assert (await cp.get(token)).status_code == 200
+    kube_apiserver.delete_pod(SESSION_NS, SESSION_POD)
+    cp.clock.advance(10.5)  # CP_TOKEN_LIVENESS_CACHE_TTL defaults to 10
+    assert (await cp.get(token)).status_code == 401
+
+
+async def test_no_cluster_scoped_permission_needed(
+    kube_apiserver: FakeKubeAPIServer, cp: JwksCP
+) -> None:
+    for verb, group, resource in [("create", "authentication.k8s.io", "tokenreviews")]:
+        kube_apiserver.deny(verb, group, resource)
+    assert (await cp.get(good(kube_apiserver))).status_code == 200
+    assert kube_apiserver.calls("tokenreviews") == 0

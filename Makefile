@@ -7,6 +7,8 @@ STAMP := $(VENV)/.installed
 .PHONY: run test lint typecheck unit integration bench clean
 
 $(STAMP): pyproject.toml
+	@# the dev test pastes the printed curl lines into a shell, as a user would
+	command -v curl >/dev/null || (apt-get update -qq && apt-get install -y -qq curl)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
@@ -16,8 +18,8 @@ run: $(STAMP)
 	$(BIN)/cp-token dev
 
 lint: $(STAMP)
-	$(BIN)/ruff check cp_token sidecar tests bench
-	$(BIN)/ruff format --check cp_token sidecar tests bench
+	$(BIN)/ruff check cp_token sidecar tests bench examples
+	$(BIN)/ruff format --check cp_token sidecar tests bench examples
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

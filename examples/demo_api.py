@@ -19,9 +19,10 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -265,8 +266,25 @@ def main() -> int:
     except ConfigError as exc:
         print(f"demo-api: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="info")
+    server = _Server(
+        uvicorn.Config(create_app(config), host=config.host, port=config.port, log_level="info")
+    )
+    server.run()
     return 0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn that exits 0 on SIGTERM (it would otherwise re-raise the signal after draining)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop)
+        yield
+
+    def _stop(self) -> None:
+        self.should_exit = True
 
 
 if __name__ == "__main__":

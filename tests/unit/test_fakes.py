@@ -6,6 +6,7 @@ the CA in the kubeconfig, through httpx or the official Kubernetes client.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import ssl
@@ -169,6 +170,23 @@ def test_objects_have_kubernetes_shape(
         "details": {"name": "absent", "kind": "namespaces"},
         "code": 404,
     }
+
+
+async def test_concurrent_async_clients(
+    kube_apiserver: FakeKubeAPIServer, kubeconfig: Path
+) -> None:
+    cfg = _load(kubeconfig)
+    ctx = ssl.create_default_context(cafile=cfg.ssl_ca_cert)
+    bearer = str(cfg.auth_settings()["BearerToken"]["value"])
+    kube_apiserver.set_latency(0.05, "namespaces")
+    async with httpx.AsyncClient(
+        base_url=cfg.host, verify=ctx, headers={"Authorization": bearer}
+    ) as client:
+        answers = await asyncio.gather(
+            *(client.get(f"/api/v1/namespaces/{SESSION_NS}") for _ in range(20))
+        )
+    assert {r.status_code for r in answers} == {200}
+    assert kube_apiserver.calls("namespaces") == 20
 
 
 # -- TokenReview ---------------------------------------------------------------------------

@@ -1,0 +1,406 @@
+"""TokenSource: where a process gets its API token, cached in-process.
+
+Three origins, chosen once (:meth:`TokenSource.from_env` follows SPEC's resolution order,
+and a failure never falls through to the next):
+
+- the pod's **sidecar** (``GET`` with ``Ambient-Token-Request: true``; ``POST`` to force a
+  fresh token after :meth:`TokenSource.invalidate`),
+- the **CP** directly (``GET`` with the pod's ServiceAccount token, re-read on every fetch),
+- a **static** token (``BOT_TOKEN``, local development).
+
+Refreshing is best effort while the cached token is still valid (one attempt, the cached
+token is returned if it fails), and retried within the deadline when no valid token is held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import threading
+import time
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, Literal, TypedDict, Unpack
+
+import httpx
+
+from cp_token.clock import Clock, SystemClock
+from cp_token.config import (
+    DEFAULT_SA_TOKEN_FILE,
+    ClientSettings,
+    ConfigError,
+    load_client_settings,
+    parse_url,
+)
+
+from ._errors import TokenError, TokenRejected
+from ._http import (
+    SIDECAR_HEADER,
+    FetchedToken,
+    client_options,
+    parse_token_response,
+    read_sa_token,
+    transport_error,
+)
+from ._retry import RetryPolicy, retry_async, retry_sync
+
+__all__ = ["SourceOptions", "TokenSource"]
+
+log = logging.getLogger("cp_token.client")
+
+# After a best-effort early refresh, wait this long before the next one: a sidecar that is
+# riding out a CP outage hands back the same short-lived token, and asking it again on
+# every call would only add load.
+EARLY_REFRESH_PAUSE = 5.0
+
+_bot_warned = False
+
+
+def _warn_bot_token_once() -> None:
+    global _bot_warned
+    if not _bot_warned:
+        _bot_warned = True
+        log.warning(
+            "using BOT_TOKEN: a static development token; set AMBIENT_TOKEN_SIDECAR_URL or "
+            "AMBIENT_CP_TOKEN_URL in a pod"
+        )
+
+
+def _kept(cached: FetchedToken, exc: TokenError) -> FetchedToken:
+    """A best-effort refresh failed while the cached token is still valid: keep it."""
+    log.warning("token refresh failed, keeping the cached token: %s", exc)
+    return cached
+
+
+class SourceOptions(TypedDict, total=False):
+    """Optional knobs shared by the constructor and :meth:`TokenSource.from_env`."""
+
+    deadline: float
+    refresh_before: float
+    refresh_fraction: float
+    clock: Clock
+    rand: Callable[[], float]
+    sync_sleep: Callable[[float], None]
+    transport: httpx.BaseTransport
+    async_transport: httpx.AsyncBaseTransport
+
+
+Mode = Literal["sidecar", "direct", "static"]
+
+
+class TokenSource:
+    """A cached, self-refreshing API token (see the module docstring for the origins).
+
+    Give exactly one of ``sidecar_url``, ``cp_url`` (with ``sa_token_file``) or
+    ``static_token``. ``timeout`` is per request, ``deadline`` bounds all retries of one
+    call. A cached token is refreshed once less than
+    ``max(refresh_before, refresh_fraction * lifetime)`` seconds are left.
+    """
+
+    def __init__(
+        self,
+        *,
+        sidecar_url: str | None = None,
+        cp_url: str | None = None,
+        sa_token_file: str = DEFAULT_SA_TOKEN_FILE,
+        static_token: str | None = None,
+        ca_file: str | None = None,
+        timeout: float = 10.0,
+        **options: Unpack[SourceOptions],
+    ) -> None:
+        given = [v for v in (sidecar_url, cp_url, static_token) if v is not None]
+        if len(given) != 1:
+            raise TokenError("give exactly one of sidecar_url, cp_url or static_token")
+        self._mode: Mode = "sidecar" if sidecar_url else "direct" if cp_url else "static"
+        url = sidecar_url or cp_url
+        if url is not None:
+            name = "AMBIENT_TOKEN_SIDECAR_URL" if sidecar_url else "AMBIENT_CP_TOKEN_URL"
+            try:
+                parse_url(name, url)
+            except ConfigError as exc:
+                raise TokenError(str(exc)) from None
+        self.url = url or "BOT_TOKEN"
+        self._static = static_token
+        self._sa_token_file = sa_token_file
+        self._ca_file = ca_file
+        self._timeout = timeout
+        self._policy = RetryPolicy(deadline=options.get("deadline", 30.0))
+        self._refresh_before = options.get("refresh_before", 30.0)
+        self._refresh_fraction = options.get("refresh_fraction", 0.1)
+        clock = options.get("clock")
+        self._clock: Clock = clock if clock is not None else SystemClock()
+        self._rand = options.get("rand", random.random)
+        default_sleep = time.sleep if clock is None else getattr(clock, "advance", time.sleep)
+        self._sync_sleep: Callable[[float], None] = options.get("sync_sleep", default_sleep)
+        self._transport = options.get("transport")
+        self._async_transport = options.get("async_transport")
+
+        self._cached: FetchedToken | None = None
+        self._force_next = False
+        self._early_after = -math.inf
+        self._lock = threading.Lock()  # one sync fetch at a time
+        self._client_lock = threading.Lock()
+        self._client: httpx.Client | None = None
+        self._aclient: httpx.AsyncClient | None = None
+        self._aclient_loop: asyncio.AbstractEventLoop | None = None
+        self._inflight: asyncio.Task[FetchedToken] | None = None
+
+    # --- construction from the environment ----------------------------------------------
+
+    @classmethod
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, **options: Unpack[SourceOptions]
+    ) -> TokenSource:
+        """The source SPEC's resolution order picks: ``AMBIENT_TOKEN_SIDECAR_URL``, then
+        ``AMBIENT_CP_TOKEN_URL`` (+ ``AMBIENT_SA_TOKEN_FILE``), then ``BOT_TOKEN``.
+
+        The first variable that is set decides. Raises :class:`TokenError` for a bad or
+        missing configuration.
+        """
+        try:
+            settings = load_client_settings(env)
+        except ConfigError as exc:
+            raise TokenError(str(exc)) from None
+        return cls.from_settings(settings, **options)
+
+    @classmethod
+    def from_settings(
+        cls, settings: ClientSettings, **options: Unpack[SourceOptions]
+    ) -> TokenSource:
+        """Like :meth:`from_env`, from already loaded :class:`ClientSettings`."""
+        common: dict[str, Any] = {"ca_file": settings.ca_file, "timeout": settings.timeout}
+        if settings.sidecar_url:
+            return cls(sidecar_url=settings.sidecar_url, **common, **options)
+        if settings.cp_token_url:
+            return cls(
+                cp_url=settings.cp_token_url,
+                sa_token_file=settings.sa_token_file,
+                **common,
+                **options,
+            )
+        if settings.bot_token:
+            _warn_bot_token_once()
+            return cls(static_token=settings.bot_token, **options)
+        raise TokenError(
+            "no token source: set AMBIENT_TOKEN_SIDECAR_URL (the pod's sidecar), "
+            "AMBIENT_CP_TOKEN_URL (the CP directly) or BOT_TOKEN (local development)"
+        )
+
+    @property
+    def mode(self) -> Mode:
+        """``sidecar``, ``direct`` or ``static``."""
+        return self._mode
+
+    # --- the cached token ---------------------------------------------------------------
+
+    def token(self, min_ttl: float | None = None) -> str:
+        """A valid token (from the cache when fresh enough); blocks while fetching.
+
+        ``min_ttl`` asks for at least that many seconds of lifetime; it is best effort when
+        the upstream cannot provide more (the token returned is always unexpired).
+        """
+        cached, must_fetch = self._plan(min_ttl)
+        if not must_fetch and cached is not None:
+            return cached.token
+        with self._lock:
+            cached, must_fetch = self._plan(min_ttl)
+            if not must_fetch and cached is not None:
+                return cached.token
+            if cached is None:
+                return self.fetch(min_ttl).token
+            self._early_after = self._clock.monotonic() + EARLY_REFRESH_PAUSE
+            try:
+                return self.fetch_once(min_ttl).token
+            except TokenRejected:
+                raise
+            except TokenError as exc:
+                return _kept(cached, exc).token
+
+    async def atoken(self, min_ttl: float | None = None) -> str:
+        """Async :meth:`token`; concurrent awaiters share one fetch."""
+        cached, must_fetch = self._plan(min_ttl)
+        if not must_fetch and cached is not None:
+            return cached.token
+        return (await self._shared(lambda: self._arefresh(min_ttl))).token
+
+    def invalidate(self, token: str | None = None) -> None:
+        """Drop the cached token (e.g. after the API rejected it with a 401).
+
+        Given the rejected ``token``, a no-op when the cache already holds another one (a
+        concurrent caller refreshed it). Through the sidecar, the next fetch is a ``POST``,
+        which makes the sidecar fetch a fresh token instead of returning its cached one.
+        """
+        cached = self._cached
+        if token is not None and (cached is None or cached.token != token):
+            return
+        self._cached = None
+        self._force_next = True
+        self._early_after = -math.inf
+
+    def _plan(self, min_ttl: float | None) -> tuple[FetchedToken | None, bool]:
+        """(the cached token if still valid, whether to fetch now)."""
+        cached = self._cached
+        now = self._clock.monotonic()
+        if cached is None or not cached.valid_at(now):
+            return None, True
+        remaining = cached.remaining(now)
+        if remaining is None:
+            return cached, False
+        lifetime = float(cached.expires_in or 0)
+        margin = max(self._refresh_before, self._refresh_fraction * lifetime, min_ttl or 0.0)
+        return cached, remaining <= margin and now >= self._early_after
+
+    async def _arefresh(self, min_ttl: float | None) -> FetchedToken:
+        """Retry until the deadline without a valid token; with one, a single attempt."""
+        cached, _ = self._plan(min_ttl)
+        if cached is None:
+            return await self.afetch(min_ttl)
+        self._early_after = self._clock.monotonic() + EARLY_REFRESH_PAUSE
+        try:
+            return await self.afetch_once(min_ttl)
+        except TokenRejected:
+            raise
+        except TokenError as exc:
+            return _kept(cached, exc)
+
+    async def _shared(self, make: Callable[[], Coroutine[Any, Any, FetchedToken]]) -> FetchedToken:
+        """Singleflight: join the fetch in progress on this loop, or start one."""
+        loop = asyncio.get_running_loop()
+        task = self._inflight
+        if task is None or task.done() or task.get_loop() is not loop:
+            task = loop.create_task(make())
+            self._inflight = task
+            task.add_done_callback(self._fetch_done)
+        # shield: one awaiter being cancelled must not cancel everybody's fetch
+        return await asyncio.shield(task)
+
+    def _fetch_done(self, task: asyncio.Task[FetchedToken]) -> None:
+        if self._inflight is task:
+            self._inflight = None
+        if not task.cancelled():
+            task.exception()  # retrieved here, so an unawaited failure is not logged as lost
+
+    # --- fetching -----------------------------------------------------------------------
+
+    def fetch(self, min_ttl: float | None = None, *, force: bool = False) -> FetchedToken:
+        """Fetch a token now (no cache check), retrying transient failures until the
+        deadline; raises :class:`TokenRejected` or :class:`TokenUnavailable`."""
+        return retry_sync(
+            lambda: self.fetch_once(min_ttl, force=force),
+            policy=self._policy,
+            clock=self._clock,
+            sleep=self._sync_sleep,
+            rand=self._rand,
+        )
+
+    async def afetch(self, min_ttl: float | None = None, *, force: bool = False) -> FetchedToken:
+        """Async :meth:`fetch`."""
+        return await retry_async(
+            lambda: self.afetch_once(min_ttl, force=force),
+            policy=self._policy,
+            clock=self._clock,
+            rand=self._rand,
+        )
+
+    def fetch_once(self, min_ttl: float | None = None, *, force: bool = False) -> FetchedToken:
+        """One attempt, no retry: the caller owns the backoff (the sidecar's holder does).
+
+        ``force`` asks a sidecar for a fresh token (``POST``); the CP always mints afresh.
+        Transient trouble raises :class:`TokenUnavailable` (with ``retry_after`` when the
+        server sent one).
+        """
+        if self._static is not None:
+            return self._store(FetchedToken(self._static, None, None, self._clock.monotonic()))
+        method, params, headers = self._request_parts(min_ttl, force)
+        started = self._clock.monotonic()
+        try:
+            response = self._sync_client().request(method, self.url, params=params, headers=headers)
+        except httpx.HTTPError as exc:
+            raise transport_error(exc, self.url) from None
+        return self._store(self._parse(response, started))
+
+    async def afetch_once(
+        self, min_ttl: float | None = None, *, force: bool = False
+    ) -> FetchedToken:
+        """Async :meth:`fetch_once`."""
+        if self._static is not None:
+            return self._store(FetchedToken(self._static, None, None, self._clock.monotonic()))
+        method, params, headers = self._request_parts(min_ttl, force)
+        started = self._clock.monotonic()
+        try:
+            response = await self._async_client().request(
+                method, self.url, params=params, headers=headers
+            )
+        except httpx.HTTPError as exc:
+            raise transport_error(exc, self.url) from None
+        return self._store(self._parse(response, started))
+
+    def _request_parts(
+        self, min_ttl: float | None, force: bool
+    ) -> tuple[str, dict[str, str], dict[str, str]]:
+        if self._mode == "direct":
+            return "GET", {}, {"Authorization": f"Bearer {read_sa_token(self._sa_token_file)}"}
+        params = {} if min_ttl is None else {"min_ttl": str(math.ceil(min_ttl))}
+        method = "POST" if force or self._force_next else "GET"
+        return method, params, {SIDECAR_HEADER: "true"}
+
+    def _parse(self, response: httpx.Response, started: float) -> FetchedToken:
+        return parse_token_response(
+            response, self.url, fetched_at=started, wall_now=self._clock.time()
+        )
+
+    def _store(self, fetched: FetchedToken) -> FetchedToken:
+        self._cached = fetched
+        self._force_next = False
+        return fetched
+
+    # --- HTTP clients -------------------------------------------------------------------
+
+    def _options(self) -> dict[str, Any]:
+        try:
+            return client_options(self._ca_file, self._timeout)
+        except (OSError, ValueError) as exc:
+            raise TokenError(f"cannot load the CA file {self._ca_file!r} ({exc})") from None
+
+    def _sync_client(self) -> httpx.Client:
+        with self._client_lock:
+            if self._client is None:
+                self._client = httpx.Client(transport=self._transport, **self._options())
+            return self._client
+
+    def _async_client(self) -> httpx.AsyncClient:
+        # An AsyncClient's connections belong to the loop that opened them.
+        loop = asyncio.get_running_loop()
+        if self._aclient is None or self._aclient_loop is not loop:
+            self._aclient = httpx.AsyncClient(transport=self._async_transport, **self._options())
+            self._aclient_loop = loop
+        return self._aclient
+
+    def close(self) -> None:
+        """Close the sync HTTP client."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    async def aclose(self) -> None:
+        """Close both HTTP clients."""
+        self.close()
+        if self._aclient is not None and self._aclient_loop is asyncio.get_running_loop():
+            await self._aclient.aclose()
+        self._aclient = None
+
+    def __enter__(self) -> TokenSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> TokenSource:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"TokenSource(mode={self._mode!r}, url={self.url!r})"

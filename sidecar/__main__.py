@@ -1,0 +1,7 @@
+"""``python -m sidecar`` = ``cp-token-sidecar``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,226 @@
+"""The sidecar's routes: ``/token`` (GET, POST) over the holder, and the exempt probes.
+
+``/token`` is a plain ASGI endpoint: it is the hot path, so it skips the Request/Response
+machinery and serves pre-rendered JSON (only ``expires_in`` changes between two requests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import math
+import re
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from cp_token.client import FetchedToken
+from cp_token.config import is_loopback_host
+
+from .holder import TokenHolder
+from .metrics import SidecarMetrics
+from .refresher import Refresher
+
+__all__ = ["TokenEndpoint", "create_app", "create_metrics_app"]
+
+log = logging.getLogger("sidecar.app")
+
+MAX_MIN_TTL = 86400.0
+_HOST = re.compile(r"\[(?P<v6>[0-9A-Fa-f:.]+)\](?::\d+)?|(?P<name>[^:\[\]]+)(?::\d+)?")
+_JSON_HEADERS = [(b"content-type", b"application/json"), (b"cache-control", b"no-store")]
+
+
+def _error(error: str, description: str) -> bytes:
+    return json.dumps({"error": error, "error_description": description}).encode()
+
+
+@functools.lru_cache(maxsize=64)  # consumers send the same Host over and over
+def loopback_host_header(host: str | None) -> bool:
+    """True when a ``Host`` header names a loopback host (``localhost``, 127.x, ``[::1]``)."""
+    if not host:
+        return False
+    m = _HOST.fullmatch(host)
+    if not m:
+        return False
+    return is_loopback_host(m.group("v6") or m.group("name"))
+
+
+def refusal(headers: dict[bytes, bytes]) -> str | None:
+    """Why a token request must be refused (403), or None.
+
+    Browsers always send ``Origin`` on cross-origin requests and cannot add the
+    ``Ambient-Token-Request`` header without a CORS preflight we never grant; a proxied
+    request carries ``X-Forwarded-For``; a DNS-rebound one carries a foreign ``Host``.
+    """
+    if b"origin" in headers:
+        return "requests with an Origin header are refused"
+    if b"x-forwarded-for" in headers:
+        return "requests with an X-Forwarded-For header are refused"
+    host = headers.get(b"host", b"").decode("latin-1")
+    if not loopback_host_header(host):
+        return f"Host {host[:64]!r} is not a loopback name (use 127.0.0.1 or localhost)"
+    if headers.get(b"ambient-token-request", b"").lower() != b"true":
+        return "the header 'Ambient-Token-Request: true' is required"
+    return None
+
+
+def parse_min_ttl(query_string: bytes, default: float) -> float:
+    """``?min_ttl=N`` (seconds, 0..86400); raises ValueError with the reason."""
+    if not query_string:
+        return default
+    value: str | None = None
+    for pair in query_string.decode("latin-1").split("&"):
+        key, _, raw = pair.partition("=")
+        if key == "min_ttl":
+            value = raw
+    if value is None:
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"min_ttl must be a number of seconds, got {value[:32]!r}") from None
+    if not math.isfinite(number) or not 0 <= number <= MAX_MIN_TTL:
+        raise ValueError(f"min_ttl must be between 0 and {MAX_MIN_TTL:g} seconds")
+    return number
+
+
+class TokenEndpoint:
+    """``GET /token`` (from cache, ``?min_ttl``) and ``POST /token`` (force a fresh one)."""
+
+    def __init__(self, refresher: Refresher, metrics: SidecarMetrics, min_ttl: float) -> None:
+        self._refresher = refresher
+        self._holder = refresher.holder
+        self._metrics = metrics
+        self._min_ttl = min_ttl
+        self._rendered: tuple[FetchedToken, bytes] | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """ASGI entry point."""
+        method: str = scope["method"]
+        status, extra, body = await self._handle(method, scope)
+        headers = [*_JSON_HEADERS, *extra, (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _handle(self, method: str, scope: Scope) -> tuple[int, list[Any], bytes]:
+        if method not in ("GET", "POST"):
+            self._metrics.request(method, "not_allowed")
+            body = _error("method_not_allowed", "use GET (or POST to force a fresh token)")
+            return 405, [(b"allow", b"GET, POST")], body
+        headers = dict(scope["headers"])
+        reason = refusal(headers)
+        if reason is not None:
+            self._metrics.request(method, "refused")
+            return 403, [], _error("access_denied", reason)
+        if method == "GET":
+            try:
+                min_ttl = parse_min_ttl(scope["query_string"], self._min_ttl)
+            except ValueError as exc:
+                self._metrics.request(method, "bad_request")
+                return 400, [], _error("invalid_request", str(exc))
+            if self._holder.should_fetch(min_ttl):
+                await self._refresher.fetch()
+        elif self._holder.should_force():
+            await self._refresher.fetch()
+        return self._answer(method)
+
+    def _answer(self, method: str) -> tuple[int, list[Any], bytes]:
+        holder = self._holder
+        token = holder.current()
+        if token is not None:
+            self._metrics.request(method, "ok")
+            return 200, [], self._render(token)
+        rejection = holder.rejection
+        if rejection is not None:
+            self._metrics.request(method, "rejected")
+            error = "invalid_token" if rejection.status == 401 else "access_denied"
+            return rejection.status, [], _error(error, rejection.description)
+        self._metrics.request(method, "unavailable")
+        why = holder.last_error or "no token fetched yet"
+        retry_after = str(holder.retry_after()).encode()
+        body = _error("temporarily_unavailable", f"no unexpired token held: {why}")
+        return 503, [(b"retry-after", retry_after)], body
+
+    def _render(self, token: FetchedToken) -> bytes:
+        """The CP's JSON for ``token``; only ``expires_in`` is recomputed per request."""
+        rendered = self._rendered
+        if rendered is None or rendered[0] is not token:
+            head = {"token": token.token, "token_type": "Bearer", "expires_at": token.expires_at}
+            prefix = (json.dumps(head, separators=(",", ":"))[:-1] + ',"expires_in":').encode()
+            rendered = self._rendered = (token, prefix)
+        remaining = self._holder.remaining()
+        expires_in = b"null" if remaining is None else str(max(0, int(remaining))).encode()
+        return rendered[1] + expires_in + b"}"
+
+
+def probe_routes(holder: TokenHolder, metrics: SidecarMetrics) -> list[Route]:
+    """``/healthz``, ``/readyz`` and ``/metrics``: no secret, no header required."""
+
+    async def healthz(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    async def readyz(request: Request) -> Response:
+        if holder.ready:
+            return PlainTextResponse("ok")
+        why = holder.last_error or "no token fetched yet"
+        return PlainTextResponse(f"not ready: no unexpired token held ({why})", status_code=503)
+
+    async def metrics_endpoint(request: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return [
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route("/metrics", metrics_endpoint),
+    ]
+
+
+def create_app(
+    refresher: Refresher,
+    *,
+    metrics: SidecarMetrics,
+    min_ttl: float,
+    on_fatal: Callable[[BaseException], None] | None = None,
+) -> Starlette:
+    """The sidecar's main app. Its lifespan runs the refresh loop; should the loop die,
+    ``on_fatal`` is called (the CLI stops the process with a non-zero exit)."""
+
+    def loop_done(task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception() or RuntimeError("the refresh loop returned")
+        log.critical("the refresh loop died", extra={"fields": {"error": repr(exc)}}, exc_info=exc)
+        if on_fatal is not None:
+            on_fatal(exc)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        task = asyncio.create_task(refresher.run(), name="sidecar-refresh")
+        task.add_done_callback(loop_done)
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task  # a failure was reported by loop_done already
+            await refresher.source.aclose()
+
+    routes = [
+        Route("/token", TokenEndpoint(refresher, metrics, min_ttl)),
+        *probe_routes(refresher.holder, metrics),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan)
+
+
+def create_metrics_app(holder: TokenHolder, metrics: SidecarMetrics) -> Starlette:
+    """The app for ``SIDECAR_METRICS_ADDR``: the probes and metrics, never ``/token``."""
+    return Starlette(routes=probe_routes(holder, metrics))

@@ -1,0 +1,195 @@
+"""``cp-token-sidecar``: serve the pod's token on loopback, or ``--once`` (init container).
+
+Exit codes: 0 on success and on SIGTERM/SIGINT; 1 when ``--once`` cannot get a token, a
+listener cannot be bound, or the refresh loop dies; 2 for a configuration mistake (one
+line naming the variable, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Literal
+
+import uvicorn
+from starlette.types import ASGIApp
+
+from cp_token.client import TokenError, TokenSource
+from cp_token.clock import SystemClock
+from cp_token.config import ConfigError, SidecarSettings, load_sidecar_settings, redacted
+from cp_token.logs import setup_logging
+
+from .app import create_app, create_metrics_app
+from .holder import HolderPolicy, TokenHolder
+from .metrics import SidecarMetrics
+from .refresher import Refresher
+from .sink import TokenFileSink
+
+__all__ = ["main"]
+
+PROG = "cp-token-sidecar"
+log = logging.getLogger("sidecar")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Hold the pod's API token, refresh it before expiry and serve it on "
+        "loopback (configuration from the environment: see the README).",
+    )
+    parser.add_argument(
+        "--once",
+        action="store_true",
+        help="fetch one token, write SIDECAR_TOKEN_FILE (required) and exit (init container)",
+    )
+    parser.add_argument(
+        "--deadline",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="--once: keep retrying transient failures this long (default 30)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``cp-token-sidecar``; returns the exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_sidecar_settings()
+        if args.once and settings.token_file is None:
+            raise ConfigError(
+                "SIDECAR_TOKEN_FILE", "required with --once (the file the runner reads)"
+            )
+    except ConfigError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level, settings.log_format)
+    source = TokenSource(
+        cp_url=settings.cp_token_url,
+        sa_token_file=settings.sa_token_file,
+        ca_file=settings.ca_file,
+        timeout=settings.timeout,
+        deadline=args.deadline,
+    )
+    if args.once:
+        return asyncio.run(run_once(settings, source))
+    log.info("starting", extra={"fields": {"settings": redacted(settings)}})
+    return asyncio.run(serve(settings, source))
+
+
+async def run_once(settings: SidecarSettings, source: TokenSource) -> int:
+    """Fetch one token (retrying within the deadline) and write the token file."""
+    assert settings.token_file is not None
+    try:
+        token = await source.afetch()
+    except TokenError as exc:
+        print(f"{PROG}: cannot get a token: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await source.aclose()
+    try:
+        TokenFileSink(settings.token_file, settings.token_file_mode).write(token.token)
+    except OSError as exc:
+        print(f"{PROG}: cannot write {settings.token_file!r}: {exc}", file=sys.stderr)
+        return 1
+    log.info(
+        "token written",
+        extra={"fields": {"path": settings.token_file, "expires_in": token.expires_in}},
+    )
+    return 0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server without its signal capture (it re-raises the signal after a
+    graceful stop, which would turn SIGTERM into a non-zero exit): we handle signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # proto must be IPPROTO_TCP: asyncio only sets TCP_NODELAY on accepted connections of
+    # such sockets, and without it a response in two writes waits for a delayed ACK (40 ms)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def _server(app: ASGIApp, *, lifespan: Literal["on", "off"]) -> _Server:
+    config = uvicorn.Config(
+        app,
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        lifespan=lifespan,
+        timeout_graceful_shutdown=5,
+    )
+    return _Server(config)
+
+
+async def serve(settings: SidecarSettings, source: TokenSource) -> int:
+    """Run the token server (and the metrics server) until a signal or a fatal error."""
+    clock = SystemClock()
+    holder = TokenHolder(clock, HolderPolicy(refresh_fraction=settings.refresh_fraction))
+    metrics = SidecarMetrics(holder)
+    sink = None
+    if settings.token_file is not None:
+        sink = TokenFileSink(settings.token_file, settings.token_file_mode)
+    refresher = Refresher(source, holder, clock, metrics=metrics, sink=sink)
+    servers: list[_Server] = []
+    exit_code = 0
+
+    def stop(code: int) -> None:
+        nonlocal exit_code
+        exit_code = max(exit_code, code)
+        for server in servers:
+            server.should_exit = True
+
+    app = create_app(
+        refresher, metrics=metrics, min_ttl=settings.min_ttl, on_fatal=lambda exc: stop(1)
+    )
+    listeners = [(settings.listen_host, settings.listen_port)]
+    servers.append(_server(app, lifespan="on"))
+    if settings.metrics_host is not None and settings.metrics_port is not None:
+        listeners.append((settings.metrics_host, settings.metrics_port))
+        servers.append(_server(create_metrics_app(holder, metrics), lifespan="off"))
+    sockets: list[socket.socket] = []
+    for host, port in listeners:
+        try:
+            sockets.append(_bind(host, port))
+        except OSError as exc:
+            for sock in sockets:
+                sock.close()
+            print(f"{PROG}: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop, 0)
+    for sock in sockets:
+        host, port = sock.getsockname()[:2]
+        log.info("listening", extra={"fields": {"addr": f"{host}:{port}"}})
+    try:
+        await asyncio.gather(
+            *(server.serve(sockets=[sock]) for server, sock in zip(servers, sockets, strict=True))
+        )
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    if not all(server.started for server in servers) and exit_code == 0:
+        exit_code = 1  # a server failed to start (its error is logged)
+    return exit_code

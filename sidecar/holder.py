@@ -1,0 +1,249 @@
+"""TokenHolder: the sidecar's token state machine, on an injected clock.
+
+No I/O and no sleeping: the driver (:mod:`sidecar.refresher`) reports what happened
+(:meth:`~TokenHolder.begin_fetch`, :meth:`~TokenHolder.succeeded`,
+:meth:`~TokenHolder.failed`, :meth:`~TokenHolder.rejected`) and asks what to do next
+(:meth:`~TokenHolder.next_fetch_at`, :meth:`~TokenHolder.should_fetch`,
+:meth:`~TokenHolder.should_force`). The HTTP routes ask what to serve
+(:meth:`~TokenHolder.current`, :attr:`~TokenHolder.rejection`,
+:meth:`~TokenHolder.retry_after`).
+
+States (derived from the facts and the clock, never stored)::
+
+    EMPTY         --begin_fetch-->      FETCHING  --succeeded-->   FRESH
+    FETCHING      --failed/rejected-->  EMPTY (EXPIRED if a token was ever held)
+    FRESH         --refresh due-->      STALE     --begin_fetch--> REFRESHING
+    REFRESHING    --succeeded-->        FRESH;    --failed-->      STALE (token still valid)
+    FRESH, STALE  --lifetime over-->    EXPIRED   --begin_fetch--> FETCHING
+
+Rules (SPIRE's rotation, stamina's backoff): refresh once ``refresh_fraction`` of the
+lifetime has passed, +-10 % jitter; after a transient failure retry with capped
+exponential backoff and full jitter, at least ``Retry-After``; after a 401/403 retry
+slowly (30-60 s); and while a token is held, never schedule a retry past its expiry.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cp_token.client import FetchedToken
+from cp_token.clock import Clock
+
+__all__ = ["HolderPolicy", "Rejection", "State", "TokenHolder"]
+
+
+class State(enum.Enum):
+    """Where the holder stands; see the module docstring."""
+
+    EMPTY = "empty"
+    FETCHING = "fetching"
+    FRESH = "fresh"
+    REFRESHING = "refreshing"
+    STALE = "stale"
+    EXPIRED = "expired"
+
+
+@dataclass(frozen=True)
+class HolderPolicy:
+    """The holder's timing rules (seconds)."""
+
+    refresh_fraction: float = 0.5
+    jitter: float = 0.1
+    backoff_base: float = 1.0
+    backoff_cap: float = 60.0
+    backoff_floor: float = 0.25
+    rejected_min: float = 30.0
+    rejected_max: float = 60.0
+    expiry_margin: float = 1.0
+    recent_window: float = 5.0
+    unknown_expiry_refresh: float = 300.0
+    min_refresh_interval: float = 1.0
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """The CP refused this pod (401/403) with this ``error_description``."""
+
+    status: int
+    description: str
+
+
+class TokenHolder:
+    """Holds at most one token and decides when to fetch the next one."""
+
+    def __init__(
+        self,
+        clock: Clock,
+        policy: HolderPolicy | None = None,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self._clock = clock
+        self.policy = policy or HolderPolicy()
+        self._rand = rand
+        self._token: FetchedToken | None = None
+        self._fetching = False
+        self._refresh_at: float | None = None
+        self._retry_at: float | None = None
+        self._failures = 0
+        self._last_attempt = -math.inf
+        self._rejection: Rejection | None = None
+        self._last_error: str | None = None
+
+    # --- what happened --------------------------------------------------------------------
+
+    def begin_fetch(self) -> None:
+        """A fetch towards the CP has started."""
+        self._fetching = True
+
+    def succeeded(self, token: FetchedToken) -> None:
+        """A fetch returned ``token``: hold it and schedule its refresh."""
+        now = self._clock.monotonic()
+        p = self.policy
+        self._end_attempt(now)
+        self._token = token
+        self._failures = 0
+        self._retry_at = None
+        self._rejection = None
+        self._last_error = None
+        if token.expires_in is None:
+            interval = p.unknown_expiry_refresh
+        else:
+            interval = token.expires_in * p.refresh_fraction
+        interval *= 1.0 + p.jitter * (2.0 * self._rand() - 1.0)
+        refresh_at = token.fetched_at + interval
+        if token.expiry is not None:  # a fraction near 1 plus jitter must not overshoot
+            refresh_at = min(refresh_at, token.expiry - p.expiry_margin)
+        self._refresh_at = max(refresh_at, now + p.min_refresh_interval)
+
+    def failed(self, reason: str, retry_after: float | None = None) -> None:
+        """A fetch failed transiently (connect error, timeout, 429, 5xx, ...)."""
+        now = self._clock.monotonic()
+        p = self.policy
+        self._end_attempt(now)
+        self._failures += 1
+        self._rejection = None
+        self._last_error = reason
+        ceiling = min(p.backoff_cap, p.backoff_base * 2.0 ** (self._failures - 1))
+        delay = max(p.backoff_floor, self._rand() * ceiling)
+        if retry_after is not None:
+            delay = max(delay, retry_after)
+        self._retry_at = self._before_expiry(now, now + delay)
+
+    def rejected(self, status: int, description: str) -> None:
+        """The CP refused the pod (401/403): retry slowly, relay while holding nothing."""
+        now = self._clock.monotonic()
+        p = self.policy
+        self._end_attempt(now)
+        self._failures += 1
+        self._rejection = Rejection(status, description)
+        self._last_error = f"the CP refused the pod ({status}): {description}"
+        delay = p.rejected_min + self._rand() * (p.rejected_max - p.rejected_min)
+        self._retry_at = self._before_expiry(now, now + delay)
+
+    def _end_attempt(self, now: float) -> None:
+        self._fetching = False
+        self._last_attempt = now
+
+    def _before_expiry(self, now: float, wanted: float) -> float:
+        """Never let a retry land after the held token expires: try once more before."""
+        token = self.current()
+        expiry = None if token is None else token.expiry
+        if expiry is None or wanted <= expiry - self.policy.expiry_margin:
+            return wanted
+        latest = max(expiry - self.policy.expiry_margin, now + self.policy.backoff_floor)
+        return min(wanted, latest, expiry)
+
+    # --- what to serve ----------------------------------------------------------------------
+
+    def current(self) -> FetchedToken | None:
+        """The held token while unexpired, else None."""
+        token = self._token
+        if token is None or not token.valid_at(self._clock.monotonic()):
+            return None
+        return token
+
+    def remaining(self) -> float | None:
+        """Seconds the held token has left (None: none held, or unknown expiry)."""
+        token = self.current()
+        return None if token is None else token.remaining(self._clock.monotonic())
+
+    @property
+    def ready(self) -> bool:
+        """True while an unexpired token is held."""
+        return self.current() is not None
+
+    @property
+    def state(self) -> State:
+        """The current state (derived from the facts and the clock)."""
+        token = self.current()
+        if self._fetching:
+            return State.REFRESHING if token is not None else State.FETCHING
+        if token is None:
+            return State.EXPIRED if self._token is not None else State.EMPTY
+        if self._refresh_at is not None and self._clock.monotonic() >= self._refresh_at:
+            return State.STALE
+        return State.FRESH
+
+    @property
+    def rejection(self) -> Rejection | None:
+        """The CP's refusal, when the last attempt was refused."""
+        return self._rejection
+
+    @property
+    def last_error(self) -> str | None:
+        """Why the last attempt failed (None after a success)."""
+        return self._last_error
+
+    @property
+    def failures(self) -> int:
+        """Consecutive failed attempts."""
+        return self._failures
+
+    def retry_after(self) -> int:
+        """Whole seconds (>= 1) until the next attempt, for a 503's ``Retry-After``."""
+        due = self.next_fetch_at()
+        if due is None:
+            return 1
+        return max(1, math.ceil(max(0.0, due - self._clock.monotonic())))
+
+    # --- what to do next --------------------------------------------------------------------
+
+    def next_fetch_at(self) -> float | None:
+        """Monotonic time of the next background fetch (None while one is running)."""
+        if self._fetching:
+            return None
+        if self._retry_at is not None:
+            return self._retry_at
+        if self._refresh_at is not None:
+            return self._refresh_at
+        return -math.inf  # nothing held, nothing tried: now
+
+    def should_fetch(self, min_ttl: float) -> bool:
+        """Whether a ``GET`` asking for ``min_ttl`` seconds must wait for a fetch.
+
+        Not when the held token has enough left; join a fetch in progress; otherwise fetch
+        unless retries are backing off or the last attempt was moments ago (another would
+        return the same lifetime), in which case the held token (or an error) is served.
+        """
+        token = self.current()
+        now = self._clock.monotonic()
+        if token is not None:
+            remaining = token.remaining(now)
+            if remaining is None or remaining >= min_ttl:
+                return False
+        if self._fetching:
+            return True
+        if self._retry_at is not None and now < self._retry_at:
+            return False
+        return now - self._last_attempt >= self.policy.recent_window
+
+    def should_force(self) -> bool:
+        """Whether a ``POST`` (force) must fetch: yes, unless the last attempt ended less
+        than ``recent_window`` seconds ago (then the held token is served)."""
+        if self._fetching:
+            return True
+        return self._clock.monotonic() - self._last_attempt >= self.policy.recent_window

@@ -1,0 +1,164 @@
+"""The async driver: fetches from the CP when the holder says so, one fetch at a time.
+
+"Get a token from the CP" is the client library's (:meth:`TokenSource.afetch_once`, a
+single attempt); the holder owns the backoff; this module only runs the loop, shares one
+fetch between every caller (singleflight), writes the token file and removes it when the
+token expires unrenewed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from cp_token.client import TokenError, TokenRejected, TokenSource, TokenUnavailable
+from cp_token.clock import Clock
+
+from .holder import TokenHolder
+from .metrics import SidecarMetrics
+from .sink import TokenFileSink
+
+__all__ = ["Refresher"]
+
+log = logging.getLogger("sidecar.refresher")
+
+
+class Refresher:
+    """Runs the refresh loop (:meth:`run`) and serves on-demand fetches (:meth:`fetch`)."""
+
+    def __init__(
+        self,
+        source: TokenSource,
+        holder: TokenHolder,
+        clock: Clock,
+        *,
+        metrics: SidecarMetrics,
+        sink: TokenFileSink | None = None,
+    ) -> None:
+        self.source = source
+        self.holder = holder
+        self._clock = clock
+        self._metrics = metrics
+        self._sink = sink
+        self._sink_expiry: float | None = None
+        self._inflight: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._logged_rejections: set[tuple[int, str]] = set()
+
+    async def fetch(self) -> None:
+        """Fetch from the CP, or join the fetch in progress. Never raises a fetch failure:
+        the outcome is recorded in the holder."""
+        task = self._inflight
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._fetch())
+            self._inflight = task
+            task.add_done_callback(self._fetch_done)
+        # shield: a caller that goes away must not cancel everybody's fetch
+        await asyncio.shield(task)
+
+    def _fetch_done(self, task: asyncio.Task[None]) -> None:
+        self._inflight = None
+        self._wake.set()
+        if not task.cancelled():
+            task.exception()  # retrieved here; the loop re-raises via its own await
+
+    async def _fetch(self) -> None:
+        self.holder.begin_fetch()
+        started = self._clock.monotonic()
+        try:
+            token = await self.source.afetch_once()
+        except TokenRejected as exc:
+            self.holder.rejected(exc.status, exc.description)
+            self._metrics.fetches["rejected"].inc()
+            if (exc.status, exc.description) not in self._logged_rejections:
+                self._logged_rejections.add((exc.status, exc.description))
+                log.error(
+                    "the CP refused this pod; retrying slowly",
+                    extra={"fields": {"status": exc.status, "description": exc.description}},
+                )
+            return
+        except TokenError as exc:
+            retry_after = exc.retry_after if isinstance(exc, TokenUnavailable) else None
+            self.holder.failed(str(exc), retry_after)
+            kind = "transient" if isinstance(exc, TokenUnavailable) else "error"
+            self._metrics.fetches[kind].inc()
+            self._log_failure(str(exc))
+            return
+        except BaseException:
+            self.holder.failed("fetch interrupted")
+            raise
+        finally:
+            self._metrics.fetch_seconds.observe(self._clock.monotonic() - started)
+        recovered = self.holder.failures
+        self.holder.succeeded(token)
+        self._metrics.fetches["ok"].inc()
+        self._logged_rejections.clear()
+        log.info(
+            "token refreshed",
+            extra={"fields": {"expires_in": token.expires_in, "after_failures": recovered}},
+        )
+        await self._write_sink(token.token, token.expiry)
+
+    def _log_failure(self, reason: str) -> None:
+        remaining = self.holder.remaining()
+        due = self.holder.next_fetch_at()
+        fields = {
+            "reason": reason,
+            "failures": self.holder.failures,
+            "retry_in": None if due is None else round(due - self._clock.monotonic(), 3),
+            "token_expires_in": None if remaining is None else int(remaining),
+        }
+        log.warning("token fetch failed", extra={"fields": fields})
+
+    async def _write_sink(self, token: str, expiry: float | None) -> None:
+        if self._sink is None:
+            return
+        try:
+            await asyncio.to_thread(self._sink.write, token)
+        except OSError as exc:
+            self._metrics.file_writes["error"].inc()
+            log.error(
+                "cannot write the token file",
+                extra={"fields": {"path": self._sink.path, "error": str(exc)}},
+            )
+            return
+        self._metrics.file_writes["ok"].inc()
+        self._sink_expiry = expiry
+
+    async def _expire_sink(self) -> None:
+        expiry = self._sink_expiry
+        if self._sink is None or expiry is None or self._clock.monotonic() < expiry:
+            return
+        self._sink_expiry = None
+        try:
+            await asyncio.to_thread(self._sink.remove)
+        except OSError as exc:
+            log.error("cannot remove the expired token file", extra={"fields": {"error": str(exc)}})
+            return
+        self._metrics.file_writes["removed"].inc()
+        log.warning("the token expired unrenewed; token file removed")
+
+    async def run(self) -> None:
+        """The refresh loop: forever fetch when due, and remove the file at expiry."""
+        while True:
+            self._wake.clear()
+            await self._expire_sink()
+            due = self.holder.next_fetch_at()
+            now = self._clock.monotonic()
+            if due is not None and due <= now:
+                await self.fetch()
+                continue
+            wake_at = min((t for t in (due, self._sink_expiry) if t is not None), default=None)
+            await self._sleep(None if wake_at is None else wake_at - now)
+
+    async def _sleep(self, seconds: float | None) -> None:
+        """Sleep on the clock, or until a fetch completes (which may move the schedule)."""
+        waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(self._wake.wait())]
+        if seconds is not None:
+            waits.append(asyncio.ensure_future(self._clock.sleep(seconds)))
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()

@@ -15,13 +15,14 @@
    review cache; the fake kube-apiserver answers every route after 5 ms. Reports throughput,
    CP CPU per request and the Kubernetes API calls per 1,000 requests by route.
 
-Honesty on a 2-core machine: the fake kube-apiserver runs in its own process (spawned, driven
-over a pipe) rather than in a thread of this process, and the load generator is a third
-process using raw asyncio streams with keep-alive HTTP/1.1 (no client library, so the client
-costs far less per request than the server). The three still share two cores, so besides
-requests/s the bench reads each process's CPU time (/proc) over the measured window:
-server CPU per request does not depend on who else is competing for the cores, and the
-whole machine's busy time shows when some other process disturbed a run.
+Honesty on a 2-core machine: the fake kube-apiserver runs in its own process (this script
+with ``--fake-kube-child``, driven by JSON lines over a pipe) rather than in a thread of this
+process, and the load generator is a third process using raw asyncio streams with keep-alive
+HTTP/1.1 (no client library, so the client costs far less per request than the server). The
+three still share two cores, so besides requests/s the bench reads each process's CPU time
+(/proc) over the measured window: server CPU per request does not depend on who else is
+competing for the cores, and the whole machine's busy time shows when another process
+disturbed a run.
 
 TCP_NODELAY: the fake kube-apiserver's sockets are re-made with proto=IPPROTO_TCP in its
 process so asyncio sets TCP_NODELAY, as a real (Go) API server does; without it every API
@@ -34,21 +35,22 @@ Every process is started here and stopped here by its pid.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
+import json
 import os
 import platform
+import select
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import time
 from importlib.metadata import version
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import httpx
-from common import PYTHON, ROOT, Proc, fmt_ms, free_port, run_loadgen
+from common import PYTHON, ROOT, Proc, clean_env, fmt_ms, free_port, run_loadgen
 
 API_LATENCY = 0.005
 REPORTED_ROUTES = (
@@ -64,8 +66,14 @@ REPORTED_ROUTES = (
 # --- the fake kube-apiserver in its own process -------------------------------------------
 
 
-def _fake_kube_child(conn: Connection, workdir: str, nodelay: bool) -> None:
-    """Child process: run FakeKubeAPIServer with one managed session; obey the pipe."""
+def fake_kube_child(workdir: str, nodelay: bool) -> int:
+    """Child process: run FakeKubeAPIServer with one managed session; obey JSON lines on stdin.
+
+    Answers go to the original stdout, one JSON line per command; anything else printed goes
+    to stderr (the parent's log file).
+    """
+    answers = os.fdopen(os.dup(1), "w", buffering=1)
+    sys.stdout = sys.stderr
     sys.path.insert(0, str(ROOT))
     if nodelay:
         from tests.fakes import servers
@@ -89,88 +97,106 @@ def _fake_kube_child(conn: Connection, workdir: str, nodelay: bool) -> None:
     )
     from tests.fakes.kube_apiserver import ROUTES, FakeKubeAPIServer
 
+    def answer(value: Any) -> None:
+        answers.write(json.dumps(value) + "\n")
+
     with FakeKubeAPIServer() as kube:
         kube.add_namespace(SESSION_NS, labels=MANAGED_NS_LABEL)
         kube.add_service_account(SESSION_NS, SESSION_SA, labels=MANAGED_BY_LABEL)
         kube.add_pod(SESSION_NS, SESSION_POD, SESSION_SA)
-        kubeconfig = kube.write_kubeconfig(Path(workdir) / "kubeconfig")
-        conn.send(str(kubeconfig))
-        while True:
-            cmd, arg = conn.recv()
+        answer(str(kube.write_kubeconfig(Path(workdir) / "kubeconfig")))
+        for raw in sys.stdin:
+            cmd, arg = json.loads(raw)
             if cmd == "stop":
-                conn.send("ok")
-                return
-            if cmd == "tokens":  # (path, n): n distinct pod-bound tokens, one per line
+                answer("ok")
+                break
+            if cmd == "tokens":  # [path, n]: n distinct pod-bound tokens, one per line
                 path, n = arg
                 tokens = [
                     kube.issue_bound_token(SESSION_NS, SESSION_SA, pod=SESSION_POD)
                     for _ in range(n)
                 ]
                 Path(path).write_text("\n".join(tokens) + "\n")
-                conn.send(len(set(tokens)))
+                answer(len(set(tokens)))
             elif cmd == "latency":
                 kube.set_latency(arg)
-                conn.send("ok")
+                answer("ok")
             elif cmd == "reset":
                 kube.reset_counts()
-                conn.send("ok")
+                answer("ok")
             elif cmd == "calls":
-                conn.send({route: kube.calls(route) for route in sorted(ROUTES)})
+                answer({route: kube.calls(route) for route in sorted(ROUTES)})
             else:
-                conn.send(f"unknown command {cmd!r}")
+                answer(f"unknown command {cmd!r}")
+    return 0
 
 
 class FakeKube:
-    """Parent-side handle of the fake kube-apiserver process."""
+    """Parent-side handle of the fake kube-apiserver, a child process driven by JSON lines."""
 
     def __init__(self, workdir: Path, *, nodelay: bool = True) -> None:
-        ctx = mp.get_context("spawn")
-        self._conn, child = ctx.Pipe()
-        self.proc = ctx.Process(
-            target=_fake_kube_child,
-            args=(child, str(workdir), nodelay),
-            name="fake-kube",
-            daemon=True,
+        args = [PYTHON, str(Path(__file__)), "--fake-kube-child", str(workdir)]
+        if not nodelay:
+            args.append("--no-nodelay")
+        self._log = open(workdir / "fake-kube.log", "wb")  # closed in stop()
+        self.proc = subprocess.Popen(
+            args,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+            cwd=ROOT,
+            env=clean_env({}),
         )
-        self.proc.start()
-        child.close()
-        if not self._conn.poll(60):
+        try:
+            self.kubeconfig = Path(self._read(60))
+        except BaseException:
             self.stop()
-            raise RuntimeError("fake kube-apiserver did not start in 60 s")
-        self.kubeconfig = Path(self._conn.recv())
+            raise
 
     @property
     def pid(self) -> int:
         """The fake's process id."""
-        assert self.proc.pid is not None
         return self.proc.pid
+
+    def _read(self, timeout: float) -> Any:
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            log = (Path(self._log.name).read_text(errors="replace"))[-3000:]
+            raise RuntimeError(f"fake kube-apiserver gave no answer in {timeout} s:\n{log}")
+        return json.loads(line)
 
     def call(self, cmd: str, arg: Any = None, timeout: float = 120.0) -> Any:
         """Send one command, return its answer."""
-        self._conn.send((cmd, arg))
-        if not self._conn.poll(timeout):
-            raise RuntimeError(f"fake kube-apiserver did not answer {cmd!r} in {timeout} s")
-        return self._conn.recv()
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps([cmd, arg]) + "\n")
+        self.proc.stdin.flush()
+        return self._read(timeout)
 
     def tokens(self, path: Path, n: int) -> Path:
         """Write ``n`` distinct valid pod-bound tokens to ``path``."""
-        distinct = self.call("tokens", (str(path), n))
+        distinct = self.call("tokens", [str(path), n])
         if distinct != n:
             raise RuntimeError(f"asked for {n} distinct tokens, got {distinct}")
         return path
 
     def stop(self) -> None:
         """Ask it to stop, then make sure by pid."""
-        if self.proc.is_alive():
+        if self.proc.poll() is None:
             try:
                 self.call("stop", timeout=10)
-            except (OSError, EOFError, RuntimeError):
+                self.proc.wait(10)
+            except (OSError, ValueError, RuntimeError, subprocess.TimeoutExpired):
                 pass
-            self.proc.join(10)
-        if self.proc.is_alive() and self.proc.pid is not None:
+        if self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.join(10)
-        self._conn.close()
+            self.proc.wait(10)
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream is not None:
+                stream.close()
+        self._log.close()
 
 
 # --- servers under test ---------------------------------------------------------------------
@@ -451,7 +477,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=5.0, help="warm run: measured seconds")
     parser.add_argument("--cold-requests", type=int, default=1000, help="cold run: requests")
     parser.add_argument("--cold-warmup", type=int, default=64, help="cold run: warm-up requests")
+    parser.add_argument("--fake-kube-child", metavar="WORKDIR", help=argparse.SUPPRESS)
+    parser.add_argument("--no-nodelay", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.fake_kube_child:
+        return fake_kube_child(args.fake_kube_child, not args.no_nodelay)
     started = time.perf_counter()
     env = (
         f"{os.cpu_count()} CPUs, Python {platform.python_version()}, "

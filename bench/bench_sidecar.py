@@ -1,13 +1,14 @@
 """Benchmark of the token sidecar (``cp-token-sidecar``), run by hand; prints its results.
 
-    .venv/bin/python bench/bench_sidecar.py [--conns 16] [--warmup 1] [--duration 5]
+    .venv/bin/python bench/bench_sidecar.py [--conns 16] [--warmup 1] [--duration 4] [--rounds 3]
 
 1. ``GET /token`` requests/s of the sidecar (a process, holding a token from a fake CP that
    runs in a thread of this script and is idle during the measurement) against the bare
    Starlette endpoint of ``bench/common.py`` (same uvicorn, loop and HTTP parser), with
    the same request bytes (the ``Ambient-Token-Request`` header included) from a separate
-   load-generator process on raw asyncio streams. Reports the ratio of requests/s and of
-   server CPU per request (read from /proc, fair on a shared 2-core machine).
+   load-generator process on raw asyncio streams, in alternating rounds. Reports the median
+   ratio of requests/s and of server CPU per request (read from /proc: fairer than requests/s
+   on a shared 2-core machine, where the load generator competes for the cores).
 2. The sidecar's resident memory (``VmRSS`` from /proc/PID/status) once ready, and after
    10,000 more ``GET /token`` requests.
 
@@ -20,6 +21,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -108,44 +110,53 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-sidecar-") as tmp, FakeCP() as cp:
         workdir = Path(tmp)
         (workdir / "sa").write_text(cp.sa_token)
-
-        port = free_port()
+        bare_port, port = free_port(), free_port()
         common = str(Path(__file__).with_name("common.py"))
-        bare_cmd = [PYTHON, common, "bare", "--port", str(port)]
-        bare = start("bare", bare_cmd, {}, f"http://{HOST}:{port}/token", workdir)
-        try:
-            base = loadgen(port, bare.pid, args)
-            bare_rss = rss_kib(bare.pid)
-        finally:
-            bare.stop()
-
-        port = free_port()
+        bare_cmd = [PYTHON, common, "bare", "--port", str(bare_port)]
         env = {
             "AMBIENT_CP_TOKEN_URL": cp.url,
             "AMBIENT_SA_TOKEN_FILE": str(workdir / "sa"),
             "SIDECAR_LISTEN_ADDR": f"{HOST}:{port}",
         }
         sidecar_cmd = [PYTHON, "-m", "sidecar"]
-        sidecar = start("sidecar", sidecar_cmd, env, f"http://{HOST}:{port}/readyz", workdir)
+        bare = start("bare", bare_cmd, {}, f"http://{HOST}:{bare_port}/token", workdir)
+        try:
+            sidecar = start("sidecar", sidecar_cmd, env, f"http://{HOST}:{port}/readyz", workdir)
+        except BaseException:
+            bare.stop()
+            raise
         try:
             rss_ready = rss_kib(sidecar.pid)
-            side = loadgen(port, sidecar.pid, args)
+            # Alternate the two servers round by round (both stay up; the idle one costs
+            # nothing), so drift in a shared machine's load hits both alike.
+            rounds = []
+            for _ in range(args.rounds):
+                rounds.append(
+                    (loadgen(bare_port, bare.pid, args), loadgen(port, sidecar.pid, args))
+                )
             rss_load = rss_kib(sidecar.pid)
             more = loadgen(port, sidecar.pid, args, count=10_000)
             rss_10k = rss_kib(sidecar.pid)
-            code = sidecar.stop()
+            bare_rss = rss_kib(bare.pid)
         finally:
-            sidecar.stop()
+            code = sidecar.stop()
+            bare.stop()
         fetches = cp.calls
 
-    print(f"sidecar GET /token, {args.conns} connections, {args.duration:g} s measured")
-    for name, r in (("bare Starlette", base), ("sidecar", side)):
-        print(
-            f"  {name:15} {r['rps']:8.0f} req/s   p50 {r['p50'] * 1000:.2f} ms"
-            f"   p99 {r['p99'] * 1000:.2f} ms   server CPU {r['cpu_us']:.0f} us/req"
-        )
-    print(f"  ratio sidecar/bare requests/s: {side['rps'] / base['rps']:.2f}")
-    print(f"  ratio sidecar/bare CPU per request: {side['cpu_us'] / base['cpu_us']:.2f}")
+    print(
+        f"sidecar GET /token, {args.conns} connections, {args.rounds} alternating rounds of "
+        f"{args.duration:g} s"
+    )
+    for i, (base, side) in enumerate(rounds, 1):
+        for name, r in (("bare Starlette", base), ("sidecar", side)):
+            print(
+                f"  round {i} {name:15} {r['rps']:7.0f} req/s   p50 {r['p50'] * 1000:5.2f} ms"
+                f"   p99 {r['p99'] * 1000:5.2f} ms   server CPU {r['cpu_us']:4.0f} us/req"
+            )
+    rps = statistics.median(side["rps"] / base["rps"] for base, side in rounds)
+    cpu = statistics.median(side["cpu_us"] / base["cpu_us"] for base, side in rounds)
+    print(f"  ratio sidecar/bare requests/s (median of rounds): {rps:.2f}")
+    print(f"  ratio sidecar/bare server CPU per request (median of rounds): {cpu:.2f}")
     print(f"  CP fetches during the whole bench: {fetches}")
     print("sidecar memory (VmRSS)")
     print(f"  ready: {rss_ready / 1024:.1f} MiB   after the timed load: {rss_load / 1024:.1f} MiB")
@@ -166,8 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     for p in (parser, lg):
         p.add_argument("--conns", type=int, default=16)
         p.add_argument("--warmup", type=float, default=1.0)
-        p.add_argument("--duration", type=float, default=5.0)
+        p.add_argument("--duration", type=float, default=4.0)
     lg.add_argument("--count", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
     if args.cmd == "loadgen":
         print(json.dumps(asyncio.run(_loadgen(args))))

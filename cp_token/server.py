@@ -7,32 +7,23 @@ exit 0. A dead background task exits 1. Certificates are re-read when their file
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import socket
 import ssl
-from collections.abc import Iterator
 
 import uvicorn
 
 from cp_token.config import ConfigError, Settings
 from cp_token.filewatch import WatchedFile
 from cp_token.service import Service
+from cp_token.serving import QuietSignalsServer
 
 __all__ = ["bind", "run_service", "serve"]
 
 log = logging.getLogger(__name__)
 
 GRACEFUL_SECONDS = 20
-
-
-class _Server(uvicorn.Server):
-    """uvicorn without its own signal handling: two servers share ours."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
 
 def bind(variable: str, host: str, port: int) -> socket.socket:
@@ -88,7 +79,7 @@ async def serve(service: Service, api_sock: socket.socket, metrics_sock: socket.
     if s.tls and api_cfg.ssl is not None:
         for watched in _tls_reloader(s, api_cfg.ssl):
             service.watcher.add(watched)
-    api, metrics = _Server(api_cfg), _Server(metrics_cfg)
+    api, metrics = QuietSignalsServer(api_cfg), QuietSignalsServer(metrics_cfg)
     exit_code = 0
 
     def stop(code: int) -> None:

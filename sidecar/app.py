@@ -135,10 +135,10 @@ class TokenEndpoint:
 
     def _answer(self, method: str) -> tuple[int, list[Any], bytes]:
         holder = self._holder
-        token = holder.current()
-        if token is not None:
+        serving = holder.serving()
+        if serving is not None:
             self._metrics.request(method, "ok")
-            return 200, [], self._render(token)
+            return 200, [], self._render(*serving)
         rejection = holder.rejection
         if rejection is not None:
             self._metrics.request(method, "rejected")
@@ -150,14 +150,13 @@ class TokenEndpoint:
         body = _error("temporarily_unavailable", f"no unexpired token held: {why}")
         return 503, [(b"retry-after", retry_after)], body
 
-    def _render(self, token: FetchedToken) -> bytes:
+    def _render(self, token: FetchedToken, remaining: float | None) -> bytes:
         """The CP's JSON for ``token``; only ``expires_in`` is recomputed per request."""
         rendered = self._rendered
         if rendered is None or rendered[0] is not token:
             head = {"token": token.token, "token_type": "Bearer", "expires_at": token.expires_at}
             prefix = (json.dumps(head, separators=(",", ":"))[:-1] + ',"expires_in":').encode()
             rendered = self._rendered = (token, prefix)
-        remaining = self._holder.remaining()
         expires_in = b"null" if remaining is None else str(max(0, int(remaining))).encode()
         return rendered[1] + expires_in + b"}"
 

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import signal
 import socket
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Literal
 
 import uvicorn
@@ -24,6 +23,7 @@ from cp_token.client import TokenError, TokenSource
 from cp_token.clock import SystemClock
 from cp_token.config import ConfigError, SidecarSettings, load_sidecar_settings, redacted
 from cp_token.logs import setup_logging
+from cp_token.serving import QuietSignalsServer, bind_listener
 
 from .app import create_app, create_metrics_app
 from .holder import HolderPolicy, TokenHolder
@@ -106,31 +106,7 @@ async def run_once(settings: SidecarSettings, source: TokenSource) -> int:
     return 0
 
 
-class _Server(uvicorn.Server):
-    """uvicorn's server without its signal capture (it re-raises the signal after a
-    graceful stop, which would turn SIGTERM into a non-zero exit): we handle signals."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # proto must be IPPROTO_TCP: asyncio only sets TCP_NODELAY on accepted connections of
-    # such sockets, and without it a response in two writes waits for a delayed ACK (40 ms)
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    sock.set_inheritable(True)
-    return sock
-
-
-def _server(app: ASGIApp, *, lifespan: Literal["on", "off"]) -> _Server:
+def _server(app: ASGIApp, *, lifespan: Literal["on", "off"]) -> QuietSignalsServer:
     config = uvicorn.Config(
         app,
         log_config=None,
@@ -139,7 +115,7 @@ def _server(app: ASGIApp, *, lifespan: Literal["on", "off"]) -> _Server:
         lifespan=lifespan,
         timeout_graceful_shutdown=5,
     )
-    return _Server(config)
+    return QuietSignalsServer(config)
 
 
 async def serve(settings: SidecarSettings, source: TokenSource) -> int:
@@ -151,7 +127,7 @@ async def serve(settings: SidecarSettings, source: TokenSource) -> int:
     if settings.token_file is not None:
         sink = TokenFileSink(settings.token_file, settings.token_file_mode)
     refresher = Refresher(source, holder, clock, metrics=metrics, sink=sink)
-    servers: list[_Server] = []
+    servers: list[QuietSignalsServer] = []
     exit_code = 0
 
     def stop(code: int) -> None:
@@ -171,7 +147,7 @@ async def serve(settings: SidecarSettings, source: TokenSource) -> int:
     sockets: list[socket.socket] = []
     for host, port in listeners:
         try:
-            sockets.append(_bind(host, port))
+            sockets.append(bind_listener(host, port))
         except OSError as exc:
             for sock in sockets:
                 sock.close()

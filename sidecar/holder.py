@@ -166,6 +166,15 @@ class TokenHolder:
             return None
         return token
 
+    def serving(self) -> tuple[FetchedToken, float | None] | None:
+        """The held token while unexpired, with its remaining lifetime read at the same
+        instant (None for an unknown expiry); None when nothing valid is held."""
+        token = self._token
+        if token is None:
+            return None
+        now = self._clock.monotonic()
+        return (token, token.remaining(now)) if token.valid_at(now) else None
+
     def remaining(self) -> float | None:
         """Seconds the held token has left (None: none held, or unknown expiry)."""
         token = self.current()

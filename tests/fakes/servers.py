@@ -42,7 +42,7 @@ def _bind_loopback(port: int = 0) -> socket.socket:
     Bound but not listening, it reserves the port while connections to it are refused,
     which is what a client sees of a server that is down; uvicorn calls listen() at start.
     """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((_HOST, port))

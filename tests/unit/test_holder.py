@@ -255,3 +255,14 @@ def test_retry_after_hint_is_whole_seconds_at_least_one(clock: FakeClock) -> Non
     clock.advance(2.2)
     assert holder.retry_after() == 1
     assert math.isfinite(holder.retry_after())
+
+
+def test_serving_reads_token_and_lifetime_at_one_instant(clock: FakeClock) -> None:
+    holder = holder_with(clock)
+    assert holder.serving() is None
+    token = fetched(clock, 100)
+    holder.succeeded(token)
+    clock.advance(30.5)
+    assert holder.serving() == (token, 69.5)
+    clock.advance(69.5)
+    assert holder.serving() is None

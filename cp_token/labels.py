@@ -7,7 +7,6 @@ remembered as None for the same time as a found one.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -17,6 +16,7 @@ from cachetools import TTLCache
 from cp_token.clock import Clock
 from cp_token.errors import Unavailable
 from cp_token.kube import KubeClient, KubeForbidden, KubeUnavailable
+from cp_token.singleflight import Singleflight
 
 __all__ = ["ObjectCache"]
 
@@ -35,7 +35,7 @@ class ObjectCache:
         self._cache: TTLCache[tuple[str, str, str], Obj] = TTLCache(
             maxsize=50_000, ttl=ttl, timer=clock.monotonic
         )
-        self._inflight: dict[tuple[str, str, str], asyncio.Future[Obj]] = {}
+        self._inflight: Singleflight[tuple[str, str, str], Obj] = Singleflight()
         self._metrics = metrics
         self._forbidden_logged: set[str] = set()
 
@@ -66,37 +66,26 @@ class ObjectCache:
             return self._cache[key]
         if self._metrics is not None:
             self._metrics.cache(kind, False)
-        pending = self._inflight.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        fut: asyncio.Future[Obj] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = fut
+        return await self._inflight.do(key, lambda: self._fetch(kind, key, fetch))
+
+    async def _fetch(
+        self, kind: str, key: tuple[str, str, str], fetch: Callable[[], Awaitable[Obj]]
+    ) -> Obj:
         try:
-            try:
-                obj = await fetch()
-            except KubeForbidden as exc:
-                if kind not in self._forbidden_logged:
-                    log.error(
-                        "reading %s refused: %s (the CP needs 'get %s')", kind, exc.reason, kind
-                    )
-                    self._forbidden_logged.add(kind)
-                raise Unavailable(
-                    f"the token service cannot read {kind} (missing permission)",
-                    reason="kube_forbidden",
-                    retry_after=30,
-                ) from None
-            except KubeUnavailable as exc:
-                log.warning("reading %s failed: %s", kind, exc.reason)
-                raise Unavailable(
-                    "the Kubernetes API is unavailable", reason="kube_unavailable"
-                ) from None
-            self._cache[key] = obj
-            fut.set_result(obj)
-            return obj
-        except BaseException as exc:
-            if not fut.done():
-                fut.set_exception(exc)
-                fut.exception()
-            raise
-        finally:
-            self._inflight.pop(key, None)
+            obj = await fetch()
+        except KubeForbidden as exc:
+            if kind not in self._forbidden_logged:
+                log.error("reading %s refused: %s (the CP needs 'get %s')", kind, exc.reason, kind)
+                self._forbidden_logged.add(kind)
+            raise Unavailable(
+                f"the token service cannot read {kind} (missing permission)",
+                reason="kube_forbidden",
+                retry_after=30,
+            ) from None
+        except KubeUnavailable as exc:
+            log.warning("reading %s failed: %s", kind, exc.reason)
+            raise Unavailable(
+                "the Kubernetes API is unavailable", reason="kube_unavailable"
+            ) from None
+        self._cache[key] = obj
+        return obj

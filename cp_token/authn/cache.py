@@ -20,6 +20,7 @@ from cp_token.authn.precheck import precheck
 from cp_token.clock import Clock
 from cp_token.errors import Unauthenticated, Unavailable
 from cp_token.identity import Identity, token_hash
+from cp_token.singleflight import Singleflight
 
 __all__ = ["CachedAuthenticator"]
 
@@ -57,7 +58,7 @@ class CachedAuthenticator:
         self._bad: TTLCache[str, Unauthenticated] = TTLCache(
             maxsize=maxsize, ttl=NEGATIVE_TTL, timer=clock.monotonic
         )
-        self._inflight: dict[str, asyncio.Future[Identity]] = {}
+        self._inflight: Singleflight[str, Identity] = Singleflight()
         self._slots = asyncio.Semaphore(max_in_flight)
         self.reviews = 0  # upstream reviews started, for tests and metrics
 
@@ -86,26 +87,16 @@ class CachedAuthenticator:
         if self._jwt_precheck:
             precheck(token, self._audiences, self._clock.time())
 
-        pending = self._inflight.get(key)
-        if pending is not None:
-            self._hit("review_singleflight", True)
-            return await asyncio.shield(pending)
-        fut: asyncio.Future[Identity] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = fut
+        return await self._inflight.do(key, lambda: self._review(key, token))
+
+    async def _review(self, key: str, token: str) -> Identity:
         try:
             identity = await self._review_capped(token)
-        except BaseException as exc:
-            if isinstance(exc, Unauthenticated):
-                self._bad[key] = exc
-            fut.set_exception(exc)
-            fut.exception()  # mark retrieved: followers may have gone away
+        except Unauthenticated as exc:
+            self._bad[key] = exc
             raise
-        else:
-            self._remember(key, identity)
-            fut.set_result(identity)
-            return identity
-        finally:
-            self._inflight.pop(key, None)
+        self._remember(key, identity)
+        return identity
 
     def _remember(self, key: str, identity: Identity) -> None:
         deadline = self._clock.monotonic() + self._ttl

@@ -306,3 +306,60 @@ def test_config_errors_exit_2_with_one_line(env: dict[str, str], variable: str) 
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     assert variable in lines[0] and "Traceback" not in result.stderr
+
+
+def test_sidecar_and_client_verify_an_https_cp_with_their_ca_file(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1")
+    cert, key, ca_file = tmp_path / "tls.crt", tmp_path / "tls.key", tmp_path / "ca.pem"
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    ca.cert_pem.write_to_path(str(ca_file))
+    ids = tmp_path / "ids.json"
+    ids.write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "token": "sa-dev",
+                        "username": RUNNER,
+                        "extra": {
+                            "authentication.kubernetes.io/pod-name": ["p"],
+                            "authentication.kubernetes.io/pod-uid": ["u"],
+                        },
+                    }
+                ]
+            }
+        )
+    )
+    sa_file = tmp_path / "sa"
+    sa_file.write_text("sa-dev")
+    env = {
+        "CP_TOKEN_AUTHN": "static",
+        "CP_TOKEN_STATIC_IDENTITIES_FILE": str(ids),
+        "CP_TOKEN_MINTER": "jwt",
+        "CP_TOKEN_TLS_CERT_FILE": str(cert),
+        "CP_TOKEN_TLS_KEY_FILE": str(key),
+    }
+    proc, base, metrics = cp_serve(env, tmp_path / "cp.log")
+    try:
+        proc.wait_http(f"{metrics}/readyz")
+        client_env = {
+            "AMBIENT_CP_TOKEN_URL": f"{base}/token",
+            "AMBIENT_SA_TOKEN_FILE": str(sa_file),
+        }
+        cp_token = str(Path(sys.executable).parent / "cp-token")
+        untrusted = run_cmd([cp_token, "get"], client_env)
+        assert untrusted.returncode == 1 and "AMBIENT_CP_CA_FILE" in untrusted.stderr
+        got = run_cmd([cp_token, "get"], {**client_env, "AMBIENT_CP_CA_FILE": str(ca_file)})
+        assert got.returncode == 0, got.stderr
+        assert got.stdout.strip().count(".") == 2
+        out_file = tmp_path / "token"
+        once = run_cmd(
+            [sys.executable, "-m", "sidecar", "--once"],
+            {**client_env, "AMBIENT_CP_CA_FILE": str(ca_file), "SIDECAR_TOKEN_FILE": str(out_file)},
+        )
+        assert once.returncode == 0, once.stderr
+        assert out_file.read_text().count(".") == 2
+    finally:
+        assert proc.terminate() == 0

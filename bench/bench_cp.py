@@ -24,11 +24,11 @@ three still share two cores, so besides requests/s the bench reads each process'
 competing for the cores, and the whole machine's busy time shows when another process
 disturbed a run.
 
-TCP_NODELAY: the fake kube-apiserver's sockets are re-made with proto=IPPROTO_TCP in its
-process so asyncio sets TCP_NODELAY, as a real (Go) API server does; without it every API
-answer waits ~40 ms for a delayed ACK. The CP itself is measured as shipped; rows marked
-"NODELAY shim" run it once more with the same fix applied at start (``NODELAY_SHIM``), to
-show what that ~40 ms floor per keep-alive request costs. They are a diagnostic, not the product.
+TCP_NODELAY: the fake kube-apiserver's listening socket is IPPROTO_TCP, so asyncio sets
+TCP_NODELAY on its connections, as a real (Go) API server does. The CP is measured as it
+ships; rows marked "NODELAY shim" run it once more with its listening sockets re-made as
+IPPROTO_TCP at start (``NODELAY_SHIM``), to show what a missing TCP_NODELAY costs: ~40 ms per
+keep-alive request. They are a diagnostic, not the product.
 Every process is started here and stopped here by its pid.
 """
 
@@ -40,7 +40,6 @@ import os
 import platform
 import select
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -66,7 +65,7 @@ REPORTED_ROUTES = (
 # --- the fake kube-apiserver in its own process -------------------------------------------
 
 
-def fake_kube_child(workdir: str, nodelay: bool) -> int:
+def fake_kube_child(workdir: str) -> int:
     """Child process: run FakeKubeAPIServer with one managed session; obey JSON lines on stdin.
 
     Answers go to the original stdout, one JSON line per command; anything else printed goes
@@ -75,19 +74,6 @@ def fake_kube_child(workdir: str, nodelay: bool) -> int:
     answers = os.fdopen(os.dup(1), "w", buffering=1)
     sys.stdout = sys.stderr
     sys.path.insert(0, str(ROOT))
-    if nodelay:
-        from tests.fakes import servers
-
-        plain_bind = servers._bind_loopback
-
-        def bind_tcp(port: int = 0) -> socket.socket:
-            # A socket made with proto 0 (not IPPROTO_TCP) makes asyncio skip TCP_NODELAY on
-            # accepted connections: uvicorn's separate header/body writes then wait ~40 ms
-            # for the client's delayed ACK. A real API server (Go) always sets TCP_NODELAY.
-            sock = plain_bind(port)
-            return socket.socket(sock.family, sock.type, socket.IPPROTO_TCP, sock.detach())
-
-        servers._bind_loopback = bind_tcp
     from tests.fakes.fixtures import (
         MANAGED_BY_LABEL,
         MANAGED_NS_LABEL,
@@ -134,10 +120,8 @@ def fake_kube_child(workdir: str, nodelay: bool) -> int:
 class FakeKube:
     """Parent-side handle of the fake kube-apiserver, a child process driven by JSON lines."""
 
-    def __init__(self, workdir: Path, *, nodelay: bool = True) -> None:
+    def __init__(self, workdir: Path) -> None:
         args = [PYTHON, str(Path(__file__)), "--fake-kube-child", str(workdir)]
-        if not nodelay:
-            args.append("--no-nodelay")
         self._log = open(workdir / "fake-kube.log", "wb")  # closed in stop()
         self.proc = subprocess.Popen(
             args,
@@ -201,11 +185,12 @@ class FakeKube:
 
 # --- servers under test ---------------------------------------------------------------------
 
-# Diagnostic only, never the product's default: `cp-token serve` with its listening sockets
-# re-made with proto=IPPROTO_TCP. `socket.create_server` makes proto-0 sockets, and asyncio
-# only sets TCP_NODELAY on accepted sockets whose proto is IPPROTO_TCP; uvicorn/h11 writes
-# the response head and body separately, so without TCP_NODELAY the body waits for the
-# client's delayed ACK (~40 ms on Linux) on every keep-alive request.
+# Diagnostic only, not the product: `cp-token serve` with its listening sockets re-made with
+# proto=IPPROTO_TCP. `cp_token.server.bind` uses `socket.create_server`, whose sockets have
+# proto 0, and asyncio only sets TCP_NODELAY on accepted sockets whose proto is IPPROTO_TCP
+# (`cp_token.serving.bind_listener` makes such sockets; the CP's `bind` does not use it). uvicorn
+# writes the response head and body separately, so without TCP_NODELAY the body waits for
+# the client's delayed ACK (~40 ms on Linux) on every keep-alive request.
 NODELAY_SHIM = """
 import socket, sys
 import cp_token.server as server
@@ -428,7 +413,7 @@ def summary(args: argparse.Namespace, env: str, warm: dict[str, Any], cold: dict
     print(f"env: {env}")
     print(
         f"load: separate process, raw asyncio keep-alive HTTP/1.1, {args.conns} connections; "
-        "loopback; fake kube-apiserver in its own process (TCP_NODELAY, like a real one)"
+        "loopback; fake kube-apiserver in its own process (TCP_NODELAY set, like a real one)"
     )
     print(
         f"1. warm /token (review cache warm), {args.duration:g} s measured after "
@@ -478,10 +463,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cold-requests", type=int, default=1000, help="cold run: requests")
     parser.add_argument("--cold-warmup", type=int, default=64, help="cold run: warm-up requests")
     parser.add_argument("--fake-kube-child", metavar="WORKDIR", help=argparse.SUPPRESS)
-    parser.add_argument("--no-nodelay", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.fake_kube_child:
-        return fake_kube_child(args.fake_kube_child, not args.no_nodelay)
+        return fake_kube_child(args.fake_kube_child)
     started = time.perf_counter()
     env = (
         f"{os.cpu_count()} CPUs, Python {platform.python_version()}, "

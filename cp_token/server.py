@@ -17,7 +17,7 @@ import uvicorn
 from cp_token.config import ConfigError, Settings
 from cp_token.filewatch import WatchedFile
 from cp_token.service import Service
-from cp_token.serving import QuietSignalsServer
+from cp_token.serving import QuietSignalsServer, bind_listener
 
 __all__ = ["bind", "run_service", "serve"]
 
@@ -28,17 +28,12 @@ GRACEFUL_SECONDS = 20
 
 def bind(variable: str, host: str, port: int) -> socket.socket:
     """A listening socket, or ConfigError naming the variable (address in use, bad host)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        sock = socket.create_server(
-            (host, port), family=family, reuse_port=False, dualstack_ipv6=host == "::"
-        )
+        return bind_listener(host, port)
     except OSError as exc:
         raise ConfigError(
             variable, f"cannot listen on {host}:{port} ({exc.strerror or exc})"
         ) from None
-    sock.set_inheritable(True)
-    return sock
 
 
 def _tls_reloader(s: Settings, ctx: ssl.SSLContext) -> list[WatchedFile[bytes]]:

@@ -24,11 +24,8 @@ three still share two cores, so besides requests/s the bench reads each process'
 competing for the cores, and the whole machine's busy time shows when another process
 disturbed a run.
 
-TCP_NODELAY: the fake kube-apiserver's listening socket is IPPROTO_TCP, so asyncio sets
-TCP_NODELAY on its connections, as a real (Go) API server does. The CP is measured as it
-ships; rows marked "NODELAY shim" run it once more with its listening sockets re-made as
-IPPROTO_TCP at start (``NODELAY_SHIM``), to show what a missing TCP_NODELAY costs: ~40 ms per
-keep-alive request. They are a diagnostic, not the product.
+TCP_NODELAY: every listener (fake, CP, bare) is IPPROTO_TCP, so asyncio sets TCP_NODELAY on its
+connections; without it each keep-alive response waited ~40 ms for a delayed ACK.
 Every process is started here and stopped here by its pid.
 """
 
@@ -185,29 +182,9 @@ class FakeKube:
 
 # --- servers under test ---------------------------------------------------------------------
 
-# Diagnostic only, not the product: `cp-token serve` with its listening sockets re-made with
-# proto=IPPROTO_TCP. `cp_token.server.bind` uses `socket.create_server`, whose sockets have
-# proto 0, and asyncio only sets TCP_NODELAY on accepted sockets whose proto is IPPROTO_TCP
-# (`cp_token.serving.bind_listener` makes such sockets; the CP's `bind` does not use it). uvicorn
-# writes the response head and body separately, so without TCP_NODELAY the body waits for
-# the client's delayed ACK (~40 ms on Linux) on every keep-alive request.
-NODELAY_SHIM = """
-import socket, sys
-import cp_token.server as server
-plain_bind = server.bind
-def bind(variable, host, port):
-    sock = plain_bind(variable, host, port)
-    tcp = socket.socket(sock.family, sock.type, socket.IPPROTO_TCP, sock.detach())
-    tcp.set_inheritable(True)
-    return tcp
-server.bind = bind
-from cp_token.cli import main
-sys.exit(main(["serve"]))
-"""
-
 
 def start_cp(
-    workdir: Path, name: str, kube: FakeKube, authn: str, log_level: str, shim: bool = False
+    workdir: Path, name: str, kube: FakeKube, authn: str, log_level: str
 ) -> tuple[Proc, int]:
     """``python -m cp_token serve`` on loopback; (process, API port) once /readyz says 200."""
     port, mport = free_port(), free_port()
@@ -221,7 +198,7 @@ def start_cp(
         "CP_TOKEN_RATE_LIMIT": "100000/s,100000",
         "CP_TOKEN_LOG_LEVEL": log_level,
     }
-    args = [PYTHON, "-c", NODELAY_SHIM] if shim else [PYTHON, "-m", "cp_token", "serve"]
+    args = [PYTHON, "-m", "cp_token", "serve"]
     proc = Proc(name, args, env, workdir / f"{name}.log")
     try:
         proc.wait_http(f"http://127.0.0.1:{mport}/readyz")
@@ -267,11 +244,10 @@ def per_req_us(cpu: float, requests: int) -> float:
 # --- 1. warm /token against a bare endpoint -------------------------------------------------
 
 WARM_RUNS = (
-    # (label, log level, NODELAY shim); None = the bare baseline
-    ("bare Starlette", None, False),
-    ("CP, log info", "info", False),
-    ("CP, log warning", "warning", False),
-    ("CP, log info, NODELAY shim", "info", True),
+    # (label, log level); None = the bare baseline
+    ("bare Starlette", None),
+    ("CP, log info", "info"),
+    ("CP, log warning", "warning"),
 )
 
 
@@ -282,11 +258,11 @@ def bench_warm(
     token_file = kube.tokens(workdir / "warm-token.txt", 1)
     token = token_file.read_text().strip()
     out: dict[str, dict[str, Any]] = {}
-    for i, (label, level, shim) in enumerate(WARM_RUNS):
+    for i, (label, level) in enumerate(WARM_RUNS):
         if level is None:
             proc, port = start_bare(workdir)
         else:
-            proc, port = start_cp(workdir, f"cp-warm-{i}", kube, "tokenreview", level, shim)
+            proc, port = start_cp(workdir, f"cp-warm-{i}", kube, "tokenreview", level)
         try:
             if level is not None:  # one request first: the review and label caches fill
                 first = httpx.get(
@@ -319,11 +295,9 @@ def bench_warm(
 # --- 2. cold review cache, 5 ms API latency: tokenreview vs jwks ------------------------------
 
 COLD_RUNS = (
-    # (label, authn, NODELAY shim)
-    ("tokenreview", "tokenreview", False),
-    ("jwks", "jwks", False),
-    ("tokenreview, NODELAY shim", "tokenreview", True),
-    ("jwks, NODELAY shim", "jwks", True),
+    # (label, authn)
+    ("tokenreview", "tokenreview"),
+    ("jwks", "jwks"),
 )
 
 
@@ -341,8 +315,8 @@ def bench_cold(
     kube.call("latency", API_LATENCY)
     out: dict[str, dict[str, Any]] = {}
     try:
-        for i, (label, authn, shim) in enumerate(COLD_RUNS):
-            cp, port = start_cp(workdir, f"cp-cold-{i}", kube, authn, "info", shim)
+        for i, (label, authn) in enumerate(COLD_RUNS):
+            cp, port = start_cp(workdir, f"cp-cold-{i}", kube, authn, "info")
             try:
                 # Warm-up with other distinct tokens: the CP's pool of API connections, the
                 # API server's JWKS (jwks mode), the namespace/SA/pod caches.
@@ -446,10 +420,8 @@ def summary(args: argparse.Namespace, env: str, warm: dict[str, Any], cold: dict
     for label in ("tokenreview", "jwks"):
         print(f"   API calls per 1,000 requests, {label}: {fmt_calls(calls_per_1000(cold[label]))}")
     tr, jw = cold["tokenreview"], cold["jwks"]
-    trs, jws = cold["tokenreview, NODELAY shim"], cold["jwks, NODELAY shim"]
     print(
-        f"   jwks/tokenreview: throughput {jw['rps'] / tr['rps']:.2f}x "
-        f"({jws['rps'] / trs['rps']:.2f}x with the NODELAY shim); "
+        f"   jwks/tokenreview: throughput {jw['rps'] / tr['rps']:.2f}x; "
         f"CP CPU per request {us(jw) / us(tr):.2f}x"
     )
 
@@ -469,15 +441,12 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     env = (
         f"{os.cpu_count()} CPUs, Python {platform.python_version()}, "
-        f"uvicorn {version('uvicorn')} (h11, asyncio loop), starlette {version('starlette')}, "
+        f"uvicorn {version('uvicorn')} (asyncio loop), starlette {version('starlette')}, "
         f"httpx {version('httpx')}, httpcore {version('httpcore')}"
     )
     load_at_start = ", ".join(f"{v:.2f}" for v in os.getloadavg())
     print(f"cp-token CP benchmark: {env}; load average {load_at_start}")
-    print(
-        f"load: {args.conns} keep-alive HTTP/1.1 connections from a separate process; "
-        "'NODELAY shim' rows are a diagnostic CP variant (see NODELAY_SHIM), not the product\n"
-    )
+    print(f"load: {args.conns} keep-alive HTTP/1.1 connections from a separate process\n")
     with tempfile.TemporaryDirectory(prefix="bench-cp-") as tmp:
         workdir = Path(tmp)
         kube = FakeKube(workdir)

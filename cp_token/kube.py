@@ -124,6 +124,9 @@ class KubeClient:
             trust_env=False,
             follow_redirects=False,
         )
+        # httpcore re-scans its whole queue against every connection on each assignment, so
+        # callers wait here instead, and its queue never outgrows the pool.
+        self._slots = asyncio.Semaphore(max_connections)
         self._token: str | None = None
         self._token_checked = float("-inf")
         self._refresh_interval = token_refresh_interval
@@ -151,7 +154,8 @@ class KubeClient:
             headers = await self._auth_header()
             headers["Accept"] = "application/json"
             try:
-                resp = await self._client.request(method, path, json=body, headers=headers)
+                async with self._slots:
+                    resp = await self._client.request(method, path, json=body, headers=headers)
             except httpx.TimeoutException:
                 raise KubeUnavailable(f"{call}: Kubernetes API timed out") from None
             except httpx.HTTPError as exc:

@@ -167,22 +167,29 @@ def run_dev() -> int:
             quiet_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)  # noqa: E731
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "cp_token", "serve"], env=cp_env, preexec_fn=quiet_sigint
+                    [sys.executable, "-m", "cp_token", "serve"],
+                    env=cp_env,
+                    preexec_fn=quiet_sigint,
+                    stdout=sys.stderr,
                 )
             )
             deadline = time.monotonic() + STARTUP_DEADLINE
             wait_ready(f"http://127.0.0.1:{ports.cp_metrics}/readyz", procs[0], deadline)
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "sidecar"], env=sidecar_env, preexec_fn=quiet_sigint
+                    [sys.executable, "-m", "sidecar"],
+                    env=sidecar_env,
+                    preexec_fn=quiet_sigint,
+                    stdout=sys.stderr,
                 )
             )
             wait_ready(f"http://127.0.0.1:{ports.sidecar}/readyz", procs[1], deadline)
 
-            print("# cp-token dev: CP and sidecar are running. Try:", flush=True)
+            # stdout carries only the curl lines, so it can be piped or pasted as is.
+            print("cp-token dev: CP and sidecar are running. Try:", file=sys.stderr, flush=True)
             for line in curl_lines(ports):
                 print(line, flush=True)
-            print("# Ctrl-C stops both.", flush=True)
+            print("cp-token dev: Ctrl-C stops both.", file=sys.stderr, flush=True)
             while not stop_signals:
                 for proc in procs:
                     if proc.poll() is not None:

@@ -35,11 +35,11 @@ from cp_token.errors import (
 )
 from cp_token.identity import Identity
 from cp_token.kube import labels_of
-from cp_token.labels import ObjectCache
 from cp_token.logs import audit
 from cp_token.metrics import Metrics
 from cp_token.minters import IssuedToken, Minter
 from cp_token.minters.jwt import JwtMinter
+from cp_token.objects import ObjectCache
 from cp_token.policy import RunnerPolicy
 from cp_token.ratelimit import RateLimiter
 

@@ -28,12 +28,12 @@ from cp_token.clock import Clock, SystemClock
 from cp_token.config import ConfigError, Settings, redacted
 from cp_token.filewatch import FileWatcher, WatchedFile
 from cp_token.kube import KubeClient, KubeConnection, KubeError, load_connection
-from cp_token.labels import ObjectCache
 from cp_token.metrics import Metrics
 from cp_token.minters import Minter
 from cp_token.minters.jwt import JwtMinter
 from cp_token.minters.oidc import OidcMinter
 from cp_token.minters.static import StaticMinter, parse_static_token
+from cp_token.objects import ObjectCache
 from cp_token.policy import RunnerPolicy
 from cp_token.ratelimit import RateLimiter
 

@@ -24,7 +24,7 @@ from cp_token.clock import Clock
 from cp_token.errors import Unauthenticated, Unavailable
 from cp_token.identity import CREDENTIAL_ID_KEY, POD_NAME_KEY, POD_UID_KEY, Identity
 from cp_token.kube import KubeClient, KubeForbidden, KubeUnavailable, uid_of
-from cp_token.labels import ObjectCache
+from cp_token.objects import ObjectCache
 
 __all__ = ["JwksReviewer"]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -102,3 +103,17 @@ def run_cmd(
     return subprocess.run(
         args, env=clean_env(env), capture_output=True, text=True, timeout=timeout, cwd=ROOT
     )
+
+
+def write_identities(path: Path, token: str, username: str, pod: str = "p") -> Path:
+    """A static-authn identities file with one pod-bound identity."""
+    identity = {
+        "token": token,
+        "username": username,
+        "extra": {
+            "authentication.kubernetes.io/pod-name": [pod],
+            "authentication.kubernetes.io/pod-uid": [f"uid-{pod}"],
+        },
+    }
+    path.write_text(json.dumps({"identities": [identity]}))
+    return path

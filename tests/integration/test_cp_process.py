@@ -20,7 +20,7 @@ from joserfc.jwk import KeySet
 from tests.fakes.fixtures import SESSION_NS, SESSION_POD, SESSION_SA
 from tests.fakes.idp import FakeIdP
 from tests.fakes.kube_apiserver import FakeKubeAPIServer
-from tests.integration.procs import cp_serve, run_cmd
+from tests.integration.procs import cp_serve, run_cmd, write_identities
 
 RUNNER = f"system:serviceaccount:{SESSION_NS}:{SESSION_SA}"
 
@@ -130,23 +130,7 @@ def test_rbac_refusal_is_503_and_logged(
 
 
 def test_oidc_minter_readiness(idp: FakeIdP, tmp_path: Path) -> None:
-    ids = tmp_path / "ids.json"
-    ids.write_text(
-        json.dumps(
-            {
-                "identities": [
-                    {
-                        "token": "dev",
-                        "username": RUNNER,
-                        "extra": {
-                            "authentication.kubernetes.io/pod-name": ["p"],
-                            "authentication.kubernetes.io/pod-uid": ["u"],
-                        },
-                    }
-                ]
-            }
-        )
-    )
+    ids = write_identities(tmp_path / "ids.json", "dev", RUNNER, "p")
     secret = tmp_path / "secret"
     secret.write_text("wrong-secret")
     env = {
@@ -230,23 +214,7 @@ def test_https_and_certificate_rotation(tmp_path: Path) -> None:
 
 
 def test_static_token_file_is_reread(tmp_path: Path) -> None:
-    ids = tmp_path / "ids.json"
-    ids.write_text(
-        json.dumps(
-            {
-                "identities": [
-                    {
-                        "token": "dev",
-                        "username": RUNNER,
-                        "extra": {
-                            "authentication.kubernetes.io/pod-name": ["p"],
-                            "authentication.kubernetes.io/pod-uid": ["u"],
-                        },
-                    }
-                ]
-            }
-        )
-    )
+    ids = write_identities(tmp_path / "ids.json", "dev", RUNNER, "p")
     # a Kubernetes Secret volume: the file is a symlink through a swapped ..data link
     data1 = tmp_path / "..2026_1"
     data1.mkdir()
@@ -315,23 +283,7 @@ def test_sidecar_and_client_verify_an_https_cp_with_their_ca_file(tmp_path: Path
     leaf.cert_chain_pems[0].write_to_path(str(cert))
     leaf.private_key_pem.write_to_path(str(key))
     ca.cert_pem.write_to_path(str(ca_file))
-    ids = tmp_path / "ids.json"
-    ids.write_text(
-        json.dumps(
-            {
-                "identities": [
-                    {
-                        "token": "sa-dev",
-                        "username": RUNNER,
-                        "extra": {
-                            "authentication.kubernetes.io/pod-name": ["p"],
-                            "authentication.kubernetes.io/pod-uid": ["u"],
-                        },
-                    }
-                ]
-            }
-        )
-    )
+    ids = write_identities(tmp_path / "ids.json", "sa-dev", RUNNER, "p")
     sa_file = tmp_path / "sa"
     sa_file.write_text("sa-dev")
     env = {

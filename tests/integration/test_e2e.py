@@ -15,7 +15,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from tests.integration.procs import Proc, free_port, run_cmd
+from tests.integration.procs import Proc, free_port, run_cmd, write_identities
 
 RUNNER = "system:serviceaccount:session-e2e:session-e2e-sa"
 SA_TOKEN = "e2e-sa-token"
@@ -56,22 +56,7 @@ def test_runner_rides_through_refreshes_and_a_cp_restart(tmp_path: Path) -> None
         serialization.NoEncryption(),
     )
     (tmp_path / "key.pem").write_bytes(key)
-    (tmp_path / "ids.json").write_text(
-        json.dumps(
-            {
-                "identities": [
-                    {
-                        "token": SA_TOKEN,
-                        "username": RUNNER,
-                        "extra": {
-                            "authentication.kubernetes.io/pod-name": ["runner-e2e"],
-                            "authentication.kubernetes.io/pod-uid": ["uid-e2e"],
-                        },
-                    }
-                ]
-            }
-        )
-    )
+    ids = write_identities(tmp_path / "ids.json", SA_TOKEN, RUNNER, "runner-e2e")
     (tmp_path / "sa-token").write_text(SA_TOKEN)
     token_file = tmp_path / "shared" / "token"
     token_file.parent.mkdir()
@@ -81,7 +66,7 @@ def test_runner_rides_through_refreshes_and_a_cp_restart(tmp_path: Path) -> None
         "CP_TOKEN_METRICS_ADDR": f"127.0.0.1:{cp_metrics}",
         "CP_TOKEN_URL": f"http://127.0.0.1:{cp_port}/token",
         "CP_TOKEN_AUTHN": "static",
-        "CP_TOKEN_STATIC_IDENTITIES_FILE": str(tmp_path / "ids.json"),
+        "CP_TOKEN_STATIC_IDENTITIES_FILE": str(ids),
         "CP_TOKEN_MINTER": "jwt",
         "CP_TOKEN_SIGNING_KEY_FILE": str(tmp_path / "key.pem"),
         "CP_TOKEN_TTL": "6",

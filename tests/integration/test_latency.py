@@ -5,36 +5,19 @@ assertion holds on any machine while catching listeners made without IPPROTO_TCP
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from pathlib import Path
 
 import httpx
 
-from tests.integration.procs import cp_serve
+from tests.integration.procs import cp_serve, write_identities
 
 RUNNER = "system:serviceaccount:session-a:session-a-sa"
 
 
 def test_keepalive_requests_are_not_delayed(tmp_path: Path) -> None:
-    ids = tmp_path / "ids.json"
-    ids.write_text(
-        json.dumps(
-            {
-                "identities": [
-                    {
-                        "token": "dev",
-                        "username": RUNNER,
-                        "extra": {
-                            "authentication.kubernetes.io/pod-name": ["p"],
-                            "authentication.kubernetes.io/pod-uid": ["u"],
-                        },
-                    }
-                ]
-            }
-        )
-    )
+    ids = write_identities(tmp_path / "ids.json", "dev", RUNNER, "p")
     env = {
         "CP_TOKEN_AUTHN": "static",
         "CP_TOKEN_STATIC_IDENTITIES_FILE": str(ids),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 
 __all__ = ["POD_NAME_KEY", "POD_UID_KEY", "Identity", "token_hash"]
 
@@ -34,29 +35,29 @@ class Identity:
     extra: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     expires_at: float | None = None  # the presented token's own `exp` (wall clock), if known
 
-    @property
+    @cached_property
     def namespace(self) -> str | None:
         """Namespace of a ServiceAccount username, else None."""
-        parts = self._sa_parts()
+        parts = self._sa_parts
         return parts[0] if parts else None
 
-    @property
+    @cached_property
     def service_account(self) -> str | None:
         """ServiceAccount name of a ServiceAccount username, else None."""
-        parts = self._sa_parts()
+        parts = self._sa_parts
         return parts[1] if parts else None
 
-    @property
+    @cached_property
     def pod_name(self) -> str | None:
         """Name of the pod the token is bound to, if any."""
         return _first(self.extra, POD_NAME_KEY)
 
-    @property
+    @cached_property
     def pod_uid(self) -> str | None:
         """UID of the pod the token is bound to, if any."""
         return _first(self.extra, POD_UID_KEY)
 
-    @property
+    @cached_property
     def pod_bound(self) -> bool:
         """True when the token is bound to a pod (name and uid both present)."""
         return bool(self.pod_name and self.pod_uid)
@@ -66,6 +67,7 @@ class Identity:
         """The token's credential id (``JTI=...``) as the API server reports it."""
         return _first(self.extra, CREDENTIAL_ID_KEY)
 
+    @cached_property
     def _sa_parts(self) -> tuple[str, str] | None:
         if not self.username.startswith(SA_PREFIX):
             return None

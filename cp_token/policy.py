@@ -30,7 +30,9 @@ class RunnerPolicy:
         """Checks that need no lookup: username pattern, namespace, pod binding."""
         ns, sa = identity.namespace, identity.service_account
         if ns is None or sa is None:
-            raise Forbidden("caller is not a ServiceAccount", reason="not_service_account")
+            raise Forbidden(
+                f"{identity.username} is not a ServiceAccount", reason="not_service_account"
+            )
         if not fnmatchcase(identity.username, self.allowed_sa):
             raise Forbidden(
                 f"ServiceAccount {identity.username} is not a session runner "
@@ -38,10 +40,14 @@ class RunnerPolicy:
                 reason="sa_not_allowed",
             )
         if not any(fnmatchcase(ns, pattern) for pattern in self.allowed_namespaces):
-            raise Forbidden(f"namespace {ns} is not allowed", reason="namespace_not_allowed")
+            raise Forbidden(
+                f"{identity.username}: namespace {ns} is not allowed",
+                reason="namespace_not_allowed",
+            )
         if self.require_bound and not identity.pod_bound:
             raise Forbidden(
-                "token is not bound to a pod (use a projected ServiceAccount token)",
+                f"{identity.username}: token is not bound to a pod "
+                "(mount a projected ServiceAccount token)",
                 reason="not_pod_bound",
             )
 
@@ -61,7 +67,8 @@ class RunnerPolicy:
             key, value = self.namespace_label
             if namespace_labels is None or namespace_labels.get(key) != value:
                 raise Forbidden(
-                    f"namespace {identity.namespace} is not managed (needs label {key}={value})",
+                    f"{identity.username}: namespace {identity.namespace} is not managed "
+                    f"(needs label {key}={value})",
                     reason="namespace_not_managed",
                 )
         if self.managed_label is not None:

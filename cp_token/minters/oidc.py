@@ -83,7 +83,9 @@ class OidcMinter:
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
             limits=httpx.Limits(max_connections=4, max_keepalive_connections=2),
-            trust_env=False,
+            # The IdP is often outside the cluster, behind an egress proxy: honour HTTPS_PROXY /
+            # NO_PROXY here. This call carries the CP's client credentials, never an SA token.
+            trust_env=True,
             follow_redirects=False,
             transport=transport,
         )

@@ -218,7 +218,7 @@ async def test_api_outage_is_503_with_retry_after(
     cp = make_cp(authn)
     if mode == "hang":
         # keep the test quick: a 10 s timeout is the production value
-        cp.service.kube._client.timeout = httpx.Timeout(0.5)  # type: ignore[union-attr]
+        cp.service.kube.timeout = 0.5  # type: ignore[union-attr]
     token = kube_apiserver.issue_bound_token(SESSION_NS, SESSION_SA, pod=SESSION_POD)
     kube_apiserver.fail(None, mode)
     resp = await cp.get(token)

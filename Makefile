@@ -6,16 +6,18 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test lint typecheck unit integration bench clean
 
+# Quiet recipes: `make run` prints only what `cp-token dev` prints (the curl lines on stdout).
 $(STAMP): pyproject.toml
+	@echo "setting up $(VENV) (once)" >&2
 	@# the dev test pastes the printed curl lines into a shell, as a user would
-	command -v curl >/dev/null || (apt-get update -qq && apt-get install -y -qq curl)
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
-	touch $(STAMP)
+	@command -v curl >/dev/null || (apt-get update -qq && apt-get install -y -qq curl) >&2
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m pip install -q --upgrade pip >&2
+	@$(BIN)/python -m pip install -q -e '.[dev]' >&2
+	@touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/cp-token dev
+	@$(BIN)/cp-token dev
 
 lint: $(STAMP)
 	$(BIN)/ruff check cp_token sidecar tests bench examples

@@ -29,6 +29,12 @@ typecheck: $(STAMP)
 test: $(STAMP) lint typecheck
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
+unit: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit
+
+integration: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/integration
+
 bench: $(STAMP)
 	$(BIN)/python bench/bench_cp.py
 	$(BIN)/python bench/bench_sidecar.py

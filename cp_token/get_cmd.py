@@ -1,7 +1,8 @@
 """``cp-token get``: print a valid token using the client library's resolution order.
 
-Exit 0 with the token on stdout; 1 with one line on stderr when no token can be had; 2 for
-a configuration mistake (one line naming the variable).
+Exit 0 with the token on stdout; 1 with one line on stderr when no token can be had (no
+source configured included: the resolution order found nothing); 2 for a malformed value
+(one line naming the variable).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def run_get(argv: list[str]) -> int:
             "(set it, AMBIENT_CP_TOKEN_URL or BOT_TOKEN)",
             file=sys.stderr,
         )
-        return 2
+        return 1
     try:
         with TokenSource.from_settings(settings) as source:
             token = source.token(min_ttl=args.min_ttl)

@@ -26,8 +26,10 @@ def test_prints_the_token(
     assert out == "dev-token\n"
 
 
-def test_no_source_is_a_config_error(capsys: pytest.CaptureFixture[str]) -> None:
-    assert run_get([]) == 2
+def test_no_source_is_a_failure_naming_the_variables(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert run_get([]) == 1
     out, err = capsys.readouterr()
     assert out == ""
     assert len(err.strip().splitlines()) == 1

@@ -16,6 +16,7 @@ import logging
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -56,7 +57,7 @@ class KubeConnection:
 
     host: str
     ssl_context: ssl.SSLContext | bool
-    token_provider: Any  # () -> str | None, may refresh (in-cluster, exec plugins)
+    token_provider: Callable[[], str | None]  # may refresh (in-cluster, exec plugins)
 
 
 def load_connection(kubeconfig: str | None, in_cluster: bool) -> KubeConnection:

@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tests.fakes.servers import BASE_FAULT_MODES, FaultPlan, LoopbackServer, gate
+from tests.fakes.servers import BASE_FAULT_MODES, FaultPlan, LoopbackFake, LoopbackServer, gate
 
 __all__ = ["DEFAULT_CLIENT_ID", "DEFAULT_CLIENT_SECRET", "FakeIdP", "TokenRequestRecord"]
 
@@ -55,7 +55,7 @@ def _oauth_error(
     )
 
 
-class FakeIdP:
+class FakeIdP(LoopbackFake):
     """An OAuth 2.0 client-credentials token endpoint on loopback (see module docstring).
 
     Use as a context manager or call `start()` / `stop()`; every control method is
@@ -82,44 +82,10 @@ class FakeIdP:
 
     # -- lifecycle and addresses -------------------------------------------------------------
 
-    def start(self) -> FakeIdP:
-        """Start serving; returns once connections are accepted. Restartable on the same port."""
-        self._server.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop serving (hanging requests are reset). The port is kept for a later `start()`."""
-        self._server.stop()
-
-    def close(self) -> None:
-        """Stop and release the port."""
-        self._server.close()
-
-    def __enter__(self) -> FakeIdP:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    @property
-    def url(self) -> str:
-        """Base URL, e.g. ``http://127.0.0.1:41234``."""
-        return self._server.url
-
     @property
     def token_url(self) -> str:
         """The token endpoint, ``<url>/oauth/token``."""
         return f"{self.url}/oauth/token"
-
-    @property
-    def ca_pem(self) -> bytes:
-        """PEM of the CA of the serving certificate (only with ``tls=True``)."""
-        return self._server.ca_pem
-
-    @property
-    def running(self) -> bool:
-        """True while serving."""
-        return self._server.running
 
     # -- control -----------------------------------------------------------------------------
 

@@ -34,7 +34,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tests.fakes.servers import BASE_FAULT_MODES, FaultPlan, LoopbackServer, gate
+from tests.fakes.servers import BASE_FAULT_MODES, FaultPlan, LoopbackFake, LoopbackServer, gate
 
 __all__ = [
     "DEFAULT_CALLER_TOKEN",
@@ -141,7 +141,7 @@ class _ReviewFailure(Exception):
     """A token that does not authenticate; `str()` is the TokenReview `status.error`."""
 
 
-class FakeKubeAPIServer:
+class FakeKubeAPIServer(LoopbackFake):
     """An HTTPS fake of the Kubernetes API server (see module docstring).
 
     Use as a context manager or call `start()` / `stop()`. Every control method is
@@ -181,45 +181,6 @@ class FakeKubeAPIServer:
         self._faults = FaultPlan(BASE_FAULT_MODES, on_change=self._server.notify)
 
     # -- lifecycle and addresses -------------------------------------------------------------
-
-    def start(self) -> FakeKubeAPIServer:
-        """Start serving; returns once connections are accepted. Restartable on the same port."""
-        self._server.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop serving (hanging requests are reset). The port is kept for a later `start()`."""
-        self._server.stop()
-
-    def close(self) -> None:
-        """Stop and release the port."""
-        self._server.close()
-
-    def __enter__(self) -> FakeKubeAPIServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    @property
-    def url(self) -> str:
-        """``https://127.0.0.1:PORT`` (the port is fixed on first use)."""
-        return self._server.url
-
-    @property
-    def port(self) -> int:
-        """The TCP port."""
-        return self._server.port
-
-    @property
-    def ca_pem(self) -> bytes:
-        """PEM of the CA that signed the serving certificate."""
-        return self._server.ca_pem
-
-    @property
-    def running(self) -> bool:
-        """True while serving."""
-        return self._server.running
 
     def write_kubeconfig(
         self, path: str | Path, *, user_token: str | None = None, namespace: str = "cp"

@@ -19,7 +19,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import trustme
 import uvicorn
@@ -28,7 +28,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-__all__ = ["BASE_FAULT_MODES", "FaultPlan", "LoopbackServer", "gate"]
+__all__ = ["BASE_FAULT_MODES", "FaultPlan", "LoopbackFake", "LoopbackServer", "gate"]
 
 #: Fault modes every fake understands; a fake may accept more (the IdP adds "invalid_client").
 BASE_FAULT_MODES: frozenset[str] = frozenset({"500", "hang", "reset"})
@@ -367,6 +367,51 @@ class LoopbackServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class LoopbackFake:
+    """Lifecycle and addresses shared by the fakes: they serve through ``self._server``."""
+
+    _server: LoopbackServer
+
+    def start(self) -> Self:
+        """Start serving; returns once connections are accepted. Restartable on the same port."""
+        self._server.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving (hanging requests are reset). The port is kept for a later `start()`."""
+        self._server.stop()
+
+    def close(self) -> None:
+        """Stop and release the port."""
+        self._server.close()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def url(self) -> str:
+        """Base URL, e.g. ``https://127.0.0.1:41234`` (the port is fixed on first use)."""
+        return self._server.url
+
+    @property
+    def port(self) -> int:
+        """The TCP port."""
+        return self._server.port
+
+    @property
+    def ca_pem(self) -> bytes:
+        """PEM of the CA that signed the serving certificate (TLS fakes only)."""
+        return self._server.ca_pem
+
+    @property
+    def running(self) -> bool:
+        """True while serving."""
+        return self._server.running
 
 
 class FaultPlan:

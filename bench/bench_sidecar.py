@@ -25,12 +25,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from common import HOST, PYTHON, ROOT, Proc, _Load, _summary, clean_env, free_port
+from common import HOST, PYTHON, ROOT, Proc, _Load, clean_env, free_port
 
 sys.path.insert(0, str(ROOT))
 from tests.integration.fake_cp import FakeCP
@@ -54,27 +52,8 @@ async def _loadgen(args: argparse.Namespace) -> dict[str, Any]:
     req = REQUEST.format(port=args.port).encode()
     conns = [await load._connect() for _ in range(args.conns)]
     if args.count:
-        shared = itertools.repeat(req, args.count)
-        t_a, cpu_a = load.snapshot()
-        await asyncio.gather(*(load.worker(c, shared, None) for c in conns))
-        t_b, cpu_b = load.snapshot()
-        return _summary(load.records, t_a, t_b, cpu_a, cpu_b, load.errors)
-
-    def forever() -> Iterator[bytes]:
-        return itertools.repeat(req)
-
-    until = time.perf_counter() + args.warmup + args.duration
-    marks: list[tuple[float, dict[int, float]]] = []
-
-    async def mark() -> None:
-        await asyncio.sleep(args.warmup)
-        marks.append(load.snapshot())
-        await asyncio.sleep(max(0.0, until - time.perf_counter()))
-        marks.append(load.snapshot())
-
-    await asyncio.gather(mark(), *(load.worker(c, forever(), until) for c in conns))
-    (t_a, cpu_a), (t_b, cpu_b) = marks
-    return _summary(load.records, t_a, t_b, cpu_a, cpu_b, load.errors)
+        return await load.run_each(conns, itertools.repeat(req, args.count))
+    return await load.run_timed(conns, req, args.warmup, args.duration)
 
 
 def loadgen(port: int, pid: int, args: argparse.Namespace, count: int = 0) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -192,6 +193,31 @@ class _Load:
         cpu[0] = machine_busy_seconds()
         return time.perf_counter(), cpu
 
+    async def run_each(self, conns: list[Any], reqs: Iterator[bytes]) -> dict[str, Any]:
+        """Send every request once over ``conns``; the summary of that run."""
+        t_a, cpu_a = self.snapshot()
+        await asyncio.gather(*(self.worker(c, reqs, None) for c in conns))
+        t_b, cpu_b = self.snapshot()
+        return _summary(self.records, t_a, t_b, cpu_a, cpu_b, self.errors)
+
+    async def run_timed(
+        self, conns: list[Any], req: bytes, warmup: float, duration: float
+    ) -> dict[str, Any]:
+        """The same request over and over: warm-up, then the summary of a measured window."""
+        until = time.perf_counter() + warmup + duration
+        marks: list[tuple[float, dict[int, float]]] = []
+
+        async def mark() -> None:
+            await asyncio.sleep(warmup)
+            marks.append(self.snapshot())
+            await asyncio.sleep(max(0.0, until - time.perf_counter()))
+            marks.append(self.snapshot())
+
+        forever = itertools.repeat(req)
+        await asyncio.gather(mark(), *(self.worker(c, forever, until) for c in conns))
+        (t_a, cpu_a), (t_b, cpu_b) = marks
+        return _summary(self.records, t_a, t_b, cpu_a, cpu_b, self.errors)
+
     async def worker(
         self,
         conn: tuple[asyncio.StreamReader, asyncio.StreamWriter],
@@ -265,32 +291,10 @@ async def _loadgen(args: argparse.Namespace) -> dict[str, Any]:
     conns = [await load._connect() for _ in range(args.conns)]
     if args.each:  # count mode: every token once, then stop
         reqs = [_request(args.host, args.port, args.path, t) for t in tokens]
-        shared = iter(reqs)
-        t_a, cpu_a = load.snapshot()
-        await asyncio.gather(*(load.worker(c, shared, None) for c in conns))
-        t_b, cpu_b = load.snapshot()
-        return _summary(load.records, t_a, t_b, cpu_a, cpu_b, load.errors)
-
+        return await load.run_each(conns, iter(reqs))
     # timed mode: the same request over and over; warm-up, then a measured window
     req = _request(args.host, args.port, args.path, tokens[0])
-
-    def forever() -> Iterator[bytes]:
-        while True:
-            yield req
-
-    start = time.perf_counter()
-    until = start + args.warmup + args.duration
-    marks: list[tuple[float, dict[int, float]]] = []
-
-    async def mark() -> None:
-        await asyncio.sleep(args.warmup)
-        marks.append(load.snapshot())
-        await asyncio.sleep(max(0.0, until - time.perf_counter()))
-        marks.append(load.snapshot())
-
-    await asyncio.gather(mark(), *(load.worker(c, forever(), until) for c in conns))
-    (t_a, cpu_a), (t_b, cpu_b) = marks
-    return _summary(load.records, t_a, t_b, cpu_a, cpu_b, load.errors)
+    return await load.run_timed(conns, req, args.warmup, args.duration)
 
 
 def run_loadgen(

@@ -2,22 +2,27 @@
 
 SIGTERM/SIGINT stop accepting, drain in-flight requests (uvicorn's graceful shutdown) and
 exit 0. A dead background task exits 1. Certificates are re-read when their files change.
+Both ports have the edge limits of :mod:`cp_token.serving` (head size and time, keep-alive,
+``CP_TOKEN_MAX_CONNECTIONS`` on the API port).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import socket
 import ssl
-
-import uvicorn
 
 from cp_token.config import ConfigError, Settings
 from cp_token.filewatch import WatchedFile
 from cp_token.service import Service
-from cp_token.serving import QuietSignalsServer, bind_listener
+from cp_token.serving import (
+    PROBE_MAX_CONNECTIONS,
+    ServeGroup,
+    bind_listener,
+    edge_server,
+    load_tls,
+)
 
 __all__ = ["bind", "run_service", "serve"]
 
@@ -26,10 +31,12 @@ log = logging.getLogger(__name__)
 GRACEFUL_SECONDS = 20
 
 
-def bind(variable: str, host: str, port: int) -> socket.socket:
+def bind(variable: str, host: str, port: int, max_connections: int) -> socket.socket:
     """A listening socket, or ConfigError naming the variable (address in use, bad host)."""
     try:
-        return bind_listener(host, port)
+        return bind_listener(
+            host, port, max_connections=max_connections, limit_name="CP_TOKEN_MAX_CONNECTIONS"
+        )
     except OSError as exc:
         raise ConfigError(
             variable, f"cannot listen on {host}:{port} ({exc.strerror or exc})"
@@ -57,37 +64,25 @@ def _tls_reloader(s: Settings, ctx: ssl.SSLContext) -> list[WatchedFile[bytes]]:
 async def serve(service: Service, api_sock: socket.socket, metrics_sock: socket.socket) -> int:
     """Run both servers until a signal (exit 0) or a fatal background failure (exit 1)."""
     s = service.settings
-    common = {"log_config": None, "access_log": False, "server_header": False}
-    api_cfg = uvicorn.Config(
+    api = edge_server(
         service.app,
         lifespan="on",
-        timeout_graceful_shutdown=GRACEFUL_SECONDS,
+        graceful_seconds=GRACEFUL_SECONDS,
         ssl_certfile=s.tls_cert_file,
         ssl_keyfile=s.tls_key_file,
-        **common,  # type: ignore[arg-type]
     )
-    metrics_cfg = uvicorn.Config(service.metrics_app, lifespan="off", **common)  # type: ignore[arg-type]
+    metrics = edge_server(service.metrics_app)
     try:
-        api_cfg.load()
+        tls = load_tls(api)
     except (ssl.SSLError, OSError) as exc:
         raise ConfigError("CP_TOKEN_TLS_CERT_FILE", f"certificate does not load ({exc})") from None
-    if s.tls and api_cfg.ssl is not None:
-        for watched in _tls_reloader(s, api_cfg.ssl):
+    if s.tls and tls is not None:
+        for watched in _tls_reloader(s, tls):
             service.watcher.add(watched)
-    api, metrics = QuietSignalsServer(api_cfg), QuietSignalsServer(metrics_cfg)
-    exit_code = 0
-
-    def stop(code: int) -> None:
-        nonlocal exit_code
-        exit_code = max(exit_code, code)
-        if api.should_exit:  # a second signal: stop waiting for connections
-            api.force_exit = metrics.force_exit = True
-        api.should_exit = metrics.should_exit = True
-
-    service.on_fatal = lambda reason: stop(1)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop, 0)
+    group = ServeGroup()
+    group.add(api, api_sock)
+    group.add(metrics, metrics_sock)
+    service.on_fatal = lambda reason: group.stop(1)
 
     scheme = "https" if s.tls else "http"
     host, port = api_sock.getsockname()[:2]
@@ -101,17 +96,7 @@ async def serve(service: Service, api_sock: socket.socket, metrics_sock: socket.
             }
         },
     )
-    results = await asyncio.gather(
-        api.serve(sockets=[api_sock]), metrics.serve(sockets=[metrics_sock]), return_exceptions=True
-    )
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.remove_signal_handler(sig)
-    for result in results:
-        if isinstance(result, BaseException):
-            log.error("server failed: %r", result)
-            exit_code = 1
-    if not api.started:
-        exit_code = max(exit_code, 1)
+    exit_code = await group.run()
     log.info("stopped", extra={"fields": {"exit_code": exit_code}})
     return exit_code
 
@@ -119,6 +104,8 @@ async def serve(service: Service, api_sock: socket.socket, metrics_sock: socket.
 def run_service(service: Service) -> int:
     """Bind, serve, return the exit code."""
     s = service.settings
-    api_sock = bind("CP_TOKEN_LISTEN_ADDR", s.listen_host, s.listen_port)
-    metrics_sock = bind("CP_TOKEN_METRICS_ADDR", s.metrics_host, s.metrics_port)
+    api_sock = bind("CP_TOKEN_LISTEN_ADDR", s.listen_host, s.listen_port, s.max_connections)
+    metrics_sock = bind(
+        "CP_TOKEN_METRICS_ADDR", s.metrics_host, s.metrics_port, PROBE_MAX_CONNECTIONS
+    )
     return asyncio.run(serve(service, api_sock, metrics_sock))

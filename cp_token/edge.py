@@ -1,0 +1,289 @@
+"""Limits at the HTTP edge: request-head size and time, and open connections.
+
+Shared by every server of the project (CP, sidecar, injector) through
+:mod:`cp_token.serving`; route handlers never see a request that broke these limits.
+
+- :class:`EdgeListener` is the listening socket. It counts the connections it accepted and
+  that are not closed yet, and closes a new one at once beyond ``max_connections``: before
+  any transport, protocol or TLS handshake is spent on it, so the process never runs out of
+  file descriptors however many connections are opened.
+- :func:`edge_protocol` is uvicorn's HTTP protocol (httptools, or h11 without it) with the
+  head limits: a head is refused once more than ``max_head_bytes`` arrived without it
+  completing (it is never buffered whole), a connection is closed when no complete head
+  arrived within ``head_timeout`` (a fresh connection that sends nothing, a half head),
+  and whether the request target was absolute-form (``GET http://host/path``) is recorded
+  in the scope for :func:`absolute_form`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import functools
+import importlib.util
+import logging
+import socket
+import weakref
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from starlette.types import Scope
+
+__all__ = [
+    "TARGET_EXTENSION",
+    "EdgeLimits",
+    "EdgeListener",
+    "absolute_form",
+    "edge_protocol",
+]
+
+log = logging.getLogger("cp_token.edge")
+
+TARGET_EXTENSION = "cp_token.request_target"
+# Connections refused within one accept() call before the event loop gets a turn again.
+REFUSE_BATCH = 64
+_TOO_LARGE = b"request head too large\n"
+_431 = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+    b"content-type: text/plain; charset=utf-8\r\n"
+    b"content-length: " + str(len(_TOO_LARGE)).encode() + b"\r\n"
+    b"connection: close\r\n\r\n" + _TOO_LARGE
+)
+
+
+@dataclass(frozen=True)
+class EdgeLimits:
+    """Per-connection limits of the HTTP layer (SPEC "Hostile input and overload")."""
+
+    max_head_bytes: int = 64 * 1024
+    head_timeout: float = 10.0
+    keep_alive_timeout: float = 5.0
+
+
+def absolute_form(scope: Scope) -> bool:
+    """True when the request target was absolute-form (``GET http://host/path``).
+
+    Our protocol records it in the scope; h11 (and any server that keeps the target as is)
+    shows it as a ``raw_path`` that does not start with ``/``.
+    """
+    info = (scope.get("extensions") or {}).get(TARGET_EXTENSION)
+    if info is not None:
+        return bool(info.get("absolute_form"))
+    raw_path: bytes = scope.get("raw_path") or b"/"
+    return not raw_path.startswith(b"/")
+
+
+# --- connections ------------------------------------------------------------------------
+
+
+class _Connection(socket.socket):
+    """An accepted socket that leaves its listener's open set when closed."""
+
+    def __init__(self, sock: socket.socket, open_set: weakref.WeakSet[_Connection]) -> None:
+        super().__init__(sock.family, sock.type, sock.proto, fileno=sock.detach())
+        self._open_set = open_set
+
+    def close(self) -> None:
+        """Close, and stop counting against the listener's cap."""
+        super().close()
+        self._open_set.discard(self)
+
+
+class EdgeListener(socket.socket):
+    """A listening TCP socket with a cap on open accepted connections.
+
+    asyncio calls :meth:`accept` on it; beyond the cap the new connection is closed inside
+    ``accept`` itself, so a flood costs one accept+close per connection and never holds a
+    file descriptor. A closed (or garbage-collected) connection stops counting.
+    """
+
+    def __init__(self, family: int, *, max_connections: int, limit_name: str) -> None:
+        super().__init__(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        self.max_connections = max_connections
+        self.limit_name = limit_name
+        self.refused = 0
+        self._open: weakref.WeakSet[_Connection] = weakref.WeakSet()
+
+    @property
+    def open_connections(self) -> int:
+        """Accepted connections not closed yet."""
+        return len(self._open)
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        """The next connection within the cap; those beyond it are closed at once."""
+        for _ in range(REFUSE_BATCH):
+            sock, addr = super().accept()  # BlockingIOError when none is waiting
+            if len(self._open) < self.max_connections:
+                conn = _Connection(sock, self._open)
+                self._open.add(conn)
+                return conn, addr
+            sock.close()
+            self.refused += 1
+            log.warning(
+                "connection refused: %d connections open, the limit (%s)",
+                self.max_connections,
+                self.limit_name,
+            )
+        # More are waiting: let the loop serve the others; the socket stays readable.
+        raise BlockingIOError(errno.EAGAIN, "connection limit reached")
+
+
+# --- protocols --------------------------------------------------------------------------
+
+
+class _HeadLimits(asyncio.Protocol):
+    """The head timer and byte count, for either uvicorn protocol below it in the MRO.
+
+    A head is awaited from the connection's start, and from the first byte of a later
+    request on a keep-alive connection (an idle keep-alive connection is uvicorn's
+    ``timeout_keep_alive``); no timer runs while a response is being computed.
+    """
+
+    limits: ClassVar[EdgeLimits] = EdgeLimits()
+    transport: asyncio.Transport
+    loop: asyncio.AbstractEventLoop
+
+    _in_head = False
+    _head_bytes = 0
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Start waiting for the first head."""
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Stop the timer; uvicorn does the rest."""
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        """Count head bytes around uvicorn's parsing; refuse an oversized head."""
+        counting = self._in_head
+        if counting:
+            self._head_bytes += len(data)
+        super().data_received(data)
+        if counting and self._in_head and self._head_bytes > self.limits.max_head_bytes:
+            self._refuse_head()
+
+    def _head_started(self) -> None:
+        if not self._in_head:
+            self._in_head = True
+            self._head_bytes = 0
+        self._arm_head_timer()
+
+    def _head_done(self) -> None:
+        self._in_head = False
+        self._head_bytes = 0
+        self._cancel_head_timer()
+
+    def _arm_head_timer(self) -> None:
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(self.limits.head_timeout, self._head_expired)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_expired(self) -> None:
+        self._head_timer = None
+        if not self.transport.is_closing():
+            log.debug("connection closed: no complete request head within the time limit")
+            self.transport.close()
+
+    def _refuse_head(self) -> None:
+        """431 (when no response is under way on this connection) and close."""
+        self._in_head = False
+        self._cancel_head_timer()
+        log.warning("request refused: its head is over %d bytes", self.limits.max_head_bytes)
+        if not self.transport.is_closing():
+            if self._response_idle():
+                self.transport.write(_431)
+            self.transport.close()
+
+    def _response_idle(self) -> bool:
+        cycle = getattr(self, "cycle", None)
+        return cycle is None or bool(cycle.response_complete)
+
+
+class _HeadTooLarge(Exception):
+    """Raised from the parser callback to stop parsing an oversized, complete head."""
+
+
+def _httptools_protocol() -> type[asyncio.Protocol]:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class EdgeHttpToolsProtocol(_HeadLimits, HttpToolsProtocol):
+        """uvicorn's httptools protocol with the edge limits."""
+
+        _head_size = 0
+        _oversized = False
+
+        def data_received(self, data: bytes) -> None:
+            """A head that started on a keep-alive connection arms the timer at once."""
+            if not self._in_head and self._response_idle():
+                self._head_started()  # the parser's on_message_begin comes within this call
+            super().data_received(data)
+
+        def on_message_begin(self) -> None:
+            """A new head starts: count it."""
+            super().on_message_begin()
+            self._head_size = 0
+            self._head_started()
+
+        def on_url(self, url: bytes) -> None:
+            """Part of the request target."""
+            self._head_size += len(url)
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            """One complete header line."""
+            self._head_size += len(name) + len(value) + 4
+            super().on_header(name, value)
+
+        def on_headers_complete(self) -> None:
+            """Refuse a complete head over the limit; record the target's form."""
+            self._head_done()
+            if self._head_size > self.limits.max_head_bytes:
+                self._oversized = True
+                raise _HeadTooLarge
+            self.scope.setdefault("extensions", {})[TARGET_EXTENSION] = {
+                "absolute_form": not self.url.startswith((b"/", b"*")),
+            }
+            super().on_headers_complete()
+
+        def send_400_response(self, msg: str) -> None:
+            """uvicorn answers a parser error with 400; an oversized head gets 431."""
+            if self._oversized:
+                self._refuse_head()
+            else:
+                super().send_400_response(msg)
+
+    return EdgeHttpToolsProtocol
+
+
+def _h11_protocol() -> type[asyncio.Protocol]:
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class EdgeH11Protocol(_HeadLimits, H11Protocol):
+        """uvicorn's h11 protocol with the edge limits (h11 caps the head size itself)."""
+
+        def data_received(self, data: bytes) -> None:
+            """Any byte while no request is under way starts a head; h11 reports it whole."""
+            if self.conn.their_state is h11.IDLE and self._response_idle():
+                self._head_started()
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:
+                self._head_done()
+
+    return EdgeH11Protocol
+
+
+@functools.cache
+def edge_protocol(limits: EdgeLimits) -> type[asyncio.Protocol]:
+    """The HTTP protocol class to give ``uvicorn.Config(http=...)`` for ``limits``."""
+    make = _httptools_protocol if importlib.util.find_spec("httptools") else _h11_protocol
+    base = make()
+    return type(base.__name__, (base,), {"limits": limits})

@@ -25,7 +25,7 @@ import logging
 import socket
 import weakref
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from starlette.types import Scope
 
@@ -33,6 +33,7 @@ __all__ = [
     "TARGET_EXTENSION",
     "EdgeLimits",
     "EdgeListener",
+    "HttpImplementation",
     "absolute_form",
     "edge_protocol",
 ]
@@ -271,9 +272,18 @@ def _h11_protocol() -> type[asyncio.Protocol]:
         """uvicorn's h11 protocol with the edge limits (h11 caps the head size itself)."""
 
         def data_received(self, data: bytes) -> None:
-            """Any byte while no request is under way starts a head; h11 reports it whole."""
+            """Any byte while no request is under way starts a head; h11 reports it whole.
+
+            h11 caps only a head that is still incomplete; one that arrives whole in a
+            single read is measured here, from h11's unparsed bytes plus ``data``.
+            """
             if self.conn.their_state is h11.IDLE and self._response_idle():
                 self._head_started()
+                pending = self.conn.trailing_data[0] + data
+                end = pending.find(b"\r\n\r\n")
+                if (end + 4 if end >= 0 else len(pending)) > self.limits.max_head_bytes:
+                    self._refuse_head()
+                    return
             super().data_received(data)
             if self.conn.their_state is not h11.IDLE:
                 self._head_done()
@@ -281,9 +291,16 @@ def _h11_protocol() -> type[asyncio.Protocol]:
     return EdgeH11Protocol
 
 
+HttpImplementation = Literal["httptools", "h11"]
+
+
 @functools.cache
-def edge_protocol(limits: EdgeLimits) -> type[asyncio.Protocol]:
-    """The HTTP protocol class to give ``uvicorn.Config(http=...)`` for ``limits``."""
-    make = _httptools_protocol if importlib.util.find_spec("httptools") else _h11_protocol
-    base = make()
+def edge_protocol(
+    limits: EdgeLimits, implementation: HttpImplementation | None = None
+) -> type[asyncio.Protocol]:
+    """The HTTP protocol class to give ``uvicorn.Config(http=...)`` for ``limits``
+    (httptools when installed, else h11, unless ``implementation`` says)."""
+    if implementation is None:
+        implementation = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    base = _httptools_protocol() if implementation == "httptools" else _h11_protocol()
     return type(base.__name__, (base,), {"limits": limits})

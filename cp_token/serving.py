@@ -21,7 +21,7 @@ from typing import Literal
 import uvicorn
 from starlette.types import ASGIApp
 
-from cp_token.edge import EdgeLimits, EdgeListener, edge_protocol
+from cp_token.edge import EdgeLimits, EdgeListener, HttpImplementation, edge_protocol
 
 __all__ = [
     "DEFAULT_MAX_CONNECTIONS",
@@ -148,6 +148,7 @@ def edge_server(
     graceful_seconds: float = 20.0,
     ssl_certfile: str | None = None,
     ssl_keyfile: str | None = None,
+    http: HttpImplementation | None = None,
 ) -> EdgeServer:
     """A uvicorn server for ``app`` with the edge limits (head size and time, keep-alive).
 
@@ -156,7 +157,7 @@ def edge_server(
     limits = limits or EdgeLimits()
     config = uvicorn.Config(
         app,
-        http=edge_protocol(limits),
+        http=edge_protocol(limits, http),
         lifespan=lifespan,
         log_config=None,
         access_log=False,

@@ -97,6 +97,17 @@ def cp_serve(env: Mapping[str, str], log: Path) -> tuple[Proc, str, str]:
     return proc, f"{scheme}://127.0.0.1:{port}", metrics
 
 
+def sidecar_serve(cp_url: str, sa_file: Path, log: Path) -> tuple[Proc, int]:
+    """``cp-token-sidecar`` for ``cp_url`` on a free loopback port; returns (proc, port)."""
+    port = free_port()
+    env = {
+        "AMBIENT_CP_TOKEN_URL": cp_url,
+        "AMBIENT_SA_TOKEN_FILE": str(sa_file),
+        "SIDECAR_LISTEN_ADDR": f"127.0.0.1:{port}",
+    }
+    return Proc([sys.executable, "-m", "sidecar"], env, log), port
+
+
 def run_cmd(
     args: list[str], env: Mapping[str, str], timeout: float = 30
 ) -> subprocess.CompletedProcess[str]:

@@ -4,13 +4,12 @@ library will not send (two Host headers, an absolute-form target, an oversized h
 from __future__ import annotations
 
 import socket
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.integration.fake_cp import FakeCP
-from tests.integration.procs import Proc, free_port
+from tests.integration.procs import sidecar_serve
 
 OPT_IN = b"Ambient-Token-Request: true\r\n"
 SA_TOKEN = "sa-secret-7d1e"
@@ -33,13 +32,7 @@ def sidecar_port(tmp_path: Path) -> object:
     sa = tmp_path / "sa"
     sa.write_text(SA_TOKEN)
     with FakeCP(ttl=900, sa_token=SA_TOKEN) as cp:
-        port = free_port()
-        env = {
-            "AMBIENT_CP_TOKEN_URL": cp.url,
-            "AMBIENT_SA_TOKEN_FILE": str(sa),
-            "SIDECAR_LISTEN_ADDR": f"127.0.0.1:{port}",
-        }
-        proc = Proc([sys.executable, "-m", "sidecar"], env, tmp_path / "sidecar.log")
+        proc, port = sidecar_serve(cp.url, sa, tmp_path / "sidecar.log")
         try:
             proc.wait_http(f"http://127.0.0.1:{port}/readyz")
             yield port

@@ -36,12 +36,14 @@ def lines_of(out: io.StringIO) -> list[str]:
     return out.getvalue().splitlines()
 
 
-@pytest.mark.parametrize("value", HOSTILE)
-def test_text_format_escapes_control_characters(
-    stream: tuple[logging.Logger, io.StringIO, logging.Handler], value: str
-) -> None:
+def log_hostile(
+    stream: tuple[logging.Logger, io.StringIO, logging.Handler],
+    formatter: logging.Formatter,
+    value: str,
+) -> list[str]:
+    """A warning and an audit line carrying ``value``; the output split on newlines."""
     logger, out, handler = stream
-    handler.setFormatter(TextFormatter())
+    handler.setFormatter(formatter)
     logger.warning("refused %s", value, extra={"fields": {"username": value}})
     audit_logger = logging.getLogger("cp_token.audit")
     audit_logger.addHandler(handler)
@@ -62,10 +64,29 @@ def test_text_format_escapes_control_characters(
         audit_logger.setLevel(level)
     lines = out.getvalue().split("\n")
     assert len(lines) == 3 and lines[2] == ""  # one line per record, whatever the value
-    for line in lines[:2]:
+    return lines[:2]
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+def test_text_format_escapes_control_characters(
+    stream: tuple[logging.Logger, io.StringIO, logging.Handler], value: str
+) -> None:
+    for line in log_hostile(stream, TextFormatter(), value):
         assert not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in line), line
         assert "\u2028" not in line and "\u2029" not in line
         assert "\\" in line  # written as an escape, not dropped
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+def test_json_format_escapes_control_characters(
+    stream: tuple[logging.Logger, io.StringIO, logging.Handler], value: str
+) -> None:
+    warning, audit_line = log_hostile(stream, JsonFormatter(), value)
+    for line in (warning, audit_line):
+        assert all(0x20 <= ord(c) < 0x7F for c in line)  # printable ASCII only
+    record = json.loads(warning)
+    assert record["username"] == value and record["msg"] == f"refused {value}"
+    assert json.loads(audit_line)["username"] == value
 
 
 def test_text_format_quotes_a_value_that_could_pass_for_more_fields(
@@ -75,20 +96,6 @@ def test_text_format_quotes_a_value_that_could_pass_for_more_fields(
     handler.setFormatter(TextFormatter())
     logger.info("x", extra={"fields": {"username": "bob outcome=issued", "ns": "plain"}})
     assert lines_of(out)[0].endswith('username="bob outcome=issued" ns=plain')
-
-
-@pytest.mark.parametrize("value", HOSTILE)
-def test_json_format_escapes_control_characters(
-    stream: tuple[logging.Logger, io.StringIO, logging.Handler], value: str
-) -> None:
-    logger, out, handler = stream
-    handler.setFormatter(JsonFormatter())
-    logger.warning("refused %s", value, extra={"fields": {"username": value}})
-    lines = lines_of(out)
-    assert len(lines) == 1
-    assert all(0x20 <= ord(c) < 0x7F for c in lines[0])  # printable ASCII only
-    record = json.loads(lines[0])
-    assert record["username"] == value and record["msg"] == f"refused {value}"
 
 
 def test_escape_controls_keeps_ordinary_text() -> None:

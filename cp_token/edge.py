@@ -220,18 +220,26 @@ def _httptools_protocol() -> type[asyncio.Protocol]:
 
         _head_size = 0
         _oversized = False
+        _between_messages = True
 
         def data_received(self, data: bytes) -> None:
-            """A head that started on a keep-alive connection arms the timer at once."""
-            if not self._in_head and self._response_idle():
-                self._head_started()  # the parser's on_message_begin comes within this call
+            """Bytes after a finished exchange start a head: count them from this chunk on
+            (the parser's ``on_message_begin`` comes within this call)."""
+            if self._between_messages and not self._in_head and self._response_idle():
+                self._head_started()
             super().data_received(data)
 
         def on_message_begin(self) -> None:
             """A new head starts: count it."""
             super().on_message_begin()
+            self._between_messages = False
             self._head_size = 0
             self._head_started()
+
+        def on_message_complete(self) -> None:
+            """The request (body included) is in; what follows is the next head."""
+            super().on_message_complete()
+            self._between_messages = True
 
         def on_url(self, url: bytes) -> None:
             """Part of the request target."""

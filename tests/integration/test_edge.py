@@ -32,6 +32,11 @@ class App:
         self.calls += 1
         if scope["path"] == "/slow":
             await asyncio.sleep(self.slow)
+        if scope["path"] == "/whole-body":
+            more = True
+            while more:
+                message = await receive()
+                more = message.get("more_body", False)
         body = f"absolute={absolute_form(scope)}".encode()
         headers = [(b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
@@ -157,6 +162,24 @@ async def test_a_head_over_the_limit_is_refused(http: HttpImplementation) -> Non
                 sent += 65536
         assert sent < 16 * 1024 * 1024, f"the server read {sent} bytes of one head"
     assert app.calls == 1
+
+
+@pytest.mark.parametrize("http", IMPLEMENTATIONS)
+async def test_a_large_body_is_not_taken_for_a_head(http: HttpImplementation) -> None:
+    """A body over the head limit, answered before or after it is read, on one connection."""
+    body = b"b" * 200_000
+    async with serving(App(), EdgeLimits(max_head_bytes=64 * 1024), http) as sock:
+        reader, writer = await connect(sock)
+        for path in (b"/early", b"/whole-body", b"/early"):
+            writer.write(b"POST " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            writer.write(b"Content-Length: %d\r\n\r\n" % len(body))
+            for i in range(0, len(body), 16384):
+                writer.write(body[i : i + 16384])
+                await writer.drain()
+                await asyncio.sleep(0)
+            assert (await response(reader)).startswith(b"HTTP/1.1 200"), path
+        writer.write(REQUEST)
+        assert (await response(reader)).startswith(b"HTTP/1.1 200")
 
 
 async def test_connections_beyond_the_cap_are_closed_at_once() -> None:

@@ -17,6 +17,7 @@ from cp_token.config import ConfigError, Settings
 from cp_token.filewatch import WatchedFile
 from cp_token.service import Service
 from cp_token.serving import (
+    PROBE_LIMIT_NAME,
     PROBE_MAX_CONNECTIONS,
     ServeGroup,
     bind_listener,
@@ -31,12 +32,12 @@ log = logging.getLogger(__name__)
 GRACEFUL_SECONDS = 20
 
 
-def bind(variable: str, host: str, port: int, max_connections: int) -> socket.socket:
+def bind(
+    variable: str, host: str, port: int, max_connections: int, limit_name: str
+) -> socket.socket:
     """A listening socket, or ConfigError naming the variable (address in use, bad host)."""
     try:
-        return bind_listener(
-            host, port, max_connections=max_connections, limit_name="CP_TOKEN_MAX_CONNECTIONS"
-        )
+        return bind_listener(host, port, max_connections=max_connections, limit_name=limit_name)
     except OSError as exc:
         raise ConfigError(
             variable, f"cannot listen on {host}:{port} ({exc.strerror or exc})"
@@ -104,8 +105,18 @@ async def serve(service: Service, api_sock: socket.socket, metrics_sock: socket.
 def run_service(service: Service) -> int:
     """Bind, serve, return the exit code."""
     s = service.settings
-    api_sock = bind("CP_TOKEN_LISTEN_ADDR", s.listen_host, s.listen_port, s.max_connections)
+    api_sock = bind(
+        "CP_TOKEN_LISTEN_ADDR",
+        s.listen_host,
+        s.listen_port,
+        s.max_connections,
+        "CP_TOKEN_MAX_CONNECTIONS",
+    )
     metrics_sock = bind(
-        "CP_TOKEN_METRICS_ADDR", s.metrics_host, s.metrics_port, PROBE_MAX_CONNECTIONS
+        "CP_TOKEN_METRICS_ADDR",
+        s.metrics_host,
+        s.metrics_port,
+        PROBE_MAX_CONNECTIONS,
+        PROBE_LIMIT_NAME,
     )
     return asyncio.run(serve(service, api_sock, metrics_sock))

@@ -26,6 +26,7 @@ from cp_token.edge import EdgeLimits, EdgeListener, HttpImplementation, edge_pro
 __all__ = [
     "DEFAULT_MAX_CONNECTIONS",
     "FD_RESERVE",
+    "PROBE_LIMIT_NAME",
     "PROBE_MAX_CONNECTIONS",
     "EdgeServer",
     "QuietSignalsServer",
@@ -42,6 +43,7 @@ log = logging.getLogger("cp_token.serving")
 DEFAULT_MAX_CONNECTIONS = 4096
 # Probe and metrics ports: Prometheus and the kubelet, a handful of connections.
 PROBE_MAX_CONNECTIONS = 64
+PROBE_LIMIT_NAME = "the metrics port's fixed cap"
 # Descriptors kept out of the connection caps: listeners, Kubernetes/IdP pools, watched
 # files, logs, the interpreter's own.
 FD_RESERVE = 256

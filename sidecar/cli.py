@@ -20,6 +20,7 @@ from cp_token.config import ConfigError, SidecarSettings, load_sidecar_settings,
 from cp_token.logs import setup_logging
 from cp_token.serving import (
     DEFAULT_MAX_CONNECTIONS,
+    PROBE_LIMIT_NAME,
     PROBE_MAX_CONNECTIONS,
     ServeGroup,
     bind_listener,
@@ -123,13 +124,15 @@ async def serve(settings: SidecarSettings, source: TokenSource) -> int:
     app = create_app(
         refresher, metrics=metrics, min_ttl=settings.min_ttl, on_fatal=lambda exc: group.stop(1)
     )
-    addrs = [(settings.listen_host, settings.listen_port, DEFAULT_MAX_CONNECTIONS)]
+    addrs = [(settings.listen_host, settings.listen_port, DEFAULT_MAX_CONNECTIONS, LIMIT_NAME)]
     if settings.metrics_host is not None and settings.metrics_port is not None:
-        addrs.append((settings.metrics_host, settings.metrics_port, PROBE_MAX_CONNECTIONS))
+        addrs.append(
+            (settings.metrics_host, settings.metrics_port, PROBE_MAX_CONNECTIONS, PROBE_LIMIT_NAME)
+        )
     sockets: list[socket.socket] = []
-    for host, port, cap in addrs:
+    for host, port, cap, name in addrs:
         try:
-            sockets.append(bind_listener(host, port, max_connections=cap, limit_name=LIMIT_NAME))
+            sockets.append(bind_listener(host, port, max_connections=cap, limit_name=name))
         except OSError as exc:
             for sock in sockets:
                 sock.close()

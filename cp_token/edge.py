@@ -133,11 +133,14 @@ class EdgeListener(socket.socket):
 
 
 class _HeadLimits(asyncio.Protocol):
-    """The head timer and byte count, for either uvicorn protocol below it in the MRO.
+    """The head deadline and byte count, for either uvicorn protocol below it in the MRO.
 
     A head is awaited from the connection's start, and from the first byte of a later
     request on a keep-alive connection (an idle keep-alive connection is uvicorn's
-    ``timeout_keep_alive``); no timer runs while a response is being computed.
+    ``timeout_keep_alive``); no deadline runs while a response is being computed.
+
+    One timer per connection is kept and re-armed only when it fires early, so a stream of
+    keep-alive requests costs no timer per request.
     """
 
     limits: ClassVar[EdgeLimits] = EdgeLimits()
@@ -145,58 +148,56 @@ class _HeadLimits(asyncio.Protocol):
     loop: asyncio.AbstractEventLoop
 
     _in_head = False
-    _head_bytes = 0
+    _head_bytes = 0  # received since the head started (a pipelined one: after its chunk)
+    _head_started_mid_chunk = False
+    _head_deadline: float | None = None
     _head_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Start waiting for the first head."""
         super().connection_made(transport)
-        self._arm_head_timer()
+        self._head_started()
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Stop the timer; uvicorn does the rest."""
-        self._cancel_head_timer()
-        super().connection_lost(exc)
-
-    def data_received(self, data: bytes) -> None:
-        """Count head bytes around uvicorn's parsing; refuse an oversized head."""
-        counting = self._in_head
-        if counting:
-            self._head_bytes += len(data)
-        super().data_received(data)
-        if counting and self._in_head and self._head_bytes > self.limits.max_head_bytes:
-            self._refuse_head()
-
-    def _head_started(self) -> None:
-        if not self._in_head:
-            self._in_head = True
-            self._head_bytes = 0
-        self._arm_head_timer()
-
-    def _head_done(self) -> None:
-        self._in_head = False
-        self._head_bytes = 0
-        self._cancel_head_timer()
-
-    def _arm_head_timer(self) -> None:
-        if self._head_timer is None:
-            self._head_timer = self.loop.call_later(self.limits.head_timeout, self._head_expired)
-
-    def _cancel_head_timer(self) -> None:
+        self._head_deadline = None
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+        super().connection_lost(exc)
 
-    def _head_expired(self) -> None:
+    def _head_started(self, mid_chunk: bool = False) -> None:
+        self._in_head = True
+        self._head_bytes = 0
+        self._head_started_mid_chunk = mid_chunk
+        deadline = self.loop.time() + self.limits.head_timeout
+        self._head_deadline = deadline
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_at(deadline, self._head_timer_fired)
+
+    def _head_done(self) -> None:
+        self._in_head = False
+        self._head_deadline = None  # the timer stays armed; it re-checks when it fires
+
+    def _count_head_bytes(self, size: int) -> bool:
+        """Add a chunk that arrived while in a head; True when that passes the limit."""
+        self._head_bytes += size
+        return self._head_bytes > self.limits.max_head_bytes
+
+    def _head_timer_fired(self) -> None:
         self._head_timer = None
-        if not self.transport.is_closing():
-            log.debug("connection closed: no complete request head within the time limit")
-            self.transport.close()
+        deadline = self._head_deadline
+        if deadline is None or self.transport.is_closing():
+            return
+        if self.loop.time() < deadline:  # a later head: wait for its own deadline
+            self._head_timer = self.loop.call_at(deadline, self._head_timer_fired)
+            return
+        log.debug("connection closed: no complete request head within the time limit")
+        self.transport.close()
 
     def _refuse_head(self) -> None:
         """431 (when no response is under way on this connection) and close."""
-        self._in_head = False
-        self._cancel_head_timer()
+        self._head_done()
         log.warning("request refused: its head is over %d bytes", self.limits.max_head_bytes)
         if not self.transport.is_closing():
             if self._response_idle():
@@ -218,48 +219,53 @@ def _httptools_protocol() -> type[asyncio.Protocol]:
     class EdgeHttpToolsProtocol(_HeadLimits, HttpToolsProtocol):
         """uvicorn's httptools protocol with the edge limits."""
 
-        _head_size = 0
         _oversized = False
         _between_messages = True
 
         def data_received(self, data: bytes) -> None:
-            """Bytes after a finished exchange start a head: count them from this chunk on
-            (the parser's ``on_message_begin`` comes within this call)."""
-            if self._between_messages and not self._in_head and self._response_idle():
-                self._head_started()
+            """Count the bytes of a head in progress; refuse one past the limit.
+
+            Bytes after a finished exchange start a head, counted from this chunk on (the
+            parser's ``on_message_begin`` comes within this call).
+            """
+            if self._in_head:
+                counting = True
+            else:
+                counting = self._between_messages and self._response_idle()
+                if counting:
+                    self._head_started()
+            too_large = counting and self._count_head_bytes(len(data))
             super().data_received(data)
+            if too_large and self._in_head and not self._oversized:
+                self._refuse_head()
 
         def on_message_begin(self) -> None:
-            """A new head starts: count it."""
+            """A new head starts (inside a chunk, for a pipelined one: size unknown yet)."""
             super().on_message_begin()
             self._between_messages = False
-            self._head_size = 0
-            self._head_started()
+            if not self._in_head:
+                self._head_started(mid_chunk=True)
 
         def on_message_complete(self) -> None:
             """The request (body included) is in; what follows is the next head."""
             super().on_message_complete()
             self._between_messages = True
 
-        def on_url(self, url: bytes) -> None:
-            """Part of the request target."""
-            self._head_size += len(url)
-            super().on_url(url)
-
-        def on_header(self, name: bytes, value: bytes) -> None:
-            """One complete header line."""
-            self._head_size += len(name) + len(value) + 4
-            super().on_header(name, value)
-
         def on_headers_complete(self) -> None:
-            """Refuse a complete head over the limit; record the target's form."""
+            """Refuse a complete head over the limit; mark an absolute-form target."""
+            received, mid_chunk = self._head_bytes, self._head_started_mid_chunk
             self._head_done()
-            if self._head_size > self.limits.max_head_bytes:
-                self._oversized = True
-                raise _HeadTooLarge
-            self.scope.setdefault("extensions", {})[TARGET_EXTENSION] = {
-                "absolute_form": not self.url.startswith((b"/", b"*")),
-            }
+            limit = self.limits.max_head_bytes
+            if mid_chunk or received > limit:  # else the head is surely within the limit
+                size = len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers)
+                if size > limit:
+                    self._oversized = True
+                    raise _HeadTooLarge
+            if not self.url.startswith(b"/"):
+                self.scope["extensions"] = {
+                    **self.scope.get("extensions", {}),
+                    TARGET_EXTENSION: {"absolute_form": not self.url.startswith(b"*")},
+                }
             super().on_headers_complete()
 
         def send_400_response(self, msg: str) -> None:
@@ -286,14 +292,15 @@ def _h11_protocol() -> type[asyncio.Protocol]:
             single read is measured here, from h11's unparsed bytes plus ``data``.
             """
             if self.conn.their_state is h11.IDLE and self._response_idle():
-                self._head_started()
+                if not self._in_head:
+                    self._head_started()
                 pending = self.conn.trailing_data[0] + data
                 end = pending.find(b"\r\n\r\n")
                 if (end + 4 if end >= 0 else len(pending)) > self.limits.max_head_bytes:
                     self._refuse_head()
                     return
             super().data_received(data)
-            if self.conn.their_state is not h11.IDLE:
+            if self._in_head and self.conn.their_state is not h11.IDLE:
                 self._head_done()
 
     return EdgeH11Protocol

@@ -182,6 +182,25 @@ async def test_a_large_body_is_not_taken_for_a_head(http: HttpImplementation) ->
         assert (await response(reader)).startswith(b"HTTP/1.1 200")
 
 
+@pytest.mark.parametrize("http", IMPLEMENTATIONS)
+async def test_pipelined_requests_and_a_pipelined_endless_head(http: HttpImplementation) -> None:
+    """A head that starts inside the chunk of the previous request is limited too."""
+    async with serving(App(), EdgeLimits(max_head_bytes=64 * 1024), http) as sock:
+        reader, writer = await connect(sock)
+        writer.write(REQUEST + REQUEST)
+        assert (await response(reader)).startswith(b"HTTP/1.1 200")
+        assert (await response(reader)).startswith(b"HTTP/1.1 200")
+        writer.write(REQUEST + HEAD_START)
+        assert (await response(reader)).startswith(b"HTTP/1.1 200")
+        sent, start = 0, time.monotonic()
+        with contextlib.suppress(ConnectionError):
+            while sent < 64 * 1024 * 1024 and time.monotonic() - start < 10:
+                writer.write(b"a" * 65536)
+                await writer.drain()
+                sent += 65536
+        assert sent < 16 * 1024 * 1024, f"the server read {sent} bytes of one head"
+
+
 async def test_connections_beyond_the_cap_are_closed_at_once() -> None:
     async with serving(App(), EdgeLimits(head_timeout=30), max_connections=3) as sock:
         held = [await connect(sock) for _ in range(3)]

@@ -18,11 +18,13 @@ Shared by every server of the project (CP, sidecar, injector) through
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import functools
 import importlib.util
 import logging
 import socket
+import time
 import weakref
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -80,14 +82,67 @@ def absolute_form(scope: Scope) -> bool:
 class _Connection(socket.socket):
     """An accepted socket that leaves its listener's open set when closed."""
 
-    def __init__(self, sock: socket.socket, open_set: weakref.WeakSet[_Connection]) -> None:
+    def __init__(
+        self, sock: socket.socket, open_set: weakref.WeakSet[_Connection], deadline: float
+    ) -> None:
         super().__init__(sock.family, sock.type, sock.proto, fileno=sock.detach())
         self._open_set = open_set
+        self.fd = self.fileno()
+        self.accepted_at = time.monotonic()
+        self.deadline = self.accepted_at + deadline
 
     def close(self) -> None:
         """Close, and stop counting against the listener's cap."""
         super().close()
         self._open_set.discard(self)
+        _unstarted.discard(self)
+
+
+class _Unstarted:
+    """Accepted connections whose HTTP protocol has not started yet: a TLS handshake under
+    way (asyncio would give it 60 s). One that is still here at its head deadline is shut
+    down; a plain TCP connection leaves at once, when its protocol starts."""
+
+    def __init__(self) -> None:
+        self._by_fd: dict[int, _Connection] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def add(self, conn: _Connection) -> None:
+        self._by_fd[conn.fd] = conn
+        if self._timer is None or self._loop is not asyncio.get_running_loop():
+            self._schedule()
+
+    def claim(self, fd: int) -> float | None:
+        """The protocol of ``fd`` started; when that connection was accepted, if ours."""
+        conn = self._by_fd.pop(fd, None)
+        return None if conn is None else conn.accepted_at
+
+    def discard(self, conn: _Connection) -> None:
+        if self._by_fd.get(conn.fd) is conn:
+            del self._by_fd[conn.fd]
+
+    def _schedule(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = None
+        if self._by_fd:
+            first = min(conn.deadline for conn in self._by_fd.values())
+            self._loop = asyncio.get_running_loop()
+            self._timer = self._loop.call_at(first, self._expire)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for fd, conn in list(self._by_fd.items()):
+            if conn.deadline <= now:
+                del self._by_fd[fd]
+                log.debug("connection closed: no request head (TLS handshake) in time")
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)  # its transport sees the end and closes
+        self._schedule()
+
+
+_unstarted = _Unstarted()
 
 
 class EdgeListener(socket.socket):
@@ -103,6 +158,9 @@ class EdgeListener(socket.socket):
         self.max_connections = max_connections
         self.limit_name = limit_name
         self.refused = 0
+        # Seconds a connection may take to send a complete head, TLS handshake included
+        # (the server that serves this socket sets its own).
+        self.head_timeout = EdgeLimits().head_timeout
         self._open: weakref.WeakSet[_Connection] = weakref.WeakSet()
 
     @property
@@ -115,8 +173,9 @@ class EdgeListener(socket.socket):
         for _ in range(REFUSE_BATCH):
             sock, addr = super().accept()  # BlockingIOError when none is waiting
             if len(self._open) < self.max_connections:
-                conn = _Connection(sock, self._open)
+                conn = _Connection(sock, self._open, self.head_timeout)
                 self._open.add(conn)
+                _unstarted.add(conn)
                 return conn, addr
             sock.close()
             self.refused += 1
@@ -154,9 +213,11 @@ class _HeadLimits(asyncio.Protocol):
     _head_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """Start waiting for the first head."""
+        """Start waiting for the first head (from the accept, when the socket is ours)."""
         super().connection_made(transport)
-        self._head_started()
+        sock = transport.get_extra_info("socket")
+        accepted_at = None if sock is None else _unstarted.claim(sock.fileno())
+        self._head_started(since=accepted_at)
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Stop the timer; uvicorn does the rest."""
@@ -166,11 +227,12 @@ class _HeadLimits(asyncio.Protocol):
             self._head_timer = None
         super().connection_lost(exc)
 
-    def _head_started(self, mid_chunk: bool = False) -> None:
+    def _head_started(self, mid_chunk: bool = False, since: float | None = None) -> None:
         self._in_head = True
         self._head_bytes = 0
         self._head_started_mid_chunk = mid_chunk
-        deadline = self.loop.time() + self.limits.head_timeout
+        start = self.loop.time() if since is None else since  # both time.monotonic()
+        deadline = start + self.limits.head_timeout
         self._head_deadline = deadline
         if self._head_timer is None:
             self._head_timer = self.loop.call_at(deadline, self._head_timer_fired)

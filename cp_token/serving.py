@@ -121,10 +121,21 @@ class EdgeServer(uvicorn.Server):
     handlers: :class:`ServeGroup` installs one handler that stops them all.
     """
 
+    def __init__(self, config: uvicorn.Config, limits: EdgeLimits | None = None) -> None:
+        super().__init__(config)
+        self.limits = limits or EdgeLimits()
+
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         """No signal capture: the caller handles signals."""
         yield
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's serve; our listeners learn the head deadline (it bounds TLS handshakes)."""
+        for sock in sockets or []:
+            if isinstance(sock, EdgeListener):
+                sock.head_timeout = self.limits.head_timeout
+        await super().serve(sockets)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         """uvicorn's shutdown; a forced one (second signal) still stops the application.
@@ -170,7 +181,7 @@ def edge_server(
         ssl_certfile=ssl_certfile,
         ssl_keyfile=ssl_keyfile,
     )
-    return EdgeServer(config)
+    return EdgeServer(config, limits)
 
 
 def load_tls(server: EdgeServer) -> ssl.SSLContext | None:

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
+import trustme
 from starlette.types import Receive, Scope, Send
 
 from cp_token.edge import EdgeLimits, EdgeListener, HttpImplementation, absolute_form
@@ -21,7 +24,7 @@ REQUEST = b"GET /x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 HEAD_START = b"GET /x HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: "
 
 
-class App:
+class App:  # an ASGI app
     """Answers ``absolute=<bool>``; ``/slow`` first waits ``slow`` seconds."""
 
     def __init__(self, slow: float = 0.0) -> None:
@@ -49,9 +52,11 @@ async def serving(
     limits: EdgeLimits,
     http: HttpImplementation = "httptools",
     max_connections: int = 100,
+    tls: tuple[str, str] | None = None,
 ) -> AsyncIterator[EdgeListener]:
     sock = bind_listener("127.0.0.1", 0, max_connections=max_connections, limit_name="TEST_CAP")
-    server = edge_server(app, limits=limits, http=http)  # type: ignore[arg-type]
+    cert, key = tls or (None, None)
+    server = edge_server(app, limits=limits, http=http, ssl_certfile=cert, ssl_keyfile=key)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     deadline = time.monotonic() + 10
     while not server.started and time.monotonic() < deadline:
@@ -229,3 +234,31 @@ async def test_an_absolute_form_target_is_marked(http: HttpImplementation) -> No
         assert (await response(reader)).endswith(b"absolute=True")
         writer.write(REQUEST)
         assert (await response(reader)).endswith(b"absolute=False")
+
+
+async def test_a_tls_connection_gets_the_head_deadline_from_its_accept(tmp_path: Path) -> None:
+    """A TLS handshake that never starts (or never ends) is bounded by the head deadline
+    too; asyncio alone would wait 60 s."""
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1")
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    limits = EdgeLimits(head_timeout=0.5)
+    async with serving(App(), limits, tls=(str(cert), str(key))) as sock:
+        port = sock.getsockname()[1]
+        start = time.monotonic()
+        no_handshake, _ = await asyncio.open_connection("127.0.0.1", port)
+        no_head, _w = await asyncio.open_connection("127.0.0.1", port, ssl=client_ctx)
+        served, served_w = await asyncio.open_connection("127.0.0.1", port, ssl=client_ctx)
+        served_w.write(REQUEST)
+        assert (await response(served)).startswith(b"HTTP/1.1 200")
+        for reader in (no_handshake, no_head):
+            await seconds_until_closed(reader, deadline=5)
+            assert time.monotonic() - start <= 2.5
+        deadline = time.monotonic() + 5
+        while sock.open_connections > 1 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert sock.open_connections <= 1  # the server side is gone too, not just the client's

@@ -151,6 +151,9 @@ class EdgeListener(socket.socket):
     asyncio calls :meth:`accept` on it; beyond the cap the new connection is closed inside
     ``accept`` itself, so a flood costs one accept+close per connection and never holds a
     file descriptor. A closed (or garbage-collected) connection stops counting.
+
+    Serve it with :func:`edge_protocol` (``cp_token.serving.edge_server``): a connection
+    whose protocol has not started within ``head_timeout`` of its accept is shut down.
     """
 
     def __init__(self, family: int, *, max_connections: int, limit_name: str) -> None:

@@ -15,7 +15,7 @@ import ssl
 import uvicorn
 
 from cp_token.config import ConfigError, Settings
-from cp_token.filewatch import WatchedFile
+from cp_token.filewatch import WatchedFile, watch_tls
 from cp_token.service import Service
 from cp_token.serving import QuietSignalsServer, bind_listener
 
@@ -38,20 +38,11 @@ def bind(variable: str, host: str, port: int) -> socket.socket:
 
 def _tls_reloader(s: Settings, ctx: ssl.SSLContext) -> list[WatchedFile[bytes]]:
     assert s.tls_cert_file and s.tls_key_file
-    cert, key = s.tls_cert_file, s.tls_key_file
-
-    def reload(_raw: bytes) -> None:
-        try:
-            ctx.load_cert_chain(cert, key)
-            log.info("TLS certificate reloaded")
-        except (ssl.SSLError, OSError) as exc:
-            # Cert and key are replaced one after the other; the next change completes the pair.
-            log.warning("TLS certificate reload failed (%s); keeping the previous one", exc)
-
-    return [
-        WatchedFile("CP_TOKEN_TLS_CERT_FILE", cert, bytes, on_change=reload),
-        WatchedFile("CP_TOKEN_TLS_KEY_FILE", key, bytes, on_change=reload),
-    ]
+    return watch_tls(
+        ctx,
+        ("CP_TOKEN_TLS_CERT_FILE", s.tls_cert_file),
+        ("CP_TOKEN_TLS_KEY_FILE", s.tls_key_file),
+    )
 
 
 async def serve(service: Service, api_sock: socket.socket, metrics_sock: socket.socket) -> int:

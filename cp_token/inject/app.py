@@ -1,0 +1,221 @@
+"""The webhook's HTTP surface: ``POST /mutate`` and the probes; routes only.
+
+The route decodes the AdmissionReview, calls :func:`cp_token.inject.patch.decide` and encodes
+the answer; every AdmissionReview it can read is answered with the request's ``uid``. A body
+that is not one is a 400 with the reason (413 when larger than the API server ever sends),
+never a 500.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import re
+import time
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from cp_token.errors import CPTokenError, error_response
+from cp_token.inject.errors import InvalidReview, PostOnly, ReviewTooLarge
+from cp_token.inject.metrics import InjectMetrics
+from cp_token.inject.patch import Decision, decide
+from cp_token.inject.settings import InjectSettings
+
+__all__ = [
+    "MAX_REVIEW_BYTES",
+    "create_app",
+    "create_metrics_app",
+    "parse_review",
+    "review_response",
+]
+
+log = logging.getLogger("cp_token.inject")
+
+API_VERSION = "admission.k8s.io/v1"
+# The API server refuses request bodies over 3 MiB, and a review carries one object for a
+# CREATE, plus a small envelope; anything larger is not from the API server.
+MAX_REVIEW_BYTES = 3 * 1024 * 1024 + 64 * 1024
+# Kubernetes UIDs are UUIDs; allow any short printable token, refuse what could forge a log.
+_UID = re.compile(r"[\x21-\x7e]{1,128}")
+
+Readiness = Callable[[], str | None]  # None = ready, else the reason
+
+
+async def read_body(request: Request, limit: int = MAX_REVIEW_BYTES) -> bytes:
+    """The request body, refused (413) as soon as it is known to exceed ``limit``."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ReviewTooLarge(f"body of {declared} bytes is over the {limit} byte limit")
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ReviewTooLarge(f"body is over the {limit} byte limit")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise InvalidReview("the client went away before sending the whole body") from None
+    return b"".join(chunks)
+
+
+def parse_review(body: bytes) -> dict[str, Any]:
+    """The ``request`` of an AdmissionReview v1; raises :class:`InvalidReview` with the reason."""
+    if not body:
+        raise InvalidReview("empty body: expected an AdmissionReview (admission.k8s.io/v1)")
+    try:
+        review = json.loads(body)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raise InvalidReview("body is not JSON: expected an AdmissionReview") from None
+    if not isinstance(review, dict):
+        raise InvalidReview("body is not a JSON object: expected an AdmissionReview")
+    if review.get("kind") != "AdmissionReview":
+        raise InvalidReview("kind must be AdmissionReview")
+    if review.get("apiVersion") != API_VERSION:
+        raise InvalidReview(f"apiVersion must be {API_VERSION} (admissionReviewVersions: [v1])")
+    request = review.get("request")
+    if not isinstance(request, dict):
+        raise InvalidReview("the AdmissionReview has no request object")
+    uid = request.get("uid")
+    if not isinstance(uid, str) or not _UID.fullmatch(uid):
+        raise InvalidReview("request.uid must be a non-empty printable string")
+    for key in ("kind", "resource"):
+        if not isinstance(request.get(key), dict):
+            raise InvalidReview(f"request.{key} must be an object")
+    if not isinstance(request.get("operation"), str):
+        raise InvalidReview("request.operation must be a string")
+    return request
+
+
+def review_response(uid: str, decision: Decision) -> dict[str, Any]:
+    """The AdmissionReview answering ``uid`` with ``decision``."""
+    response: dict[str, Any] = {"uid": uid, "allowed": decision.action != "refused"}
+    if decision.action == "refused":
+        response["status"] = {
+            "status": "Failure",
+            "code": 409,
+            "reason": "Conflict",
+            "message": decision.message,
+        }
+    if decision.patch:
+        raw = json.dumps(decision.patch, separators=(",", ":")).encode()
+        response["patchType"] = "JSONPatch"
+        response["patch"] = base64.b64encode(raw).decode()
+    if decision.warnings:
+        response["warnings"] = decision.warnings
+    return {"apiVersion": API_VERSION, "kind": "AdmissionReview", "response": response}
+
+
+def _failure(uid: str) -> dict[str, Any]:
+    """The answer when the injector itself fails: refused, so no pod starts half-configured."""
+    review = review_response(uid, Decision("refused"))
+    review["response"]["status"] = {
+        "status": "Failure",
+        "code": 500,
+        "reason": "InternalError",
+        "message": "the token sidecar injector failed on this request; retry",
+    }
+    return review
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _describe(request: dict[str, Any]) -> dict[str, Any]:
+    """What a log line may say about a request: never the pod's spec (env may hold secrets)."""
+    obj = request.get("object")
+    meta = obj.get("metadata") if isinstance(obj, dict) else None
+    name = request.get("name") or (
+        meta.get("name") or meta.get("generateName") if isinstance(meta, dict) else None
+    )
+    return {
+        "uid": request.get("uid"),
+        "operation": request.get("operation"),
+        "namespace": _str_or_none(request.get("namespace")),
+        "name": _str_or_none(name),
+    }
+
+
+class MutateEndpoint:
+    """``/mutate`` as a plain ASGI endpoint: it sees every method, so it answers its own 405."""
+
+    def __init__(self, settings: InjectSettings, metrics: InjectMetrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = await self.handle(Request(scope, receive))
+        await response(scope, receive, send)
+
+    async def handle(self, request: Request) -> Response:
+        """Answer one request; counts it and writes one log line."""
+        start = time.perf_counter()
+        try:
+            if request.method != "POST":
+                raise PostOnly(f"{request.method} is not allowed on /mutate; use POST")
+            review = parse_review(await read_body(request))
+        except CPTokenError as exc:
+            self.metrics.request("error", time.perf_counter() - start)
+            log.warning(
+                "admission request refused: %s",
+                exc.description,
+                extra={"fields": {"result": "error", "status": exc.status}},
+            )
+            return error_response(exc)
+        fields = _describe(review)
+        try:
+            decision = decide(review, self.settings)
+            answer = review_response(review["uid"], decision)
+            result: str = decision.action
+            fields["message"] = decision.message or None
+        except Exception as exc:  # a bug must still answer the review, and never 500
+            answer, result = _failure(review["uid"]), "error"
+            fields["error"] = type(exc).__name__
+            log.error("injector failed on a review", extra={"fields": fields})
+        elapsed = time.perf_counter() - start
+        self.metrics.request(result, elapsed)
+        fields.update(result=result, latency_ms=round(elapsed * 1000, 3))
+        log.info("admission %s", result, extra={"fields": fields})
+        body = json.dumps(answer, separators=(",", ":")).encode()
+        return Response(body, media_type="application/json")
+
+
+def create_app(
+    settings: InjectSettings,
+    metrics: InjectMetrics | None = None,
+    *,
+    lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]] | None = None,
+) -> Starlette:
+    """The webhook app: ``POST /mutate``."""
+    metrics = metrics or InjectMetrics()
+    app = Starlette(routes=[Route("/mutate", MutateEndpoint(settings, metrics))], lifespan=lifespan)
+    app.state.metrics = metrics
+    return app
+
+
+def create_metrics_app(metrics: InjectMetrics, readiness: Readiness) -> Starlette:
+    """The metrics port: ``/metrics``, ``/healthz``, ``/readyz``."""
+
+    async def metrics_endpoint(request: Request) -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def healthz(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    async def readyz(request: Request) -> Response:
+        problem = readiness()
+        if problem is None:
+            return PlainTextResponse("ok")
+        return PlainTextResponse(f"not ready: {problem}", status_code=503)
+
+    routes = [Route("/metrics", metrics_endpoint), Route("/healthz", healthz)]
+    return Starlette(routes=[*routes, Route("/readyz", readyz)])

@@ -179,15 +179,15 @@ def _list_at(obj: Mapping[str, Any], key: str, where: str) -> list[Any] | None:
 
 
 def _named(items: list[Any], where: str) -> list[dict[str, Any]]:
-    """The items of a list of named objects, each checked to be an object."""
+    """The items of a list of named objects, each checked to be an object with a string name."""
     for i, item in enumerate(items):
-        if not isinstance(item, dict):
-            raise Refused(f"the pod is malformed: {where}[{i}] is not an object")
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise Refused(f"the pod is malformed: {where}[{i}] is not an object with a name")
     return items
 
 
-def _names(items: list[dict[str, Any]] | None) -> list[Any]:
-    return [item.get("name") for item in items or []]
+def _names(items: list[dict[str, Any]] | None) -> list[str]:
+    return [item["name"] for item in items or []]
 
 
 def _selection(annotations: Any) -> set[str] | None:
@@ -201,17 +201,17 @@ def _selection(annotations: Any) -> set[str] | None:
     return names or None
 
 
-def _container_names(pod: Mapping[str, Any]) -> set[Any]:
+def _container_names(pod: Mapping[str, Any]) -> set[str]:
     """Names of the pod's containers and init containers (tolerates any shape)."""
     spec = pod.get("spec")
     if not isinstance(spec, dict):
         return set()
     return {
-        c.get("name")
+        c["name"]
         for key in ("containers", "initContainers")
         if isinstance(spec.get(key), list)
         for c in spec[key]
-        if isinstance(c, dict)
+        if isinstance(c, dict) and isinstance(c.get("name"), str)
     }
 
 
@@ -281,7 +281,7 @@ def patch_for(pod: Mapping[str, Any], settings: InjectSettings) -> list[Op]:
     # App containers first, at their indices in the pod as sent; the sidecar is inserted last.
     for base, items in (("containers", containers), ("initContainers", init_list)):
         for i, c in enumerate(items):
-            chosen = c.get("name") in selected if selected is not None else base == "containers"
+            chosen = c["name"] in selected if selected is not None else base == "containers"
             if chosen:
                 ops += _container_ops(base, i, c)
     if vols is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -64,6 +65,17 @@ def _required(env: Mapping[str, str], name: str, what: str) -> str:
     return value
 
 
+def _check_pair(cert: str, key: str) -> None:
+    """Fail at start, naming the variable, when the pair does not load (not PEM, mismatch)."""
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(
+            "CP_TOKEN_INJECT_TLS_CERT_FILE",
+            f"certificate and key (CP_TOKEN_INJECT_TLS_KEY_FILE) do not load ({exc})",
+        ) from None
+
+
 def load_inject_settings(env: Mapping[str, str] | None = None) -> InjectSettings:
     """Read and validate the injector's configuration; raises :class:`ConfigError`."""
     env = os.environ if env is None else env
@@ -76,8 +88,9 @@ def load_inject_settings(env: Mapping[str, str] | None = None) -> InjectSettings
     key = _required(env, "CP_TOKEN_INJECT_TLS_KEY_FILE", "the serving certificate's private key")
     check_readable("CP_TOKEN_INJECT_TLS_CERT_FILE", cert)
     check_readable("CP_TOKEN_INJECT_TLS_KEY_FILE", key)
+    _check_pair(cert, key)
     image = _required(env, "CP_TOKEN_INJECT_IMAGE", "the image of the injected sidecar")
-    if not _IMAGE.fullmatch(image):
+    if not _IMAGE.fullmatch(image) or "://" in image:
         raise ConfigError(
             "CP_TOKEN_INJECT_IMAGE",
             f"{image!r} is not an image reference (e.g. registry.example.com/cp-token:1.0)",

@@ -13,7 +13,6 @@ import ssl
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +22,9 @@ import pytest
 import trustme
 from cryptography import x509
 
-from tests.fakes.admission import admission_review, apply_review_patch, opted_in_pod, patch_of
-from tests.integration.procs import Proc, free_port, run_cmd
+from tests.fakes.admission import opted_in_pod, patch_of
+from tests.integration.inject_rig import Injector, start_injector, tls_files
+from tests.integration.procs import run_cmd
 
 VERSIONS = ("1.29", kubernetes_validate.latest_version())
 IMAGE = "registry.example.com/ambient/cp-token:1.0"
@@ -36,70 +36,12 @@ APP_ENV = {
 }
 
 
-@dataclass
-class Injector:
-    proc: Proc
-    url: str
-    metrics: str
-    ca: ssl.SSLContext
-
-    def post(self, body: Any) -> httpx.Response:
-        content = body if isinstance(body, bytes) else json.dumps(body).encode()
-        with httpx.Client(verify=self.ca, trust_env=False, timeout=10) as client:
-            return client.post(
-                f"{self.url}/mutate", content=content, headers={"Content-Type": "application/json"}
-            )
-
-    def review(self, obj: dict[str, Any] | None, **kw: Any) -> tuple[dict[str, Any], Any]:
-        """Send a review of ``obj``; returns (the answer's response, ``obj`` as patched)."""
-        review = admission_review(obj, **kw)
-        resp = self.post(review)
-        assert resp.status_code == 200, resp.text
-        answer = resp.json()
-        assert answer["apiVersion"] == "admission.k8s.io/v1"
-        assert answer["kind"] == "AdmissionReview"
-        assert answer["response"]["uid"] == review["request"]["uid"]
-        patched = apply_review_patch(obj, answer) if obj is not None else None
-        return answer["response"], patched
-
-    def count(self, result: str) -> float:
-        text = httpx.get(f"{self.metrics}/metrics", trust_env=False).text
-        line = f'cp_token_inject_requests_total{{result="{result}"}} '
-        return float(next(x for x in text.splitlines() if x.startswith(line)).split()[-1])
-
-
-def tls_files(directory: Path, ca: trustme.CA) -> tuple[Path, Path]:
-    leaf = ca.issue_cert("127.0.0.1", "cp-token-inject.ambient-code.svc")
-    cert, key = directory / "tls.crt", directory / "tls.key"
-    leaf.cert_chain_pems[0].write_to_path(str(cert))
-    leaf.private_key_pem.write_to_path(str(key))
-    return cert, key
-
-
-def start(cert: Path, key: Path, log: Path, ca: trustme.CA) -> Injector:
-    port, mport = free_port(), free_port()
-    env = {
-        "CP_TOKEN_INJECT_LISTEN_ADDR": f"127.0.0.1:{port}",
-        "CP_TOKEN_METRICS_ADDR": f"127.0.0.1:{mport}",
-        "CP_TOKEN_INJECT_TLS_CERT_FILE": str(cert),
-        "CP_TOKEN_INJECT_TLS_KEY_FILE": str(key),
-        "CP_TOKEN_INJECT_IMAGE": IMAGE,
-        "CP_TOKEN_INJECT_CP_URL": CP_URL,
-    }
-    proc = Proc([sys.executable, "-m", "cp_token", "inject"], env, log)
-    metrics = f"http://127.0.0.1:{mport}"
-    proc.wait_http(f"{metrics}/readyz")
-    context = ssl.create_default_context()
-    ca.configure_trust(context)
-    return Injector(proc, f"https://127.0.0.1:{port}", metrics, context)
-
-
 @pytest.fixture(scope="module")
 def injector(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Injector]:
     tmp = tmp_path_factory.mktemp("inject")
     ca = trustme.CA()
     cert, key = tls_files(tmp, ca)
-    running = start(cert, key, tmp / "inject.log", ca)
+    running = start_injector(cert, key, tmp / "inject.log", ca, IMAGE, CP_URL)
     try:
         yield running
     finally:
@@ -310,7 +252,9 @@ def test_certificate_reload_through_a_secret_data_swap(tmp_path: Path) -> None:
     (secret / "..data").symlink_to(first.name)
     for name in ("tls.crt", "tls.key"):
         (secret / name).symlink_to(f"..data/{name}")
-    injector = start(secret / "tls.crt", secret / "tls.key", tmp_path / "inject.log", ca)
+    injector = start_injector(
+        secret / "tls.crt", secret / "tls.key", tmp_path / "inject.log", ca, IMAGE, CP_URL
+    )
     try:
         port = int(injector.url.rsplit(":", 1)[1])
         before = serial(port, ca_file)

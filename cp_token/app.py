@@ -16,11 +16,10 @@ import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
-from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
@@ -33,6 +32,8 @@ from cp_token.errors import (
     Unauthenticated,
     error_response,
 )
+from cp_token.health import Readiness, probe_app
+from cp_token.health import health_routes as _health_routes
 from cp_token.identity import Identity
 from cp_token.kube import labels_of
 from cp_token.logs import audit
@@ -49,8 +50,6 @@ log = logging.getLogger(__name__)
 
 # RFC 6750 §2.1 b64token
 _B64TOKEN = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")
-
-Readiness = Callable[[], str | None]  # None = ready, else the reason
 
 
 def parse_bearer(header: str | None) -> str:
@@ -98,19 +97,6 @@ class _AnyMethod:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = await self._handler(Request(scope, receive))
         await response(scope, receive, send)
-
-
-def _health_routes(readiness: Readiness) -> list[Route]:
-    async def healthz(request: Request) -> Response:
-        return PlainTextResponse("ok")
-
-    async def readyz(request: Request) -> Response:
-        problem = readiness()
-        if problem is None:
-            return PlainTextResponse("ok")
-        return PlainTextResponse(f"not ready: {problem}", status_code=503)
-
-    return [Route("/healthz", healthz), Route("/readyz", readyz)]
 
 
 def create_app(
@@ -208,9 +194,4 @@ def create_app(
 
 def create_metrics_app(metrics: Metrics, readiness: Readiness) -> Starlette:
     """The metrics port: ``/metrics``, ``/healthz``, ``/readyz``."""
-
-    async def metrics_endpoint(request: Request) -> Response:
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    routes: list[Any] = [Route("/metrics", metrics_endpoint), *_health_routes(readiness)]
-    return Starlette(routes=routes)
+    return probe_app(metrics.render, readiness)

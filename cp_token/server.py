@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import socket
 import ssl
 
@@ -17,7 +16,7 @@ import uvicorn
 from cp_token.config import ConfigError, Settings
 from cp_token.filewatch import WatchedFile, watch_tls
 from cp_token.service import Service
-from cp_token.serving import QuietSignalsServer, bind_listener
+from cp_token.serving import QuietSignalsServer, ServerGroup, bind_listener
 
 __all__ = ["bind", "run_service", "serve"]
 
@@ -66,20 +65,8 @@ async def serve(service: Service, api_sock: socket.socket, metrics_sock: socket.
         for watched in _tls_reloader(s, api_cfg.ssl):
             service.watcher.add(watched)
     api, metrics = QuietSignalsServer(api_cfg), QuietSignalsServer(metrics_cfg)
-    exit_code = 0
-
-    def stop(code: int) -> None:
-        nonlocal exit_code
-        exit_code = max(exit_code, code)
-        if api.should_exit:  # a second signal: stop waiting for connections
-            api.force_exit = metrics.force_exit = True
-        api.should_exit = metrics.should_exit = True
-
-    service.on_fatal = lambda reason: stop(1)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop, 0)
-
+    group = ServerGroup()
+    service.on_fatal = lambda reason: group.stop(1)
     scheme = "https" if s.tls else "http"
     host, port = api_sock.getsockname()[:2]
     m_host, m_port = metrics_sock.getsockname()[:2]
@@ -92,19 +79,7 @@ async def serve(service: Service, api_sock: socket.socket, metrics_sock: socket.
             }
         },
     )
-    results = await asyncio.gather(
-        api.serve(sockets=[api_sock]), metrics.serve(sockets=[metrics_sock]), return_exceptions=True
-    )
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.remove_signal_handler(sig)
-    for result in results:
-        if isinstance(result, BaseException):
-            log.error("server failed: %r", result)
-            exit_code = 1
-    if not api.started:
-        exit_code = max(exit_code, 1)
-    log.info("stopped", extra={"fields": {"exit_code": exit_code}})
-    return exit_code
+    return await group.serve((api, api_sock), (metrics, metrics_sock))
 
 
 def run_service(service: Service) -> int:

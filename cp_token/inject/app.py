@@ -19,11 +19,12 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from cp_token.errors import CPTokenError, error_response
+from cp_token.health import Readiness, probe_app
 from cp_token.inject.errors import InvalidReview, PostOnly, ReviewTooLarge
 from cp_token.inject.metrics import InjectMetrics
 from cp_token.inject.patch import Decision, decide
@@ -45,8 +46,6 @@ API_VERSION = "admission.k8s.io/v1"
 MAX_REVIEW_BYTES = 3 * 1024 * 1024 + 64 * 1024
 # Kubernetes UIDs are UUIDs; allow any short printable token, refuse what could forge a log.
 _UID = re.compile(r"[\x21-\x7e]{1,128}")
-
-Readiness = Callable[[], str | None]  # None = ready, else the reason
 
 
 async def read_body(request: Request, limit: int = MAX_REVIEW_BYTES) -> bytes:
@@ -204,18 +203,4 @@ def create_app(
 
 def create_metrics_app(metrics: InjectMetrics, readiness: Readiness) -> Starlette:
     """The metrics port: ``/metrics``, ``/healthz``, ``/readyz``."""
-
-    async def metrics_endpoint(request: Request) -> Response:
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    async def healthz(request: Request) -> Response:
-        return PlainTextResponse("ok")
-
-    async def readyz(request: Request) -> Response:
-        problem = readiness()
-        if problem is None:
-            return PlainTextResponse("ok")
-        return PlainTextResponse(f"not ready: {problem}", status_code=503)
-
-    routes = [Route("/metrics", metrics_endpoint), Route("/healthz", healthz)]
-    return Starlette(routes=[*routes, Route("/readyz", readyz)])
+    return probe_app(metrics.render, readiness)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import socket
 import ssl
 from collections.abc import AsyncIterator
@@ -25,7 +24,7 @@ from cp_token.filewatch import FileWatcher, watch_tls
 from cp_token.inject.app import create_app, create_metrics_app
 from cp_token.inject.metrics import InjectMetrics
 from cp_token.inject.settings import InjectSettings
-from cp_token.serving import QuietSignalsServer, bind_listener
+from cp_token.serving import QuietSignalsServer, ServerGroup, bind_listener
 
 __all__ = ["run_inject", "serve"]
 
@@ -50,16 +49,7 @@ async def serve(
     """Serve until a signal (exit 0) or a fatal background failure (exit 1)."""
     metrics = InjectMetrics()
     watcher = FileWatcher()
-    servers: list[QuietSignalsServer] = []
-    exit_code = 0
-
-    def stop(code: int) -> None:
-        nonlocal exit_code
-        exit_code = max(exit_code, code)
-        for server in servers:
-            if server.should_exit:  # a second signal: stop waiting for connections
-                server.force_exit = True
-            server.should_exit = True
+    group = ServerGroup()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -68,7 +58,7 @@ async def serve(
         def died(t: asyncio.Task[None]) -> None:
             if not t.cancelled():
                 log.error("certificate watcher stopped (%s); exiting", t.exception())
-                stop(1)
+                group.stop(1)
 
         task.add_done_callback(died)
         try:
@@ -110,31 +100,11 @@ async def serve(
         lifespan="off",
         **common,  # type: ignore[arg-type]
     )
-    servers += [api, QuietSignalsServer(metrics_cfg)]
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop, 0)
     host, port = api_sock.getsockname()[:2]
     m_host, m_port = metrics_sock.getsockname()[:2]
     endpoints = {"webhook": f"https://{host}:{port}/mutate", "metrics": f"http://{m_host}:{m_port}"}
     log.info("serving", extra={"fields": endpoints})
-    try:
-        results = await asyncio.gather(
-            api.serve(sockets=[api_sock]),
-            servers[1].serve(sockets=[metrics_sock]),
-            return_exceptions=True,
-        )
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-    for result in results:
-        if isinstance(result, BaseException):
-            log.error("server failed: %r", result)
-            exit_code = 1
-    if not api.started:
-        exit_code = max(exit_code, 1)
-    log.info("stopped", extra={"fields": {"exit_code": exit_code}})
-    return exit_code
+    return await group.serve((api, api_sock), (QuietSignalsServer(metrics_cfg), metrics_sock))
 
 
 def run_inject(settings: InjectSettings) -> int:

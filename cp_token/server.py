@@ -16,23 +16,13 @@ import uvicorn
 from cp_token.config import ConfigError, Settings
 from cp_token.filewatch import WatchedFile, watch_tls
 from cp_token.service import Service
-from cp_token.serving import QuietSignalsServer, ServerGroup, bind_listener
+from cp_token.serving import QuietSignalsServer, ServerGroup, bind
 
 __all__ = ["bind", "run_service", "serve"]
 
 log = logging.getLogger(__name__)
 
 GRACEFUL_SECONDS = 20
-
-
-def bind(variable: str, host: str, port: int) -> socket.socket:
-    """A listening socket, or ConfigError naming the variable (address in use, bad host)."""
-    try:
-        return bind_listener(host, port)
-    except OSError as exc:
-        raise ConfigError(
-            variable, f"cannot listen on {host}:{port} ({exc.strerror or exc})"
-        ) from None
 
 
 def _tls_reloader(s: Settings, ctx: ssl.SSLContext) -> list[WatchedFile[bytes]]:

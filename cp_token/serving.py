@@ -11,7 +11,9 @@ from collections.abc import Iterator
 
 import uvicorn
 
-__all__ = ["QuietSignalsServer", "ServerGroup", "bind_listener"]
+from cp_token.config import ConfigError
+
+__all__ = ["QuietSignalsServer", "ServerGroup", "bind", "bind_listener"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,16 @@ def bind_listener(host: str, port: int) -> socket.socket:
         raise
     sock.set_inheritable(True)
     return sock
+
+
+def bind(variable: str, host: str, port: int) -> socket.socket:
+    """A listening socket, or ConfigError naming the variable (address in use, bad host)."""
+    try:
+        return bind_listener(host, port)
+    except OSError as exc:
+        raise ConfigError(
+            variable, f"cannot listen on {host}:{port} ({exc.strerror or exc})"
+        ) from None
 
 
 class ServerGroup:

@@ -24,7 +24,7 @@ from cp_token.filewatch import FileWatcher, watch_tls
 from cp_token.inject.app import create_app, create_metrics_app
 from cp_token.inject.metrics import InjectMetrics
 from cp_token.inject.settings import InjectSettings
-from cp_token.serving import QuietSignalsServer, ServerGroup, bind_listener
+from cp_token.serving import QuietSignalsServer, ServerGroup, bind
 
 __all__ = ["run_inject", "serve"]
 
@@ -32,15 +32,6 @@ log = logging.getLogger("cp_token.inject")
 
 # Reviews take milliseconds; the API server gives a webhook at most timeoutSeconds (<= 10).
 GRACEFUL_SECONDS = 10
-
-
-def _bind(variable: str, host: str, port: int) -> socket.socket:
-    try:
-        return bind_listener(host, port)
-    except OSError as exc:
-        raise ConfigError(
-            variable, f"cannot listen on {host}:{port} ({exc.strerror or exc})"
-        ) from None
 
 
 async def serve(
@@ -114,9 +105,9 @@ def run_inject(settings: InjectSettings) -> int:
         __version__,
         extra={"fields": {"config": redacted(settings)}},
     )
-    api_sock = _bind("CP_TOKEN_INJECT_LISTEN_ADDR", settings.listen_host, settings.listen_port)
+    api_sock = bind("CP_TOKEN_INJECT_LISTEN_ADDR", settings.listen_host, settings.listen_port)
     try:
-        metrics_sock = _bind("CP_TOKEN_METRICS_ADDR", settings.metrics_host, settings.metrics_port)
+        metrics_sock = bind("CP_TOKEN_METRICS_ADDR", settings.metrics_host, settings.metrics_port)
     except ConfigError:
         api_sock.close()
         raise

@@ -24,7 +24,7 @@ import trustme
 
 from tests.fakes.admission import opted_in_pod
 from tests.integration.inject_rig import start_injector, tls_files
-from tests.integration.procs import Proc, free_port, run_cmd, write_identities
+from tests.integration.procs import Proc, cp_serve, free_port, run_cmd, write_identities
 
 USERNAME = "system:serviceaccount:session-ns:session-abc-sa"
 SA_TOKEN = "projected-sa-token-e2e"
@@ -81,11 +81,7 @@ def claims(token: str) -> Obj:
 
 def test_the_injected_sidecar_runs_and_a_runner_gets_a_token(tmp_path: Path) -> None:
     ids = write_identities(tmp_path / "ids.json", SA_TOKEN, USERNAME, "runner-abc")
-    cp_port, cp_metrics = free_port(), free_port()
     cp_env = {
-        "CP_TOKEN_LISTEN_ADDR": f"127.0.0.1:{cp_port}",
-        "CP_TOKEN_METRICS_ADDR": f"127.0.0.1:{cp_metrics}",
-        "CP_TOKEN_URL": f"http://127.0.0.1:{cp_port}/token",
         "CP_TOKEN_AUTHN": "static",
         "CP_TOKEN_STATIC_IDENTITIES_FILE": str(ids),
         "CP_TOKEN_MINTER": "jwt",
@@ -94,13 +90,13 @@ def test_the_injected_sidecar_runs_and_a_runner_gets_a_token(tmp_path: Path) -> 
     cert, key = tls_files(tmp_path, ca)
     procs: list[Proc] = []
     try:
-        cp = Proc([sys.executable, "-m", "cp_token", "serve"], cp_env, tmp_path / "cp.log")
+        cp, cp_base, cp_metrics = cp_serve(cp_env, tmp_path / "cp.log")
         procs.append(cp)
         injector = start_injector(
-            cert, key, tmp_path / "inject.log", ca, "cp-token:e2e", cp_env["CP_TOKEN_URL"]
+            cert, key, tmp_path / "inject.log", ca, "cp-token:e2e", f"{cp_base}/token"
         )
         procs.append(injector.proc)
-        cp.wait_http(f"http://127.0.0.1:{cp_metrics}/readyz")
+        cp.wait_http(f"{cp_metrics}/readyz")
 
         pod = opted_in_pod(containers=[{"name": "runner", "image": "runner:1"}])
         answer, mutated = injector.review(pod)

@@ -316,7 +316,7 @@ def _is_pod_create(request: Mapping[str, Any]) -> str | None:
     if request.get("subResource"):
         return "a pod subresource"
     if request.get("operation") != "CREATE":
-        return f"operation {request.get('operation')!r}, not CREATE"
+        return "not a CREATE"
     return None
 
 

@@ -123,7 +123,10 @@ def _failure(uid: str) -> dict[str, Any]:
 
 
 def _str_or_none(value: Any) -> str | None:
-    return value if isinstance(value, str) else None
+    """A string from the request, safe for a log line (control characters escaped)."""
+    if not isinstance(value, str):
+        return None
+    return value if value.isprintable() and len(value) <= 253 else repr(value[:253])
 
 
 def _describe(request: dict[str, Any]) -> dict[str, Any]:

@@ -193,6 +193,19 @@ async def test_the_log_line_names_the_pod_never_its_spec(caplog: pytest.LogCaptu
     assert "s3cr3t-value" not in caplog.text and "API_KEY" not in caplog.text
 
 
+async def test_log_fields_from_the_request_cannot_forge_a_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pod = opted_in_pod(name='evil\n{"level":"error"}')
+    review = admission_review(pod, uid="u-2")
+    review["request"]["namespace"] = "ns\r\nforged"
+    with caplog.at_level(logging.INFO, logger="cp_token.inject"):
+        await post(review)
+    fields = next(r for r in caplog.records if r.name == "cp_token.inject").fields  # type: ignore[attr-defined]
+    assert "\n" not in fields["name"] and "\n" not in fields["namespace"]
+    assert "\r" not in fields["namespace"]
+
+
 async def test_metrics_app_probes_and_series() -> None:
     metrics = InjectMetrics()
     ready: list[str | None] = ["starting"]

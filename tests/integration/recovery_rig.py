@@ -10,14 +10,16 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
+from tests.integration.fake_cp import FakeCP
 from tests.integration.procs import Proc, free_port, write_identities
 
-__all__ = ["RecoveryRun", "sidecar_recovery"]
+__all__ = ["RecoveryRun", "poll", "sa_rotation_recovery", "sidecar_recovery"]
 
 RUNNER = "system:serviceaccount:session-rec:session-rec-sa"
 SA_TOKEN = "recovery-sa-token"
@@ -135,3 +137,44 @@ def sidecar_recovery(workdir: Path, *, ttl: int = 3, outage: float = 6.0) -> Rec
     finally:
         for proc in procs:
             proc.stop()
+
+
+def sa_rotation_recovery(workdir: Path) -> tuple[float, int]:
+    """A sidecar whose SA token the CP (a :class:`FakeCP`) refuses with 401; the token file
+    is then rotated (an atomic swap, as kubelet does). Returns (seconds from the swap to a
+    token from the sidecar, CP calls made meanwhile)."""
+    sa_file = workdir / "sa-token"
+    sa_file.write_text("invalidated-sa-token")
+    with FakeCP(sa_token="rotated-sa-token") as cp:
+        port = free_port()
+        env = {
+            "AMBIENT_CP_TOKEN_URL": cp.url,
+            "AMBIENT_SA_TOKEN_FILE": str(sa_file),
+            "SIDECAR_LISTEN_ADDR": f"127.0.0.1:{port}",
+        }
+        proc = Proc([sys.executable, "-m", "sidecar"], env, workdir / "sidecar.log")
+        try:
+            proc.wait_http(f"http://127.0.0.1:{port}/healthz")
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", trust_env=False) as http:
+                poll(lambda: http.get("/token", headers=HEADER).status_code == 401, 10, "the 401")
+                calls = cp.calls
+                (workdir / "sa-token.new").write_text("rotated-sa-token")
+                (workdir / "sa-token.new").replace(sa_file)
+                took = poll(lambda: http.get("/token", headers=HEADER).status_code == 200, 70)
+            if proc.terminate() != 0:
+                raise AssertionError(f"the sidecar did not exit 0:\n{proc.output()}")
+        finally:
+            proc.stop()
+        if "rotated-sa-token" in proc.output():
+            raise AssertionError("the SA token was logged")
+        return took, cp.calls - calls
+
+
+def poll(predicate: Callable[[], bool], deadline: float, what: str = "") -> float:
+    """Seconds until ``predicate()`` held (checked every 20 ms); raise after ``deadline``."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > deadline:
+            raise AssertionError(f"not within {deadline}s: {what}")
+        time.sleep(0.02)
+    return time.monotonic() - start

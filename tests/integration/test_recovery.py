@@ -5,32 +5,17 @@ under load, slow, or rejecting the client mid-run."""
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 
 from tests.fakes.idp import FakeIdP
-from tests.integration.fake_cp import FakeCP
-from tests.integration.procs import Proc, cp_serve, free_port, write_identities
-from tests.integration.recovery_rig import sidecar_recovery
+from tests.integration.procs import Proc, cp_serve, write_identities
+from tests.integration.recovery_rig import poll, sa_rotation_recovery, sidecar_recovery
 
 RUNNER = "system:serviceaccount:session-ns:session-idp-sa"
-HEADER = {"Ambient-Token-Request": "true"}
-
-
-def poll(predicate: Callable[[], bool], deadline: float, what: str) -> float:
-    """Seconds until ``predicate()`` held; raise after ``deadline``."""
-    start = time.monotonic()
-    while time.monotonic() - start < deadline:
-        if predicate():
-            return time.monotonic() - start
-        time.sleep(0.02)
-    raise AssertionError(f"not within {deadline}s: {what}")
 
 
 # --- the sidecar ------------------------------------------------------------------------------
@@ -46,35 +31,10 @@ def test_the_sidecar_serves_a_token_within_2_5_s_after_an_outage_longer_than_its
 
 
 def test_after_a_401_a_rotated_sa_token_file_is_used_at_once(tmp_path: Path) -> None:
-    sa_file = tmp_path / "sa-token"
-    sa_file.write_text("invalidated-sa-token")
-    with FakeCP(sa_token="rotated-sa-token") as cp:
-        port = free_port()
-        env = {
-            "AMBIENT_CP_TOKEN_URL": cp.url,
-            "AMBIENT_SA_TOKEN_FILE": str(sa_file),
-            "SIDECAR_LISTEN_ADDR": f"127.0.0.1:{port}",
-        }
-        proc = Proc([sys.executable, "-m", "sidecar"], env, tmp_path / "sidecar.log")
-        try:
-            proc.wait_http(f"http://127.0.0.1:{port}/healthz")
-            with httpx.Client(base_url=f"http://127.0.0.1:{port}", trust_env=False) as http:
-                poll(lambda: http.get("/token", headers=HEADER).status_code == 401, 5, "401")
-                calls = cp.calls
-                (tmp_path / "sa-token.new").write_text("rotated-sa-token")
-                os.replace(tmp_path / "sa-token.new", sa_file)  # kubelet's swap
-                took = poll(
-                    lambda: http.get("/token", headers=HEADER).status_code == 200,
-                    5,
-                    "a token with the rotated SA token",
-                )
-            # before: 401 relayed for 27-58 s (the file was re-read only at the slow retry)
-            assert took <= 1.5
-            assert cp.calls <= calls + 3  # polled cheaply: the file, not the CP
-            assert proc.terminate() == 0
-        finally:
-            proc.stop()
-    assert "rotated-sa-token" not in proc.output()
+    took, cp_calls = sa_rotation_recovery(tmp_path)
+    # before: 401 relayed for 27-58 s (the file was re-read only at the slow retry)
+    assert took <= 1.5, took
+    assert cp_calls <= 3  # the file is polled, not the CP
 
 
 # --- the CP's oidc minter ------------------------------------------------------------------

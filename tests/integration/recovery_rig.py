@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 
 from tests.integration.fake_cp import FakeCP
-from tests.integration.procs import Proc, free_port, write_identities
+from tests.integration.procs import Proc, free_port, sidecar_serve, write_identities
 
 __all__ = ["RecoveryRun", "poll", "sa_rotation_recovery", "sidecar_recovery"]
 
@@ -97,7 +97,7 @@ def sidecar_recovery(workdir: Path, *, ttl: int = 3, outage: float = 6.0) -> Rec
     started again on the same ports."""
     write_identities(workdir / "ids.json", SA_TOKEN, RUNNER, "runner-rec")
     (workdir / "sa-token").write_text(SA_TOKEN)
-    cp_port, cp_metrics, sc_port = free_port(), free_port(), free_port()
+    cp_port, cp_metrics = free_port(), free_port()
     cp_env = {
         "CP_TOKEN_LISTEN_ADDR": f"127.0.0.1:{cp_port}",
         "CP_TOKEN_METRICS_ADDR": f"127.0.0.1:{cp_metrics}",
@@ -109,19 +109,19 @@ def sidecar_recovery(workdir: Path, *, ttl: int = 3, outage: float = 6.0) -> Rec
         "CP_TOKEN_MIN_TTL": "1",
         "CP_TOKEN_RATE_LIMIT": "100/s,100",
     }
-    sidecar_env = {
-        "AMBIENT_CP_TOKEN_URL": f"http://127.0.0.1:{cp_port}/token",
-        "SIDECAR_LISTEN_ADDR": f"127.0.0.1:{sc_port}",
-        "AMBIENT_SA_TOKEN_FILE": str(workdir / "sa-token"),
-        "SIDECAR_MIN_TTL": "1",
-    }
     cp_cmd = [sys.executable, "-m", "cp_token", "serve"]
     procs = [Proc(cp_cmd, cp_env, workdir / "cp-1.log")]
     try:
         _wait_ready(f"http://127.0.0.1:{cp_metrics}/readyz")
-        procs.append(Proc([sys.executable, "-m", "sidecar"], sidecar_env, workdir / "sc.log"))
-        _wait_ready(f"http://127.0.0.1:{sc_port}/readyz")
-        with _Consumer(f"http://127.0.0.1:{sc_port}/token") as consumer:
+        sidecar, sidecar_base = sidecar_serve(
+            f"http://127.0.0.1:{cp_port}/token",
+            workdir / "sa-token",
+            workdir / "sc.log",
+            SIDECAR_MIN_TTL="1",
+        )
+        procs.append(sidecar)
+        _wait_ready(f"{sidecar_base}/readyz")
+        with _Consumer(f"{sidecar_base}/token") as consumer:
             time.sleep(min(1.0, ttl / 3))  # the consumer is served from the held token
             procs[0].stop()  # SIGKILL: the CP is gone
             down = time.monotonic()
@@ -146,16 +146,10 @@ def sa_rotation_recovery(workdir: Path) -> tuple[float, int]:
     sa_file = workdir / "sa-token"
     sa_file.write_text("invalidated-sa-token")
     with FakeCP(sa_token="rotated-sa-token") as cp:
-        port = free_port()
-        env = {
-            "AMBIENT_CP_TOKEN_URL": cp.url,
-            "AMBIENT_SA_TOKEN_FILE": str(sa_file),
-            "SIDECAR_LISTEN_ADDR": f"127.0.0.1:{port}",
-        }
-        proc = Proc([sys.executable, "-m", "sidecar"], env, workdir / "sidecar.log")
+        proc, base = sidecar_serve(cp.url, sa_file, workdir / "sidecar.log")
         try:
-            proc.wait_http(f"http://127.0.0.1:{port}/healthz")
-            with httpx.Client(base_url=f"http://127.0.0.1:{port}", trust_env=False) as http:
+            proc.wait_http(f"{base}/healthz")
+            with httpx.Client(base_url=base, trust_env=False) as http:
                 poll(lambda: http.get("/token", headers=HEADER).status_code == 401, 10, "the 401")
                 calls = cp.calls
                 (workdir / "sa-token.new").write_text("rotated-sa-token")

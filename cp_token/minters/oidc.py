@@ -23,7 +23,7 @@ from cp_token.authn.precheck import decode_unverified
 from cp_token.clock import Clock
 from cp_token.errors import Unauthenticated, Unavailable
 from cp_token.identity import Identity
-from cp_token.minters import IssuedToken
+from cp_token.minters import DEFAULT_OPTIONS, IssuedToken, MintOptions
 
 __all__ = ["OidcMinter", "UpstreamToken"]
 
@@ -113,8 +113,11 @@ class OidcMinter:
     def _usable(self, tok: UpstreamToken | None) -> bool:
         return tok is not None and tok.expires_mono - self._clock.monotonic() >= self._min_ttl
 
-    async def mint(self, identity: Identity) -> IssuedToken:
-        """The shared upstream token, with at least ``min_ttl`` left; else 503."""
+    async def mint(self, identity: Identity, options: MintOptions = DEFAULT_OPTIONS) -> IssuedToken:
+        """The shared upstream token, with at least ``min_ttl`` left; else 503.
+
+        ``options`` cannot narrow it: every caller gets the same upstream token.
+        """
         tok = self._current
         if not self._usable(tok):
             try:

@@ -19,10 +19,10 @@ from hypothesis import strategies as st
 from joserfc import jwt
 from joserfc.jwk import KeySet
 from test_app import RUNNER, TABLE, DictReviewer
+from test_app import build as build_app
 
 from cp_token import app as app_module
-from cp_token.app import ExchangeConfig, create_app
-from cp_token.authn.cache import CachedAuthenticator
+from cp_token.app import ExchangeConfig
 from cp_token.clock import FakeClock
 from cp_token.config import ConfigError, load_settings
 from cp_token.credential import MAX_TOKEN_BYTES
@@ -32,8 +32,6 @@ from cp_token.identity import Identity
 from cp_token.minters import IssuedToken, Minter, MintOptions
 from cp_token.minters.jwt import JwtMinter
 from cp_token.minters.static import StaticMinter
-from cp_token.policy import RunnerPolicy
-from cp_token.ratelimit import RateLimiter
 from cp_token.service import exchange_config
 
 GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
@@ -55,22 +53,9 @@ def build(
     exchange: ExchangeConfig | None = None,
     **kw: Any,
 ) -> Any:
-    auth = CachedAuthenticator(
-        reviewer,
-        clock=clock,
-        audiences=("ambient-cp",),
-        ttl=30,
-        max_in_flight=4,
-        jwt_precheck=False,
-    )
-    return create_app(
-        authenticator=auth,
-        policy=RunnerPolicy(),
-        minter=minter or jwt_minter(clock),
-        clock=clock,
-        limiter=RateLimiter(kw.pop("rate", 5.0), kw.pop("burst", 20), clock),
-        exchange=exchange or ExchangeConfig(audiences=AUDIENCES, scopes=SCOPES),
-    )
+    """test_app.py's app, with these allow-lists unless told otherwise."""
+    exchange = exchange or ExchangeConfig(audiences=AUDIENCES, scopes=SCOPES)
+    return build_app(clock, reviewer, minter=minter, exchange=exchange, **kw)[0]
 
 
 def form(**fields: Any) -> list[tuple[str, str]]:

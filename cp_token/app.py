@@ -86,7 +86,8 @@ class ExchangeConfig:
     """The token exchange's settings (``CP_TOKEN_EXCHANGE_*``) and its RFC 8414 metadata.
 
     ``audiences`` None: the ``jwt`` minter's own audience (none for other minters).
-    ``issuer`` None: the ``jwt`` minter's issuer; with neither, no metadata is served.
+    ``issuer``: for minters other than ``jwt`` (whose own issuer wins); with neither, no
+    metadata is served (404).
     ``token_endpoint`` None: ``<issuer>/oauth2/token``.
     """
 
@@ -316,7 +317,8 @@ def create_app(
         *_health_routes(ready),
     ]
 
-    issuer = exchange.issuer or (jwt_minter.issuer if jwt_minter else None)
+    # the jwt minter's own issuer first, so the metadata's `issuer` is its tokens' `iss`
+    issuer = (jwt_minter.issuer if jwt_minter else None) or exchange.issuer
     if issuer is not None:
         metadata = authorization_server_metadata(
             issuer=issuer,

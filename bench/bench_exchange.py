@@ -8,7 +8,9 @@ pod-bound token is sent over and over, so after the first request every request 
 review-cache hit: what is measured is each door's own cost around the one shared decision
 (GET: the Bearer header; POST: reading and parsing a form, the RFC 8693 checks). The two
 doors alternate for ``--rounds`` rounds on the same process, and the medians are compared,
-so drift of the machine hits both alike. Server CPU per request is read from /proc over each
+so drift of the machine hits both alike. The same pair is first measured on a bare Starlette
+app (``GET /token`` vs a ``POST /oauth2/token`` that only reads its body): that is the floor
+any POST pays in uvicorn and Starlette. Server CPU per request is read from /proc over each
 measured window and does not depend on who else competes for the two cores.
 
 The exchange should cost no more than form parsing over the GET path: the req/s ratio is
@@ -29,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from bench_cp import FakeKube, check_ok, line, others_cpu, per_req_us, start_cp
-from common import fmt_ms, run_loadgen
+from bench_cp import FakeKube, check_ok, line, others_cpu, per_req_us, start_bare, start_cp
+from common import Proc, fmt_ms, run_loadgen
 
 GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
 JWT_TYPE = "urn:ietf:params:oauth:token-type:jwt"
@@ -53,34 +55,54 @@ def first_requests(port: int, token: str) -> None:
             raise RuntimeError(f"{what}: the bench token got {resp.status_code} {resp.text}")
 
 
-def bench(
-    kube: FakeKube, workdir: Path, conns: int, warmup: float, duration: float, rounds: int
+def alternate(
+    proc: Proc,
+    port: int,
+    token_file: Path,
+    watch: list[int],
+    args: argparse.Namespace,
+    prefix: str,
+    kube_pid: int,
 ) -> dict[str, list[dict[str, Any]]]:
-    """Alternate the two doors ``rounds`` times on one CP; every run's result by door."""
-    token_file = kube.tokens(workdir / "token.txt", 1)
-    cp, port = start_cp(workdir, "cp-exchange", kube, "tokenreview", "info")
+    """The two doors, alternating for ``args.rounds`` rounds on one server process."""
     runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in DOORS}
+    for i in range(args.rounds):
+        for label, path, exchange in DOORS:
+            r = run_loadgen(
+                port,
+                token_file,
+                conns=args.conns,
+                warmup=args.warmup,
+                duration=args.duration,
+                watch=watch,
+                path=path,
+                exchange=exchange,
+            )
+            check_ok(f"{prefix}{label}", r, proc)
+            r["server_cpu"] = r["cpu"][str(proc.pid)]
+            runs[label].append(r)
+            print(line(f"{prefix}{label} #{i + 1}", r, kube_pid))
+    return runs
+
+
+def bench(
+    kube: FakeKube, workdir: Path, args: argparse.Namespace
+) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """Bare Starlette's two routes, then the CP's two doors; every run's result by door."""
+    token_file = kube.tokens(workdir / "token.txt", 1)
+    out: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    bare, port = start_bare(workdir)
+    try:
+        out["bare"] = alternate(bare, port, token_file, [bare.pid], args, "bare ", kube.pid)
+    finally:
+        bare.stop()
+    cp, port = start_cp(workdir, "cp-exchange", kube, "tokenreview", "info")
     try:
         first_requests(port, token_file.read_text().strip())
-        for i in range(rounds):
-            for label, path, exchange in DOORS:
-                r = run_loadgen(
-                    port,
-                    token_file,
-                    conns=conns,
-                    warmup=warmup,
-                    duration=duration,
-                    watch=[cp.pid, kube.pid],
-                    path=path,
-                    exchange=exchange,
-                )
-                check_ok(label, r, cp)
-                r["server_cpu"] = r["cpu"][str(cp.pid)]
-                runs[label].append(r)
-                print(line(f"{label} #{i + 1}", r, kube.pid))
+        out["cp"] = alternate(cp, port, token_file, [cp.pid, kube.pid], args, "CP ", kube.pid)
     finally:
         cp.stop()
-    return runs
+    return out
 
 
 def median_of(runs: list[dict[str, Any]], key: str) -> float:
@@ -114,24 +136,37 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tmp)
         kube = FakeKube(workdir)
         try:
-            runs = bench(kube, workdir, args.conns, args.warmup, args.duration, args.rounds)
+            results = bench(kube, workdir, args)
         finally:
             kube.stop()
-    get, post = runs["GET /token"], runs["POST /oauth2/token"]
     print("\n" + "=" * 78)
-    print("SUMMARY (bench/bench_exchange.py): warm review cache, same CP process, medians")
+    print("SUMMARY (bench/bench_exchange.py): warm review cache, medians of alternating rounds")
     print("=" * 78)
-    for label, rs in runs.items():
+    ratios = {}
+    for server, runs in results.items():
+        for label, rs in runs.items():
+            print(
+                f"   {server:<4} {label:<20} {median_of(rs, 'rps'):>7,.0f} req/s  "
+                f"p50 {fmt_ms(median_of(rs, 'p50'))} ms  p99 {fmt_ms(median_of(rs, 'p99'))} ms  "
+                f"server CPU {median_of(rs, 'us'):.0f} us/req"
+            )
+        get, post = runs["GET /token"], runs["POST /oauth2/token"]
+        ratios[server] = (
+            median_of(post, "rps") / median_of(get, "rps"),
+            median_of(post, "us") / median_of(get, "us"),
+            median_of(post, "us") - median_of(get, "us"),
+        )
+    for server, (rps, cpu, extra) in ratios.items():
         print(
-            f"   {label:<20} {median_of(rs, 'rps'):>7,.0f} req/s  "
-            f"p50 {fmt_ms(median_of(rs, 'p50'))} ms  p99 {fmt_ms(median_of(rs, 'p99'))} ms  "
-            f"server CPU {median_of(rs, 'us'):.0f} us/req"
+            f"   {server:<4} POST/GET: throughput {rps:.2f}x; server CPU per request {cpu:.2f}x "
+            f"({extra:+.0f} us)"
         )
     print(
-        f"   POST/GET: throughput {median_of(post, 'rps') / median_of(get, 'rps'):.2f}x; "
-        f"server CPU per request {median_of(post, 'us') / median_of(get, 'us'):.2f}x"
+        "   (bare: uvicorn + Starlette receiving a form body vs a GET, the floor for any POST; "
+        "CP minus bare = the exchange's own parsing and checks)"
     )
-    noisiest = max(others_cpu(r) / r["elapsed"] for r in [*get, *post])
+    every = [r for runs in results.values() for rs in runs.values() for r in rs]
+    noisiest = max(others_cpu(r) / r["elapsed"] for r in every)
     print(
         f"machine: other processes used up to {noisiest:.0%} of a core during a measured run"
         + ("  <-- NOT QUIET: rerun for clean numbers" if noisiest > 0.1 else "")

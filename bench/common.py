@@ -6,9 +6,10 @@ Run as a script it is one of the two helper processes the benches start:
   streams (no HTTP client library, so the client's own cost per request stays small) that
   prints one JSON line of results; ``GET`` with a Bearer token, or with ``--exchange`` a
   ``POST`` of an RFC 8693 token-exchange form;
-- ``python bench/common.py bare --port N``: the baseline, a bare Starlette app with one
-  ``GET /token`` route returning a small JSON, served by uvicorn with the CP's settings
-  (no access log, no server header, same loop and HTTP implementation).
+- ``python bench/common.py bare --port N``: the baseline, a bare Starlette app with a
+  ``GET /token`` route returning a small JSON (and a ``POST /oauth2/token`` route that reads
+  the body first), served by uvicorn with the CP's settings (no access log, no server
+  header, same loop and HTTP implementation).
 
 Nothing here imports the product: the benches measure it as a black box, as a process.
 """
@@ -365,7 +366,16 @@ def _bare(port: int) -> None:
     async def token(request: Request) -> JSONResponse:
         return JSONResponse({"token": "bare", "token_type": "Bearer", "expires_in": 900})
 
-    app = Starlette(routes=[Route("/token", token, methods=["GET"])])
+    async def exchange(request: Request) -> JSONResponse:  # reads the form body, nothing more
+        await request.body()
+        return JSONResponse({"access_token": "bare", "token_type": "Bearer", "expires_in": 900})
+
+    app = Starlette(
+        routes=[
+            Route("/token", token, methods=["GET"]),
+            Route("/oauth2/token", exchange, methods=["POST"]),
+        ]
+    )
     uvicorn.run(app, host=HOST, port=port, log_config=None, access_log=False, server_header=False)
 
 

@@ -24,7 +24,7 @@ from pathlib import PurePath
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
@@ -170,9 +170,16 @@ async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
         raise PayloadTooLarge(f"the body exceeds {limit} bytes")
     chunks: list[bytes] = []
     size = 0
+    receive = request.receive
+    more = True
     try:
         async with asyncio.timeout(BODY_TIMEOUT):
-            async for chunk in request.stream():
+            while more:
+                message = await receive()
+                if message["type"] != "http.request":
+                    raise InvalidRequest("the body was cut short", reason="client_disconnect")
+                chunk: bytes = message.get("body", b"")
+                more = message.get("more_body", False)
                 size += len(chunk)
                 if size > limit:
                     raise PayloadTooLarge(f"the body exceeds {limit} bytes")
@@ -181,9 +188,7 @@ async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
         raise InvalidRequest(
             f"the body did not arrive within {BODY_TIMEOUT:g} s", reason="body_timeout"
         ) from None
-    except ClientDisconnect:
-        raise InvalidRequest("the body was cut short", reason="client_disconnect") from None
-    return b"".join(chunks)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _exchange_parser(rules: ExchangeRules) -> Callable[[Request], Awaitable[TokenAsk]]:

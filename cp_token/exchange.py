@@ -16,7 +16,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import quote, unquote
 
 from cp_token.credential import check_credential
 from cp_token.decision import ACCESS_TOKEN_TYPE, TokenAsk
@@ -56,6 +56,11 @@ SINGLE_VALUED = (
     "actor_token",
     "actor_token_type",
 )
+_ENCODED_CONSTANTS = {
+    encoded: value
+    for value in (GRANT_TYPE, ACCESS_TOKEN_TYPE, JWT_TOKEN_TYPE)
+    for encoded in (quote(value, safe=""), quote(value, safe="").replace("%3A", "%3a"), value)
+}
 TARGETS = ("audience", "resource")  # RFC 8707: a resource counts as an audience here
 # RFC 6749 §3.3 scope-token: %x21 / %x23-5B / %x5D-7E
 _SCOPE_TOKEN = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+$")
@@ -84,27 +89,39 @@ def check_content_type(value: str | None) -> None:
         )
 
 
+def _unescape(raw: str) -> str:
+    """One form-encoded name or value, decoded (``+`` is a space, ``%XX`` UTF-8 bytes)."""
+    known = _ENCODED_CONSTANTS.get(raw)
+    if known is not None:  # the grant's URNs: skip percent-decoding them on every request
+        return known
+    if "+" in raw:
+        raw = raw.replace("+", " ")
+    return unquote(raw, errors="strict") if "%" in raw else raw
+
+
 def parse_form(body: bytes) -> dict[str, list[str]]:
-    """Decode a form body (UTF-8, RFC 6749 Appendix B); empty values are dropped (§3.1)."""
+    """Decode a form body (UTF-8, RFC 6749 Appendix B); empty values are dropped (§3.1).
+
+    The same decoding as :func:`urllib.parse.parse_qsl` (``&`` separates, ``+`` is a space),
+    at a fraction of its cost for the bodies this endpoint sees.
+    """
     try:
-        # A form body is ASCII (everything else percent-encoded); str in, str out is the
-        # cheap path of parse_qsl.
-        pairs = parse_qsl(
-            body.decode("ascii"),
-            keep_blank_values=True,
-            encoding="utf-8",
-            errors="strict",
-            max_num_fields=MAX_FIELDS,
-        )
+        text = body.decode("ascii")  # a form body is ASCII: everything else is %-encoded
+        if text.count("&") >= MAX_FIELDS:
+            raise ValueError("too many fields")
+        form: dict[str, list[str]] = {}
+        for field in text.split("&"):
+            if not field:
+                continue
+            name, _, value = field.partition("=")
+            name, value = _unescape(name), _unescape(value)
+            if value:
+                form.setdefault(name, []).append(value)
     except (UnicodeDecodeError, ValueError):
         raise InvalidRequest(
             "the body is not a UTF-8 form (application/x-www-form-urlencoded)",
             reason="malformed_form",
         ) from None
-    form: dict[str, list[str]] = {}
-    for name, value in pairs:
-        if value:
-            form.setdefault(name, []).append(value)
     return form
 
 

@@ -10,7 +10,7 @@ import asyncio
 import json
 import logging
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode
 
 import httpx
 import pytest
@@ -26,8 +26,8 @@ from cp_token.app import ExchangeConfig
 from cp_token.clock import FakeClock
 from cp_token.config import ConfigError, load_settings
 from cp_token.credential import MAX_TOKEN_BYTES
-from cp_token.errors import Unavailable
-from cp_token.exchange import MAX_BODY_BYTES
+from cp_token.errors import InvalidRequest, Unavailable
+from cp_token.exchange import MAX_BODY_BYTES, parse_form
 from cp_token.identity import Identity
 from cp_token.minters import IssuedToken, Minter, MintOptions
 from cp_token.minters.jwt import JwtMinter
@@ -627,3 +627,25 @@ def test_arbitrary_bodies_and_headers_never_5xx_but_503(
     status = sent[0]["status"]
     assert status < 500 or status == 503
     assert dict(sent[0]["headers"])[b"cache-control"] == b"no-store"
+
+
+FORM_TEXT = st.text(alphabet="ab=&+%2AFf3e9 .~-_", max_size=60) | st.builds(
+    urlencode, st.lists(st.tuples(FIELD_NAMES, FIELD_VALUES), max_size=6)
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(text=FORM_TEXT)
+def test_form_decoding_matches_parse_qsl(text: str) -> None:
+    """The hand-rolled fast path decodes exactly as the standard library does."""
+    try:
+        pairs = parse_qsl(text, keep_blank_values=True, encoding="utf-8", errors="strict")
+    except UnicodeDecodeError:
+        with pytest.raises(InvalidRequest):
+            parse_form(text.encode())
+        return
+    expected: dict[str, list[str]] = {}
+    for name, value in pairs:
+        if value:
+            expected.setdefault(name, []).append(value)
+    assert parse_form(text.encode()) == expected

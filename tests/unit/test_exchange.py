@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from joserfc import jwt
 from joserfc.jwk import KeySet
-from test_app import RUNNER, TABLE, DictReviewer
+from test_app import RUNNER, TABLE, DictReviewer, clock, reviewer
 from test_app import build as build_app
 
 from cp_token import app as app_module
@@ -33,6 +33,8 @@ from cp_token.minters import IssuedToken, Minter, MintOptions
 from cp_token.minters.jwt import JwtMinter
 from cp_token.minters.static import StaticMinter
 from cp_token.service import exchange_config
+
+__all__ = ["clock", "reviewer"]  # fixtures shared with test_app.py
 
 GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
 JWT_TYPE = "urn:ietf:params:oauth:token-type:jwt"
@@ -100,16 +102,6 @@ async def get_token(app: Any, token: str = "good") -> httpx.Response:
 def claims(minter: JwtMinter, token: str) -> dict[str, Any]:
     keys = KeySet.import_key_set(minter.jwks())
     return dict(jwt.decode(token, keys, algorithms=["ES256"]).claims)
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def reviewer() -> DictReviewer:
-    return DictReviewer(dict(TABLE))
 
 
 # --- success ---------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from cp_token.backoff import Backoff, Pacer, parse_retry_after
 from cp_token.clock import Clock, sleep_or_wake
 from cp_token.errors import Unauthenticated, Unavailable
 from cp_token.identity import Identity
-from cp_token.minters import IssuedToken
+from cp_token.minters import DEFAULT_OPTIONS, IssuedToken, MintOptions
 from cp_token.singleflight import SharedCall
 
 __all__ = ["IDP_BACKOFF", "REQUEST_WAIT", "IdPError", "IdPMetrics", "OidcMinter", "UpstreamToken"]
@@ -175,8 +175,11 @@ class OidcMinter:
 
     # --- the request path -------------------------------------------------------------------
 
-    async def mint(self, identity: Identity) -> IssuedToken:
-        """The shared upstream token, with at least ``min_ttl`` left; else 503."""
+    async def mint(self, identity: Identity, options: MintOptions = DEFAULT_OPTIONS) -> IssuedToken:
+        """The shared upstream token, with at least ``min_ttl`` left; else 503.
+
+        ``options`` cannot narrow it: every caller gets the same upstream token.
+        """
         tok = self._current
         if tok is None or not self._usable(tok):
             tok = await self._token_for_request()

@@ -18,14 +18,15 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from cp_token.errors import CPTokenError, error_response
+from cp_token.bodies import read_body
+from cp_token.errors import CPTokenError, MethodNotAllowed, error_response
 from cp_token.health import Readiness, probe_app
-from cp_token.inject.errors import InvalidReview, PostOnly, ReviewTooLarge
+from cp_token.inject.errors import InvalidReview
 from cp_token.inject.metrics import InjectMetrics
 from cp_token.inject.patch import Decision, decide
 from cp_token.inject.settings import InjectSettings
@@ -46,24 +47,6 @@ API_VERSION = "admission.k8s.io/v1"
 MAX_REVIEW_BYTES = 3 * 1024 * 1024 + 64 * 1024
 # Kubernetes UIDs are UUIDs; allow any short printable token, refuse what could forge a log.
 _UID = re.compile(r"[\x21-\x7e]{1,128}")
-
-
-async def read_body(request: Request, limit: int = MAX_REVIEW_BYTES) -> bytes:
-    """The request body, refused (413) as soon as it is known to exceed ``limit``."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ReviewTooLarge(f"body of {declared} bytes is over the {limit} byte limit")
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ReviewTooLarge(f"body is over the {limit} byte limit")
-            chunks.append(chunk)
-    except ClientDisconnect:
-        raise InvalidReview("the client went away before sending the whole body") from None
-    return b"".join(chunks)
 
 
 def parse_review(body: bytes) -> dict[str, Any]:
@@ -160,8 +143,10 @@ class MutateEndpoint:
         start = time.perf_counter()
         try:
             if request.method != "POST":
-                raise PostOnly(f"{request.method} is not allowed on /mutate; use POST")
-            review = parse_review(await read_body(request))
+                raise MethodNotAllowed(
+                    f"{request.method} is not allowed on /mutate; use POST", allow="POST"
+                )
+            review = parse_review(await read_body(request, MAX_REVIEW_BYTES))
         except CPTokenError as exc:
             self.metrics.request("error", time.perf_counter() - start)
             log.warning(

@@ -1,15 +1,17 @@
-"""The injector's refusals of a request that is not an admission review it can answer.
+"""The injector's refusal of a request that is not an admission review it can answer.
 
 They are :class:`~cp_token.errors.CPTokenError` types, so :func:`cp_token.errors.error_response`
 (the one mapping from error type to HTTP) renders them. A review the injector *can* answer is
 never one of these: a refusal of the pod is an AdmissionReview with ``allowed: false``.
+Oversized bodies (413) and other methods (405) use the shared
+:class:`~cp_token.errors.PayloadTooLarge` and :class:`~cp_token.errors.MethodNotAllowed`.
 """
 
 from __future__ import annotations
 
 from cp_token.errors import CPTokenError
 
-__all__ = ["InvalidReview", "PostOnly", "ReviewTooLarge"]
+__all__ = ["InvalidReview"]
 
 
 class InvalidReview(CPTokenError):
@@ -17,21 +19,3 @@ class InvalidReview(CPTokenError):
 
     status = 400
     error = "invalid_review"
-
-
-class ReviewTooLarge(CPTokenError):
-    """413: the body is larger than any review the API server sends."""
-
-    status = 413
-    error = "too_large"
-
-
-class PostOnly(CPTokenError):
-    """405: ``/mutate`` takes POST only."""
-
-    status = 405
-    error = "method_not_allowed"
-
-    def headers(self) -> dict[str, str]:
-        """RFC 9110: list the allowed methods."""
-        return {"Allow": "POST"}

@@ -116,7 +116,7 @@ async def test_a_body_over_the_limit_is_413() -> None:
     metrics = InjectMetrics()
     big = b" " * (MAX_REVIEW_BYTES + 1)
     resp = await post(big, metrics)
-    assert resp.status_code == 413 and resp.json()["error"] == "too_large"
+    assert resp.status_code == 413 and resp.json()["error"] == "invalid_request"
 
     async def chunks() -> Any:  # no Content-Length: the limit holds while streaming
         for _ in range(MAX_REVIEW_BYTES // 65536 + 2):

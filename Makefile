@@ -38,6 +38,9 @@ integration: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_cp.py
 	$(BIN)/python bench/bench_sidecar.py
+	$(BIN)/python bench/bench_recovery.py
+	$(BIN)/python bench/bench_exchange.py
+	$(BIN)/python bench/bench_inject.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache

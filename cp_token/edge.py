@@ -38,6 +38,7 @@ __all__ = [
     "HttpImplementation",
     "absolute_form",
     "edge_protocol",
+    "is_edge_protocol",
 ]
 
 log = logging.getLogger("cp_token.edge")
@@ -161,9 +162,9 @@ class EdgeListener(socket.socket):
         self.max_connections = max_connections
         self.limit_name = limit_name
         self.refused = 0
-        # Seconds a connection may take to send a complete head, TLS handshake included
-        # (the server that serves this socket sets its own).
-        self.head_timeout = EdgeLimits().head_timeout
+        # Seconds a connection may take to send a complete head, TLS handshake included; set
+        # by the edge server that serves this socket (None: not watched here).
+        self.head_timeout: float | None = None
         self._open: weakref.WeakSet[_Connection] = weakref.WeakSet()
 
     @property
@@ -176,9 +177,11 @@ class EdgeListener(socket.socket):
         for _ in range(REFUSE_BATCH):
             sock, addr = super().accept()  # BlockingIOError when none is waiting
             if len(self._open) < self.max_connections:
-                conn = _Connection(sock, self._open, self.head_timeout)
+                timeout = self.head_timeout
+                conn = _Connection(sock, self._open, timeout or 0.0)
                 self._open.add(conn)
-                _unstarted.add(conn)
+                if timeout is not None:
+                    _unstarted.add(conn)
                 return conn, addr
             sock.close()
             self.refused += 1
@@ -372,6 +375,11 @@ def _h11_protocol() -> type[asyncio.Protocol]:
 
 
 HttpImplementation = Literal["httptools", "h11"]
+
+
+def is_edge_protocol(http: object) -> bool:
+    """True when ``http`` (a ``uvicorn.Config(http=...)`` value) is one of ours."""
+    return isinstance(http, type) and issubclass(http, _HeadLimits)
 
 
 @functools.cache

@@ -14,13 +14,13 @@ import socket
 import ssl
 
 from cp_token.config import ConfigError, Settings
-from cp_token.filewatch import WatchedFile
+from cp_token.filewatch import WatchedFile, watch_tls
 from cp_token.service import Service
 from cp_token.serving import (
     PROBE_LIMIT_NAME,
     PROBE_MAX_CONNECTIONS,
-    ServeGroup,
-    bind_listener,
+    ServerGroup,
+    bind,
     edge_server,
     load_tls,
 )
@@ -32,34 +32,13 @@ log = logging.getLogger(__name__)
 GRACEFUL_SECONDS = 20
 
 
-def bind(
-    variable: str, host: str, port: int, max_connections: int, limit_name: str
-) -> socket.socket:
-    """A listening socket, or ConfigError naming the variable (address in use, bad host)."""
-    try:
-        return bind_listener(host, port, max_connections=max_connections, limit_name=limit_name)
-    except OSError as exc:
-        raise ConfigError(
-            variable, f"cannot listen on {host}:{port} ({exc.strerror or exc})"
-        ) from None
-
-
 def _tls_reloader(s: Settings, ctx: ssl.SSLContext) -> list[WatchedFile[bytes]]:
     assert s.tls_cert_file and s.tls_key_file
-    cert, key = s.tls_cert_file, s.tls_key_file
-
-    def reload(_raw: bytes) -> None:
-        try:
-            ctx.load_cert_chain(cert, key)
-            log.info("TLS certificate reloaded")
-        except (ssl.SSLError, OSError) as exc:
-            # Cert and key are replaced one after the other; the next change completes the pair.
-            log.warning("TLS certificate reload failed (%s); keeping the previous one", exc)
-
-    return [
-        WatchedFile("CP_TOKEN_TLS_CERT_FILE", cert, bytes, on_change=reload),
-        WatchedFile("CP_TOKEN_TLS_KEY_FILE", key, bytes, on_change=reload),
-    ]
+    return watch_tls(
+        ctx,
+        ("CP_TOKEN_TLS_CERT_FILE", s.tls_cert_file),
+        ("CP_TOKEN_TLS_KEY_FILE", s.tls_key_file),
+    )
 
 
 async def serve(service: Service, api_sock: socket.socket, metrics_sock: socket.socket) -> int:
@@ -72,7 +51,6 @@ async def serve(service: Service, api_sock: socket.socket, metrics_sock: socket.
         ssl_certfile=s.tls_cert_file,
         ssl_keyfile=s.tls_key_file,
     )
-    metrics = edge_server(service.metrics_app)
     try:
         tls = load_tls(api)
     except (ssl.SSLError, OSError) as exc:
@@ -80,11 +58,8 @@ async def serve(service: Service, api_sock: socket.socket, metrics_sock: socket.
     if s.tls and tls is not None:
         for watched in _tls_reloader(s, tls):
             service.watcher.add(watched)
-    group = ServeGroup()
-    group.add(api, api_sock)
-    group.add(metrics, metrics_sock)
+    group = ServerGroup()
     service.on_fatal = lambda reason: group.stop(1)
-
     scheme = "https" if s.tls else "http"
     host, port = api_sock.getsockname()[:2]
     m_host, m_port = metrics_sock.getsockname()[:2]
@@ -97,9 +72,7 @@ async def serve(service: Service, api_sock: socket.socket, metrics_sock: socket.
             }
         },
     )
-    exit_code = await group.run()
-    log.info("stopped", extra={"fields": {"exit_code": exit_code}})
-    return exit_code
+    return await group.serve((api, api_sock), (edge_server(service.metrics_app), metrics_sock))
 
 
 def run_service(service: Service) -> int:
@@ -109,14 +82,14 @@ def run_service(service: Service) -> int:
         "CP_TOKEN_LISTEN_ADDR",
         s.listen_host,
         s.listen_port,
-        s.max_connections,
-        "CP_TOKEN_MAX_CONNECTIONS",
+        max_connections=s.max_connections,
+        limit_name="CP_TOKEN_MAX_CONNECTIONS",
     )
     metrics_sock = bind(
         "CP_TOKEN_METRICS_ADDR",
         s.metrics_host,
         s.metrics_port,
-        PROBE_MAX_CONNECTIONS,
-        PROBE_LIMIT_NAME,
+        max_connections=PROBE_MAX_CONNECTIONS,
+        limit_name=PROBE_LIMIT_NAME,
     )
     return asyncio.run(serve(service, api_sock, metrics_sock))

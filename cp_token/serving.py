@@ -1,9 +1,10 @@
 """What every server of the project shares: listeners and uvicorn servers with the edge limits
 (:mod:`cp_token.edge`), the file-descriptor budget, and one run loop with signal handling.
 
-Use: ``sock = bind_listener(host, port, max_connections=..., limit_name=...)``,
-``server = edge_server(app, ...)``, then ``ServeGroup`` to run them until SIGTERM/SIGINT
-(exit 0), ``stop(1)`` (a dead background task) or a failed start (exit 1).
+Use: ``sock = bind(variable, host, port, max_connections=..., limit_name=...)``,
+``server = edge_server(app, ...)``, then ``ServerGroup().serve((server, sock), ...)`` to run
+them until SIGTERM/SIGINT (exit 0), ``stop(1)`` (a dead background task) or a failed start
+(exit 1).
 """
 
 from __future__ import annotations
@@ -21,7 +22,14 @@ from typing import Literal
 import uvicorn
 from starlette.types import ASGIApp
 
-from cp_token.edge import EdgeLimits, EdgeListener, HttpImplementation, edge_protocol
+from cp_token.config import ConfigError
+from cp_token.edge import (
+    EdgeLimits,
+    EdgeListener,
+    HttpImplementation,
+    edge_protocol,
+    is_edge_protocol,
+)
 
 __all__ = [
     "DEFAULT_MAX_CONNECTIONS",
@@ -30,7 +38,8 @@ __all__ = [
     "PROBE_MAX_CONNECTIONS",
     "EdgeServer",
     "QuietSignalsServer",
-    "ServeGroup",
+    "ServerGroup",
+    "bind",
     "bind_listener",
     "edge_server",
     "fit_connection_caps",
@@ -81,6 +90,23 @@ def bind_listener(
     return sock
 
 
+def bind(
+    variable: str,
+    host: str,
+    port: int,
+    *,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    limit_name: str = "CP_TOKEN_MAX_CONNECTIONS",
+) -> EdgeListener:
+    """:func:`bind_listener`, or ConfigError naming the variable (address in use, bad host)."""
+    try:
+        return bind_listener(host, port, max_connections=max_connections, limit_name=limit_name)
+    except OSError as exc:
+        raise ConfigError(
+            variable, f"cannot listen on {host}:{port} ({exc.strerror or exc})"
+        ) from None
+
+
 def raise_fd_limit() -> int:
     """Raise the soft RLIMIT_NOFILE towards the hard limit; returns the soft limit in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -118,12 +144,13 @@ class EdgeServer(uvicorn.Server):
 
     uvicorn re-raises a captured SIGTERM after a graceful stop (the process then dies of the
     signal, not exit 0), and two servers in one process would overwrite each other's
-    handlers: :class:`ServeGroup` installs one handler that stops them all.
+    handlers: :class:`ServerGroup` installs one handler that stops them all.
     """
 
     def __init__(self, config: uvicorn.Config, limits: EdgeLimits | None = None) -> None:
         super().__init__(config)
         self.limits = limits or EdgeLimits()
+        self._edge = is_edge_protocol(config.http)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -131,10 +158,11 @@ class EdgeServer(uvicorn.Server):
         yield
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
-        """uvicorn's serve; our listeners learn the head deadline (it bounds TLS handshakes)."""
+        """uvicorn's serve; our listeners learn the head deadline (it bounds TLS handshakes,
+        and only the edge protocol tells the listener that a connection's HTTP started)."""
         for sock in sockets or []:
             if isinstance(sock, EdgeListener):
-                sock.head_timeout = self.limits.head_timeout
+                sock.head_timeout = self.limits.head_timeout if self._edge else None
         await super().serve(sockets)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
@@ -191,37 +219,31 @@ def load_tls(server: EdgeServer) -> ssl.SSLContext | None:
     return server.config.ssl
 
 
-class ServeGroup:
-    """Servers that run together and stop together.
+class ServerGroup:
+    """Servers that run and stop together, e.g. an API port and a metrics port.
 
-    SIGTERM/SIGINT stop them gracefully (exit 0); a second signal stops waiting for
-    connections. :meth:`stop` with 1 (a dead background task) stops them with exit 1, and
-    so does a server that fails to start.
+    One handler for SIGTERM/SIGINT stops them all gracefully (exit 0); a second signal stops
+    waiting for open connections (the apps are still shut down in order). ``stop(1)`` is
+    how a dead background task ends the process with exit 1; a server that fails to start
+    stops the others with exit 1 too.
     """
 
     def __init__(self) -> None:
         self.exit_code = 0
-        self._members: list[tuple[EdgeServer, socket.socket]] = []
         self._stopping = False
-
-    def add(self, server: EdgeServer, sock: socket.socket) -> None:
-        """Serve ``sock`` with ``server``; the first added is the primary (its connection
-        cap gives way when descriptors are short)."""
-        self._members.append((server, sock))
-        if self._stopping:
-            server.should_exit = True
+        self._servers: list[uvicorn.Server] = []
 
     def stop(self, code: int = 0) -> None:
-        """Stop every server; the exit code is the highest asked for."""
+        """Stop every server (gracefully; forcibly on a second call) with at least ``code``."""
         self.exit_code = max(self.exit_code, code)
         force = self._stopping
         self._stopping = True
-        for server, _ in self._members:
+        for server in self._servers:
             server.should_exit = True
             if force:
                 server.force_exit = True
 
-    async def _serve(self, server: EdgeServer, sock: socket.socket) -> None:
+    async def _serve_one(self, server: uvicorn.Server, sock: socket.socket) -> None:
         try:
             await server.serve(sockets=[sock])
         except SystemExit:  # uvicorn's way out of a failed start (its reason is logged)
@@ -232,16 +254,25 @@ class ServeGroup:
         if not server.started:
             self.stop(1)
 
-    async def run(self) -> int:
-        """Serve until stopped; returns the exit code."""
-        listeners = [sock for _, sock in self._members if isinstance(sock, EdgeListener)]
+    async def serve(self, *pairs: tuple[uvicorn.Server, socket.socket]) -> int:
+        """Serve each server on its socket until stopped; returns the exit code.
+
+        The first pair is the primary: its connection cap gives way first when file
+        descriptors are short (see :func:`fit_connection_caps`).
+        """
+        self._servers = [server for server, _ in pairs]
+        if self._stopping:  # stopped before serving: keep it
+            for server in self._servers:
+                server.should_exit = True
+        listeners = [sock for _, sock in pairs if isinstance(sock, EdgeListener)]
         fit_connection_caps(listeners, raise_fd_limit())
         loop = asyncio.get_running_loop()
         for sig in HANDLED_SIGNALS:
             loop.add_signal_handler(sig, self.stop, 0)
         try:
-            await asyncio.gather(*(self._serve(server, sock) for server, sock in self._members))
+            await asyncio.gather(*(self._serve_one(server, sock) for server, sock in pairs))
         finally:
             for sig in HANDLED_SIGNALS:
                 loop.remove_signal_handler(sig)
+        log.info("stopped", extra={"fields": {"exit_code": self.exit_code}})
         return self.exit_code

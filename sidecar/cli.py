@@ -22,7 +22,7 @@ from cp_token.serving import (
     DEFAULT_MAX_CONNECTIONS,
     PROBE_LIMIT_NAME,
     PROBE_MAX_CONNECTIONS,
-    ServeGroup,
+    ServerGroup,
     bind_listener,
     edge_server,
 )
@@ -120,7 +120,7 @@ async def serve(settings: SidecarSettings, source: TokenSource) -> int:
     if settings.token_file is not None:
         sink = TokenFileSink(settings.token_file, settings.token_file_mode)
     refresher = Refresher(source, holder, clock, metrics=metrics, sink=sink)
-    group = ServeGroup()
+    group = ServerGroup()
     app = create_app(
         refresher, metrics=metrics, min_ttl=settings.min_ttl, on_fatal=lambda exc: group.stop(1)
     )
@@ -138,11 +138,11 @@ async def serve(settings: SidecarSettings, source: TokenSource) -> int:
                 sock.close()
             print(f"{PROG}: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
             return 1
-    group.add(edge_server(app, lifespan="on", graceful_seconds=GRACEFUL_SECONDS), sockets[0])
+    pairs = [(edge_server(app, lifespan="on", graceful_seconds=GRACEFUL_SECONDS), sockets[0])]
     if len(sockets) > 1:
         metrics_app = create_metrics_app(holder, metrics)
-        group.add(edge_server(metrics_app, graceful_seconds=GRACEFUL_SECONDS), sockets[1])
+        pairs.append((edge_server(metrics_app, graceful_seconds=GRACEFUL_SECONDS), sockets[1]))
     for sock in sockets:
         host, port = sock.getsockname()[:2]
         log.info("listening", extra={"fields": {"addr": f"{host}:{port}"}})
-    return await group.run()
+    return await group.serve(*pairs)

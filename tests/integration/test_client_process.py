@@ -39,10 +39,10 @@ def cp(cp_mode: str) -> Iterator[FakeCP]:
 
 @pytest.fixture
 def sidecar_url(cp: FakeCP, sa_file: Path, tmp_path: Path) -> Iterator[str]:
-    proc, port = sidecar_serve(cp.url, sa_file, tmp_path / "sidecar.log")
+    proc, base = sidecar_serve(cp.url, sa_file, tmp_path / "sidecar.log")
     try:
-        proc.wait_http(f"http://127.0.0.1:{port}/healthz")
-        yield f"http://127.0.0.1:{port}/token"
+        proc.wait_http(f"{base}/healthz")
+        yield f"{base}/token"
     finally:
         proc.stop()
 

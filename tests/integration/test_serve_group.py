@@ -1,5 +1,5 @@
-"""`ServeGroup`, the one run loop of the CP and the sidecar, in this process on real loopback
-sockets: exit codes, signals (a second one included), a failed start."""
+"""`ServerGroup`, the one run loop of the CP, the sidecar and the injector, in this process
+on real loopback sockets: exit codes, signals (a second one included), a failed start."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator
 
 import pytest
 from starlette.applications import Starlette
 
-from cp_token.serving import EdgeServer, ServeGroup, bind_listener, edge_server
+from cp_token.serving import EdgeServer, ServerGroup, bind_listener, edge_server
 
 
 class Lifespan:
@@ -40,14 +41,14 @@ async def started(*servers: EdgeServer) -> None:
         await asyncio.sleep(0.01)
 
 
-def group_of(*apps: Starlette) -> tuple[ServeGroup, list[EdgeServer]]:
-    group = ServeGroup()
-    servers = []
-    for i, app in enumerate(apps):
-        server = edge_server(app, lifespan="on" if i == 0 else "off", graceful_seconds=5)
-        group.add(server, bind_listener("127.0.0.1", 0, max_connections=16))
-        servers.append(server)
-    return group, servers
+def pairs_of(*apps: Starlette) -> list[tuple[EdgeServer, socket.socket]]:
+    return [
+        (
+            edge_server(app, lifespan="on" if i == 0 else "off", graceful_seconds=5),
+            bind_listener("127.0.0.1", 0, max_connections=16),
+        )
+        for i, app in enumerate(apps)
+    ]
 
 
 @pytest.mark.parametrize("signals", [[signal.SIGTERM], [signal.SIGINT], [signal.SIGINT] * 2])
@@ -57,8 +58,9 @@ async def test_signals_stop_every_server_with_exit_0_and_a_clean_shutdown(
     """A second signal stops waiting for connections, and still stops the app in order
     (uvicorn alone skips the lifespan shutdown then: a CancelledError logged at error)."""
     life = Lifespan()
-    group, servers = group_of(life.app, Starlette())
-    run = asyncio.create_task(group.run())
+    group, pairs = ServerGroup(), pairs_of(life.app, Starlette())
+    servers = [server for server, _ in pairs]
+    run = asyncio.create_task(group.serve(*pairs))
     await started(*servers)
     for sig in signals:
         os.kill(os.getpid(), sig)
@@ -70,16 +72,16 @@ async def test_signals_stop_every_server_with_exit_0_and_a_clean_shutdown(
 
 
 async def test_stop_1_is_exit_1() -> None:
-    group, servers = group_of(Lifespan().app, Starlette())
-    run = asyncio.create_task(group.run())
-    await started(*servers)
+    group, pairs = ServerGroup(), pairs_of(Lifespan().app, Starlette())
+    run = asyncio.create_task(group.serve(*pairs))
+    await started(*(server for server, _ in pairs))
     group.stop(1)
     group.stop(0)  # a later signal does not lower it
     assert await asyncio.wait_for(run, 15) == 1
 
 
 async def test_a_server_that_fails_to_start_stops_the_others_with_exit_1() -> None:
-    group, servers = group_of(Lifespan(fail_start=True).app, Starlette())
-    assert await asyncio.wait_for(group.run(), 15) == 1
-    assert not servers[0].started
-    assert servers[1].should_exit
+    group, pairs = ServerGroup(), pairs_of(Lifespan(fail_start=True).app, Starlette())
+    assert await asyncio.wait_for(group.serve(*pairs), 15) == 1
+    assert not pairs[0][0].started
+    assert pairs[1][0].should_exit

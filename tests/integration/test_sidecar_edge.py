@@ -32,7 +32,8 @@ def sidecar_port(tmp_path: Path) -> object:
     sa = tmp_path / "sa"
     sa.write_text(SA_TOKEN)
     with FakeCP(ttl=900, sa_token=SA_TOKEN) as cp:
-        proc, port = sidecar_serve(cp.url, sa, tmp_path / "sidecar.log")
+        proc, base = sidecar_serve(cp.url, sa, tmp_path / "sidecar.log")
+        port = int(base.rsplit(":", 1)[1])
         try:
             proc.wait_http(f"http://127.0.0.1:{port}/readyz")
             yield port

@@ -16,14 +16,7 @@ import ssl
 from cp_token.config import ConfigError, Settings
 from cp_token.filewatch import WatchedFile, watch_tls
 from cp_token.service import Service
-from cp_token.serving import (
-    PROBE_LIMIT_NAME,
-    PROBE_MAX_CONNECTIONS,
-    ServerGroup,
-    bind,
-    edge_server,
-    load_tls,
-)
+from cp_token.serving import ServerGroup, bind, bind_probes, edge_server, load_tls
 
 __all__ = ["bind", "run_service", "serve"]
 
@@ -85,11 +78,5 @@ def run_service(service: Service) -> int:
         max_connections=s.max_connections,
         limit_name="CP_TOKEN_MAX_CONNECTIONS",
     )
-    metrics_sock = bind(
-        "CP_TOKEN_METRICS_ADDR",
-        s.metrics_host,
-        s.metrics_port,
-        max_connections=PROBE_MAX_CONNECTIONS,
-        limit_name=PROBE_LIMIT_NAME,
-    )
+    metrics_sock = bind_probes("CP_TOKEN_METRICS_ADDR", s.metrics_host, s.metrics_port)
     return asyncio.run(serve(service, api_sock, metrics_sock))

@@ -41,6 +41,7 @@ __all__ = [
     "ServerGroup",
     "bind",
     "bind_listener",
+    "bind_probes",
     "edge_server",
     "fit_connection_caps",
     "load_tls",
@@ -105,6 +106,13 @@ def bind(
         raise ConfigError(
             variable, f"cannot listen on {host}:{port} ({exc.strerror or exc})"
         ) from None
+
+
+def bind_probes(variable: str, host: str, port: int) -> EdgeListener:
+    """:func:`bind` for a probe and metrics port (its own small, fixed cap)."""
+    return bind(
+        variable, host, port, max_connections=PROBE_MAX_CONNECTIONS, limit_name=PROBE_LIMIT_NAME
+    )
 
 
 def raise_fd_limit() -> int:

@@ -23,14 +23,7 @@ from cp_token.filewatch import FileWatcher, watch_tls
 from cp_token.inject.app import create_app, create_metrics_app
 from cp_token.inject.metrics import InjectMetrics
 from cp_token.inject.settings import InjectSettings
-from cp_token.serving import (
-    PROBE_LIMIT_NAME,
-    PROBE_MAX_CONNECTIONS,
-    ServerGroup,
-    bind,
-    edge_server,
-    load_tls,
-)
+from cp_token.serving import ServerGroup, bind, bind_probes, edge_server, load_tls
 
 __all__ = ["run_inject", "serve"]
 
@@ -111,12 +104,8 @@ def run_inject(settings: InjectSettings) -> int:
         limit_name="the injector's connection cap",
     )
     try:
-        metrics_sock = bind(
-            "CP_TOKEN_METRICS_ADDR",
-            settings.metrics_host,
-            settings.metrics_port,
-            max_connections=PROBE_MAX_CONNECTIONS,
-            limit_name=PROBE_LIMIT_NAME,
+        metrics_sock = bind_probes(
+            "CP_TOKEN_METRICS_ADDR", settings.metrics_host, settings.metrics_port
         )
     except ConfigError:
         api_sock.close()

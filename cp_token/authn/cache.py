@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 NEGATIVE_TTL = 5.0
 QUEUE_WAIT = 2.0  # SPEC: beyond CP_TOKEN_MAX_REVIEWS a request waits at most 2 s, then 503
 CALL_TIMEOUT = 10.0  # SPEC: every Kubernetes API call gives up after 10 s
-ANSWER_MARGIN = 0.5  # answer this much before queue_wait + call_timeout, so the 503 is in time
+ANSWER_MARGIN = 0.5  # answer up to this much before queue_wait + call_timeout: the 503 is in time
 CALLER_SHARE = 8  # one caller holds at most 1/8 of the review slots
 MAX_ENTRIES = 50_000
 MAX_BYTES = 32 * 1024 * 1024
@@ -114,7 +114,7 @@ class CachedAuthenticator:
         self._jwt_precheck = jwt_precheck
         self._signature = signature_check
         self._queue_wait = queue_wait
-        self._answer_within = max(queue_wait, queue_wait + call_timeout - ANSWER_MARGIN)
+        self._answer_within = queue_wait + call_timeout - min(ANSWER_MARGIN, call_timeout / 10)
         self._metrics = metrics
         # value = (identity, monotonic deadline); see _remember for what bounds the deadline.
         self._ok: TLRUCache[str, tuple[Identity, float]] = bounded_tlru(

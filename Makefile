@@ -38,6 +38,7 @@ integration: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_cp.py
 	$(BIN)/python bench/bench_sidecar.py
+	$(BIN)/python bench/bench_hostile.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache

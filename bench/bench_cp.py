@@ -107,8 +107,21 @@ def fake_kube_child(workdir: str) -> int:
                 ]
                 Path(path).write_text("\n".join(tokens) + "\n")
                 answer(len(set(tokens)))
-            elif cmd == "latency":
-                kube.set_latency(arg)
+            elif cmd == "latency":  # seconds, or [seconds, route]
+                kube.set_latency(*(arg if isinstance(arg, list) else [arg]))
+                answer("ok")
+            elif cmd == "sessions":  # [path, n, prefix]: n new session pods, a token each
+                path, n, prefix = arg
+                lines = []
+                for i in range(n):
+                    sa, pod = f"session-{prefix}{i}-sa", f"runner-{prefix}{i}"
+                    kube.add_service_account(SESSION_NS, sa, labels=MANAGED_BY_LABEL)
+                    kube.add_pod(SESSION_NS, pod, sa)
+                    lines.append(kube.issue_bound_token(SESSION_NS, sa, pod=pod))
+                Path(path).write_text("\n".join(lines) + "\n")
+                answer(n)
+            elif cmd in ("deny", "allow"):  # [verb, group, resource] of the CP's own RBAC
+                getattr(kube, cmd)(*arg)
                 answer("ok")
             elif cmd == "reset":
                 kube.reset_counts()

@@ -305,3 +305,66 @@ async def test_empty_session_id_is_refused(
         resp = await cp.get(token)
         assert resp.status_code == 403, resp.text
         assert resp.json()["error"] == "access_denied"
+
+
+# --- the Kubernetes worker pool: as large as the slots; label reads never wait behind reviews --
+
+
+async def test_kube_pool_is_as_large_as_the_slots(make_cp: Any) -> None:
+    cp = make_cp("tokenreview", CP_TOKEN_MAX_REVIEWS="40")
+    kube = cp.service.kube
+    assert kube is not None
+    assert kube._executor._max_workers == 40 + 16 + 4  # reviews + label reads + shared calls
+    assert kube._pool.pool.maxsize == kube._executor._max_workers
+
+
+async def test_label_reads_do_not_wait_behind_hung_reviews(
+    kube_apiserver: FakeKubeAPIServer, make_cp: Any
+) -> None:
+    cp = make_cp("tokenreview", CP_TOKEN_MAX_REVIEWS="10")
+    assert cp.service.kube is not None
+    cp.service.kube.timeout = 3.0
+    known = kube_apiserver.issue_bound_token(SESSION_NS, SESSION_SA, pod=SESSION_POD)
+    assert (await cp.get(known)).status_code == 200  # reviewed: cached for 30 s
+    cp.clock.advance(11)  # the label reads (10 s) are stale, the review (30 s) is not
+    new = new_pods(kube_apiserver, 10)
+    kube_apiserver.fail("tokenreviews", "hang")
+    try:
+        hung = [asyncio.create_task(cp.get(t)) for t in new]  # every review slot, hung
+        await asyncio.sleep(0.3)
+        start = time.monotonic()
+        resp = await cp.get(known)  # needs two label reads, on threads of their own
+        took = time.monotonic() - start
+        assert resp.status_code == 200, resp.text
+        assert took < 1.0, took
+        assert not any(t.done() for t in hung)
+    finally:
+        kube_apiserver.fail(None, None)
+    assert {r.status_code for r in await asyncio.gather(*hung)} <= {200, 503}
+
+
+def new_pods(kube: FakeKubeAPIServer, n: int) -> list[str]:
+    tokens = []
+    for i in range(n):
+        sa = f"session-n{i}-sa"
+        kube.add_service_account(SESSION_NS, sa, labels=MANAGED_BY_LABEL)
+        kube.add_pod(SESSION_NS, f"runner-n{i}", sa)
+        tokens.append(kube.issue_bound_token(SESSION_NS, sa, pod=f"runner-n{i}"))
+    return tokens
+
+
+async def test_issuer_keys_are_reread_periodically(
+    kube_apiserver: FakeKubeAPIServer, make_cp: Any
+) -> None:
+    cp = make_cp("tokenreview")
+    token = kube_apiserver.issue_bound_token(SESSION_NS, SESSION_SA, pod=SESSION_POD)
+    assert (await cp.get(token)).status_code == 200
+    assert kube_apiserver.calls("jwks") == 1
+    cp.clock.advance(301)  # past the 300 s max age: a background re-read, nobody waits
+    other = kube_apiserver.issue_bound_token(SESSION_NS, SESSION_SA, pod=SESSION_POD)
+    assert (await cp.get(other)).status_code == 200
+    for _ in range(100):
+        if kube_apiserver.calls("jwks") == 2:
+            break
+        await asyncio.sleep(0.02)
+    assert kube_apiserver.calls("jwks") == 2

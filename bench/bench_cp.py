@@ -78,6 +78,7 @@ def fake_kube_child(workdir: str) -> int:
         SESSION_NS,
         SESSION_POD,
         SESSION_SA,
+        new_sessions,
     )
     from tests.fakes.kube_apiserver import ROUTES, FakeKubeAPIServer
 
@@ -112,13 +113,7 @@ def fake_kube_child(workdir: str) -> int:
                 answer("ok")
             elif cmd == "sessions":  # [path, n, prefix]: n new session pods, a token each
                 path, n, prefix = arg
-                lines = []
-                for i in range(n):
-                    sa, pod = f"session-{prefix}{i}-sa", f"runner-{prefix}{i}"
-                    kube.add_service_account(SESSION_NS, sa, labels=MANAGED_BY_LABEL)
-                    kube.add_pod(SESSION_NS, pod, sa)
-                    lines.append(kube.issue_bound_token(SESSION_NS, sa, pod=pod))
-                Path(path).write_text("\n".join(lines) + "\n")
+                Path(path).write_text("\n".join(new_sessions(kube, n, prefix)) + "\n")
                 answer(n)
             elif cmd in ("deny", "allow"):  # [verb, group, resource] of the CP's own RBAC
                 getattr(kube, cmd)(*arg)

@@ -9,7 +9,6 @@ number. Fake clock for every expiry; real time only where a bound on waiting is 
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
 import time
@@ -25,19 +24,17 @@ from cp_token.authn.cache import CachedAuthenticator
 from cp_token.clock import FakeClock
 from cp_token.config import load_settings
 from cp_token.service import build_service
-from tests.fakes.fixtures import MANAGED_BY_LABEL, SESSION_NS, SESSION_POD, SESSION_SA
+from tests.fakes.fixtures import (
+    MANAGED_BY_LABEL,
+    SESSION_NS,
+    SESSION_POD,
+    SESSION_SA,
+    new_sessions,
+)
 from tests.fakes.kube_apiserver import FakeKubeAPIServer
 from tests.integration.procs import write_identities
 from tests.integration.test_cp_kube import CP, settings_env
-
-
-def b64(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
-
-
-def claims_of(token: str) -> dict[str, Any]:
-    part = token.split(".")[1]
-    return json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))  # type: ignore[no-any-return]
+from tests.integration.test_jwks import b64, claims_of
 
 
 def forge(token: str, **changes: Any) -> str:
@@ -327,7 +324,7 @@ async def test_label_reads_do_not_wait_behind_hung_reviews(
     known = kube_apiserver.issue_bound_token(SESSION_NS, SESSION_SA, pod=SESSION_POD)
     assert (await cp.get(known)).status_code == 200  # reviewed: cached for 30 s
     cp.clock.advance(11)  # the label reads (10 s) are stale, the review (30 s) is not
-    new = new_pods(kube_apiserver, 10)
+    new = new_sessions(kube_apiserver, 10, "n")
     kube_apiserver.fail("tokenreviews", "hang")
     try:
         hung = [asyncio.create_task(cp.get(t)) for t in new]  # every review slot, hung
@@ -341,16 +338,6 @@ async def test_label_reads_do_not_wait_behind_hung_reviews(
     finally:
         kube_apiserver.fail(None, None)
     assert {r.status_code for r in await asyncio.gather(*hung)} <= {200, 503}
-
-
-def new_pods(kube: FakeKubeAPIServer, n: int) -> list[str]:
-    tokens = []
-    for i in range(n):
-        sa = f"session-n{i}-sa"
-        kube.add_service_account(SESSION_NS, sa, labels=MANAGED_BY_LABEL)
-        kube.add_pod(SESSION_NS, f"runner-n{i}", sa)
-        tokens.append(kube.issue_bound_token(SESSION_NS, sa, pod=f"runner-n{i}"))
-    return tokens
 
 
 async def test_issuer_keys_are_reread_periodically(

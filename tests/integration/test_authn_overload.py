@@ -20,16 +20,13 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.fakes.fixtures import MANAGED_BY_LABEL, SESSION_NS, SESSION_POD, SESSION_SA
+from tests.fakes.fixtures import SESSION_NS, SESSION_POD, SESSION_SA, new_sessions
 from tests.fakes.kube_apiserver import FakeKubeAPIServer
 from tests.integration.procs import Proc, cp_serve, write_identities
+from tests.integration.test_jwks import b64
 
 MiB = 1024 * 1024
 TOKEN_SIZE = 16_000  # just under the 16 KiB bearer limit
-
-
-def b64(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
 def rss(pid: int) -> int:
@@ -179,17 +176,6 @@ async def test_static_mode_with_large_tokens_is_bounded(tmp_path: Path) -> None:
 
 
 # --- forged floods cost the API server nothing, and starve nobody -----------------------------
-
-
-def new_sessions(kube: FakeKubeAPIServer, n: int, prefix: str) -> list[str]:
-    """``n`` new session pods, each with its own ServiceAccount; their tokens."""
-    tokens = []
-    for i in range(n):
-        sa, pod = f"session-{prefix}{i}-sa", f"runner-{prefix}{i}"
-        kube.add_service_account(SESSION_NS, sa, labels=MANAGED_BY_LABEL)
-        kube.add_pod(SESSION_NS, pod, sa)
-        tokens.append(kube.issue_bound_token(SESSION_NS, sa, pod=pod))
-    return tokens
 
 
 @pytest.mark.timeout(240)

@@ -20,8 +20,9 @@ from cp_token.authn.fairness import FairSlots
 from cp_token.authn.precheck import MAX_TOKEN_BYTES, decode_unverified, precheck
 from cp_token.bounded import bounded_ttl
 from cp_token.clock import FakeClock
-from cp_token.errors import Unauthenticated, Unavailable
+from cp_token.errors import Forbidden, Unauthenticated, Unavailable
 from cp_token.identity import POD_NAME_KEY, POD_UID_KEY, Identity
+from cp_token.policy import RunnerPolicy, glob_match
 
 NOW = 1_800_000_000.0
 AUD = ("ambient-cp",)
@@ -395,3 +396,34 @@ def test_refusal_round_trip() -> None:
     )
     assert isinstance(Refusal.of(Unauthenticated("no", reason="x")).error(), Unauthenticated)
     assert decode_unverified(jwt_of({"alg": "RS256", "kid": "k"}, {})).kid == "k"
+
+
+# --- the ServiceAccount pattern never admits an empty session id -------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "admitted"),
+    [
+        ("session-abc-sa", True),
+        ("session---sa", True),  # the id is "-": not empty
+        ("session--sa", False),
+        ("session-sa", False),
+    ],
+)
+def test_empty_session_id_is_never_admitted(name: str, admitted: bool) -> None:
+    identity = Identity(f"system:serviceaccount:ns:{name}", extra=BOUND)
+    for policy in (RunnerPolicy(), RunnerPolicy(allowed_sa="system:serviceaccount:*:*")):
+        if admitted:
+            policy.check_identity(identity)
+            assert identity.session_id
+        else:
+            with pytest.raises(Forbidden) as info:
+                policy.check_identity(identity)
+            assert info.value.reason == "sa_not_allowed"
+
+
+def test_glob_is_fnmatch_with_a_non_empty_star() -> None:
+    assert glob_match("team-a", "team-*") and not glob_match("team-", "team-*")
+    assert glob_match("a]d", "a[]]d") and glob_match("axd", "a[!bc]d")
+    assert not glob_match("abd", "a[!bc]d") and glob_match("a.c", "a?c")
+    assert not glob_match("abc", "a.c")  # a dot is a dot, not a regex

@@ -38,6 +38,8 @@ integration: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_cp.py
 	$(BIN)/python bench/bench_sidecar.py
+	$(BIN)/python bench/bench_recovery.py
+	$(BIN)/python bench/bench_exchange.py
 	$(BIN)/python bench/bench_hostile.py
 
 clean:

@@ -21,6 +21,7 @@ Keys are SHA-256 hashes of the token, never the token.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +34,7 @@ from cp_token.authn.issuer_keys import SignatureCheck
 from cp_token.authn.precheck import MAX_TOKEN_BYTES, UnverifiedJWT, precheck
 from cp_token.bounded import bounded_tlru, bounded_ttl, text_bytes
 from cp_token.clock import Clock
-from cp_token.errors import Unauthenticated, Unavailable
+from cp_token.errors import InternalError, Unauthenticated, Unavailable
 from cp_token.identity import Identity, token_hash
 from cp_token.singleflight import Singleflight
 
@@ -70,9 +71,14 @@ class Refusal:
 
     def error(self) -> Unauthenticated | Unavailable:
         """A new exception for this refusal."""
+        if self.reason == INTERNAL.reason:
+            return InternalError(self.description)
         if self.unavailable:
             return Unavailable(self.description, reason=self.reason, retry_after=self.retry_after)
         return Unauthenticated(self.description, reason=self.reason)
+
+
+INTERNAL = Refusal.of(InternalError("the token service failed to review the token"))
 
 
 def _identity_size(entry: tuple[Identity, float]) -> int:
@@ -213,7 +219,7 @@ class CachedAuthenticator:
                 frame = frame.tb_next
             where = f"{frame.tb_frame.f_code.co_filename}:{frame.tb_lineno}" if frame else "?"
             log.error("token review failed unexpectedly: %s at %s", type(exc).__name__, where)
-            return Refusal(True, "the token service failed to review the token", "internal", 1.0)
+            return INTERNAL
         self._remember(key, identity, started)
         return identity
 
@@ -239,11 +245,22 @@ class CachedAuthenticator:
 
 
 def _caller_keys(peer: str | None, jwt: UnverifiedJWT | None) -> list[str]:
-    """The names of the caller whose share a review takes: source address, unverified sub."""
+    """The names of the caller whose share a review takes: source address, unverified sub.
+
+    A loopback (or non-IP) peer names no caller: it is a local proxy in front of the CP (a
+    mesh sidecar, a port-forward) through which every caller arrives, not one caller.
+    """
     keys = []
-    if peer:
-        keys.append(f"peer:{peer[:64]}")
+    if peer and _remote(peer):
+        keys.append(f"peer:{peer}")
     subject = jwt.subject if jwt is not None else None
     if subject:
         keys.append(f"sub:{token_hash(subject)[:32]}")
     return keys
+
+
+def _remote(peer: str) -> bool:
+    try:
+        return not ipaddress.ip_address(peer).is_loopback
+    except ValueError:
+        return False

@@ -6,7 +6,7 @@ server nothing). The keys are read from the API server's own ``/openid/v1/jwks``
 Kubernetes client only, never from a ``jwks_uri`` elsewhere, so cluster credentials go
 nowhere else.
 
-- One fetch at a time, shared by every caller (:class:`~cp_token.singleflight.Singleflight`).
+- One fetch at a time, shared by every caller (:class:`~cp_token.singleflight.SharedCall`).
 - An unknown ``kid`` triggers a re-fetch (key rotation on the API server), at most one per
   ``refetch_interval`` however many unknown kids arrive.
 - The set is re-read every ``max_age`` seconds in the background even when every kid is known.
@@ -26,7 +26,7 @@ from cp_token.authn.precheck import UnverifiedJWT
 from cp_token.clock import Clock
 from cp_token.errors import Unauthenticated
 from cp_token.kube import KubeClient, KubeError, KubeUnavailable
-from cp_token.singleflight import Singleflight
+from cp_token.singleflight import SharedCall
 
 __all__ = [
     "ALGORITHMS",
@@ -156,7 +156,7 @@ class IssuerKeys:
         # Why the last fetch failed, as (type, reason): a fresh exception is raised each time,
         # so no caller's frames pile up on one shared traceback.
         self._failure: tuple[type[KubeError], str] | None = None
-        self._fetch: Singleflight[str, KeySet] = Singleflight()
+        self._fetch: SharedCall[KeySet] = SharedCall()
         self._background: set[asyncio.Task[None]] = set()
         self.fetches = 0  # for tests and benchmarks
 
@@ -173,7 +173,7 @@ class IssuerKeys:
     @property
     def fetching(self) -> bool:
         """True while a fetch is in flight."""
-        return len(self._fetch) > 0
+        return self._fetch.running
 
     def _failed(self) -> KubeError:
         kind, reason = self._failure or (KubeUnavailable, "jwks: the key set is not loaded yet")
@@ -192,7 +192,7 @@ class IssuerKeys:
             if now - self._attempt_at < interval:
                 return None
             self._attempt_at = now
-        return await self._fetch.do("jwks", self._load)
+        return await self._fetch.do(self._load)
 
     def _refresh_if_stale(self) -> None:
         """Re-read the set in the background when it is older than ``max_age``."""
@@ -259,7 +259,8 @@ class IssuerKeys:
         return fresh.candidates(kid, alg)
 
     async def aclose(self) -> None:
-        """Cancel background refreshes."""
+        """Cancel the fetch in flight and background refreshes."""
+        self._fetch.cancel()
         for task in list(self._background):
             task.cancel()
 

@@ -21,7 +21,7 @@ from cp_token.errors import Unauthenticated, Unavailable
 from cp_token.identity import CREDENTIAL_ID_KEY, POD_NAME_KEY, POD_UID_KEY, Identity
 from cp_token.kube import KubeClient, KubeError, KubeForbidden, KubeUnavailable, uid_of
 from cp_token.objects import ObjectCache
-from cp_token.singleflight import Singleflight
+from cp_token.singleflight import SharedCall
 
 __all__ = ["JwksReviewer"]
 
@@ -69,7 +69,7 @@ class JwksReviewer:
         self._audiences = frozenset(audiences)
         self._issuers: frozenset[str] | None = frozenset(issuers) if issuers else None
         self.keys = keys or IssuerKeys(kube, clock)
-        self._discovery: Singleflight[str, frozenset[str]] = Singleflight()
+        self._discovery: SharedCall[frozenset[str]] = SharedCall()
 
     @property
     def jwks_fetches(self) -> int:
@@ -78,6 +78,7 @@ class JwksReviewer:
 
     async def aclose(self) -> None:
         """Cancel background fetches (the KubeClient is shared and closed elsewhere)."""
+        self._discovery.cancel()
         await self.keys.aclose()
 
     # --- issuer ---------------------------------------------------------------------------
@@ -86,7 +87,7 @@ class JwksReviewer:
         if self._issuers is not None:
             return self._issuers
         try:
-            return await self._discovery.do("issuer", self._discover_issuer)
+            return await self._discovery.do(self._discover_issuer)
         except KubeError as exc:
             raise _unavailable(exc, "issuer discovery") from None
 

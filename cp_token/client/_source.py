@@ -15,12 +15,13 @@ token is returned if it fails), and retried within the deadline when no valid to
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 import random
 import threading
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal, TypedDict, Unpack
 
 import httpx
@@ -33,6 +34,7 @@ from cp_token.config import (
     load_client_settings,
     parse_url,
 )
+from cp_token.singleflight import SharedCall
 
 from ._errors import TokenError, TokenRejected
 from ._http import (
@@ -144,7 +146,8 @@ class TokenSource:
         self._client: httpx.Client | None = None
         self._aclient: httpx.AsyncClient | None = None
         self._aclient_loop: asyncio.AbstractEventLoop | None = None
-        self._inflight: asyncio.Task[FetchedToken] | None = None
+        self._flight: SharedCall[FetchedToken] = SharedCall()  # concurrent awaiters share
+        self._sa_digest: bytes | None = None  # of the SA token last sent (never the token)
 
     # --- construction from the environment ----------------------------------------------
 
@@ -192,6 +195,18 @@ class TokenSource:
         """``sidecar``, ``direct`` or ``static``."""
         return self._mode
 
+    def sa_token_changed(self) -> bool:
+        """Whether ``AMBIENT_SA_TOKEN_FILE`` now holds another token than the one last sent
+        (direct mode; False when nothing was sent yet or the file cannot be read). A small
+        local read: cheap enough to poll while the CP refuses the last one."""
+        if self._mode != "direct" or self._sa_digest is None:
+            return False
+        try:
+            sa_token = read_sa_token(self._sa_token_file)
+        except TokenError:
+            return False
+        return hashlib.sha256(sa_token.encode()).digest() != self._sa_digest
+
     # --- the cached token ---------------------------------------------------------------
 
     def token(self, min_ttl: float | None = None) -> str:
@@ -222,7 +237,7 @@ class TokenSource:
         cached, must_fetch = self._plan(min_ttl)
         if not must_fetch and cached is not None:
             return cached.token
-        return (await self._shared(lambda: self._arefresh(min_ttl))).token
+        return (await self._flight.do(lambda: self._arefresh(min_ttl))).token
 
     def invalidate(self, token: str | None = None) -> None:
         """Drop the cached token (e.g. after the API rejected it with a 401).
@@ -263,23 +278,6 @@ class TokenSource:
             raise
         except TokenError as exc:
             return _kept(cached, exc)
-
-    async def _shared(self, make: Callable[[], Coroutine[Any, Any, FetchedToken]]) -> FetchedToken:
-        """Singleflight: join the fetch in progress on this loop, or start one."""
-        loop = asyncio.get_running_loop()
-        task = self._inflight
-        if task is None or task.done() or task.get_loop() is not loop:
-            task = loop.create_task(make())
-            self._inflight = task
-            task.add_done_callback(self._fetch_done)
-        # shield: one awaiter being cancelled must not cancel everybody's fetch
-        return await asyncio.shield(task)
-
-    def _fetch_done(self, task: asyncio.Task[FetchedToken]) -> None:
-        if self._inflight is task:
-            self._inflight = None
-        if not task.cancelled():
-            task.exception()  # retrieved here, so an unawaited failure is not logged as lost
 
     # --- fetching -----------------------------------------------------------------------
 
@@ -340,7 +338,9 @@ class TokenSource:
         self, min_ttl: float | None, force: bool
     ) -> tuple[str, dict[str, str], dict[str, str]]:
         if self._mode == "direct":
-            return "GET", {}, {"Authorization": f"Bearer {read_sa_token(self._sa_token_file)}"}
+            sa_token = read_sa_token(self._sa_token_file)
+            self._sa_digest = hashlib.sha256(sa_token.encode()).digest()
+            return "GET", {}, {"Authorization": f"Bearer {sa_token}"}
         params = {} if min_ttl is None else {"min_ttl": str(math.ceil(min_ttl))}
         method = "POST" if force or self._force_next else "GET"
         return method, params, {SIDECAR_HEADER: "true"}

@@ -23,7 +23,7 @@ from joserfc.jwk import ECKey, RSAKey
 from cp_token.clock import Clock
 from cp_token.errors import Unavailable
 from cp_token.identity import Identity, session_id_of
-from cp_token.minters import IssuedToken
+from cp_token.minters import DEFAULT_OPTIONS, IssuedToken, MintOptions
 
 __all__ = ["JwtMinter", "KeyRing", "load_keyring", "session_id_of"]
 
@@ -94,6 +94,13 @@ def ephemeral_keyring() -> KeyRing:
     """A fresh P-256 key that lives as long as the process (dev only)."""
     key = ECKey.generate_key("P-256", private=True)
     return KeyRing(keys=(SigningKey(key=key, alg="ES256", kid=key.thumbprint()),))
+
+
+def _aud_claim(audiences: tuple[str, ...] | None) -> str | list[str] | None:
+    """``aud`` as RFC 7519 writes it: one value as a string, several as a list."""
+    if not audiences:
+        return None
+    return audiences[0] if len(audiences) == 1 else list(audiences)
 
 
 class JwtMinter:
@@ -183,8 +190,18 @@ class JwtMinter:
             "id_token_signing_alg_values_supported": algs,
         }
 
-    async def mint(self, identity: Identity) -> IssuedToken:
-        """A JWT for this caller, valid for ``CP_TOKEN_TTL`` seconds."""
+    @property
+    def audience(self) -> str:
+        """The configured ``aud`` (``CP_TOKEN_TOKEN_AUDIENCE``), used when none is asked for."""
+        return self._audience
+
+    async def mint(self, identity: Identity, options: MintOptions = DEFAULT_OPTIONS) -> IssuedToken:
+        """A JWT for this caller, valid for ``CP_TOKEN_TTL`` seconds.
+
+        ``options.audiences`` replaces ``aud`` (a string for one value, a list for several,
+        RFC 7519 §4.1.3); ``options.scopes`` become a ``scope`` claim, one space-separated
+        string (RFC 8693 §4.2).
+        """
         ring = self._ring
         if ring is None:
             raise Unavailable("no signing key is loaded", reason="no_signing_key", retry_after=30)
@@ -193,7 +210,7 @@ class JwtMinter:
         claims: dict[str, Any] = {
             "iss": self.issuer,
             "sub": identity.username,
-            "aud": self._audience,
+            "aud": _aud_claim(options.audiences) or self._audience,
             "iat": now,
             "nbf": now,
             "exp": now + self._ttl,
@@ -204,6 +221,8 @@ class JwtMinter:
         }
         if identity.pod_bound:
             claims["pod"] = identity.pod_name
+        if options.scopes:
+            claims["scope"] = " ".join(options.scopes)
         signer = ring.signer
         header = {"alg": signer.alg, "kid": signer.kid, "typ": "JWT"}
         token = jwt.encode(header, claims, signer.key, algorithms=[signer.alg])

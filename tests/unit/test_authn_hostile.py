@@ -11,6 +11,7 @@ import json
 import sys
 from typing import Any
 
+import httpx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -23,6 +24,7 @@ from cp_token.clock import FakeClock
 from cp_token.errors import Forbidden, Unauthenticated, Unavailable
 from cp_token.identity import POD_NAME_KEY, POD_UID_KEY, Identity
 from cp_token.policy import RunnerPolicy, glob_match
+from tests.unit.test_app import DictReviewer, build
 
 NOW = 1_800_000_000.0
 AUD = ("ambient-cp",)
@@ -427,3 +429,30 @@ def test_glob_is_fnmatch_with_a_non_empty_star() -> None:
     assert glob_match("a]d", "a[]]d") and glob_match("axd", "a[!bc]d")
     assert not glob_match("abd", "a[!bc]d") and glob_match("a.c", "a?c")
     assert not glob_match("abc", "a.c")  # a dot is a dot, not a regex
+
+
+async def test_the_routes_share_slots_by_client_address() -> None:
+    """The app passes the client address: one remote address gets its share (here 1 of 4
+    slots), another address is not held up by it; loopback (a local proxy) names no one."""
+    table = {
+        f"t{i}": Identity(f"system:serviceaccount:ns:session-{i}-sa", extra=BOUND) for i in range(8)
+    }
+    reviewer = DictReviewer(table)
+    reviewer.gate = asyncio.Event()
+    app, _ = build(FakeClock(), reviewer, queue_wait=0.2)  # max_in_flight=4: 1 per caller
+
+    async def get(token: str, host: str) -> int:
+        transport = httpx.ASGITransport(app=app, client=(host, 5000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://cp") as client:
+            resp = await client.get("/token", headers={"Authorization": f"Bearer {token}"})
+            return resp.status_code
+
+    noisy = [asyncio.create_task(get(f"t{i}", "10.0.0.9")) for i in range(3)]
+    other = asyncio.create_task(get("t3", "10.0.0.10"))
+    local = [asyncio.create_task(get(f"t{i}", "127.0.0.1")) for i in (4, 5)]
+    await asyncio.sleep(0.4)
+    assert reviewer.calls == 4  # 1 for 10.0.0.9, 1 for 10.0.0.10, 2 from loopback
+    reviewer.gate.set()
+    assert sorted(await asyncio.gather(*noisy)) == [200, 503, 503]
+    assert await other == 200
+    assert await asyncio.gather(*local) == [200, 200]

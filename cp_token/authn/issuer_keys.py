@@ -196,8 +196,11 @@ class IssuerKeys:
 
     def _refresh_if_stale(self) -> None:
         """Re-read the set in the background when it is older than ``max_age``."""
-        if self._clock.monotonic() - self._loaded_at < self._max_age or self.fetching:
+        now = self._clock.monotonic()
+        if now - self._loaded_at < self._max_age or self.fetching:
             return
+        if now - self._attempt_at < self._refetch_interval:
+            return  # a refresh was tried (and failed) just now: no task per request
 
         async def run() -> None:
             try:

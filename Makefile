@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_sidecar.py
 	$(BIN)/python bench/bench_recovery.py
 	$(BIN)/python bench/bench_exchange.py
+	$(BIN)/python bench/bench_inject.py
 	$(BIN)/python bench/bench_hostile.py
 
 clean:

@@ -6,10 +6,11 @@ Run as a script it is one of the two helper processes the benches start:
   streams (no HTTP client library, so the client's own cost per request stays small) that
   prints one JSON line of results; ``GET`` with a Bearer token, or with ``--exchange`` a
   ``POST`` of an RFC 8693 token-exchange form;
-- ``python bench/common.py bare --port N``: the baseline, a bare Starlette app with a
-  ``GET /token`` route returning a small JSON (and a ``POST /oauth2/token`` route that reads
-  the body first), served by uvicorn with the CP's settings (no access log, no server
-  header, same loop and HTTP implementation).
+- ``python bench/common.py bare --port N [--tls-cert F --tls-key F]``: the baseline, a bare
+  Starlette app with a ``GET /token`` route returning a small JSON (a ``POST /oauth2/token``
+  route that reads the body first, and ``POST /mutate`` answering a fixed AdmissionReview,
+  the injector's reference), served by uvicorn with the CP's settings (no access log, no
+  server header, same loop and HTTP implementation).
 
 Nothing here imports the product: the benches measure it as a black box, as a process.
 """
@@ -356,7 +357,7 @@ def run_loadgen(
 # --- the bare baseline ---------------------------------------------------------------------
 
 
-def _bare(port: int) -> None:
+def _bare(port: int, tls_cert: str | None = None, tls_key: str | None = None) -> None:
     import uvicorn
     from starlette.applications import Starlette
     from starlette.requests import Request
@@ -370,13 +371,28 @@ def _bare(port: int) -> None:
         await request.body()
         return JSONResponse({"access_token": "bare", "token_type": "Bearer", "expires_in": 900})
 
+    async def mutate(request: Request) -> JSONResponse:  # the injector's reference
+        await request.body()
+        review = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview"}
+        return JSONResponse({**review, "response": {"uid": "bare", "allowed": True}})
+
     app = Starlette(
         routes=[
             Route("/token", token, methods=["GET"]),
             Route("/oauth2/token", exchange, methods=["POST"]),
+            Route("/mutate", mutate, methods=["POST"]),
         ]
     )
-    uvicorn.run(app, host=HOST, port=port, log_config=None, access_log=False, server_header=False)
+    uvicorn.run(
+        app,
+        host=HOST,
+        port=port,
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        ssl_certfile=tls_cert,
+        ssl_keyfile=tls_key,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -396,9 +412,11 @@ def main(argv: list[str] | None = None) -> int:
     lg.add_argument("--watch", type=int, action="append", default=[])
     bare = sub.add_parser("bare")
     bare.add_argument("--port", type=int, required=True)
+    bare.add_argument("--tls-cert")
+    bare.add_argument("--tls-key")
     args = parser.parse_args(argv)
     if args.cmd == "bare":
-        _bare(args.port)
+        _bare(args.port, args.tls_cert, args.tls_key)
         return 0
     print(json.dumps(asyncio.run(_loadgen(args))))
     return 0

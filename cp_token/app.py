@@ -10,7 +10,6 @@ exception is logged once by type, audited as ``internal`` and answered 503.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import math
@@ -25,11 +24,12 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from cp_token.authn import Authenticator
+from cp_token.bodies import read_body
 from cp_token.clock import Clock
 from cp_token.credential import parse_bearer
 from cp_token.decision import TokenAsk, TokenDecision, Trace
@@ -38,9 +38,7 @@ from cp_token.errors import (
     NO_STORE_EXCHANGE,
     CPTokenError,
     InternalError,
-    InvalidRequest,
     MethodNotAllowed,
-    PayloadTooLarge,
     error_response,
     exchange_error_response,
 )
@@ -52,6 +50,8 @@ from cp_token.exchange import (
     parse_exchange,
     parse_form,
 )
+from cp_token.health import Readiness, probe_app
+from cp_token.health import health_routes as _health_routes
 from cp_token.logs import audit
 from cp_token.metrics import Metrics
 from cp_token.minters import IssuedToken, Minter
@@ -72,12 +72,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Readiness = Callable[[], str | None]  # None = ready, else the reason
-
 EVENT_TOKEN = "token_request"
 EVENT_EXCHANGE = "token_exchange"
-# A form body that has not fully arrived by then is refused (a slow body holds a connection).
-BODY_TIMEOUT = 10.0
 _JSON = "application/json"
 
 
@@ -163,34 +159,6 @@ async def _parse_get(request: Request) -> TokenAsk:
     return TokenAsk(credential=parse_bearer(request.headers.get("authorization")))
 
 
-async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
-    """The body, read chunk by chunk and abandoned (413) as soon as it exceeds ``limit``."""
-    declared = request.headers.get("content-length", "").strip()
-    if declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"the body exceeds {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    receive = request.receive
-    more = True
-    try:
-        async with asyncio.timeout(BODY_TIMEOUT):
-            while more:
-                message = await receive()
-                if message["type"] != "http.request":
-                    raise InvalidRequest("the body was cut short", reason="client_disconnect")
-                chunk: bytes = message.get("body", b"")
-                more = message.get("more_body", False)
-                size += len(chunk)
-                if size > limit:
-                    raise PayloadTooLarge(f"the body exceeds {limit} bytes")
-                chunks.append(chunk)
-    except TimeoutError:
-        raise InvalidRequest(
-            f"the body did not arrive within {BODY_TIMEOUT:g} s", reason="body_timeout"
-        ) from None
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
 def _exchange_parser(rules: ExchangeRules) -> Callable[[Request], Awaitable[TokenAsk]]:
     async def parse(request: Request) -> TokenAsk:
         """``POST /oauth2/token``: a form; ``Authorization`` and unknown fields are ignored."""
@@ -199,7 +167,7 @@ def _exchange_parser(rules: ExchangeRules) -> Callable[[Request], Awaitable[Toke
                 f"{request.method} is not allowed on /oauth2/token; use POST", allow="POST"
             )
         check_content_type(request.headers.get("content-type"))
-        form = parse_form(await read_body(request))
+        form = parse_form(await read_body(request, MAX_BODY_BYTES))
         return parse_exchange(form, rules)
 
     return parse
@@ -217,19 +185,6 @@ def _unexpected(exc: Exception, event: str) -> InternalError:
         extra={"fields": {"exc_type": type(exc).__name__, "where": where, "event": event}},
     )
     return InternalError()
-
-
-def _health_routes(readiness: Readiness) -> list[Route]:
-    async def healthz(request: Request) -> Response:
-        return PlainTextResponse("ok")
-
-    async def readyz(request: Request) -> Response:
-        problem = readiness()
-        if problem is None:
-            return PlainTextResponse("ok")
-        return PlainTextResponse(f"not ready: {problem}", status_code=503)
-
-    return [Route("/healthz", healthz), Route("/readyz", readyz)]
 
 
 def create_app(
@@ -366,9 +321,4 @@ def create_app(
 
 def create_metrics_app(metrics: Metrics, readiness: Readiness) -> Starlette:
     """The metrics port: ``/metrics``, ``/healthz``, ``/readyz``."""
-
-    async def metrics_endpoint(request: Request) -> Response:
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    routes: list[Any] = [Route("/metrics", metrics_endpoint), *_health_routes(readiness)]
-    return Starlette(routes=routes)
+    return probe_app(metrics.render, readiness)

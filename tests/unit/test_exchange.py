@@ -21,7 +21,7 @@ from joserfc.jwk import KeySet
 from test_app import RUNNER, TABLE, DictReviewer, clock, reviewer
 from test_app import build as build_app
 
-from cp_token import app as app_module
+from cp_token import bodies
 from cp_token.app import ExchangeConfig
 from cp_token.clock import FakeClock
 from cp_token.config import ConfigError, load_settings
@@ -327,7 +327,7 @@ async def test_body_is_read_incrementally_and_abandoned_early(
 async def test_slow_or_cut_body_is_a_400_not_a_500(
     clock: FakeClock, reviewer: DictReviewer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(app_module, "BODY_TIMEOUT", 0.05)
+    monkeypatch.setattr(bodies, "BODY_TIMEOUT", 0.05)
     app = build(clock, reviewer)
     status, _, _ = await asgi_post(app, [b"grant_type="], [], stall=True)
     assert status == 400

@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_recovery.py
 	$(BIN)/python bench/bench_exchange.py
 	$(BIN)/python bench/bench_inject.py
+	$(BIN)/python bench/bench_hostile.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -78,6 +78,7 @@ def fake_kube_child(workdir: str) -> int:
         SESSION_NS,
         SESSION_POD,
         SESSION_SA,
+        new_sessions,
     )
     from tests.fakes.kube_apiserver import ROUTES, FakeKubeAPIServer
 
@@ -107,8 +108,15 @@ def fake_kube_child(workdir: str) -> int:
                 ]
                 Path(path).write_text("\n".join(tokens) + "\n")
                 answer(len(set(tokens)))
-            elif cmd == "latency":
-                kube.set_latency(arg)
+            elif cmd == "latency":  # seconds, or [seconds, route]
+                kube.set_latency(*(arg if isinstance(arg, list) else [arg]))
+                answer("ok")
+            elif cmd == "sessions":  # [path, n, prefix]: n new session pods, a token each
+                path, n, prefix = arg
+                Path(path).write_text("\n".join(new_sessions(kube, n, prefix)) + "\n")
+                answer(n)
+            elif cmd in ("deny", "allow"):  # [verb, group, resource] of the CP's own RBAC
+                getattr(kube, cmd)(*arg)
                 answer("ok")
             elif cmd == "reset":
                 kube.reset_counts()

@@ -70,7 +70,7 @@ class TokenDecision:
 
         ``trace`` receives the identity as soon as it is known, and the issued token.
         """
-        identity = await self._authenticator.authenticate(ask.credential)
+        identity = await self._authenticator.authenticate(ask.credential, peer=trace.peer)
         trace.identity = identity
         self._limiter.check(identity.username)
         await self._authorize(identity)

@@ -3,21 +3,31 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 
-__all__ = ["POD_NAME_KEY", "POD_UID_KEY", "Identity", "token_hash"]
+__all__ = ["POD_NAME_KEY", "POD_UID_KEY", "Identity", "session_id_of", "token_hash"]
 
 POD_NAME_KEY = "authentication.kubernetes.io/pod-name"
 POD_UID_KEY = "authentication.kubernetes.io/pod-uid"
 CREDENTIAL_ID_KEY = "authentication.kubernetes.io/credential-id"
 SA_PREFIX = "system:serviceaccount:"
+_SESSION_SA = re.compile(r"session-(.+)-sa")
 
 
 def token_hash(token: str) -> str:
     """SHA-256 of a token: the only form in which a token is ever used as a key."""
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def session_id_of(service_account: str | None) -> str | None:
+    """``<id>`` from a ServiceAccount named ``session-<id>-sa``; None when absent or empty."""
+    if not service_account:
+        return None
+    m = _SESSION_SA.fullmatch(service_account)
+    return m.group(1) if m else None
 
 
 def _first(extra: Mapping[str, tuple[str, ...]], key: str) -> str | None:
@@ -34,6 +44,9 @@ class Identity:
     groups: tuple[str, ...] = ()
     extra: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     expires_at: float | None = None  # the presented token's own `exp` (wall clock), if known
+    # Monotonic time until which this answer may be reused: the reads it rests on (the jwks
+    # authenticator's pod and ServiceAccount checks) expire then. None: no such limit.
+    cache_until: float | None = None
 
     @cached_property
     def namespace(self) -> str | None:
@@ -61,6 +74,11 @@ class Identity:
     def pod_bound(self) -> bool:
         """True when the token is bound to a pod (name and uid both present)."""
         return bool(self.pod_name and self.pod_uid)
+
+    @cached_property
+    def session_id(self) -> str | None:
+        """``<id>`` of a ServiceAccount named ``session-<id>-sa`` (never empty), else None."""
+        return session_id_of(self.service_account)
 
     @property
     def credential_id(self) -> str | None:

@@ -3,76 +3,177 @@
 One cache serves the policy's label checks and the ``jwks`` authenticator's liveness checks,
 so a cold request reads each object once. Reads are coalesced; a missing object is
 remembered as None for the same time as a found one.
+
+- Only what decisions need is kept (uid and labels), and the cache is bounded in entries and
+  bytes, so a large Pod spec never sits in memory.
+- An entry expires ``ttl`` seconds after its read *started* (the state it reflects may be
+  that old), and callers that cache decisions built on it learn that moment
+  (:attr:`Cached.valid_until`), so caches never stack.
+- Label reads (outside a review) have their own bound, ``max_reads``, so they never wait
+  behind token reviews, and reviews never wait behind them; the Kubernetes worker pool is
+  sized for both (see :mod:`cp_token.service`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
-from cachetools import TTLCache
+from cachetools import TLRUCache
 
+from cp_token.bounded import bounded_tlru, text_bytes
 from cp_token.clock import Clock
 from cp_token.errors import Unavailable
-from cp_token.kube import KubeClient, KubeForbidden, KubeUnavailable
+from cp_token.kube import KubeClient, KubeForbidden, KubeUnavailable, labels_of, uid_of
 from cp_token.singleflight import Singleflight
 
-__all__ = ["ObjectCache"]
+__all__ = ["MAX_OBJECT_READS", "Cached", "ObjectCache"]
 
 log = logging.getLogger(__name__)
 
 Obj = dict[str, Any] | None
+Key = tuple[str, str, str]
+
+MAX_OBJECT_READS = 16  # label reads in flight at once, outside review slots
+READ_WAIT = 2.0  # a label read waits at most this long for its turn, then 503
+MAX_ENTRIES = 50_000
+MAX_BYTES = 32 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Cached:
+    """One cached read: the (trimmed) object, or None if it did not exist, and its age."""
+
+    obj: Obj
+    fetched_at: float  # monotonic time the read started
+    valid_until: float  # monotonic time the entry expires (fetched_at + ttl)
+    size: int  # estimated bytes, for the cache's byte bound
+
+
+def _trim(obj: Obj) -> Obj:
+    """Keep what decisions use (uid, labels); drop spec, status, managed fields."""
+    if obj is None:
+        return None
+    meta: dict[str, Any] = {}
+    uid = uid_of(obj)
+    if uid is not None:
+        meta["uid"] = uid
+    labels = labels_of(obj)
+    if labels:
+        meta["labels"] = labels
+    return {"metadata": meta}
+
+
+def _size(key: Key, obj: Obj) -> int:
+    labels = labels_of(obj)
+    return 200 + text_bytes(*key, uid_of(obj)) + sum(text_bytes(k, v) for k, v in labels.items())
 
 
 class ObjectCache:
     """Cached, coalesced GETs of the objects the CP's decisions depend on."""
 
     def __init__(
-        self, kube: KubeClient, clock: Clock, *, ttl: float = 10.0, metrics: Any = None
+        self,
+        kube: KubeClient,
+        clock: Clock,
+        *,
+        ttl: float = 10.0,
+        max_reads: int = MAX_OBJECT_READS,
+        read_wait: float = READ_WAIT,
+        max_entries: int = MAX_ENTRIES,
+        max_bytes: int = MAX_BYTES,
+        metrics: Any = None,
     ) -> None:
         self._kube = kube
-        self._cache: TTLCache[tuple[str, str, str], Obj] = TTLCache(
-            maxsize=50_000, ttl=ttl, timer=clock.monotonic
+        self._clock = clock
+        self.ttl = ttl
+        self._cache: TLRUCache[Key, Cached] = bounded_tlru(
+            max_entries=max_entries,
+            max_bytes=max_bytes,
+            ttu=lambda _k, v, _now: v.valid_until,
+            timer=clock.monotonic,
+            estimate=lambda v: v.size,
         )
-        self._inflight: Singleflight[tuple[str, str, str], Obj] = Singleflight()
+        self._inflight: Singleflight[Key, Cached] = Singleflight()
+        self._reads = asyncio.Semaphore(max_reads)
+        self._read_wait = read_wait
         self._metrics = metrics
         self._forbidden_logged: set[str] = set()
 
+    # --- label reads (the policy, outside any review slot) -----------------------------------
+
     async def namespace(self, name: str) -> Obj:
         """The Namespace (None if it does not exist)."""
-        return await self._get("namespaces", "", name, lambda: self._kube.get_namespace(name))
+        entry = await self._get(
+            ("namespaces", "", name), lambda: self._kube.get_namespace(name), bounded=True
+        )
+        return entry.obj
 
     async def service_account(self, namespace: str, name: str) -> Obj:
         """The ServiceAccount (None if it does not exist)."""
-        return await self._get(
-            "serviceaccounts",
-            namespace,
-            name,
-            lambda: self._kube.get_service_account(namespace, name),
-        )
+        return (await self._service_account(namespace, name, bounded=True)).obj
 
     async def pod(self, namespace: str, name: str) -> Obj:
         """The Pod (None if it does not exist)."""
-        return await self._get("pods", namespace, name, lambda: self._kube.get_pod(namespace, name))
+        return (await self._pod(namespace, name, bounded=True)).obj
 
-    async def _get(
-        self, kind: str, namespace: str, name: str, fetch: Callable[[], Awaitable[Obj]]
-    ) -> Obj:
-        key = (kind, namespace, name)
-        if key in self._cache:
-            if self._metrics is not None:
-                self._metrics.cache(kind, True)
-            return self._cache[key]
+    # --- liveness reads (the jwks authenticator, inside a review slot) -----------------------
+
+    async def service_account_entry(self, namespace: str, name: str) -> Cached:
+        """The ServiceAccount read with its age; for callers already holding a review slot."""
+        return await self._service_account(namespace, name, bounded=False)
+
+    async def pod_entry(self, namespace: str, name: str) -> Cached:
+        """The Pod read with its age; for callers already holding a review slot."""
+        return await self._pod(namespace, name, bounded=False)
+
+    # -----------------------------------------------------------------------------------------
+
+    def _service_account(self, namespace: str, name: str, *, bounded: bool) -> Awaitable[Cached]:
+        return self._get(
+            ("serviceaccounts", namespace, name),
+            lambda: self._kube.get_service_account(namespace, name),
+            bounded=bounded,
+        )
+
+    def _pod(self, namespace: str, name: str, *, bounded: bool) -> Awaitable[Cached]:
+        return self._get(
+            ("pods", namespace, name), lambda: self._kube.get_pod(namespace, name), bounded=bounded
+        )
+
+    async def _get(self, key: Key, fetch: Callable[[], Awaitable[Obj]], *, bounded: bool) -> Cached:
+        kind = key[0]
+        entry = self._cache.get(key)
         if self._metrics is not None:
-            self._metrics.cache(kind, False)
-        return await self._inflight.do(key, lambda: self._fetch(kind, key, fetch))
+            self._metrics.cache(kind, entry is not None)
+        if entry is not None:
+            return entry
+        return await self._inflight.do(key, lambda: self._fetch(key, fetch, bounded))
 
-    async def _fetch(
-        self, kind: str, key: tuple[str, str, str], fetch: Callable[[], Awaitable[Obj]]
-    ) -> Obj:
+    async def _fetch(self, key: Key, fetch: Callable[[], Awaitable[Obj]], bounded: bool) -> Cached:
+        if not bounded:
+            return await self._read(key, fetch)
         try:
-            obj = await fetch()
+            await asyncio.wait_for(self._reads.acquire(), timeout=self._read_wait)
+        except TimeoutError:
+            raise Unavailable(
+                "too many Kubernetes reads in flight; retry shortly",
+                reason="reads_saturated",
+                retry_after=1,
+            ) from None
+        try:
+            return await self._read(key, fetch)
+        finally:
+            self._reads.release()
+
+    async def _read(self, key: Key, fetch: Callable[[], Awaitable[Obj]]) -> Cached:
+        kind = key[0]
+        started = self._clock.monotonic()
+        try:
+            obj = _trim(await fetch())
         except KubeForbidden as exc:
             if kind not in self._forbidden_logged:
                 log.error("reading %s refused: %s (the CP needs 'get %s')", kind, exc.reason, kind)
@@ -87,5 +188,7 @@ class ObjectCache:
             raise Unavailable(
                 "the Kubernetes API is unavailable", reason="kube_unavailable"
             ) from None
-        self._cache[key] = obj
-        return obj
+        entry = Cached(obj, started, started + self.ttl, _size(key, obj))
+        if entry.valid_until > self._clock.monotonic():
+            self._cache[key] = entry
+        return entry

@@ -6,14 +6,58 @@ in :mod:`cp_token.objects`; this module does no I/O.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
+from functools import lru_cache
 
 from cp_token.errors import Forbidden
 from cp_token.identity import Identity
 
-__all__ = ["RunnerPolicy"]
+__all__ = ["RunnerPolicy", "glob_match"]
+
+
+@lru_cache(maxsize=64)
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    """fnmatch syntax (``*``, ``?``, ``[seq]``, ``[!seq]``), except that ``*`` matches ONE or
+    more characters: ``session-*-sa`` must never admit ``session--sa`` (an empty session id)."""
+    out: list[str] = []
+    i, n = 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        i += 1
+        if c == "*":
+            out.append(".+")
+        elif c == "?":
+            out.append(".")
+        elif c == "[":
+            j = i + 1 if i < n and pattern[i] == "!" else i
+            j = j + 1 if j < n and pattern[j] == "]" else j
+            j = pattern.find("]", j)
+            if j < 0:
+                out.append(re.escape(c))
+                continue
+            body = pattern[i:j].replace("\\", "\\\\")
+            i = j + 1
+            if body.startswith("!"):
+                body = "^" + body[1:]
+            elif body.startswith(("^", "[")):
+                body = "\\" + body
+            out.append(f"[{body}]")
+        else:
+            out.append(re.escape(c))
+    return re.compile("".join(out), re.DOTALL)
+
+
+def glob_match(name: str, pattern: str) -> bool:
+    """True when ``name`` matches the glob ``pattern`` (``*`` never matches nothing)."""
+    return _glob_regex(pattern).fullmatch(name) is not None
+
+
+def _empty_session_id(identity: Identity) -> bool:
+    """A ServiceAccount shaped like ``session-<id>-sa`` whose id is empty (``session--sa``)."""
+    sa = identity.service_account or ""
+    return sa.startswith("session-") and sa.endswith("-sa") and identity.session_id is None
 
 
 @dataclass(frozen=True)
@@ -33,13 +77,13 @@ class RunnerPolicy:
             raise Forbidden(
                 f"{identity.username} is not a ServiceAccount", reason="not_service_account"
             )
-        if not fnmatchcase(identity.username, self.allowed_sa):
+        if not glob_match(identity.username, self.allowed_sa) or _empty_session_id(identity):
             raise Forbidden(
                 f"ServiceAccount {identity.username} is not a session runner "
                 f"(must match {self.allowed_sa})",
                 reason="sa_not_allowed",
             )
-        if not any(fnmatchcase(ns, pattern) for pattern in self.allowed_namespaces):
+        if not any(glob_match(ns, pattern) for pattern in self.allowed_namespaces):
             raise Forbidden(
                 f"{identity.username}: namespace {ns} is not allowed",
                 reason="namespace_not_allowed",

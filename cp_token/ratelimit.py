@@ -6,6 +6,7 @@ from cachetools import TTLCache
 
 from cp_token.clock import Clock
 from cp_token.errors import RateLimited
+from cp_token.identity import token_hash
 
 __all__ = ["RateLimiter"]
 
@@ -18,6 +19,7 @@ class RateLimiter:
         self._burst = float(burst)
         self._clock = clock
         # An idle bucket refills completely after burst/rate seconds, then can be forgotten.
+        # Buckets are keyed by a fixed-size hash of the key, so the entry bound is a byte bound.
         idle = burst / rate + 1.0
         self._buckets: TTLCache[str, tuple[float, float]] = TTLCache(
             maxsize=maxsize, ttl=idle, timer=clock.monotonic
@@ -26,6 +28,7 @@ class RateLimiter:
     def check(self, key: str) -> None:
         """Take one token for ``key`` or raise RateLimited with the wait in Retry-After."""
         now = self._clock.monotonic()
+        key = token_hash(key)
         tokens, last = self._buckets.get(key, (self._burst, now))
         tokens = min(self._burst, tokens + (now - last) * self._rate)
         if tokens < 1.0:

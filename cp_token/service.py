@@ -21,6 +21,7 @@ from cp_token import __version__
 from cp_token.app import ExchangeConfig, create_app, create_metrics_app
 from cp_token.authn import Authenticator, Reviewer
 from cp_token.authn.cache import CachedAuthenticator
+from cp_token.authn.issuer_keys import IssuerKeys, SignatureCheck
 from cp_token.authn.jwks import JwksReviewer
 from cp_token.authn.static import StaticReviewer, parse_identities
 from cp_token.authn.tokenreview import FORBIDDEN_HINT, TokenReviewer
@@ -33,7 +34,7 @@ from cp_token.minters import Minter
 from cp_token.minters.jwt import JwtMinter
 from cp_token.minters.oidc import OidcMinter
 from cp_token.minters.static import StaticMinter, parse_static_token
-from cp_token.objects import ObjectCache
+from cp_token.objects import MAX_OBJECT_READS, ObjectCache
 from cp_token.policy import RunnerPolicy
 from cp_token.ratelimit import RateLimiter
 
@@ -41,9 +42,16 @@ __all__ = ["Service", "build_service"]
 
 log = logging.getLogger(__name__)
 
-# Connections (and worker threads) to the API server: at ~5 ms API latency, 10 carry ~2,000
-# calls/s; CP_TOKEN_MAX_REVIEWS still bounds how many reviews wait for them.
-KUBE_POOL_CONNECTIONS = 10
+# Kubernetes calls not made from a review slot or a label read: the shared issuer-key fetch,
+# issuer discovery, the start-up permission checks.
+KUBE_SHARED_CALLS = 4
+
+
+def kube_pool_size(max_reviews: int) -> int:
+    """Worker threads (and connections) to the API server: one per review slot, one per label
+    read, plus the shared calls, so a call never waits in an executor queue: every wait is at
+    a semaphore with a deadline (CP_TOKEN_MAX_REVIEWS, the label-read bound)."""
+    return max_reviews + MAX_OBJECT_READS + KUBE_SHARED_CALLS
 
 
 @dataclass
@@ -230,6 +238,7 @@ def build_reviewer(
     clock: Clock,
     watcher: FileWatcher,
     metrics: Metrics,
+    issuer_keys: IssuerKeys | None = None,
 ) -> Reviewer:
     """The configured authenticator's upstream half (no caching)."""
     if s.authn == "static":
@@ -242,7 +251,14 @@ def build_reviewer(
         return StaticReviewer(identities)
     assert kube is not None and objects is not None
     if s.authn == "jwks":
-        return JwksReviewer(kube, objects, clock=clock, audiences=s.audiences, issuers=s.sa_issuers)
+        return JwksReviewer(
+            kube,
+            objects,
+            clock=clock,
+            audiences=s.audiences,
+            issuers=s.sa_issuers,
+            keys=issuer_keys,
+        )
     return TokenReviewer(kube, s.audiences)
 
 
@@ -266,14 +282,19 @@ def build_service(
                 raise ConfigError(
                     variable, f"no usable Kubernetes configuration ({str(exc)[:200]})"
                 ) from None
-        kube = KubeClient(kube_connection, max_connections=KUBE_POOL_CONNECTIONS, metrics=metrics)
+        kube = KubeClient(
+            kube_connection, max_connections=kube_pool_size(s.max_reviews), metrics=metrics
+        )
     # One object cache for label checks and jwks liveness checks: each object read once.
     objects = (
         None
         if kube is None
         else ObjectCache(kube, clock, ttl=s.liveness_cache_ttl, metrics=metrics)
     )
-    reviewer = build_reviewer(s, kube, objects, clock, watcher, metrics)
+    # The API server's issuer keys: the jwks authenticator's keys, and otherwise the signature
+    # pre-check in front of TokenReview (forged tokens cost the API server nothing).
+    issuer_keys = None if kube is None else IssuerKeys(kube, clock)
+    reviewer = build_reviewer(s, kube, objects, clock, watcher, metrics, issuer_keys)
     # With jwks authn the review cache must not outlive the liveness check it depends on.
     review_ttl = s.review_cache_ttl
     if s.authn == "jwks":
@@ -285,6 +306,12 @@ def build_service(
         ttl=review_ttl,
         max_in_flight=s.max_reviews,
         jwt_precheck=s.authn != "static",
+        signature_check=(
+            SignatureCheck(issuer_keys)
+            if issuer_keys is not None and s.authn == "tokenreview"
+            else None
+        ),
+        call_timeout=kube.timeout if kube is not None else 10.0,
         metrics=metrics,
     )
     static = s.authn == "static"

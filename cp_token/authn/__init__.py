@@ -20,8 +20,11 @@ class Reviewer(Protocol):
 class Authenticator(Protocol):
     """What the app calls: authenticate a bearer token (cached, coalesced, capped)."""
 
-    async def authenticate(self, token: str) -> Identity:
-        """The caller's identity, or raise Unauthenticated / Unavailable."""
+    async def authenticate(self, token: str, *, peer: str | None = None) -> Identity:
+        """The caller's identity, or raise Unauthenticated / Unavailable.
+
+        ``peer``: the caller's source address, when the route knows it (fair shares).
+        """
         ...
 
     async def aclose(self) -> None:

@@ -1,9 +1,19 @@
 """The review cache in front of every authenticator.
 
-- Successful reviews are reused for ``ttl`` seconds, never past the token's own ``exp``.
-- Failed reviews are remembered for a few seconds, so a replayed bad token costs nothing.
+- A bearer token over 16 KiB is refused unparsed; then (outside ``static`` authn) the
+  unverified precheck refuses what cannot be a ServiceAccount token, and the signature
+  pre-check refuses what the API server's issuer keys did not sign: neither costs the API
+  server anything.
+- Successful reviews are reused for ``ttl`` seconds from the review's start, never past the
+  token's own ``exp`` nor past the reads the review rests on (``Identity.cache_until``).
+- Failed reviews are remembered for a few seconds as a :class:`Refusal` (plain values: no
+  exception, traceback, request or token), and each replay raises a fresh exception.
 - Concurrent requests with the same token share one review (singleflight).
-- At most ``max_in_flight`` reviews run at once; beyond it a request waits briefly, then 503.
+- Reviews in flight are capped (``max_in_flight``), and no single caller (source address, or
+  unverified ``sub``) holds more than a small share of the slots; a request waits at most
+  ``queue_wait`` for the keys and a slot, and is answered within ``queue_wait + call_timeout``
+  whatever the API server does.
+- Both caches are bounded in entries and bytes.
 
 Keys are SHA-256 hashes of the token, never the token.
 """
@@ -11,25 +21,80 @@ Keys are SHA-256 hashes of the token, never the token.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import logging
+from dataclasses import dataclass
 from typing import Any
 
 from cachetools import TLRUCache, TTLCache
 
 from cp_token.authn import Reviewer
-from cp_token.authn.precheck import precheck
+from cp_token.authn.fairness import FairSlots
+from cp_token.authn.issuer_keys import SignatureCheck
+from cp_token.authn.precheck import MAX_TOKEN_BYTES, UnverifiedJWT, precheck
+from cp_token.bounded import bounded_tlru, bounded_ttl, text_bytes
 from cp_token.clock import Clock
-from cp_token.errors import Unauthenticated, Unavailable
+from cp_token.errors import InternalError, Unauthenticated, Unavailable
 from cp_token.identity import Identity, token_hash
 from cp_token.singleflight import Singleflight
 
-__all__ = ["CachedAuthenticator"]
+__all__ = ["CachedAuthenticator", "Refusal"]
+
+log = logging.getLogger(__name__)
 
 NEGATIVE_TTL = 5.0
-QUEUE_WAIT = 2.0
+QUEUE_WAIT = 2.0  # SPEC: beyond CP_TOKEN_MAX_REVIEWS a request waits at most 2 s, then 503
+CALL_TIMEOUT = 10.0  # SPEC: every Kubernetes API call gives up after 10 s
+ANSWER_MARGIN = 0.5  # answer up to this much before queue_wait + call_timeout: the 503 is in time
+CALLER_SHARE = 8  # one caller holds at most 1/8 of the review slots
+MAX_ENTRIES = 50_000
+MAX_BYTES = 32 * 1024 * 1024
+MAX_NEGATIVE_ENTRIES = 20_000
+MAX_NEGATIVE_BYTES = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A failed review as plain values; :meth:`error` makes a fresh exception each time."""
+
+    unavailable: bool
+    description: str
+    reason: str
+    retry_after: float = 5.0
+
+    @classmethod
+    def of(cls, exc: Unauthenticated | Unavailable) -> Refusal:
+        """The values of a refusal, without the exception (and its traceback)."""
+        if isinstance(exc, Unavailable):
+            return cls(True, exc.description, exc.reason, exc.retry_after)
+        return cls(False, exc.description, exc.reason)
+
+    def error(self) -> Unauthenticated | Unavailable:
+        """A new exception for this refusal."""
+        if self.reason == INTERNAL.reason:
+            return InternalError(self.description)
+        if self.unavailable:
+            return Unavailable(self.description, reason=self.reason, retry_after=self.retry_after)
+        return Unauthenticated(self.description, reason=self.reason)
+
+
+INTERNAL = Refusal.of(InternalError("the token service failed to review the token"))
+
+
+def _identity_size(entry: tuple[Identity, float]) -> int:
+    identity = entry[0]
+    strings = [identity.username, identity.uid, *identity.groups]
+    for key, values in identity.extra.items():
+        strings += [key, *values]
+    return 400 + text_bytes(*strings)
+
+
+def _refusal_size(refusal: Refusal) -> int:
+    return 300 + len(refusal.description)
 
 
 class CachedAuthenticator:
-    """Precheck, cache, coalesce and cap calls to a :class:`Reviewer`."""
+    """Precheck, cache, coalesce and fairly cap calls to a :class:`Reviewer`."""
 
     def __init__(
         self,
@@ -40,8 +105,12 @@ class CachedAuthenticator:
         ttl: float,
         max_in_flight: int,
         jwt_precheck: bool = True,
-        maxsize: int = 100_000,
+        signature_check: SignatureCheck | None = None,
         queue_wait: float = QUEUE_WAIT,
+        call_timeout: float = CALL_TIMEOUT,
+        caller_share: int | None = None,
+        max_entries: int = MAX_ENTRIES,
+        max_bytes: int = MAX_BYTES,
         metrics: Any = None,
     ) -> None:
         self._reviewer = reviewer
@@ -49,31 +118,52 @@ class CachedAuthenticator:
         self._audiences = audiences
         self._ttl = ttl
         self._jwt_precheck = jwt_precheck
+        self._signature = signature_check
         self._queue_wait = queue_wait
+        self._answer_within = queue_wait + call_timeout - min(ANSWER_MARGIN, call_timeout / 10)
         self._metrics = metrics
-        # value = (identity, monotonic deadline); the deadline is min(ttl, token exp).
-        self._ok: TLRUCache[str, tuple[Identity, float]] = TLRUCache(
-            maxsize=maxsize, ttu=lambda _k, v, _now: v[1], timer=clock.monotonic
+        # value = (identity, monotonic deadline); see _remember for what bounds the deadline.
+        self._ok: TLRUCache[str, tuple[Identity, float]] = bounded_tlru(
+            max_entries=max_entries,
+            max_bytes=max_bytes,
+            ttu=lambda _k, v, _now: v[1],
+            timer=clock.monotonic,
+            estimate=_identity_size,
         )
-        self._bad: TTLCache[str, Unauthenticated] = TTLCache(
-            maxsize=maxsize, ttl=NEGATIVE_TTL, timer=clock.monotonic
+        self._bad: TTLCache[str, Refusal] = bounded_ttl(
+            max_entries=min(max_entries, MAX_NEGATIVE_ENTRIES),
+            max_bytes=min(max_bytes, MAX_NEGATIVE_BYTES),
+            ttl=NEGATIVE_TTL,
+            timer=clock.monotonic,
+            estimate=_refusal_size,
         )
-        self._inflight: Singleflight[str, Identity] = Singleflight()
-        self._slots = asyncio.Semaphore(max_in_flight)
+        self._inflight: Singleflight[str, Identity | Refusal] = Singleflight()
+        share = caller_share or max(1, max_in_flight // CALLER_SHARE)
+        self.slots = FairSlots(max_in_flight, share)
         self.reviews = 0  # upstream reviews started, for tests and metrics
 
     async def aclose(self) -> None:
-        """Close the reviewer's connections."""
+        """Close the reviewer's connections and stop background key refreshes."""
         close = getattr(self._reviewer, "aclose", None)
         if close is not None:
             await close()
+        if self._signature is not None:
+            await self._signature.aclose()
 
     def _hit(self, cache: str, hit: bool) -> None:
         if self._metrics is not None:
             self._metrics.cache(cache, hit)
 
-    async def authenticate(self, token: str) -> Identity:
-        """The caller's identity, or raise Unauthenticated / Unavailable."""
+    async def authenticate(self, token: str, *, peer: str | None = None) -> Identity:
+        """The caller's identity, or raise Unauthenticated / Unavailable.
+
+        ``peer`` is the caller's source address, if known: with the token's unverified
+        ``sub`` it names the caller whose share of the review slots this request takes.
+        """
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        if len(token) > MAX_TOKEN_BYTES:
+            raise Unauthenticated("malformed token: too long", reason="malformed")
         key = token_hash(token)
         cached = self._ok.get(key)
         if cached is not None:
@@ -82,45 +172,95 @@ class CachedAuthenticator:
         bad = self._bad.get(key)
         if bad is not None:
             self._hit("review_negative", True)
-            raise bad
+            raise bad.error()
         self._hit("review", False)
+        jwt: UnverifiedJWT | None = None
         if self._jwt_precheck:
-            precheck(token, self._audiences, self._clock.time())
-
-        return await self._inflight.do(key, lambda: self._review(key, token))
-
-    async def _review(self, key: str, token: str) -> Identity:
+            jwt = precheck(token, self._audiences, self._clock.time())
+        callers = _caller_keys(peer, jwt)
+        start_by = start + self._queue_wait
         try:
-            identity = await self._review_capped(token)
-        except Unauthenticated as exc:
-            self._bad[key] = exc
-            raise
-        self._remember(key, identity)
-        return identity
-
-    def _remember(self, key: str, identity: Identity) -> None:
-        deadline = self._clock.monotonic() + self._ttl
-        if identity.expires_at is not None:
-            left = identity.expires_at - self._clock.time()
-            deadline = min(deadline, self._clock.monotonic() + left)
-        if deadline > self._clock.monotonic():
-            self._ok[key] = (identity, deadline)
-
-    async def _review_capped(self, token: str) -> Identity:
-        try:
-            await asyncio.wait_for(self._slots.acquire(), timeout=self._queue_wait)
+            result = await asyncio.wait_for(
+                self._inflight.do(key, lambda: self._review(key, token, jwt, callers, start_by)),
+                timeout=start + self._answer_within - loop.time(),
+            )
         except TimeoutError:
             raise Unavailable(
-                "too many token reviews in flight; retry shortly",
-                reason="reviews_saturated",
-                retry_after=1,
+                "the Kubernetes API did not answer in time", reason="kube_timeout"
             ) from None
+        if isinstance(result, Refusal):
+            raise result.error()
+        return result
+
+    async def _review(
+        self,
+        key: str,
+        token: str,
+        jwt: UnverifiedJWT | None,
+        callers: list[str],
+        start_by: float,
+    ) -> Identity | Refusal:
+        """One shared review; never raises, so no exception is shared between waiters."""
+        started = self._clock.monotonic()
         try:
-            self.reviews += 1
-            if self._metrics is not None:
-                self._metrics.reviews_in_flight.inc()
+            if self._signature is not None and jwt is not None:
+                await self._signature.check(token, jwt, start_by)
+            async with self.slots.hold(callers, start_by):
+                identity = await self._reviewed(token)
+        except Unauthenticated as exc:
+            refusal = Refusal.of(exc)
+            self._bad[key] = refusal
+            return refusal
+        except Unavailable as exc:
+            return Refusal.of(exc)
+        except Exception as exc:  # a bug: answer 503, never share a live traceback
+            frame = exc.__traceback__
+            while frame is not None and frame.tb_next is not None:
+                frame = frame.tb_next
+            where = f"{frame.tb_frame.f_code.co_filename}:{frame.tb_lineno}" if frame else "?"
+            log.error("token review failed unexpectedly: %s at %s", type(exc).__name__, where)
+            return INTERNAL
+        self._remember(key, identity, started)
+        return identity
+
+    async def _reviewed(self, token: str) -> Identity:
+        self.reviews += 1
+        if self._metrics is not None:
+            self._metrics.reviews_in_flight.inc()
+        try:
             return await self._reviewer.review(token)
         finally:
             if self._metrics is not None:
                 self._metrics.reviews_in_flight.dec()
-            self._slots.release()
+
+    def _remember(self, key: str, identity: Identity, started: float) -> None:
+        now = self._clock.monotonic()
+        deadline = started + self._ttl
+        if identity.expires_at is not None:
+            deadline = min(deadline, now + identity.expires_at - self._clock.time())
+        if identity.cache_until is not None:
+            deadline = min(deadline, identity.cache_until)
+        if deadline > now:
+            self._ok[key] = (identity, deadline)
+
+
+def _caller_keys(peer: str | None, jwt: UnverifiedJWT | None) -> list[str]:
+    """The names of the caller whose share a review takes: source address, unverified sub.
+
+    A loopback (or non-IP) peer names no caller: it is a local proxy in front of the CP (a
+    mesh sidecar, a port-forward) through which every caller arrives, not one caller.
+    """
+    keys = []
+    if peer and _remote(peer):
+        keys.append(f"peer:{peer}")
+    subject = jwt.subject if jwt is not None else None
+    if subject:
+        keys.append(f"sub:{token_hash(subject)[:32]}")
+    return keys
+
+
+def _remote(peer: str) -> bool:
+    try:
+        return not ipaddress.ip_address(peer).is_loopback
+    except ValueError:
+        return False

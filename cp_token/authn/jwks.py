@@ -11,41 +11,32 @@ pod's token keeps working.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
-from joserfc import jws
-from joserfc.errors import JoseError
-from joserfc.jwk import ECKey, JWKRegistry, RSAKey
-
-from cp_token.authn.precheck import UnverifiedJWT, decode_unverified
+from cp_token.authn.issuer_keys import ALGORITHMS, IssuerKeys, verifies
+from cp_token.authn.precheck import UnverifiedJWT, decode_unverified, numeric_date
 from cp_token.clock import Clock
 from cp_token.errors import Unauthenticated, Unavailable
 from cp_token.identity import CREDENTIAL_ID_KEY, POD_NAME_KEY, POD_UID_KEY, Identity
-from cp_token.kube import KubeClient, KubeForbidden, KubeUnavailable, uid_of
+from cp_token.kube import KubeClient, KubeError, KubeForbidden, KubeUnavailable, uid_of
 from cp_token.objects import ObjectCache
+from cp_token.singleflight import SharedCall
 
 __all__ = ["JwksReviewer"]
 
 log = logging.getLogger(__name__)
 
-ALGORITHMS = frozenset({"RS256", "ES256"})  # what API servers sign ServiceAccount tokens with
-KEY_TYPES = {"RS256": "RSA", "ES256": "EC"}
 LEEWAY = 60.0  # clock skew allowance for exp/nbf, as the API server's own validator allows
-REFETCH_INTERVAL = 10.0  # at most one JWKS fetch per window, however many unknown kids arrive
-KEYS_MAX_AGE = 300.0  # re-read the key set this often even when every kid is known
 NODE_NAME_KEY = "authentication.kubernetes.io/node-name"
 NODE_UID_KEY = "authentication.kubernetes.io/node-uid"
-
-Key = ECKey | RSAKey
 
 
 def _bad(description: str, reason: str = "not_authenticated") -> Unauthenticated:
     return Unauthenticated(description, reason=reason)
 
 
-def _unavailable(exc: KubeUnavailable | KubeForbidden, what: str) -> Unavailable:
+def _unavailable(exc: KubeError, what: str) -> Unavailable:
     if isinstance(exc, KubeForbidden):
         log.error(
             "%s refused: %s (grant the CP 'get' on it in session namespaces)", what, exc.reason
@@ -70,41 +61,34 @@ class JwksReviewer:
         clock: Clock,
         audiences: tuple[str, ...],
         issuers: tuple[str, ...] = (),
-        refetch_interval: float = REFETCH_INTERVAL,
+        keys: IssuerKeys | None = None,
     ) -> None:
         self._kube = kube
         self._objects = objects
         self._clock = clock
         self._audiences = frozenset(audiences)
         self._issuers: frozenset[str] | None = frozenset(issuers) if issuers else None
-        self._refetch_interval = refetch_interval
-        self._keys: dict[str, Key] = {}
-        self._unnamed: list[Key] = []
-        self._keys_at = float("-inf")  # monotonic time of the last fetch attempt
-        self._keys_loaded = False
-        self._key_fetch: asyncio.Task[None] | None = None
-        self._issuer_fetch: asyncio.Task[frozenset[str]] | None = None
-        self.jwks_fetches = 0
+        self.keys = keys or IssuerKeys(kube, clock)
+        self._discovery: SharedCall[frozenset[str]] = SharedCall()
+
+    @property
+    def jwks_fetches(self) -> int:
+        """JWKS fetches so far (tests and benchmarks)."""
+        return self.keys.fetches
 
     async def aclose(self) -> None:
         """Cancel background fetches (the KubeClient is shared and closed elsewhere)."""
-        for task in (self._key_fetch, self._issuer_fetch):
-            if task is not None:
-                task.cancel()
+        self._discovery.cancel()
+        await self.keys.aclose()
 
-    # --- issuer and keys -----------------------------------------------------------------
+    # --- issuer ---------------------------------------------------------------------------
 
     async def _accepted_issuers(self) -> frozenset[str]:
         if self._issuers is not None:
             return self._issuers
-        if self._issuer_fetch is None:
-            self._issuer_fetch = asyncio.create_task(self._discover_issuer())
-        task = self._issuer_fetch
         try:
-            return await asyncio.shield(task)
-        except (KubeUnavailable, KubeForbidden) as exc:
-            if self._issuer_fetch is task:
-                self._issuer_fetch = None  # retry on the next request
+            return await self._discovery.do(self._discover_issuer)
+        except KubeError as exc:
             raise _unavailable(exc, "issuer discovery") from None
 
     async def _discover_issuer(self) -> frozenset[str]:
@@ -116,101 +100,28 @@ class JwksReviewer:
         log.info("service-account issuer discovered", extra={"fields": {"issuer": issuer}})
         return self._issuers
 
-    async def _fetch_keys(self) -> None:
-        self.jwks_fetches += 1
-        doc = await self._kube.get_json("jwks", "/openid/v1/jwks")
-        keys: dict[str, Key] = {}
-        unnamed: list[Key] = []
-        for raw in doc.get("keys") or []:
-            if not isinstance(raw, dict) or raw.get("kty") not in ("RSA", "EC"):
-                continue
-            try:
-                key = JWKRegistry.import_key(raw)
-            except (JoseError, ValueError, TypeError):
-                log.warning("skipping a key of the API server's JWKS that does not load")
-                continue
-            if not isinstance(key, ECKey | RSAKey):
-                continue
-            kid = raw.get("kid")
-            if isinstance(kid, str) and kid:
-                keys[kid] = key
-            else:
-                unnamed.append(key)
-        self._keys, self._unnamed, self._keys_loaded = keys, unnamed, True
-
-    async def _refresh_keys(self, *, wait: bool) -> None:
-        """One coalesced fetch, at most one per ``refetch_interval`` (1 s while none loaded)."""
-        now = self._clock.monotonic()
-        interval = self._refetch_interval if self._keys_loaded else min(1.0, self._refetch_interval)
-        if self._key_fetch is None and now - self._keys_at >= interval:
-            self._keys_at = now
-            self._key_fetch = asyncio.create_task(self._fetch_keys())
-            self._key_fetch.add_done_callback(self._key_fetch_done)
-        task = self._key_fetch
-        if task is None and wait and not self._keys_loaded:
-            raise Unavailable(
-                "the API server's signing keys are not available yet", reason="kube_unavailable"
-            )
-        if task is None or not wait:
-            return
-        try:
-            await asyncio.shield(task)
-        except (KubeUnavailable, KubeForbidden) as exc:
-            if not self._keys_loaded:
-                raise _unavailable(exc, "JWKS fetch") from None
-            log.warning("JWKS refresh failed, keeping known keys: %s", exc.reason)
-
-    def _key_fetch_done(self, task: asyncio.Task[None]) -> None:
-        self._key_fetch = None
-        if not task.cancelled() and task.exception() is not None:
-            task.exception()  # retrieved; waiters report it
-
-    async def _candidates(self, kid: str | None, alg: str) -> list[Key]:
-        if not self._keys_loaded:
-            await self._refresh_keys(wait=True)
-        elif self._clock.monotonic() - self._keys_at >= KEYS_MAX_AGE:
-            await self._refresh_keys(wait=False)  # periodic, in the background
-        if kid is not None:
-            key = self._keys.get(kid)
-            if key is None:
-                await self._refresh_keys(wait=True)  # rotation on the API server
-                key = self._keys.get(kid)
-            return [key] if key is not None else []
-        kty = KEY_TYPES[alg]
-        return [k for k in [*self._keys.values(), *self._unnamed] if k.key_type == kty]
-
     # --- verification ----------------------------------------------------------------------
 
     async def review(self, token: str) -> Identity:
         """Verify the token locally and prove its ServiceAccount and pod still exist."""
         unverified = decode_unverified(token)
-        alg = unverified.header.get("alg")
+        alg, kid = unverified.alg, unverified.kid
         if alg not in ALGORITHMS:
-            raise _bad(f"token algorithm {alg!r} is not accepted", reason="bad_algorithm")
-        kid = unverified.header.get("kid")
-        if kid is not None and not isinstance(kid, str):
-            raise _bad("malformed token: kid is not a string", reason="malformed")
-        keys = await self._candidates(kid, str(alg))
-        if not any(self._verifies(token, key, str(alg)) for key in keys):
-            raise _bad("token signature does not verify", reason="bad_signature")
-        claims = unverified.claims
-        await self._check_claims(unverified)
-        return await self._prove_alive(claims)
-
-    @staticmethod
-    def _verifies(token: str, key: Key, alg: str) -> bool:
-        if key.key_type != KEY_TYPES[alg]:
-            return False
+            raise _bad("token algorithm is not accepted (RS256 or ES256 only)", "bad_algorithm")
         try:
-            jws.deserialize_compact(token, key, algorithms=[alg])
-        except (JoseError, ValueError, TypeError):
-            return False
-        return True
+            keys = await self.keys.lookup(kid, alg)
+        except KubeError as exc:
+            raise _unavailable(exc, "JWKS fetch") from None
+        if not verifies(token, keys, alg):
+            raise _bad("token signature does not verify", reason="bad_signature")
+        await self._check_claims(unverified)
+        return await self._prove_alive(unverified.claims)
 
     async def _check_claims(self, jwt: UnverifiedJWT) -> None:
         claims = jwt.claims
         issuers = await self._accepted_issuers()
-        if claims.get("iss") not in issuers:
+        iss = claims.get("iss")
+        if not isinstance(iss, str) or iss not in issuers:
             raise _bad(
                 "token was not issued by this cluster's ServiceAccount issuer", "wrong_issuer"
             )
@@ -218,13 +129,13 @@ class JwksReviewer:
         if not aud or not self._audiences & set(aud):
             raise _bad("token was not issued for this service's audience", "wrong_audience")
         now = self._clock.time()
-        exp = jwt.exp
+        exp = numeric_date(claims, "exp")
         if exp is None:
             raise _bad("token has no expiry", reason="malformed")
         if exp + LEEWAY < now:
             raise _bad("token has expired", reason="expired")
-        nbf = claims.get("nbf")
-        if isinstance(nbf, int | float) and nbf - LEEWAY > now:
+        nbf = numeric_date(claims, "nbf")
+        if nbf is not None and nbf - LEEWAY > now:
             raise _bad("token is not valid yet", reason="not_yet_valid")
 
     async def _prove_alive(self, claims: dict[str, Any]) -> Identity:
@@ -244,17 +155,20 @@ class JwksReviewer:
         if claims.get("sub") != username:
             raise _bad("token subject does not match its ServiceAccount", reason="malformed")
 
-        live_sa = await self._uid("serviceaccount", ns, sa_name)
-        if live_sa != sa_uid:
+        live_sa = await self._objects.service_account_entry(ns, sa_name)
+        if uid_of(live_sa.obj) != sa_uid:
             raise _bad("the token's ServiceAccount no longer exists", reason="sa_gone")
+        # The review may be reused only while the reads it rests on are: caches never stack.
+        proof_until = live_sa.valid_until
         extra: dict[str, tuple[str, ...]] = {}
         pod_name, pod_uid = pod.get("name"), pod.get("uid")
         if pod:
             if not isinstance(pod_name, str) or not isinstance(pod_uid, str):
                 raise _bad("token's pod claim is malformed", reason="malformed")
-            live_pod = await self._uid("pod", ns, pod_name)
-            if live_pod != pod_uid:
+            live_pod = await self._objects.pod_entry(ns, pod_name)
+            if uid_of(live_pod.obj) != pod_uid:
                 raise _bad("the pod this token is bound to no longer exists", reason="pod_gone")
+            proof_until = min(proof_until, live_pod.valid_until)
             extra[POD_NAME_KEY], extra[POD_UID_KEY] = (pod_name,), (pod_uid,)
         if isinstance(node, dict):
             if isinstance(node.get("name"), str):
@@ -263,7 +177,6 @@ class JwksReviewer:
                 extra[NODE_UID_KEY] = (node["uid"],)
         if isinstance(claims.get("jti"), str):
             extra[CREDENTIAL_ID_KEY] = (f"JTI={claims['jti']}",)
-        exp = claims.get("exp")
         return Identity(
             username=username,
             uid=sa_uid,
@@ -273,11 +186,6 @@ class JwksReviewer:
                 "system:authenticated",
             ),
             extra=extra,
-            expires_at=float(exp) if isinstance(exp, int | float) else None,
+            expires_at=numeric_date(claims, "exp"),
+            cache_until=proof_until,
         )
-
-    async def _uid(self, kind: str, namespace: str, name: str) -> str | None:
-        """The live object's UID (None if it does not exist), from the shared object cache."""
-        if kind == "pod":
-            return uid_of(await self._objects.pod(namespace, name))
-        return uid_of(await self._objects.service_account(namespace, name))

@@ -22,7 +22,7 @@ from joserfc.jwk import ECKey, RSAKey
 
 from cp_token.clock import Clock
 from cp_token.errors import Unavailable
-from cp_token.identity import Identity
+from cp_token.identity import Identity, session_id_of
 from cp_token.minters import DEFAULT_OPTIONS, IssuedToken, MintOptions
 
 __all__ = ["JwtMinter", "KeyRing", "load_keyring", "session_id_of"]
@@ -30,15 +30,6 @@ __all__ = ["JwtMinter", "KeyRing", "load_keyring", "session_id_of"]
 log = logging.getLogger(__name__)
 
 _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z ]*PRIVATE KEY)-----.+?-----END \1-----", re.DOTALL)
-_SESSION_SA = re.compile(r"^session-(.+)-sa$")
-
-
-def session_id_of(service_account: str | None) -> str | None:
-    """``<id>`` from a ServiceAccount named ``session-<id>-sa``."""
-    if not service_account:
-        return None
-    m = _SESSION_SA.match(service_account)
-    return m.group(1) if m else None
 
 
 @dataclass(frozen=True)

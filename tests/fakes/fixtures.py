@@ -23,6 +23,7 @@ __all__ = [
     "idp",
     "kube_apiserver",
     "kubeconfig",
+    "new_sessions",
 ]
 
 SESSION_NS = "session-ns"
@@ -30,6 +31,18 @@ SESSION_SA = "session-abc-sa"
 SESSION_POD = "runner-abc"
 MANAGED_NS_LABEL = {"ambient-code.io/managed": "true"}
 MANAGED_BY_LABEL = {"ambient-code.io/managed-by": "ambient-control-plane"}
+
+
+def new_sessions(kube: FakeKubeAPIServer, n: int, prefix: str) -> list[str]:
+    """``n`` new managed sessions in `session-ns` (ServiceAccount `session-<prefix><i>-sa`
+    and its runner pod); a pod-bound token of each."""
+    tokens = []
+    for i in range(n):
+        sa, pod = f"session-{prefix}{i}-sa", f"runner-{prefix}{i}"
+        kube.add_service_account(SESSION_NS, sa, labels=MANAGED_BY_LABEL)
+        kube.add_pod(SESSION_NS, pod, sa)
+        tokens.append(kube.issue_bound_token(SESSION_NS, sa, pod=pod))
+    return tokens
 
 
 @pytest.fixture

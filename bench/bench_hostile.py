@@ -1,0 +1,291 @@
+"""Hostile-load benchmark of the CP token service, run by hand; prints one table.
+
+    .venv/bin/python bench/bench_hostile.py
+
+Each row is a function (``ROWS``) that runs one hostile scenario against a real
+``cp-token serve`` process and returns what it measured next to its goal:
+
+- CP resident memory growth while one unknown, well-formed 16 KB JWT (real ``kid``, ``aud``
+  ambient-cp, future ``exp``, a signature nobody made) is replayed 3,000 times; once with the
+  issuer keys readable (the forged signature is refused before TokenReview) and once with
+  them unreadable (TokenReview decides, then the negative cache answers). Goal <= 24 MiB.
+- TokenReviews per 1,000 forged tokens (real ``kid``, forged signature). Goal 0.
+- Legitimate pods served within 10 s while 3,000 forged tokens arrive on 200 connections
+  and every TokenReview takes 500 ms. Goal: all 20.
+
+The fake kube-apiserver runs in its own process (``bench_cp.FakeKube``), the load comes from
+a third (``common.run_loadgen``: raw asyncio keep-alive HTTP/1.1), memory is read from /proc.
+Every process is started here and stopped here by its pid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import platform
+import secrets
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from bench_cp import FakeKube, start_cp
+from bench_recovery import measure_sidecar_recovery
+from common import Proc, run_loadgen
+
+MiB = 1024 * 1024
+TOKEN_SIZE = 16_000  # just under the 16 KiB bearer limit
+
+
+@dataclass
+class Row:
+    """One line of the table."""
+
+    metric: str
+    measured: str
+    goal: str
+    ok: bool
+
+
+@dataclass
+class Bench:
+    """What every row shares: a work directory and the fake kube-apiserver process."""
+
+    workdir: Path
+    kube: FakeKube
+    started: int = 0
+
+    def cp(self, name: str) -> tuple[Proc, int]:
+        """A fresh CP (tokenreview authn, jwt minter) against the fake."""
+        self.started += 1
+        return start_cp(self.workdir, f"{name}-{self.started}", self.kube, "tokenreview", "info")
+
+    def good_token(self) -> str:
+        """One valid pod-bound token of the fake's session."""
+        path = self.kube.tokens(self.workdir / f"good-{secrets.token_hex(4)}.txt", 1)
+        return path.read_text().strip()
+
+    def write(self, name: str, tokens: list[str]) -> Path:
+        """A tokens file for the load generator."""
+        path = self.workdir / name
+        path.write_text("\n".join(tokens) + "\n")
+        return path
+
+
+def b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def parts(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Header and claims of a compact JWS."""
+    head, payload, _ = token.split(".")
+    return tuple(  # type: ignore[return-value]
+        json.loads(base64.urlsafe_b64decode(p + "=" * (-len(p) % 4))) for p in (head, payload)
+    )
+
+
+def forged(good: str, n: int, size: int | None = None) -> list[str]:
+    """``n`` distinct tokens with ``good``'s header and claims and a signature nobody made."""
+    header, claims = parts(good)
+    head = b64(json.dumps(header).encode())
+    out = []
+    for i in range(n):
+        body = {**claims, "jti": f"forged-{i}-{secrets.token_hex(4)}"}
+        if size is not None:
+            body["pad"] = "x" * max(0, (size - 700) * 3 // 4 - len(json.dumps(body)))
+        out.append(f"{head}.{b64(json.dumps(body).encode())}.{b64(secrets.token_bytes(256))}")
+    return out
+
+
+def rss(pid: int) -> int:
+    """Resident memory of ``pid`` in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+def get(port: int, token: str) -> int:
+    """One ``GET /token``; the status."""
+    return httpx.get(
+        f"http://127.0.0.1:{port}/token",
+        headers={"Authorization": f"Bearer {token}"},
+        trust_env=False,
+        timeout=15,
+    ).status_code
+
+
+def expect(what: str, result: dict[str, Any], statuses: set[str], proc: Proc) -> None:
+    """Every answer of a run must be one of ``statuses``, else the numbers mean nothing."""
+    if not set(result["statuses"]) <= statuses or not result["requests"]:
+        tail = "\n".join(proc.output().splitlines()[-10:])
+        raise RuntimeError(f"{what}: answers {result['statuses']} (want {statuses}):\n{tail}")
+
+
+# --- rows -----------------------------------------------------------------------------------
+
+
+def replay_growth(bench: Bench, keys_readable: bool) -> Row:
+    """RSS growth of the CP over 3,000 replays of one unknown 16 KB token."""
+    good = bench.good_token()
+    if not keys_readable:
+        bench.kube.call("deny", ["get", "", "/openid/v1/jwks"])
+    proc, port = bench.cp("cp-replay")
+    try:
+        warm = bench.write("replay-warm.txt", forged(good, 300, TOKEN_SIZE))
+        expect("warm-up", run_loadgen(port, warm, conns=16, each=True), {"401"}, proc)
+        bench.kube.call("reset")
+        token = forged(good, 1, TOKEN_SIZE)[0]
+        replay = bench.write("replay.txt", [token] * 3000)
+        before = rss(proc.pid)
+        result = run_loadgen(port, replay, conns=16, each=True)
+        grown = rss(proc.pid) - before
+        expect("replay", result, {"401"}, proc)
+        reviews = bench.kube.call("calls")["tokenreviews"]
+    finally:
+        proc.stop()
+        if not keys_readable:
+            bench.kube.call("allow", ["get", "", "/openid/v1/jwks"])
+    how = "keys readable" if keys_readable else f"keys unreadable, {reviews} TokenReviews"
+    return Row(
+        f"CP RSS growth, 3,000 replays of one unknown 16 KB token ({how})",
+        f"{grown / MiB:+.1f} MiB",
+        "<= 24 MiB",
+        grown <= 24 * MiB,
+    )
+
+
+def replay_growth_keys_readable(bench: Bench) -> Row:
+    """The replay with the issuer keys readable (the default deployment)."""
+    return replay_growth(bench, keys_readable=True)
+
+
+def replay_growth_keys_unreadable(bench: Bench) -> Row:
+    """The replay with the keys unreadable: TokenReview decides, the negative cache answers."""
+    return replay_growth(bench, keys_readable=False)
+
+
+def forged_reviews(bench: Bench) -> Row:
+    """TokenReviews caused by 1,000 forged tokens with a real kid."""
+    good = bench.good_token()
+    proc, port = bench.cp("cp-forged")
+    try:
+        if get(port, good) != 200:  # the keys are loaded by a real request
+            raise RuntimeError("the good token was refused")
+        tokens = bench.write("forged.txt", forged(good, 1000))
+        bench.kube.call("reset")
+        result = run_loadgen(port, tokens, conns=32, each=True)
+        expect("forged", result, {"401"}, proc)
+        reviews = bench.kube.call("calls")["tokenreviews"]
+    finally:
+        proc.stop()
+    per_1000 = reviews * 1000 / result["requests"]
+    return Row(
+        f"TokenReviews per 1,000 forged tokens (real kid; {result['rps']:,.0f} req/s refused)",
+        f"{per_1000:g}",
+        "0",
+        per_1000 == 0,
+    )
+
+
+def flood_fairness(bench: Bench) -> Row:
+    """20 new pods during a 3,000-token forged flood on 200 connections, TokenReview 500 ms."""
+    good = bench.good_token()
+    legit = bench.workdir / "legit.txt"
+    bench.kube.call("sessions", [str(legit), 20, f"b{secrets.token_hex(2)}"])
+    flood_file = bench.write("flood.txt", forged(good, 3000))
+    proc, port = bench.cp("cp-flood")
+    flood: dict[str, Any] = {}
+    try:
+        if get(port, good) != 200:
+            raise RuntimeError("the good token was refused")
+        bench.kube.call("reset")
+        bench.kube.call("latency", [0.5, "tokenreviews"])
+
+        def run_flood() -> None:
+            flood.update(run_loadgen(port, flood_file, conns=200, each=True))
+
+        thread = threading.Thread(target=run_flood)
+        thread.start()
+        time.sleep(0.5)  # the flood's connections are open and busy
+        pods = run_loadgen(port, legit, conns=20, each=True)
+        flood_running = thread.is_alive()
+        thread.join()
+        reviews = bench.kube.call("calls")["tokenreviews"]
+    finally:
+        bench.kube.call("latency", 0.0)
+        proc.stop()
+    expect("flood", flood, {"401", "503"}, proc)  # refused, or shed: never a 200 or a 500
+    served = pods["statuses"].get("200", 0) if (pods["p99"] or 99) <= 10.0 else 0
+    note = "" if flood_running else " (the flood ended first: rerun)"
+    shed = flood["statuses"].get("503", 0)
+    return Row(
+        f"new pods served within 10 s during a forged flood, TokenReview 500 ms "
+        f"(slowest {pods['p99']:.2f} s; {reviews} TokenReviews; {shed} forged shed 503){note}",
+        f"{served}/20",
+        "all",
+        served == 20 and flood_running,
+    )
+
+
+def sidecar_recovery(bench: Bench) -> Row:
+    """Time from a healed CP to the sidecar serving a token, after an outage (12 s) longer
+    than the token's life (5 s); its own CP and sidecar (bench_recovery), not the shared kube."""
+    seconds = measure_sidecar_recovery(ttl=5, outage=12.0)
+    return Row(
+        "sidecar: time to a token after a 12 s CP outage heals (tokens live 5 s)",
+        f"{seconds:.2f} s",
+        "<= 2.5 s",
+        seconds <= 2.5,
+    )
+
+
+# Rows run in order; each starts its own processes.
+ROWS: list[Callable[[Bench], Row]] = [
+    replay_growth_keys_readable,
+    replay_growth_keys_unreadable,
+    forged_reviews,
+    flood_fairness,
+    sidecar_recovery,
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every row and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.parse_args(argv)
+    started = time.perf_counter()
+    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    print(
+        f"cp-token hostile-load benchmark: {os.cpu_count()} CPUs, Python "
+        f"{platform.python_version()}; load average {load}"
+    )
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="bench-hostile-") as tmp:
+        kube = FakeKube(Path(tmp))
+        try:
+            bench = Bench(Path(tmp), kube)
+            for row in ROWS:
+                rows.append(row(bench))
+                print(f"  done: {rows[-1].metric}", flush=True)
+        finally:
+            kube.stop()
+    width = max(len(r.metric) for r in rows)
+    print("\n" + "=" * (width + 34))
+    print("SUMMARY (bench/bench_hostile.py)")
+    print(f"{'metric':<{width}}  {'measured':>12}  {'goal':>10}")
+    for r in rows:
+        print(f"{r.metric:<{width}}  {r.measured:>12}  {r.goal:>10}  {'ok' if r.ok else 'MISSED'}")
+    print(f"total bench time {time.perf_counter() - started:.0f} s")
+    return 0 if all(r.ok for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -233,6 +233,7 @@ class Settings:
     require_bound: bool = True
     review_cache_ttl: float = 30.0
     max_reviews: int = 64
+    max_connections: int = 4096
     minter: str = "oidc"
     oidc_token_url: str | None = None
     oidc_client_id: str | None = None
@@ -419,6 +420,15 @@ def load_settings(
         max_reviews=int(
             parse_number(
                 "CP_TOKEN_MAX_REVIEWS", g("CP_TOKEN_MAX_REVIEWS"), 64, minimum=1, integer=True
+            )
+        ),
+        max_connections=int(
+            parse_number(
+                "CP_TOKEN_MAX_CONNECTIONS",
+                g("CP_TOKEN_MAX_CONNECTIONS"),
+                4096,
+                minimum=1,
+                integer=True,
             )
         ),
         minter=minter,

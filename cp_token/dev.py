@@ -2,7 +2,7 @@
 
 The CP runs with static dev identities and the jwt minter (ephemeral key); the sidecar uses a
 dev ServiceAccount token file. Ready-to-paste ``curl`` lines are printed, one per line. Ctrl-C
-(SIGINT) or SIGTERM stops both processes and exits 0.
+(SIGINT), SIGTERM or SIGHUP stops both processes (one SIGTERM each) and exits 0.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def _signals_stop() -> Iterator[list[int]]:
     def handler(signum: int, _frame: FrameType | None) -> None:
         got.append(signum)
 
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield got
     finally:
@@ -162,14 +162,15 @@ def run_dev() -> int:
                 "SIDECAR_TOKEN_FILE": os.path.join(workdir, "token"),
                 "SIDECAR_LOG_FORMAT": "text",
             }
-            # Children ignore SIGINT: Ctrl-C reaches the whole process group, and we want an
-            # orderly SIGTERM from here instead of two interrupted children.
-            quiet_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)  # noqa: E731
+            # Children run in their own session: Ctrl-C reaches the terminal's whole process
+            # group, and a child that got it and then our SIGTERM took the second signal as
+            # "force quit" (uvicorn then skipped the app's shutdown: a CancelledError
+            # traceback at error level). Each child gets exactly one SIGTERM, from here.
             procs.append(
                 subprocess.Popen(
                     [sys.executable, "-m", "cp_token", "serve"],
                     env=cp_env,
-                    preexec_fn=quiet_sigint,
+                    start_new_session=True,
                     stdout=sys.stderr,
                 )
             )
@@ -179,7 +180,7 @@ def run_dev() -> int:
                 subprocess.Popen(
                     [sys.executable, "-m", "sidecar"],
                     env=sidecar_env,
-                    preexec_fn=quiet_sigint,
+                    start_new_session=True,
                     stdout=sys.stderr,
                 )
             )

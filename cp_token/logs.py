@@ -7,11 +7,24 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
+import threading
 import time
+from collections import OrderedDict
 from typing import Any
 
-__all__ = ["AUDIT_FIELDS", "JsonFormatter", "audit", "setup_logging"]
+from cp_token.clock import Clock, SystemClock
+
+__all__ = [
+    "AUDIT_FIELDS",
+    "JsonFormatter",
+    "RepeatFilter",
+    "TextFormatter",
+    "audit",
+    "escape_controls",
+    "setup_logging",
+]
 
 AUDIT_FIELDS = (
     "ts",
@@ -27,6 +40,61 @@ AUDIT_FIELDS = (
 
 audit_logger = logging.getLogger("cp_token.audit")
 
+# C0, DEL, C1, and the Unicode line/paragraph separators some viewers break lines on.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escape_one(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every control character written as a visible escape (``\\x1b``), so
+    input (a username, a description) can never start a new log line or drive a terminal."""
+    return _CONTROL.sub(_escape_one, text) if _CONTROL.search(text) else text
+
+
+class RepeatFilter(logging.Filter):
+    """Lets a repeated warning or error through at most once per ``interval`` seconds.
+
+    Records are the same when their logger and message template (``record.msg``, before
+    arguments) are; the next one let through carries ``suppressed``: how many were dropped
+    since. Info and below (the audit line among them) always pass. At most ``max_keys``
+    distinct messages are remembered (the oldest are forgotten first).
+    """
+
+    def __init__(
+        self, interval: float = 1.0, clock: Clock | None = None, max_keys: int = 1024
+    ) -> None:
+        super().__init__()
+        self._interval = interval
+        self._clock = clock or SystemClock()
+        self._max_keys = max_keys
+        self._seen: OrderedDict[tuple[str, str], tuple[float, int]] = OrderedDict()
+        self._lock = threading.Lock()  # Kubernetes worker threads log too
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """True to emit ``record``; a let-through record may gain a ``suppressed`` field."""
+        if record.levelno < logging.WARNING:
+            return True
+        key = (record.name, str(record.msg))
+        now = self._clock.monotonic()
+        with self._lock:
+            seen = self._seen.get(key)
+            if seen is not None and now - seen[0] < self._interval:
+                self._seen[key] = (seen[0], seen[1] + 1)
+                return False
+            self._seen[key] = (now, 0)
+            self._seen.move_to_end(key)
+            if len(self._seen) > self._max_keys:
+                self._seen.popitem(last=False)
+        if seen is not None and seen[1]:
+            fields: dict[str, Any] = dict(getattr(record, "fields", None) or {})
+            fields["suppressed"] = seen[1]
+            record.fields = fields
+        return True
+
 
 def _ts(created: float) -> str:
     ms = int((created % 1) * 1000)
@@ -40,7 +108,8 @@ class JsonFormatter(logging.Formatter):
         """Render the record."""
         audit_fields: dict[str, Any] | None = getattr(record, "audit", None)
         if audit_fields is not None:
-            return json.dumps({"ts": _ts(record.created), **audit_fields}, separators=(",", ":"))
+            line = json.dumps({"ts": _ts(record.created), **audit_fields}, separators=(",", ":"))
+            return line.replace("\x7f", "\\u007f")
         out: dict[str, Any] = {
             "ts": _ts(record.created),
             "level": record.levelname.lower(),
@@ -52,25 +121,35 @@ class JsonFormatter(logging.Formatter):
             out.update(extra)
         if record.exc_info and record.exc_info[0] is not None:
             out["exc_type"] = record.exc_info[0].__name__
-        return json.dumps(out, separators=(",", ":"), default=str)
+        # json.dumps escapes C0 and (ensure_ascii) everything above 0x7f; DEL is left.
+        return json.dumps(out, separators=(",", ":"), default=str).replace("\x7f", "\\u007f")
+
+
+def _text_value(value: Any) -> str:
+    """A field value for the text format; quoted when it could pass for several fields."""
+    text = str(value)
+    if not text or any(c in text for c in ' ="'):
+        return json.dumps(text, ensure_ascii=False)
+    return text
 
 
 class TextFormatter(logging.Formatter):
-    """Human-readable lines for `text` format."""
+    """Human-readable lines for `text` format; control characters are escaped."""
 
     def format(self, record: logging.LogRecord) -> str:
         """Render the record."""
         audit_fields: dict[str, Any] | None = getattr(record, "audit", None)
         extra = audit_fields if audit_fields is not None else getattr(record, "fields", None)
-        tail = " ".join(f"{k}={v}" for k, v in (extra or {}).items() if v is not None)
+        tail = " ".join(f"{k}={_text_value(v)}" for k, v in (extra or {}).items() if v is not None)
         base = f"{_ts(record.created)} {record.levelname.lower():7} {record.name}: "
-        return base + record.getMessage() + (f" {tail}" if tail else "")
+        return escape_controls(base + record.getMessage() + (f" {tail}" if tail else ""))
 
 
 def setup_logging(level: str = "info", fmt: str = "json") -> None:
     """Configure the root logger to write to stderr in the chosen format."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(RepeatFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

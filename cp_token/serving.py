@@ -1,46 +1,84 @@
-"""What the CP and the sidecar share to serve: listening sockets and a quiet uvicorn server."""
+"""What every server of the project shares: listeners and uvicorn servers with the edge limits
+(:mod:`cp_token.edge`), the file-descriptor budget, and one run loop with signal handling.
+
+Use: ``sock = bind(variable, host, port, max_connections=..., limit_name=...)``,
+``server = edge_server(app, ...)``, then ``ServerGroup().serve((server, sock), ...)`` to run
+them until SIGTERM/SIGINT (exit 0), ``stop(1)`` (a dead background task) or a failed start
+(exit 1).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import resource
 import signal
 import socket
+import ssl
 from collections.abc import Iterator
+from typing import Literal
 
 import uvicorn
+from starlette.types import ASGIApp
 
 from cp_token.config import ConfigError
+from cp_token.edge import (
+    EdgeLimits,
+    EdgeListener,
+    HttpImplementation,
+    edge_protocol,
+    is_edge_protocol,
+)
 
-__all__ = ["QuietSignalsServer", "ServerGroup", "bind", "bind_listener"]
+__all__ = [
+    "DEFAULT_MAX_CONNECTIONS",
+    "FD_RESERVE",
+    "PROBE_LIMIT_NAME",
+    "PROBE_MAX_CONNECTIONS",
+    "EdgeServer",
+    "QuietSignalsServer",
+    "ServerGroup",
+    "bind",
+    "bind_listener",
+    "bind_probes",
+    "edge_server",
+    "fit_connection_caps",
+    "load_tls",
+    "raise_fd_limit",
+]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("cp_token.serving")
+
+DEFAULT_MAX_CONNECTIONS = 4096
+# Probe and metrics ports: Prometheus and the kubelet, a handful of connections.
+PROBE_MAX_CONNECTIONS = 64
+PROBE_LIMIT_NAME = "the metrics port's fixed cap"
+# Descriptors kept out of the connection caps: listeners, Kubernetes/IdP pools, watched
+# files, logs, the interpreter's own.
+FD_RESERVE = 256
+MIN_CONNECTIONS = 16
+# Soft RLIMIT_NOFILE to ask for when the hard limit is unlimited.
+FD_TARGET_UNLIMITED = 65536
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-class QuietSignalsServer(uvicorn.Server):
-    """uvicorn's server without its own signal capture.
-
-    uvicorn re-raises a captured SIGTERM after a graceful stop (the process then dies of the
-    signal, not exit 0), and two servers in one process would overwrite each other's
-    handlers; the caller installs one handler that stops both.
-    """
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        """No signal capture: the caller handles signals."""
-        yield
-
-
-def bind_listener(host: str, port: int) -> socket.socket:
-    """A bound TCP socket for uvicorn (raises OSError: address in use, bad host).
+def bind_listener(
+    host: str,
+    port: int,
+    *,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    limit_name: str = "CP_TOKEN_MAX_CONNECTIONS",
+) -> EdgeListener:
+    """A bound TCP socket for uvicorn that caps open connections (raises OSError: address
+    in use, bad host). ``limit_name`` is what the refusal log names.
 
     The protocol must be IPPROTO_TCP: asyncio only sets TCP_NODELAY on connections accepted
     from such sockets, and without it a response written in two parts waits for a delayed
     ACK (40 ms per request).
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock = EdgeListener(family, max_connections=max_connections, limit_name=limit_name)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if family == socket.AF_INET6 and host == "::":
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # dual-stack "all"
@@ -53,60 +91,196 @@ def bind_listener(host: str, port: int) -> socket.socket:
     return sock
 
 
-def bind(variable: str, host: str, port: int) -> socket.socket:
-    """A listening socket, or ConfigError naming the variable (address in use, bad host)."""
+def bind(
+    variable: str,
+    host: str,
+    port: int,
+    *,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    limit_name: str = "CP_TOKEN_MAX_CONNECTIONS",
+) -> EdgeListener:
+    """:func:`bind_listener`, or ConfigError naming the variable (address in use, bad host)."""
     try:
-        return bind_listener(host, port)
+        return bind_listener(host, port, max_connections=max_connections, limit_name=limit_name)
     except OSError as exc:
         raise ConfigError(
             variable, f"cannot listen on {host}:{port} ({exc.strerror or exc})"
         ) from None
 
 
+def bind_probes(variable: str, host: str, port: int) -> EdgeListener:
+    """:func:`bind` for a probe and metrics port (its own small, fixed cap)."""
+    return bind(
+        variable, host, port, max_connections=PROBE_MAX_CONNECTIONS, limit_name=PROBE_LIMIT_NAME
+    )
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE towards the hard limit; returns the soft limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = FD_TARGET_UNLIMITED if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit to %d (%s)", target, exc)
+    return FD_TARGET_UNLIMITED if soft == resource.RLIM_INFINITY else soft
+
+
+def fit_connection_caps(listeners: list[EdgeListener], fd_limit: int) -> None:
+    """Lower the first listener's cap so that all caps together stay ``FD_RESERVE`` below
+    ``fd_limit`` (warning when it does): accepting never fails for want of a descriptor."""
+    if not listeners:
+        return
+    primary, others = listeners[0], listeners[1:]
+    budget = fd_limit - FD_RESERVE - sum(sock.max_connections for sock in others)
+    if primary.max_connections > budget:
+        fitted = max(MIN_CONNECTIONS, budget)
+        log.warning(
+            "%s=%d does not fit the open-file limit of %d; using %d",
+            primary.limit_name,
+            primary.max_connections,
+            fd_limit,
+            fitted,
+        )
+        primary.max_connections = fitted
+
+
+class EdgeServer(uvicorn.Server):
+    """uvicorn's server without its own signal capture, and with a clean forced stop.
+
+    uvicorn re-raises a captured SIGTERM after a graceful stop (the process then dies of the
+    signal, not exit 0), and two servers in one process would overwrite each other's
+    handlers: :class:`ServerGroup` installs one handler that stops them all.
+    """
+
+    def __init__(self, config: uvicorn.Config, limits: EdgeLimits | None = None) -> None:
+        super().__init__(config)
+        self.limits = limits or EdgeLimits()
+        self._edge = is_edge_protocol(config.http)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """No signal capture: the caller handles signals."""
+        yield
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's serve; our listeners learn the head deadline (it bounds TLS handshakes,
+        and only the edge protocol tells the listener that a connection's HTTP started)."""
+        for sock in sockets or []:
+            if isinstance(sock, EdgeListener):
+                sock.head_timeout = self.limits.head_timeout if self._edge else None
+        await super().serve(sockets)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's shutdown; a forced one (second signal) still stops the application.
+
+        uvicorn skips the lifespan shutdown when forced; the lifespan task is then cancelled
+        when the loop closes and logs a ``CancelledError`` traceback at error level, and the
+        app's background tasks are never stopped in order.
+        """
+        await super().shutdown(sockets)
+        done = getattr(self.lifespan, "shutdown_event", None)  # LifespanOn only
+        if self.force_exit and done is not None and not done.is_set():
+            await self.lifespan.shutdown()
+
+
+QuietSignalsServer = EdgeServer  # the earlier name
+
+
+def edge_server(
+    app: ASGIApp,
+    *,
+    lifespan: Literal["on", "off"] = "off",
+    limits: EdgeLimits | None = None,
+    graceful_seconds: float = 20.0,
+    ssl_certfile: str | None = None,
+    ssl_keyfile: str | None = None,
+    http: HttpImplementation | None = None,
+) -> EdgeServer:
+    """A uvicorn server for ``app`` with the edge limits (head size and time, keep-alive).
+
+    The connection cap belongs to the socket: serve it one from :func:`bind_listener`.
+    """
+    limits = limits or EdgeLimits()
+    config = uvicorn.Config(
+        app,
+        http=edge_protocol(limits, http),
+        lifespan=lifespan,
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        timeout_keep_alive=limits.keep_alive_timeout,  # type: ignore[arg-type]  # a float works
+        timeout_graceful_shutdown=graceful_seconds,  # type: ignore[arg-type]
+        h11_max_incomplete_event_size=limits.max_head_bytes,
+        ssl_certfile=ssl_certfile,
+        ssl_keyfile=ssl_keyfile,
+    )
+    return EdgeServer(config, limits)
+
+
+def load_tls(server: EdgeServer) -> ssl.SSLContext | None:
+    """Load the server's configuration now (certificates included) and return its TLS
+    context; raises ``ssl.SSLError``/``OSError`` for a certificate that does not load."""
+    server.config.load()
+    return server.config.ssl
+
+
 class ServerGroup:
     """Servers that run and stop together, e.g. an API port and a metrics port.
 
-    One handler for SIGTERM/SIGINT stops them all (a second signal stops waiting for open
-    connections); ``stop(1)`` is how a dead background task ends the process with exit 1.
+    One handler for SIGTERM/SIGINT stops them all gracefully (exit 0); a second signal stops
+    waiting for open connections (the apps are still shut down in order). ``stop(1)`` is
+    how a dead background task ends the process with exit 1; a server that fails to start
+    stops the others with exit 1 too.
     """
 
     def __init__(self) -> None:
         self.exit_code = 0
         self._stopping = False
-        self._servers: list[QuietSignalsServer] = []
+        self._servers: list[uvicorn.Server] = []
 
     def stop(self, code: int = 0) -> None:
         """Stop every server (gracefully; forcibly on a second call) with at least ``code``."""
         self.exit_code = max(self.exit_code, code)
-        for server in self._servers:
-            if server.should_exit:  # a second signal: stop waiting for connections
-                server.force_exit = True
-            server.should_exit = True
+        force = self._stopping
         self._stopping = True
+        for server in self._servers:
+            server.should_exit = True
+            if force:
+                server.force_exit = True
 
-    async def serve(self, *pairs: tuple[QuietSignalsServer, socket.socket]) -> int:
+    async def _serve_one(self, server: uvicorn.Server, sock: socket.socket) -> None:
+        try:
+            await server.serve(sockets=[sock])
+        except SystemExit:  # uvicorn's way out of a failed start (its reason is logged)
+            pass
+        except Exception as exc:
+            log.error("server failed: %r", exc)
+            server.started = False
+        if not server.started:
+            self.stop(1)
+
+    async def serve(self, *pairs: tuple[uvicorn.Server, socket.socket]) -> int:
         """Serve each server on its socket until stopped; returns the exit code.
 
-        The exit code is 1 when a server failed or the first (the API) never started.
+        The first pair is the primary: its connection cap gives way first when file
+        descriptors are short (see :func:`fit_connection_caps`).
         """
         self._servers = [server for server, _ in pairs]
-        if self._stopping:
-            self.stop(self.exit_code)
+        if self._stopping:  # stopped before serving: keep it
+            for server in self._servers:
+                server.should_exit = True
+        listeners = [sock for _, sock in pairs if isinstance(sock, EdgeListener)]
+        fit_connection_caps(listeners, raise_fd_limit())
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in HANDLED_SIGNALS:
             loop.add_signal_handler(sig, self.stop, 0)
         try:
-            results = await asyncio.gather(
-                *(server.serve(sockets=[sock]) for server, sock in pairs), return_exceptions=True
-            )
+            await asyncio.gather(*(self._serve_one(server, sock) for server, sock in pairs))
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in HANDLED_SIGNALS:
                 loop.remove_signal_handler(sig)
-        for result in results:
-            if isinstance(result, BaseException):
-                log.error("server failed: %r", result)
-                self.exit_code = 1
-        if not pairs[0][0].started:
-            self.exit_code = max(self.exit_code, 1)
         log.info("stopped", extra={"fields": {"exit_code": self.exit_code}})
         return self.exit_code

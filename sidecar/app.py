@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -25,6 +25,7 @@ from starlette.types import Receive, Scope, Send
 
 from cp_token.client import FetchedToken
 from cp_token.config import is_loopback_host
+from cp_token.edge import absolute_form
 
 from .holder import TokenHolder
 from .metrics import SidecarMetrics
@@ -54,22 +55,49 @@ def loopback_host_header(host: str | None) -> bool:
     return is_loopback_host(m.group("v6") or m.group("name"))
 
 
-def refusal(headers: dict[bytes, bytes]) -> str | None:
+# Headers a proxy adds: a request carrying one did not come straight from the pod.
+PROXY_HEADERS = {
+    b"x-forwarded-for": "X-Forwarded-For",
+    b"forwarded": "Forwarded",
+    b"x-real-ip": "X-Real-IP",
+    b"via": "Via",
+}
+
+
+def refusal(
+    headers: Iterable[tuple[bytes, bytes]] | Mapping[bytes, bytes],
+    *,
+    absolute_target: bool = False,
+) -> str | None:
     """Why a token request must be refused (403), or None.
 
+    ``headers`` are the request's as sent (ASGI: lower-case names, duplicates kept).
     Browsers always send ``Origin`` on cross-origin requests and cannot add the
     ``Ambient-Token-Request`` header without a CORS preflight we never grant; a proxied
-    request carries ``X-Forwarded-For``; a DNS-rebound one carries a foreign ``Host``.
+    request carries a proxy header or an absolute-form target; a DNS-rebound one carries a
+    foreign ``Host``. A duplicated ``Host`` or opt-in header is refused rather than guessed
+    at: two parsers may pick different ones.
     """
-    if b"origin" in headers:
-        return "requests with an Origin header are refused"
-    if b"x-forwarded-for" in headers:
-        return "requests with an X-Forwarded-For header are refused"
-    host = headers.get(b"host", b"").decode("latin-1")
+    if absolute_target:
+        return "absolute-form request targets (proxy requests) are refused"
+    hosts: list[bytes] = []
+    opt_ins: list[bytes] = []
+    for name, value in headers.items() if isinstance(headers, Mapping) else headers:
+        if name == b"host":
+            hosts.append(value)
+        elif name == b"ambient-token-request":
+            opt_ins.append(value)
+        elif name == b"origin":
+            return "requests with an Origin header are refused"
+        elif name in PROXY_HEADERS:
+            return f"requests with a {PROXY_HEADERS[name]} header are refused"
+    if len(hosts) > 1:
+        return "requests with more than one Host header are refused"
+    host = (hosts[0] if hosts else b"").decode("latin-1")
     if not loopback_host_header(host):
         return f"Host {host[:64]!r} is not a loopback name (use 127.0.0.1 or localhost)"
-    if headers.get(b"ambient-token-request", b"").lower() != b"true":
-        return "the header 'Ambient-Token-Request: true' is required"
+    if len(opt_ins) != 1 or opt_ins[0].lower() != b"true":
+        return "the header 'Ambient-Token-Request: true' is required, exactly once"
     return None
 
 
@@ -116,8 +144,7 @@ class TokenEndpoint:
             self._metrics.request(method, "not_allowed")
             body = _error("method_not_allowed", "use GET (or POST to force a fresh token)")
             return 405, [(b"allow", b"GET, POST")], body
-        headers = dict(scope["headers"])
-        reason = refusal(headers)
+        reason = refusal(scope["headers"], absolute_target=absolute_form(scope))
         if reason is not None:
             self._metrics.request(method, "refused")
             return 403, [], _error("access_denied", reason)

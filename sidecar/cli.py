@@ -10,20 +10,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import socket
 import sys
 from collections.abc import Sequence
-from typing import Literal
-
-import uvicorn
-from starlette.types import ASGIApp
 
 from cp_token.client import TokenError, TokenSource
 from cp_token.clock import SystemClock
 from cp_token.config import ConfigError, SidecarSettings, load_sidecar_settings, redacted
 from cp_token.logs import setup_logging
-from cp_token.serving import QuietSignalsServer, bind_listener
+from cp_token.serving import (
+    DEFAULT_MAX_CONNECTIONS,
+    PROBE_LIMIT_NAME,
+    PROBE_MAX_CONNECTIONS,
+    ServerGroup,
+    bind_listener,
+    edge_server,
+)
 
 from .app import create_app, create_metrics_app
 from .holder import HolderPolicy, TokenHolder
@@ -34,6 +36,9 @@ from .sink import TokenFileSink
 __all__ = ["main"]
 
 PROG = "cp-token-sidecar"
+# The sidecar has the CP's connection cap (its default; not configurable on its own).
+LIMIT_NAME = "the sidecar's connection cap"
+GRACEFUL_SECONDS = 5
 log = logging.getLogger("sidecar")
 
 
@@ -106,18 +111,6 @@ async def run_once(settings: SidecarSettings, source: TokenSource) -> int:
     return 0
 
 
-def _server(app: ASGIApp, *, lifespan: Literal["on", "off"]) -> QuietSignalsServer:
-    config = uvicorn.Config(
-        app,
-        log_config=None,
-        access_log=False,
-        server_header=False,
-        lifespan=lifespan,
-        timeout_graceful_shutdown=5,
-    )
-    return QuietSignalsServer(config)
-
-
 async def serve(settings: SidecarSettings, source: TokenSource) -> int:
     """Run the token server (and the metrics server) until a signal or a fatal error."""
     clock = SystemClock()
@@ -127,45 +120,29 @@ async def serve(settings: SidecarSettings, source: TokenSource) -> int:
     if settings.token_file is not None:
         sink = TokenFileSink(settings.token_file, settings.token_file_mode)
     refresher = Refresher(source, holder, clock, metrics=metrics, sink=sink)
-    servers: list[QuietSignalsServer] = []
-    exit_code = 0
-
-    def stop(code: int) -> None:
-        nonlocal exit_code
-        exit_code = max(exit_code, code)
-        for server in servers:
-            server.should_exit = True
-
+    group = ServerGroup()
     app = create_app(
-        refresher, metrics=metrics, min_ttl=settings.min_ttl, on_fatal=lambda exc: stop(1)
+        refresher, metrics=metrics, min_ttl=settings.min_ttl, on_fatal=lambda exc: group.stop(1)
     )
-    listeners = [(settings.listen_host, settings.listen_port)]
-    servers.append(_server(app, lifespan="on"))
+    addrs = [(settings.listen_host, settings.listen_port, DEFAULT_MAX_CONNECTIONS, LIMIT_NAME)]
     if settings.metrics_host is not None and settings.metrics_port is not None:
-        listeners.append((settings.metrics_host, settings.metrics_port))
-        servers.append(_server(create_metrics_app(holder, metrics), lifespan="off"))
+        addrs.append(
+            (settings.metrics_host, settings.metrics_port, PROBE_MAX_CONNECTIONS, PROBE_LIMIT_NAME)
+        )
     sockets: list[socket.socket] = []
-    for host, port in listeners:
+    for host, port, cap, name in addrs:
         try:
-            sockets.append(bind_listener(host, port))
+            sockets.append(bind_listener(host, port, max_connections=cap, limit_name=name))
         except OSError as exc:
             for sock in sockets:
                 sock.close()
             print(f"{PROG}: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
             return 1
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop, 0)
+    pairs = [(edge_server(app, lifespan="on", graceful_seconds=GRACEFUL_SECONDS), sockets[0])]
+    if len(sockets) > 1:
+        metrics_app = create_metrics_app(holder, metrics)
+        pairs.append((edge_server(metrics_app, graceful_seconds=GRACEFUL_SECONDS), sockets[1]))
     for sock in sockets:
         host, port = sock.getsockname()[:2]
         log.info("listening", extra={"fields": {"addr": f"{host}:{port}"}})
-    try:
-        await asyncio.gather(
-            *(server.serve(sockets=[sock]) for server, sock in zip(servers, sockets, strict=True))
-        )
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-    if not all(server.started for server in servers) and exit_code == 0:
-        exit_code = 1  # a server failed to start (its error is logged)
-    return exit_code
+    return await group.serve(*pairs)

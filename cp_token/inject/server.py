@@ -3,7 +3,7 @@
 The serving certificate is re-read when its files change (a cert-manager renewal swaps the
 Secret volume's ``..data`` symlink: polled by content, see :mod:`cp_token.filewatch`), so a
 renewal needs no restart. SIGTERM/SIGINT drain in-flight reviews and exit 0; a dead
-background task exits 1.
+background task exits 1. Both ports have the edge limits of :mod:`cp_token.serving`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import socket
 import ssl
 from collections.abc import AsyncIterator
 
-import uvicorn
 from starlette.applications import Starlette
 
 from cp_token import __version__
@@ -24,7 +23,7 @@ from cp_token.filewatch import FileWatcher, watch_tls
 from cp_token.inject.app import create_app, create_metrics_app
 from cp_token.inject.metrics import InjectMetrics
 from cp_token.inject.settings import InjectSettings
-from cp_token.serving import QuietSignalsServer, ServerGroup, bind
+from cp_token.serving import ServerGroup, bind, bind_probes, edge_server, load_tls
 
 __all__ = ["run_inject", "serve"]
 
@@ -59,43 +58,36 @@ async def serve(
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
-    common = {"log_config": None, "access_log": False, "server_header": False}
-    api_cfg = uvicorn.Config(
+    api = edge_server(
         create_app(settings, metrics, lifespan=lifespan),
         lifespan="on",
-        timeout_graceful_shutdown=GRACEFUL_SECONDS,
+        graceful_seconds=GRACEFUL_SECONDS,
         ssl_certfile=settings.tls_cert_file,
         ssl_keyfile=settings.tls_key_file,
-        **common,  # type: ignore[arg-type]
     )
     try:
-        api_cfg.load()
+        tls = load_tls(api)
     except (ssl.SSLError, OSError) as exc:
         raise ConfigError(
             "CP_TOKEN_INJECT_TLS_CERT_FILE", f"certificate does not load ({exc})"
         ) from None
-    assert api_cfg.ssl is not None
+    assert tls is not None
     for watched in watch_tls(
-        api_cfg.ssl,
+        tls,
         ("CP_TOKEN_INJECT_TLS_CERT_FILE", settings.tls_cert_file),
         ("CP_TOKEN_INJECT_TLS_KEY_FILE", settings.tls_key_file),
     ):
         watcher.add(watched)
-    api = QuietSignalsServer(api_cfg)
 
     def readiness() -> str | None:
         return None if api.started else "the webhook listener is starting"
 
-    metrics_cfg = uvicorn.Config(
-        create_metrics_app(metrics, readiness),
-        lifespan="off",
-        **common,  # type: ignore[arg-type]
-    )
+    metrics_server = edge_server(create_metrics_app(metrics, readiness))
     host, port = api_sock.getsockname()[:2]
     m_host, m_port = metrics_sock.getsockname()[:2]
     endpoints = {"webhook": f"https://{host}:{port}/mutate", "metrics": f"http://{m_host}:{m_port}"}
     log.info("serving", extra={"fields": endpoints})
-    return await group.serve((api, api_sock), (QuietSignalsServer(metrics_cfg), metrics_sock))
+    return await group.serve((api, api_sock), (metrics_server, metrics_sock))
 
 
 def run_inject(settings: InjectSettings) -> int:
@@ -105,9 +97,16 @@ def run_inject(settings: InjectSettings) -> int:
         __version__,
         extra={"fields": {"config": redacted(settings)}},
     )
-    api_sock = bind("CP_TOKEN_INJECT_LISTEN_ADDR", settings.listen_host, settings.listen_port)
+    api_sock = bind(
+        "CP_TOKEN_INJECT_LISTEN_ADDR",
+        settings.listen_host,
+        settings.listen_port,
+        limit_name="the injector's connection cap",
+    )
     try:
-        metrics_sock = bind("CP_TOKEN_METRICS_ADDR", settings.metrics_host, settings.metrics_port)
+        metrics_sock = bind_probes(
+            "CP_TOKEN_METRICS_ADDR", settings.metrics_host, settings.metrics_port
+        )
     except ConfigError:
         api_sock.close()
         raise

@@ -73,3 +73,40 @@ def test_dev_prints_working_curl_lines_and_stops_cleanly(stop_signal: int, tmp_p
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+ERROR_LINE = re.compile(r"^\S+ (error|critical)\s", re.MULTILINE)
+
+
+def test_ctrl_c_on_the_terminal_group_is_clean(tmp_path: Path) -> None:
+    """A terminal's Ctrl-C signals the whole foreground process group, not just `cp-token dev`.
+
+    The children used to get that SIGINT and then the parent's SIGTERM; the CP took the
+    second signal as "force quit", uvicorn skipped the app's shutdown, and the cancelled
+    lifespan logged a CancelledError traceback at error level.
+    """
+    err_path = tmp_path / "err.log"
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "cp-token"), "dev"],
+        stdout=subprocess.PIPE,
+        stderr=open(err_path, "w"),
+        text=True,
+        env=clean_env({}),
+        cwd=ROOT,
+        start_new_session=True,  # its own group, standing for the terminal's foreground group
+    )
+    try:
+        lines = read_curl_lines(proc, time.monotonic() + 40)
+        assert len(lines) == 4
+        ports = {int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", " ".join(lines))}
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        assert not any(port_open(p) for p in ports), "a child process is still listening"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    err = err_path.read_text()
+    assert "Traceback" not in err and "CancelledError" not in err, err
+    assert not ERROR_LINE.findall(err), err
+    assert "Application shutdown complete" in err  # the CP's app was stopped in order

@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from typing import Literal
 
 import uvicorn
-from starlette.types import ASGIApp
 
 from cp_token.client import TokenError, TokenSource
 from cp_token.clock import SystemClock
@@ -26,6 +25,7 @@ from cp_token.logs import setup_logging
 from cp_token.serving import QuietSignalsServer, bind_listener
 
 from .app import create_app, create_metrics_app
+from .asgi import ASGIApp
 from .holder import HolderPolicy, TokenHolder
 from .metrics import SidecarMetrics
 from .refresher import Refresher

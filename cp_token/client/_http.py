@@ -70,14 +70,19 @@ class FetchedToken:
         return expiry is None or now < expiry
 
 
-def client_options(ca_file: str | None, timeout: float) -> dict[str, Any]:
+def client_options(ca_file: str | None, timeout: float, *, tls: bool = True) -> dict[str, Any]:
     """Keyword arguments for ``httpx.Client``/``AsyncClient`` towards a token endpoint.
 
     Proxy variables are ignored (``trust_env=False``: the SA token never travels through a
     proxy), redirects are not followed (the credential goes to the configured URL only),
-    and the pool is small: a source makes one request at a time.
+    and the pool is small: a source makes one request at a time. Without ``tls`` (an
+    ``http://`` endpoint) the CA store is not loaded (about a MiB per process); the context
+    then still verifies but trusts nothing, so no TLS connection could succeed anyway.
     """
-    context = ssl.create_default_context(cafile=ca_file)
+    if tls:
+        context = ssl.create_default_context(cafile=ca_file)
+    else:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     return {
         "trust_env": False,
         "verify": context,

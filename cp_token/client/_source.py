@@ -359,7 +359,8 @@ class TokenSource:
 
     def _options(self) -> dict[str, Any]:
         try:
-            return client_options(self._ca_file, self._timeout)
+            tls = not self.url.lower().startswith("http://")
+            return client_options(self._ca_file, self._timeout, tls=tls)
         except (OSError, ValueError) as exc:
             raise TokenError(f"cannot load the CA file {self._ca_file!r} ({exc})") from None
 

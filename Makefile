@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	@command -v curl >/dev/null || (apt-get update -qq && apt-get install -y -qq curl) >&2
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -m pip install -q --upgrade pip >&2
-	@$(BIN)/python -m pip install -q -e '.[dev]' >&2
+	@$(BIN)/python -m pip install -q -e '.[server,dev]' >&2
 	@touch $(STAMP)
 
 run: $(STAMP)

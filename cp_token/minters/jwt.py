@@ -17,13 +17,13 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from joserfc import jwt
 from joserfc.jwk import ECKey, RSAKey
 
 from cp_token.clock import Clock
 from cp_token.errors import Unavailable
 from cp_token.identity import Identity
 from cp_token.minters import IssuedToken
+from cp_token.minters.signer import JwsSigner
 
 __all__ = ["JwtMinter", "KeyRing", "load_keyring", "session_id_of"]
 
@@ -43,11 +43,12 @@ def session_id_of(service_account: str | None) -> str | None:
 
 @dataclass(frozen=True)
 class SigningKey:
-    """A private key with its algorithm and RFC 7638 ``kid``."""
+    """A private key with its algorithm and RFC 7638 ``kid``; ``jws`` signs with it."""
 
     key: ECKey | RSAKey
     alg: str
     kid: str
+    jws: JwsSigner
 
     def public_jwk(self) -> dict[str, Any]:
         """The public half as a JWK with kid, alg and use."""
@@ -82,7 +83,8 @@ def _signing_key(pem: bytes) -> SigningKey:
         alg = "RS256"
     else:
         raise ValueError("only EC P-256 (ES256) and RSA (RS256) keys are supported")
-    return SigningKey(key=key, alg=alg, kid=key.thumbprint())
+    kid = key.thumbprint()
+    return SigningKey(key=key, alg=alg, kid=kid, jws=JwsSigner(private, alg, kid))
 
 
 def load_keyring(raw: bytes) -> KeyRing:
@@ -101,8 +103,13 @@ def load_keyring(raw: bytes) -> KeyRing:
 
 def ephemeral_keyring() -> KeyRing:
     """A fresh P-256 key that lives as long as the process (dev only)."""
-    key = ECKey.generate_key("P-256", private=True)
-    return KeyRing(keys=(SigningKey(key=key, alg="ES256", kid=key.thumbprint()),))
+    private = ec.generate_private_key(ec.SECP256R1())
+    pem = private.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return KeyRing(keys=(_signing_key(pem),))
 
 
 class JwtMinter:
@@ -213,7 +220,5 @@ class JwtMinter:
         }
         if identity.pod_bound:
             claims["pod"] = identity.pod_name
-        signer = ring.signer
-        header = {"alg": signer.alg, "kid": signer.kid, "typ": "JWT"}
-        token = jwt.encode(header, claims, signer.key, algorithms=[signer.alg])
+        token = ring.signer.jws.sign(claims)
         return IssuedToken(token=token, expires_at=float(now + self._ttl), jti=jti)

@@ -35,9 +35,11 @@ unit: $(STAMP)
 integration: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/integration
 
+# Every row of issue 11's table in one run (a few minutes); bench_cp.py, bench_sidecar.py
+# and bench_signer.py give more detail, run by hand.
 bench: $(STAMP)
-	$(BIN)/python bench/bench_cp.py
-	$(BIN)/python bench/bench_sidecar.py
+	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk) >&2
+	$(BIN)/python bench/bench_table.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache

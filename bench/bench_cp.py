@@ -190,9 +190,15 @@ class FakeKube:
 
 
 def start_cp(
-    workdir: Path, name: str, kube: FakeKube, authn: str, log_level: str
+    workdir: Path,
+    name: str,
+    kube: FakeKube,
+    authn: str,
+    log_level: str,
+    extra: dict[str, str] | None = None,
 ) -> tuple[Proc, int]:
-    """``python -m cp_token serve`` on loopback; (process, API port) once /readyz says 200."""
+    """``python -m cp_token serve`` on loopback; (process, API port) once /readyz says 200.
+    ``extra``: more variables (they win over the defaults here)."""
     port, mport = free_port(), free_port()
     env = {
         "CP_TOKEN_LISTEN_ADDR": f"127.0.0.1:{port}",
@@ -203,6 +209,7 @@ def start_cp(
         "CP_TOKEN_MINTER": "jwt",
         "CP_TOKEN_RATE_LIMIT": "100000/s,100000",
         "CP_TOKEN_LOG_LEVEL": log_level,
+        **(extra or {}),
     }
     args = [PYTHON, "-m", "cp_token", "serve"]
     proc = Proc(name, args, env, workdir / f"{name}.log")

@@ -18,7 +18,7 @@ from typing import Literal
 
 import uvicorn
 
-from cp_token.client import TokenError, TokenSource
+from cp_token.client import TokenError
 from cp_token.clock import SystemClock
 from cp_token.config import ConfigError, SidecarSettings, load_sidecar_settings, redacted
 from cp_token.logs import setup_logging
@@ -30,6 +30,7 @@ from .holder import HolderPolicy, TokenHolder
 from .metrics import SidecarMetrics
 from .refresher import Refresher
 from .sink import TokenFileSink
+from .upstream import UpstreamSource
 
 __all__ = ["main"]
 
@@ -71,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level, settings.log_format)
-    source = TokenSource(
+    source = UpstreamSource(
         cp_url=settings.cp_token_url,
         sa_token_file=settings.sa_token_file,
         ca_file=settings.ca_file,
@@ -84,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return asyncio.run(serve(settings, source))
 
 
-async def run_once(settings: SidecarSettings, source: TokenSource) -> int:
+async def run_once(settings: SidecarSettings, source: UpstreamSource) -> int:
     """Fetch one token (retrying within the deadline) and write the token file."""
     assert settings.token_file is not None
     try:
@@ -118,7 +119,7 @@ def _server(app: ASGIApp, *, lifespan: Literal["on", "off"]) -> QuietSignalsServ
     return QuietSignalsServer(config)
 
 
-async def serve(settings: SidecarSettings, source: TokenSource) -> int:
+async def serve(settings: SidecarSettings, source: UpstreamSource) -> int:
     """Run the token server (and the metrics server) until a signal or a fatal error."""
     clock = SystemClock()
     holder = TokenHolder(clock, HolderPolicy(refresh_fraction=settings.refresh_fraction))

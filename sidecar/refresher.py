@@ -12,12 +12,13 @@ import asyncio
 import logging
 from typing import Any
 
-from cp_token.client import TokenError, TokenRejected, TokenSource, TokenUnavailable
+from cp_token.client import TokenError, TokenRejected, TokenUnavailable
 from cp_token.clock import Clock
 
 from .holder import TokenHolder
 from .metrics import SidecarMetrics
 from .sink import TokenFileSink
+from .upstream import TokenFetcher
 
 __all__ = ["Refresher"]
 
@@ -29,7 +30,7 @@ class Refresher:
 
     def __init__(
         self,
-        source: TokenSource,
+        source: TokenFetcher,
         holder: TokenHolder,
         clock: Clock,
         *,

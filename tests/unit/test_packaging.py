@@ -70,7 +70,13 @@ def server_side(modules: list[str]) -> list[str]:
 def test_the_client_imports_nothing_server_side_even_when_it_is_installed() -> None:
     """``python -X importtime``: every module the import loads, in the full environment."""
     done = subprocess.run(
-        [sys.executable, "-X", "importtime", "-c", "import cp_token.client, cp_token.get_cmd"],
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            "-c",
+            "from cp_token.client import TokenAuth, TokenSource; import cp_token.get_cmd",
+        ],
         capture_output=True,
         text=True,
         timeout=60,
@@ -151,3 +157,40 @@ def test_missing_modules_are_found_without_importing_them() -> None:
 def test_run_server_command_calls_the_target(capsys: pytest.CaptureFixture[str]) -> None:
     assert run_server_command("prog", "json:dumps", 5) == "5"
     assert capsys.readouterr().err == ""
+
+
+def test_the_sidecar_loads_neither_httpx_nor_the_cp() -> None:
+    """What a sidecar process imports: its server (uvicorn), the client library's errors and
+    answer parsing, and its own small HTTP client; no httpx (about 5 MiB per pod), no
+    Starlette, no prometheus_client, nothing of the CP."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import json, sys, sidecar.cli, sidecar.__main__\n"
+            "print(json.dumps(sorted(sys.modules)))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    loaded = set(json.loads(done.stdout))
+    assert {"uvicorn", "sidecar.upstream", "cp_token.client._http"} <= loaded
+    heavy = {"httpx", "httpcore", "anyio", "starlette", "prometheus_client", "kubernetes"}
+    heavy |= {"joserfc", "cryptography", "cachetools", "urllib3"}
+    assert {m.partition(".")[0] for m in loaded} & heavy == set()
+    ours = {m for m in loaded if m.partition(".")[0] == "cp_token"}
+    assert ours <= {
+        "cp_token",
+        "cp_token.client",
+        "cp_token.client._errors",
+        "cp_token.client._http",
+        "cp_token.client._retry",
+        "cp_token.clock",
+        "cp_token.config",
+        "cp_token.extras",
+        "cp_token.logs",
+        "cp_token.serving",
+    }, ours

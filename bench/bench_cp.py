@@ -234,6 +234,18 @@ def start_bare(workdir: Path) -> tuple[Proc, int]:
     return proc, port
 
 
+def warm_up(port: int, token: str, label: str) -> None:
+    """One ``GET /token`` with ``token``: it must be a 200 (it fills the CP's caches)."""
+    first = httpx.get(
+        f"http://127.0.0.1:{port}/token",
+        headers={"Authorization": f"Bearer {token}"},
+        trust_env=False,
+        timeout=15,
+    )
+    if first.status_code != 200:
+        raise RuntimeError(f"{label}: the bench token got {first.status_code}: {first.text[:200]}")
+
+
 def audit_lines(proc: Proc) -> int:
     """How many audit lines the CP wrote."""
     return proc.output().count('"event":"token_request"')
@@ -278,14 +290,7 @@ def bench_warm(
             proc, port = start_cp(workdir, f"cp-warm-{i}", kube, "tokenreview", level)
         try:
             if level is not None:  # one request first: the review and label caches fill
-                first = httpx.get(
-                    f"http://127.0.0.1:{port}/token",
-                    headers={"Authorization": f"Bearer {token}"},
-                    trust_env=False,
-                    timeout=15,
-                )
-                if first.status_code != 200:
-                    raise RuntimeError(f"{label}: the bench token got {first.status_code}")
+                warm_up(port, token, label)
             kube.call("reset")
             watch = [proc.pid, kube.pid]
             r = run_loadgen(

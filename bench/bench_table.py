@@ -25,8 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import httpx
-from bench_cp import FakeKube, bench_cold, per_req_us, start_bare, start_cp
+from bench_cp import FakeKube, bench_cold, per_req_us, start_bare, start_cp, warm_up
 from bench_sidecar import loadgen as sidecar_loadgen
 from bench_sidecar import rss_kib
 from bench_signer import measure as measure_signer
@@ -122,24 +121,6 @@ def ratio_row(
     )
 
 
-def with_cp(
-    workdir: Path, name: str, kube: FakeKube, authn: str, extra: dict[str, str]
-) -> tuple[Proc, int]:
-    return start_cp(workdir, name, kube, authn, "info", extra)
-
-
-def warm(port: int, token: str) -> None:
-    """One request fills the review and label caches; it must be a 200."""
-    got = httpx.get(
-        f"http://{HOST}:{port}/token",
-        headers={"Authorization": f"Bearer {token}"},
-        trust_env=False,
-        timeout=15,
-    )
-    if got.status_code != 200:
-        raise RuntimeError(f"warm-up answered {got.status_code}: {got.text[:200]}")
-
-
 def cp_rows(table: Table, kube: FakeKube, workdir: Path, bare_port: int, args: Any) -> None:
     """The CP's three warm throughput rows and its resident memory after load."""
     token = "bench-static-sa-token"
@@ -168,9 +149,9 @@ def cp_rows(table: Table, kube: FakeKube, workdir: Path, bare_port: int, args: A
     ]
     for i, (label, authn, goal, extra, get_token) in enumerate(runs):
         bearer = get_token()
-        cp, port = with_cp(workdir, f"cp-{i}", kube, authn, extra)
+        cp, port = start_cp(workdir, f"cp-{i}", kube, authn, "info", extra)
         try:
-            warm(port, bearer)
+            warm_up(port, bearer, label)
             ratio_row(
                 table,
                 label,
@@ -198,7 +179,7 @@ def identities_row(table: Table, kube: FakeKube, workdir: Path, count: int) -> N
     tokens_file = workdir / "identities.txt"
     tokens_file.write_text("\n".join(tokens) + "\n")
     extra = {**static_env(workdir, tokens, "jwt"), "CP_TOKEN_RATE_LIMIT": "100000/s,100000"}
-    cp, port = with_cp(workdir, "cp-identities", kube, "static", extra)
+    cp, port = start_cp(workdir, "cp-identities", kube, "static", "info", extra)
     try:
         ready = rss_kib(cp.pid) / 1024
         started = time.perf_counter()

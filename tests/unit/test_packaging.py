@@ -56,6 +56,15 @@ def run_blocked(code: str, **env: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def run_python(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python *args`` in the full dev environment, from the repository root."""
+    done = subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr
+    return done
+
+
 def server_side(modules: list[str]) -> list[str]:
     """The loaded modules that belong to the server side."""
     blocked = set(SERVER_MODULES.values())
@@ -69,20 +78,12 @@ def server_side(modules: list[str]) -> list[str]:
 
 def test_the_client_imports_nothing_server_side_even_when_it_is_installed() -> None:
     """``python -X importtime``: every module the import loads, in the full environment."""
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-X",
-            "importtime",
-            "-c",
-            "from cp_token.client import TokenAuth, TokenSource; import cp_token.get_cmd",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
+    done = run_python(
+        "-X",
+        "importtime",
+        "-c",
+        "from cp_token.client import TokenAuth, TokenSource; import cp_token.get_cmd",
     )
-    assert done.returncode == 0, done.stderr
     loaded = [
         line.rsplit("|", 1)[1].strip()
         for line in done.stderr.splitlines()
@@ -163,19 +164,10 @@ def test_the_sidecar_loads_neither_httpx_nor_the_cp() -> None:
     """What a sidecar process imports: its server (uvicorn), the client library's errors and
     answer parsing, and its own small HTTP client; no httpx (about 5 MiB per pod), no
     Starlette, no prometheus_client, nothing of the CP."""
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import json, sys, sidecar.cli, sidecar.__main__\n"
-            "print(json.dumps(sorted(sys.modules)))",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
+    done = run_python(
+        "-c",
+        "import json, sys, sidecar.cli, sidecar.__main__\nprint(json.dumps(sorted(sys.modules)))",
     )
-    assert done.returncode == 0, done.stderr
     loaded = set(json.loads(done.stdout))
     assert {"uvicorn", "sidecar.upstream", "cp_token.client._http"} <= loaded
     heavy = {"httpx", "httpcore", "anyio", "starlette", "prometheus_client", "kubernetes"}

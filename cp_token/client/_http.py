@@ -84,6 +84,7 @@ def client_options(ca_file: str | None, timeout: float, *, tls: bool = True) -> 
     then still verifies but trusts nothing, so no TLS connection could succeed anyway.
     """
     import httpx
+
     if tls:
         context = ssl.create_default_context(cafile=ca_file)
     else:

@@ -35,11 +35,14 @@ unit: $(STAMP)
 integration: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/integration
 
-# Every row of issue 11's table in one run (a few minutes); bench_cp.py, bench_sidecar.py
-# and bench_signer.py give more detail, run by hand.
+# Every row of issue 11's table in one run (bench_table.py: a few minutes; bench_cp.py,
+# bench_sidecar.py and bench_signer.py give more detail, run by hand), then the others.
 bench: $(STAMP)
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk) >&2
 	$(BIN)/python bench/bench_table.py
+	$(BIN)/python bench/bench_recovery.py
+	$(BIN)/python bench/bench_exchange.py
+	$(BIN)/python bench/bench_inject.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -4,10 +4,13 @@ Run as a script it is one of the two helper processes the benches start:
 
 - ``python bench/common.py loadgen ...``: an HTTP/1.1 keep-alive load generator on raw asyncio
   streams (no HTTP client library, so the client's own cost per request stays small) that
-  prints one JSON line of results;
-- ``python bench/common.py bare --port N``: the baseline, a bare Starlette app with one
-  ``GET /token`` route returning a small JSON, served by uvicorn with the CP's settings
-  (no access log, no server header, same loop and HTTP implementation).
+  prints one JSON line of results; ``GET`` with a Bearer token, or with ``--exchange`` a
+  ``POST`` of an RFC 8693 token-exchange form;
+- ``python bench/common.py bare --port N [--tls-cert F --tls-key F]``: the baseline, a bare
+  Starlette app with a ``GET /token`` route returning a small JSON (a ``POST /oauth2/token``
+  route that reads the body first, and ``POST /mutate`` answering a fixed AdmissionReview,
+  the injector's reference), served by uvicorn with the CP's settings (no access log, no
+  server header, same loop and HTTP implementation).
 
 Nothing here imports the product: the benches measure it as a black box, as a process.
 """
@@ -151,7 +154,22 @@ def fmt_ms(seconds: float | None) -> str:
 # --- load generator ------------------------------------------------------------------------
 
 
-def _request(host: str, port: int, path: str, token: str | None) -> bytes:
+_EXCHANGE_FORM = (
+    "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Atoken-exchange"
+    "&subject_token_type=urn%3Aietf%3Aparams%3Aoauth%3Atoken-type%3Ajwt&subject_token="
+)
+
+
+def _request(host: str, port: int, path: str, token: str | None, exchange: bool = False) -> bytes:
+    """``GET path`` with the token as Bearer, or (``exchange``) an RFC 8693 form POST."""
+    if exchange:  # the token is base64url and dots: nothing to percent-encode
+        body = f"{_EXCHANGE_FORM}{token or ''}".encode()
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            "Content-Type: application/x-www-form-urlencoded\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        return head.encode() + body
     auth = f"Authorization: Bearer {token}\r\n" if token else ""
     return f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n{auth}\r\n".encode()
 
@@ -290,10 +308,10 @@ async def _loadgen(args: argparse.Namespace) -> dict[str, Any]:
     load = _Load(args.host, args.port, args.conns, args.watch)
     conns = [await load._connect() for _ in range(args.conns)]
     if args.each:  # count mode: every token once, then stop
-        reqs = [_request(args.host, args.port, args.path, t) for t in tokens]
+        reqs = [_request(args.host, args.port, args.path, t, args.exchange) for t in tokens]
         return await load.run_each(conns, iter(reqs))
     # timed mode: the same request over and over; warm-up, then a measured window
-    req = _request(args.host, args.port, args.path, tokens[0])
+    req = _request(args.host, args.port, args.path, tokens[0], args.exchange)
     return await load.run_timed(conns, req, args.warmup, args.duration)
 
 
@@ -308,14 +326,18 @@ def run_loadgen(
     watch: Sequence[int] = (),
     path: str = "/token",
     timeout: float = 120.0,
+    exchange: bool = False,
 ) -> dict[str, Any]:
     """Run the load generator as its own process; returns its result dict.
 
     ``each``: send every token of ``tokens_file`` once (count mode) and time the whole batch;
     else repeat the first token for ``warmup`` + ``duration`` seconds and measure the latter.
     ``watch``: pids whose CPU time over the measured window is reported (``cpu``).
+    ``exchange``: POST each token as an RFC 8693 token-exchange form instead of a GET Bearer.
     """
     args = [PYTHON, str(Path(__file__)), "loadgen", "--port", str(port), "--path", path]
+    if exchange:
+        args.append("--exchange")
     args += ["--conns", str(conns), "--warmup", str(warmup), "--duration", str(duration)]
     if tokens_file is not None:
         args += ["--tokens-file", str(tokens_file)]
@@ -335,7 +357,7 @@ def run_loadgen(
 # --- the bare baseline ---------------------------------------------------------------------
 
 
-def _bare(port: int) -> None:
+def _bare(port: int, tls_cert: str | None = None, tls_key: str | None = None) -> None:
     import uvicorn
     from starlette.applications import Starlette
     from starlette.requests import Request
@@ -345,8 +367,32 @@ def _bare(port: int) -> None:
     async def token(request: Request) -> JSONResponse:
         return JSONResponse({"token": "bare", "token_type": "Bearer", "expires_in": 900})
 
-    app = Starlette(routes=[Route("/token", token, methods=["GET"])])
-    uvicorn.run(app, host=HOST, port=port, log_config=None, access_log=False, server_header=False)
+    async def exchange(request: Request) -> JSONResponse:  # reads the form body, nothing more
+        await request.body()
+        return JSONResponse({"access_token": "bare", "token_type": "Bearer", "expires_in": 900})
+
+    async def mutate(request: Request) -> JSONResponse:  # the injector's reference
+        await request.body()
+        review = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview"}
+        return JSONResponse({**review, "response": {"uid": "bare", "allowed": True}})
+
+    app = Starlette(
+        routes=[
+            Route("/token", token, methods=["GET"]),
+            Route("/oauth2/token", exchange, methods=["POST"]),
+            Route("/mutate", mutate, methods=["POST"]),
+        ]
+    )
+    uvicorn.run(
+        app,
+        host=HOST,
+        port=port,
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        ssl_certfile=tls_cert,
+        ssl_keyfile=tls_key,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -362,12 +408,15 @@ def main(argv: list[str] | None = None) -> int:
     lg.add_argument("--duration", type=float, default=5.0)
     lg.add_argument("--tokens-file")
     lg.add_argument("--each", action="store_true")
+    lg.add_argument("--exchange", action="store_true", help="POST token-exchange forms")
     lg.add_argument("--watch", type=int, action="append", default=[])
     bare = sub.add_parser("bare")
     bare.add_argument("--port", type=int, required=True)
+    bare.add_argument("--tls-cert")
+    bare.add_argument("--tls-key")
     args = parser.parse_args(argv)
     if args.cmd == "bare":
-        _bare(args.port)
+        _bare(args.port, args.tls_cert, args.tls_key)
         return 0
     print(json.dumps(asyncio.run(_loadgen(args))))
     return 0

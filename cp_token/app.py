@@ -1,9 +1,11 @@
-"""The CP token service's HTTP surface: routes only.
+"""The CP token service's HTTP surface: two doors in front of one decision, and metadata.
 
 ``create_app`` receives its collaborators, so a test builds the app with fakes in one line.
-The decision flow of ``GET /token`` is: bearer -> authenticate (cached TokenReview or local
-verification) -> rate limit -> policy (pattern, namespace, pod binding, managed labels) ->
-mint. Every refusal is an error type from :mod:`cp_token.errors`, mapped to HTTP in one place.
+``GET /token`` (bearer) and ``POST /oauth2/token`` (RFC 8693 token exchange) are thin parsers
+in front of the same :class:`~cp_token.decision.TokenDecision` (authenticate -> rate limit ->
+policy -> mint); each maps refusals to its protocol with one function of
+:mod:`cp_token.errors`. Whatever happens inside, the answer is never a 500: an unexpected
+exception is logged once by type, audited as ``internal`` and answered 503.
 """
 
 from __future__ import annotations
@@ -11,30 +13,45 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import time
-from collections.abc import Awaitable, Callable
+import traceback
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import PurePath
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from cp_token.authn import Authenticator
+from cp_token.bodies import read_body
 from cp_token.clock import Clock
+from cp_token.credential import parse_bearer
+from cp_token.decision import TokenAsk, TokenDecision, Trace
 from cp_token.errors import (
     NO_STORE,
+    NO_STORE_EXCHANGE,
     CPTokenError,
+    InternalError,
     MethodNotAllowed,
-    Unauthenticated,
     error_response,
+    exchange_error_response,
 )
-from cp_token.identity import Identity
-from cp_token.kube import labels_of
+from cp_token.exchange import (
+    MAX_BODY_BYTES,
+    ExchangeRules,
+    authorization_server_metadata,
+    check_content_type,
+    parse_exchange,
+    parse_form,
+)
+from cp_token.health import Readiness, probe_app
+from cp_token.health import health_routes as _health_routes
 from cp_token.logs import audit
 from cp_token.metrics import Metrics
 from cp_token.minters import IssuedToken, Minter
@@ -43,29 +60,37 @@ from cp_token.objects import ObjectCache
 from cp_token.policy import RunnerPolicy
 from cp_token.ratelimit import RateLimiter
 
-__all__ = ["create_app", "create_metrics_app", "parse_bearer", "rfc3339"]
+__all__ = [
+    "ExchangeConfig",
+    "create_app",
+    "create_metrics_app",
+    "exchange_body",
+    "parse_bearer",
+    "rfc3339",
+    "token_body",
+]
 
 log = logging.getLogger(__name__)
 
-# RFC 6750 §2.1 b64token
-_B64TOKEN = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")
+EVENT_TOKEN = "token_request"
+EVENT_EXCHANGE = "token_exchange"
+_JSON = "application/json"
 
-Readiness = Callable[[], str | None]  # None = ready, else the reason
 
+@dataclass(frozen=True)
+class ExchangeConfig:
+    """The token exchange's settings (``CP_TOKEN_EXCHANGE_*``) and its RFC 8414 metadata.
 
-def parse_bearer(header: str | None) -> str:
-    """The token of an ``Authorization: Bearer`` header (scheme case-insensitive)."""
-    if header is None:
-        raise Unauthenticated("missing Authorization: Bearer credentials", missing=True)
-    scheme, _, rest = header.strip().partition(" ")
-    if scheme.lower() != "bearer":
-        raise Unauthenticated("the Authorization scheme must be Bearer", missing=True)
-    token = rest.strip()
-    if not token:
-        raise Unauthenticated("empty bearer token", reason="empty")
-    if not _B64TOKEN.match(token):
-        raise Unauthenticated("malformed bearer token", reason="malformed")
-    return token
+    ``audiences`` None: the ``jwt`` minter's own audience (none for other minters).
+    ``issuer``: for minters other than ``jwt`` (whose own issuer wins); with neither, no
+    metadata is served (404).
+    ``token_endpoint`` None: ``<issuer>/oauth2/token``.
+    """
+
+    audiences: tuple[str, ...] | None = None
+    scopes: tuple[str, ...] = ()
+    issuer: str | None = None
+    token_endpoint: str | None = None
 
 
 def rfc3339(ts: float) -> str:
@@ -73,24 +98,40 @@ def rfc3339(ts: float) -> str:
     return datetime.fromtimestamp(math.floor(ts), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _expires_in(issued: IssuedToken, now: float) -> int | None:
+    if issued.expires_at is None:
+        return None
+    return max(0, math.floor(issued.expires_at - now))
+
+
 def token_body(issued: IssuedToken, now: float) -> bytes:
-    """The JSON of a 200 from ``/token``."""
-    expires_in: int | None = None
-    expires_at: str | None = None
-    if issued.expires_at is not None:
-        expires_in = max(0, math.floor(issued.expires_at - now))
-        expires_at = rfc3339(issued.expires_at)
+    """The JSON of a 200 from ``GET /token``."""
     body = {
         "token": issued.token,
         "token_type": "Bearer",
-        "expires_at": expires_at,
-        "expires_in": expires_in,
+        "expires_at": None if issued.expires_at is None else rfc3339(issued.expires_at),
+        "expires_in": _expires_in(issued, now),
     }
     return json.dumps(body, separators=(",", ":")).encode()
 
 
+def exchange_body(issued: IssuedToken, ask: TokenAsk, now: float) -> bytes:
+    """The JSON of a 200 from ``POST /oauth2/token`` (RFC 8693 §2.2.1)."""
+    body: dict[str, Any] = {
+        "access_token": issued.token,
+        "issued_token_type": ask.token_type,
+        "token_type": "Bearer",
+    }
+    expires_in = _expires_in(issued, now)
+    if expires_in is not None:
+        body["expires_in"] = expires_in
+    if ask.options.scopes:
+        body["scope"] = " ".join(ask.options.scopes)
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
 class _AnyMethod:
-    """An ASGI endpoint that sees every method, so `/token` answers its own 405 (HEAD too)."""
+    """An ASGI endpoint that sees every method, so a door answers its own 405 (HEAD too)."""
 
     def __init__(self, handler: Callable[[Request], Awaitable[Response]]) -> None:
         self._handler = handler
@@ -100,17 +141,50 @@ class _AnyMethod:
         await response(scope, receive, send)
 
 
-def _health_routes(readiness: Readiness) -> list[Route]:
-    async def healthz(request: Request) -> Response:
-        return PlainTextResponse("ok")
+@dataclass(frozen=True)
+class _Door:
+    """One protocol in front of the decision: parse, render a success, map a refusal."""
 
-    async def readyz(request: Request) -> Response:
-        problem = readiness()
-        if problem is None:
-            return PlainTextResponse("ok")
-        return PlainTextResponse(f"not ready: {problem}", status_code=503)
+    event: str
+    parse: Callable[[Request], Awaitable[TokenAsk]]
+    render: Callable[[IssuedToken, TokenAsk, float], bytes]
+    refuse: Callable[[CPTokenError], Response]
+    headers: Mapping[str, str]
 
-    return [Route("/healthz", healthz), Route("/readyz", readyz)]
+
+async def _parse_get(request: Request) -> TokenAsk:
+    """``GET /token``: the bearer token (its length checked before anything else)."""
+    if request.method != "GET":
+        raise MethodNotAllowed(f"{request.method} is not allowed on /token; use GET")
+    return TokenAsk(credential=parse_bearer(request.headers.get("authorization")))
+
+
+def _exchange_parser(rules: ExchangeRules) -> Callable[[Request], Awaitable[TokenAsk]]:
+    async def parse(request: Request) -> TokenAsk:
+        """``POST /oauth2/token``: a form; ``Authorization`` and unknown fields are ignored."""
+        if request.method != "POST":
+            raise MethodNotAllowed(
+                f"{request.method} is not allowed on /oauth2/token; use POST", allow="POST"
+            )
+        check_content_type(request.headers.get("content-type"))
+        form = parse_form(await read_body(request, MAX_BODY_BYTES))
+        return parse_exchange(form, rules)
+
+    return parse
+
+
+def _unexpected(exc: Exception, event: str) -> InternalError:
+    """Log a bug once: its type and innermost place, never its message (it may hold input)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f"{PurePath(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "?"
+    log.error(
+        "unexpected %s in the token decision (%s) at %s; answered 503",
+        type(exc).__name__,
+        event,
+        where,
+        extra={"fields": {"exc_type": type(exc).__name__, "where": where, "event": event}},
+    )
+    return InternalError()
 
 
 def create_app(
@@ -124,75 +198,114 @@ def create_app(
     metrics: Metrics | None = None,
     readiness: Readiness | None = None,
     lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]] | None = None,
+    exchange: ExchangeConfig | None = None,
 ) -> Starlette:
-    """The service's Starlette app (``/token``, health, and the JWKS for the jwt minter)."""
+    """The service's app: ``/token``, ``/oauth2/token``, health, metadata, JWKS (jwt minter)."""
     metrics = metrics or Metrics()
     ready: Readiness = readiness or (lambda: minter.problem)
+    exchange = exchange or ExchangeConfig()
+    jwt_minter = minter if isinstance(minter, JwtMinter) else None
+    decision = TokenDecision(
+        authenticator=authenticator, policy=policy, minter=minter, limiter=limiter, objects=objects
+    )
+    default_audiences = (jwt_minter.audience,) if jwt_minter else ()
+    rules = ExchangeRules(
+        audiences=default_audiences if exchange.audiences is None else exchange.audiences,
+        scopes=exchange.scopes,
+        per_request=jwt_minter is not None,
+    )
 
-    async def decide(request: Request, seen: list[Identity]) -> IssuedToken:
-        """The whole decision; appends the identity to ``seen`` once it is known."""
-        if request.method != "GET":
-            raise MethodNotAllowed(f"{request.method} is not allowed on /token; use GET")
-        token = parse_bearer(request.headers.get("authorization"))
-        identity = await authenticator.authenticate(token)
-        seen.append(identity)
-        limiter.check(identity.username)
-        policy.check_identity(identity)
-        if objects is not None and policy.needs_labels:
-            ns, sa = identity.namespace, identity.service_account
-            assert ns is not None and sa is not None  # check_identity ensured it
-            ns_obj = await objects.namespace(ns) if policy.namespace_label else {}
-            sa_obj = await objects.service_account(ns, sa) if policy.managed_label else {}
-            policy.check_labels(
-                identity,
-                None if ns_obj is None else labels_of(ns_obj),
-                None if sa_obj is None else labels_of(sa_obj),
-            )
-        return await minter.mint(identity)
-
-    async def token_endpoint(request: Request) -> Response:
+    async def answer(request: Request, door: _Door) -> Response:
+        """Run one request through its door and the decision; audit it, whatever happens."""
         start = time.perf_counter()
-        seen: list[Identity] = []
-        jti: str | None = None
+        client = request.client
+        trace = Trace(peer=client.host if client else None)
         try:
-            issued = await decide(request, seen)
-            jti = issued.jti
-            response: Response = Response(
-                token_body(issued, clock.time()),
-                media_type="application/json",
-                headers=NO_STORE,
-            )
+            ask = await door.parse(request)
+            issued = await decision.decide(ask, trace)
+            body = door.render(issued, ask, clock.time())
+            response = Response(body, media_type=_JSON, headers=dict(door.headers))
             outcome, reason = "issued", "ok"
             metrics.minted.inc()
-        except CPTokenError as exc:
-            response = error_response(exc)
-            outcome, reason = exc.error, exc.reason
+        except CPTokenError as refusal:
+            response = door.refuse(refusal)
+            outcome, reason = refusal.outcome, refusal.reason
+        except Exception as exc:  # a bug anywhere in the pipeline: 503, never a 500
+            internal = _unexpected(exc, door.event)
+            response = door.refuse(internal)
+            outcome, reason = internal.outcome, internal.reason
         elapsed = time.perf_counter() - start
-        identity = seen[0] if seen else None
+        identity = trace.identity
         metrics.request(outcome, reason, elapsed)
         audit(
+            event=door.event,
             outcome=outcome,
             reason=reason,
             username=identity.username if identity else None,
             namespace=identity.namespace if identity else None,
             pod=identity.pod_name if identity else None,
-            jti=jti or (identity.credential_id if identity else None),
+            jti=(trace.issued.jti if trace.issued else None)
+            or (identity.credential_id if identity else None),
             latency_ms=elapsed * 1000,
         )
         return response
 
-    routes = [Route("/token", _AnyMethod(token_endpoint)), *_health_routes(ready)]
+    get_door = _Door(
+        event=EVENT_TOKEN,
+        parse=_parse_get,
+        render=lambda issued, _ask, now: token_body(issued, now),
+        refuse=error_response,
+        headers=NO_STORE,
+    )
+    exchange_door = _Door(
+        event=EVENT_EXCHANGE,
+        parse=_exchange_parser(rules),
+        render=exchange_body,
+        refuse=exchange_error_response,
+        headers=NO_STORE_EXCHANGE,
+    )
 
-    if isinstance(minter, JwtMinter):
-        jwt_minter = minter
-        cache = {"Cache-Control": f"public, max-age={jwt_minter.jwks_max_age}"}
+    async def token_endpoint(request: Request) -> Response:
+        return await answer(request, get_door)
+
+    async def exchange_endpoint(request: Request) -> Response:
+        return await answer(request, exchange_door)
+
+    routes = [
+        Route("/token", _AnyMethod(token_endpoint)),
+        Route("/oauth2/token", _AnyMethod(exchange_endpoint)),
+        *_health_routes(ready),
+    ]
+
+    # the jwt minter's own issuer first, so the metadata's `issuer` is its tokens' `iss`
+    issuer = (jwt_minter.issuer if jwt_minter else None) or exchange.issuer
+    if issuer is not None:
+        metadata = authorization_server_metadata(
+            issuer=issuer,
+            token_endpoint=exchange.token_endpoint or f"{issuer.rstrip('/')}/oauth2/token",
+            jwks_uri=f"{jwt_minter.issuer}/.well-known/jwks.json" if jwt_minter else None,
+            scopes=rules.scopes if rules.per_request else (),
+        )
+        metadata_body = json.dumps(metadata, separators=(",", ":")).encode()
+        metadata_cache = {"Cache-Control": "public, max-age=300"}
+
+        async def oauth_metadata(request: Request) -> Response:
+            return Response(metadata_body, media_type=_JSON, headers=metadata_cache)
+
+        routes.append(
+            Route("/.well-known/oauth-authorization-server", oauth_metadata, methods=["GET"])
+        )
+
+    if jwt_minter is not None:
+        publisher = jwt_minter
+        cache = {"Cache-Control": f"public, max-age={publisher.jwks_max_age}"}
 
         async def jwks(request: Request) -> Response:
-            return Response(jwt_minter.jwks_body, media_type="application/json", headers=cache)
+            return Response(publisher.jwks_body, media_type=_JSON, headers=cache)
 
         async def discovery(request: Request) -> Response:
-            body = json.dumps(jwt_minter.openid_configuration()).encode()
-            return Response(body, media_type="application/json", headers=cache)
+            body = json.dumps(publisher.openid_configuration()).encode()
+            return Response(body, media_type=_JSON, headers=cache)
 
         routes += [
             Route("/.well-known/jwks.json", jwks, methods=["GET"]),
@@ -208,9 +321,4 @@ def create_app(
 
 def create_metrics_app(metrics: Metrics, readiness: Readiness) -> Starlette:
     """The metrics port: ``/metrics``, ``/healthz``, ``/readyz``."""
-
-    async def metrics_endpoint(request: Request) -> Response:
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    routes: list[Any] = [Route("/metrics", metrics_endpoint), *_health_routes(readiness)]
-    return Starlette(routes=routes)
+    return probe_app(metrics.render, readiness)

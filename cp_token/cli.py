@@ -1,4 +1,4 @@
-"""``cp-token``: serve, dev, get.
+"""``cp-token``: serve, dev, get, inject.
 
 A configuration mistake prints one line naming the variable and exits 2; never a traceback.
 """
@@ -44,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
         )
     sub.add_parser("dev", help="CP + sidecar on loopback with no cluster and no IdP")
     sub.add_parser("get", help="print a valid token using the client library's resolution order")
+    sub.add_parser("inject", help="run the sidecar injector (a mutating admission webhook)")
     return parser
 
 
@@ -60,6 +61,17 @@ def _serve(args: argparse.Namespace) -> int:
     from cp_token.service import build_service
 
     return run_service(build_service(settings))
+
+
+def _inject() -> int:
+    from cp_token.inject.settings import load_inject_settings
+    from cp_token.logs import setup_logging
+
+    settings = load_inject_settings()
+    setup_logging(settings.log_level, settings.log_format)
+    from cp_token.inject.server import run_inject
+
+    return run_inject(settings)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
             from cp_token.dev import run_dev
 
             return run_dev()
+        if args.command == "inject":
+            return _inject()
     except ConfigError as exc:
         print(f"cp-token: {exc}", file=sys.stderr)
         return 2

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class Clock(Protocol):
@@ -67,3 +67,17 @@ class FakeClock:
         """Advance instead of waiting, then yield to the loop once."""
         self.advance(max(0.0, seconds))
         await asyncio.sleep(0)
+
+
+async def sleep_or_wake(clock: Clock, seconds: float | None, wake: asyncio.Event) -> None:
+    """Wait ``seconds`` on ``clock`` (None: no limit) or until ``wake`` is set, whichever
+    comes first: a background loop's nap that news (a fetch done, a file changed) cuts
+    short. The caller clears ``wake`` before deciding to sleep."""
+    waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(wake.wait())]
+    if seconds is not None:
+        waits.append(asyncio.ensure_future(clock.sleep(seconds)))
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()

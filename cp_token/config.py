@@ -147,6 +147,18 @@ def parse_list(value: str | None, default: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in raw.split(",") if item.strip())
 
 
+_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")  # RFC 6749 §3.3
+
+
+def parse_scopes(name: str, value: str | None) -> tuple[str, ...]:
+    """A comma list of RFC 6749 scope tokens (no spaces, quotes or backslashes)."""
+    scopes = parse_list(value, "")
+    for scope in scopes:
+        if not _SCOPE_TOKEN.fullmatch(scope):
+            raise ConfigError(name, f"{scope!r} is not an OAuth scope token (RFC 6749 §3.3)")
+    return scopes
+
+
 def check_readable(name: str, path: str) -> str:
     """Fail at start if a configured file cannot be read."""
     try:
@@ -233,6 +245,8 @@ class Settings:
     issuer: str | None = None
     token_audience: str = "ambient-api-server"
     ttl: float = 900.0
+    exchange_audiences: tuple[str, ...] = ("ambient-api-server",)
+    exchange_scopes: tuple[str, ...] = ()
     static_token: str | None = None
     static_token_file: str | None = None
     rate: float = 5.0
@@ -359,6 +373,10 @@ def load_settings(
 
     rate, burst = parse_rate("CP_TOKEN_RATE_LIMIT", g("CP_TOKEN_RATE_LIMIT"))
 
+    token_audience = g("CP_TOKEN_TOKEN_AUDIENCE") or "ambient-api-server"
+    exchange_audiences = parse_list(env.get("CP_TOKEN_EXCHANGE_AUDIENCES"), token_audience)
+    exchange_scopes = parse_scopes("CP_TOKEN_EXCHANGE_SCOPES", env.get("CP_TOKEN_EXCHANGE_SCOPES"))
+
     cert = g("CP_TOKEN_TLS_CERT_FILE")
     key = g("CP_TOKEN_TLS_KEY_FILE")
     if (cert is None) != (key is None):
@@ -413,8 +431,10 @@ def load_settings(
         min_ttl=min_ttl,
         signing_key_file=key_file,
         issuer=issuer,
-        token_audience=g("CP_TOKEN_TOKEN_AUDIENCE") or "ambient-api-server",
+        token_audience=token_audience,
         ttl=ttl,
+        exchange_audiences=exchange_audiences,
+        exchange_scopes=exchange_scopes,
         static_token=static_token,
         static_token_file=static_token_file,
         rate=rate,

@@ -1,8 +1,9 @@
-"""Errors as types, mapped to HTTP in one place (:func:`error_response`).
+"""Errors as types, mapped to HTTP in one place per protocol.
 
-Every refusal the CP service makes is one of these; routes raise, the app's exception
-handler turns them into the RFC 6750 / RFC 6749 shaped JSON of SPEC.md. Descriptions never
-contain a token.
+Every refusal the CP service makes is one of these; the pipeline raises, and the door the
+request came through renders it: :func:`error_response` for ``GET /token`` (RFC 6750),
+:func:`exchange_error_response` for ``POST /oauth2/token`` (RFC 6749 §5.2, RFC 8693 §2.2.2).
+Descriptions never contain a token.
 """
 
 from __future__ import annotations
@@ -14,14 +15,23 @@ from starlette.responses import JSONResponse
 __all__ = [
     "CPTokenError",
     "Forbidden",
+    "InternalError",
+    "InvalidRequest",
+    "InvalidScope",
+    "InvalidTarget",
     "MethodNotAllowed",
+    "PayloadTooLarge",
     "RateLimited",
     "Unauthenticated",
     "Unavailable",
+    "UnsupportedGrantType",
     "error_response",
+    "exchange_error_response",
 ]
 
 NO_STORE = {"Cache-Control": "no-store"}
+# RFC 6749 §5.1: token endpoint answers are never cached, by HTTP/1.1 or HTTP/1.0 caches.
+NO_STORE_EXCHANGE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
 
 class CPTokenError(Exception):
@@ -38,6 +48,11 @@ class CPTokenError(Exception):
     def headers(self) -> dict[str, str]:
         """Extra response headers for this error."""
         return {}
+
+    @property
+    def outcome(self) -> str:
+        """The audit line's and the metric's ``outcome`` (the error code, by default)."""
+        return self.error
 
 
 class Unauthenticated(CPTokenError):
@@ -98,19 +113,100 @@ class Unavailable(CPTokenError):
         return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
 
 
+class InternalError(Unavailable):
+    """503: an unexpected exception inside the pipeline (a bug), never answered as a 500.
+
+    The client sees a retryable ``temporarily_unavailable``; the audit line and the metric
+    say ``internal``, so operators can tell a bug from a dependency outage.
+    """
+
+    def __init__(self, description: str = "internal error; retry shortly") -> None:
+        super().__init__(description, reason="internal", retry_after=5.0)
+
+    @property
+    def outcome(self) -> str:
+        """``internal``, not ``temporarily_unavailable``."""
+        return "internal"
+
+
 class MethodNotAllowed(CPTokenError):
-    """405 for anything but GET on a GET-only route."""
+    """405 for a method the route does not serve."""
 
     status = 405
     error = "method_not_allowed"
 
+    def __init__(self, description: str, *, allow: str = "GET") -> None:
+        super().__init__(description)
+        self.allow = allow
+
     def headers(self) -> dict[str, str]:
         """RFC 9110: list the allowed methods."""
-        return {"Allow": "GET"}
+        return {"Allow": self.allow}
+
+
+class InvalidRequest(CPTokenError):
+    """400 (RFC 6749 §5.2): a token-exchange parameter is missing, repeated or invalid."""
+
+    status = 400
+    error = "invalid_request"
+
+
+class InvalidTarget(CPTokenError):
+    """400 (RFC 8693 §2.2.2): an ``audience``/``resource`` outside the allow-list."""
+
+    status = 400
+    error = "invalid_target"
+
+
+class InvalidScope(CPTokenError):
+    """400 (RFC 6749 §5.2): a ``scope`` outside the allow-list, or one the minter cannot set."""
+
+    status = 400
+    error = "invalid_scope"
+
+
+class UnsupportedGrantType(CPTokenError):
+    """400 (RFC 6749 §5.2): a ``grant_type`` other than token exchange."""
+
+    status = 400
+    error = "unsupported_grant_type"
+
+
+class PayloadTooLarge(CPTokenError):
+    """413: a request body over the limit; the connection is closed, the rest never read."""
+
+    status = 413
+    error = "invalid_request"
+
+    def __init__(self, description: str) -> None:
+        super().__init__(description, reason="body_too_large")
+
+    def headers(self) -> dict[str, str]:
+        """Close the connection so the server does not read the rest of the body."""
+        return {"Connection": "close"}
 
 
 def error_response(exc: CPTokenError) -> JSONResponse:
-    """The one mapping from error type to HTTP response."""
+    """``GET /token``: the one mapping from error type to HTTP response (RFC 6750)."""
     headers = {**NO_STORE, **exc.headers()}
     body = {"error": exc.error, "error_description": exc.description}
     return JSONResponse(body, status_code=exc.status, headers=headers)
+
+
+def exchange_error_response(exc: CPTokenError) -> JSONResponse:
+    """``POST /oauth2/token``: the one mapping from error type to response (RFC 6749/8693).
+
+    A subject token that is not authenticated or not allowed is the request's fault, so it
+    is 400 ``invalid_request`` with the reason in ``error_description`` (RFC 8693 §2.2.2),
+    never a 401 with ``WWW-Authenticate`` (there is no client authentication to retry).
+    429, 503 and 405 keep their status and headers, as for ``GET /token``.
+    """
+    status, error, description = exc.status, exc.error, exc.description
+    headers = {**NO_STORE_EXCHANGE, **exc.headers()}
+    if isinstance(exc, Unauthenticated | Forbidden):
+        status, error = 400, "invalid_request"
+        verdict = "not authenticated" if isinstance(exc, Unauthenticated) else "not allowed"
+        description = f"subject_token {verdict}: {description}"
+        headers.pop("WWW-Authenticate", None)
+    body = {"error": error, "error_description": description}
+    return JSONResponse(body, status_code=status, headers=headers)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from cp_token.config import ConfigError
 
-__all__ = ["FileWatcher", "WatchedFile"]
+__all__ = ["FileWatcher", "WatchedFile", "watch_tls"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -109,3 +110,25 @@ class FileWatcher:
         while True:
             await asyncio.sleep(self.interval)
             await asyncio.to_thread(self.check_all)
+
+
+def watch_tls(
+    ctx: ssl.SSLContext, cert: tuple[str, str], key: tuple[str, str]
+) -> list[WatchedFile[bytes]]:
+    """Watch a serving certificate and its key, ``(variable, path)`` each, reloading ``ctx``.
+
+    New connections get the new pair; open ones keep theirs. Cert and key change one after
+    the other: a reload that fails keeps the previous pair, and the next change completes it.
+    """
+
+    def reload(_raw: bytes) -> None:
+        try:
+            ctx.load_cert_chain(cert[1], key[1])
+            log.info("TLS certificate reloaded")
+        except (ssl.SSLError, OSError) as exc:
+            log.warning("TLS certificate reload failed (%s); keeping the previous one", exc)
+
+    return [
+        WatchedFile(cert[0], cert[1], bytes, on_change=reload),
+        WatchedFile(key[0], key[1], bytes, on_change=reload),
+    ]

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import socket
 import ssl
 
 import uvicorn
 
 from cp_token.config import ConfigError, Settings
-from cp_token.filewatch import WatchedFile
+from cp_token.filewatch import WatchedFile, watch_tls
 from cp_token.service import Service
-from cp_token.serving import QuietSignalsServer, bind_listener
+from cp_token.serving import QuietSignalsServer, ServerGroup, bind
 
 __all__ = ["bind", "run_service", "serve"]
 
@@ -26,32 +25,13 @@ log = logging.getLogger(__name__)
 GRACEFUL_SECONDS = 20
 
 
-def bind(variable: str, host: str, port: int) -> socket.socket:
-    """A listening socket, or ConfigError naming the variable (address in use, bad host)."""
-    try:
-        return bind_listener(host, port)
-    except OSError as exc:
-        raise ConfigError(
-            variable, f"cannot listen on {host}:{port} ({exc.strerror or exc})"
-        ) from None
-
-
 def _tls_reloader(s: Settings, ctx: ssl.SSLContext) -> list[WatchedFile[bytes]]:
     assert s.tls_cert_file and s.tls_key_file
-    cert, key = s.tls_cert_file, s.tls_key_file
-
-    def reload(_raw: bytes) -> None:
-        try:
-            ctx.load_cert_chain(cert, key)
-            log.info("TLS certificate reloaded")
-        except (ssl.SSLError, OSError) as exc:
-            # Cert and key are replaced one after the other; the next change completes the pair.
-            log.warning("TLS certificate reload failed (%s); keeping the previous one", exc)
-
-    return [
-        WatchedFile("CP_TOKEN_TLS_CERT_FILE", cert, bytes, on_change=reload),
-        WatchedFile("CP_TOKEN_TLS_KEY_FILE", key, bytes, on_change=reload),
-    ]
+    return watch_tls(
+        ctx,
+        ("CP_TOKEN_TLS_CERT_FILE", s.tls_cert_file),
+        ("CP_TOKEN_TLS_KEY_FILE", s.tls_key_file),
+    )
 
 
 async def serve(service: Service, api_sock: socket.socket, metrics_sock: socket.socket) -> int:
@@ -75,20 +55,8 @@ async def serve(service: Service, api_sock: socket.socket, metrics_sock: socket.
         for watched in _tls_reloader(s, api_cfg.ssl):
             service.watcher.add(watched)
     api, metrics = QuietSignalsServer(api_cfg), QuietSignalsServer(metrics_cfg)
-    exit_code = 0
-
-    def stop(code: int) -> None:
-        nonlocal exit_code
-        exit_code = max(exit_code, code)
-        if api.should_exit:  # a second signal: stop waiting for connections
-            api.force_exit = metrics.force_exit = True
-        api.should_exit = metrics.should_exit = True
-
-    service.on_fatal = lambda reason: stop(1)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop, 0)
-
+    group = ServerGroup()
+    service.on_fatal = lambda reason: group.stop(1)
     scheme = "https" if s.tls else "http"
     host, port = api_sock.getsockname()[:2]
     m_host, m_port = metrics_sock.getsockname()[:2]
@@ -101,19 +69,7 @@ async def serve(service: Service, api_sock: socket.socket, metrics_sock: socket.
             }
         },
     )
-    results = await asyncio.gather(
-        api.serve(sockets=[api_sock]), metrics.serve(sockets=[metrics_sock]), return_exceptions=True
-    )
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.remove_signal_handler(sig)
-    for result in results:
-        if isinstance(result, BaseException):
-            log.error("server failed: %r", result)
-            exit_code = 1
-    if not api.started:
-        exit_code = max(exit_code, 1)
-    log.info("stopped", extra={"fields": {"exit_code": exit_code}})
-    return exit_code
+    return await group.serve((api, api_sock), (metrics, metrics_sock))
 
 
 def run_service(service: Service) -> int:

@@ -18,14 +18,14 @@ from typing import Any
 from starlette.applications import Starlette
 
 from cp_token import __version__
-from cp_token.app import create_app, create_metrics_app
+from cp_token.app import ExchangeConfig, create_app, create_metrics_app
 from cp_token.authn import Authenticator, Reviewer
 from cp_token.authn.cache import CachedAuthenticator
 from cp_token.authn.jwks import JwksReviewer
 from cp_token.authn.static import StaticReviewer, parse_identities
 from cp_token.authn.tokenreview import FORBIDDEN_HINT, TokenReviewer
 from cp_token.clock import Clock, SystemClock
-from cp_token.config import ConfigError, Settings, redacted
+from cp_token.config import ConfigError, Settings, issuer_from_url, redacted
 from cp_token.filewatch import FileWatcher, WatchedFile
 from cp_token.kube import KubeClient, KubeConnection, KubeError, load_connection
 from cp_token.metrics import Metrics
@@ -75,6 +75,7 @@ class Service:
             metrics=self.metrics,
             readiness=self.readiness,
             lifespan=self.lifespan,
+            exchange=exchange_config(self.settings),
         )
         self.metrics_app = create_metrics_app(self.metrics, self.readiness)
 
@@ -145,6 +146,17 @@ class Service:
                     f".{group}" if group else "",
                     why,
                 )
+
+
+def exchange_config(s: Settings) -> ExchangeConfig:
+    """The token exchange's allow-lists, and the RFC 8414 issuer and endpoint (from the URL)."""
+    base = issuer_from_url(s.url) if s.url else None
+    return ExchangeConfig(
+        audiences=s.exchange_audiences,
+        scopes=s.exchange_scopes,
+        issuer=s.issuer or base,
+        token_endpoint=f"{base}/oauth2/token" if base else None,
+    )
 
 
 def build_minter(s: Settings, clock: Clock, watcher: FileWatcher, metrics: Metrics) -> Minter:

@@ -16,10 +16,16 @@ States (derived from the facts and the clock, never stored)::
     REFRESHING    --succeeded-->        FRESH;    --failed-->      STALE (token still valid)
     FRESH, STALE  --lifetime over-->    EXPIRED   --begin_fetch--> FETCHING
 
-Rules (SPIRE's rotation, stamina's backoff): refresh once ``refresh_fraction`` of the
-lifetime has passed, +-10 % jitter; after a transient failure retry with capped
-exponential backoff and full jitter, at least ``Retry-After``; after a 401/403 retry
-slowly (30-60 s); and while a token is held, never schedule a retry past its expiry.
+Rules (SPIRE's rotation, the one :class:`~cp_token.backoff.Backoff`): refresh once
+``refresh_fraction`` of the lifetime has passed, +-10 % jitter; after a transient failure
+retry with capped exponential backoff and full jitter, at least ``Retry-After``; after a
+401/403 retry slowly (30-60 s), or at once when the SA token file changes
+(:meth:`~TokenHolder.credentials_changed`); and while a token is held, never schedule a
+retry past its expiry. Only attempts made on the backoff schedule raise the backoff's
+exponent: the last-chance retries just before expiry and the attempts requests make early
+(with nothing held a request fetches at once, at most once a second, whatever the
+backoff) leave it alone, so a long outage does not push the first retry after it near the
+cap.
 """
 
 from __future__ import annotations
@@ -30,10 +36,13 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from cp_token.backoff import Backoff
 from cp_token.client import FetchedToken
 from cp_token.clock import Clock
 
-__all__ = ["HolderPolicy", "Rejection", "State", "TokenHolder"]
+__all__ = ["SIDECAR_BACKOFF", "HolderPolicy", "Rejection", "State", "TokenHolder"]
+
+SIDECAR_BACKOFF = Backoff(base=1.0, cap=60.0, floor=0.25)
 
 
 class State(enum.Enum):
@@ -53,15 +62,15 @@ class HolderPolicy:
 
     refresh_fraction: float = 0.5
     jitter: float = 0.1
-    backoff_base: float = 1.0
-    backoff_cap: float = 60.0
-    backoff_floor: float = 0.25
+    backoff: Backoff = SIDECAR_BACKOFF
     rejected_min: float = 30.0
     rejected_max: float = 60.0
     expiry_margin: float = 1.0
     recent_window: float = 5.0
     unknown_expiry_refresh: float = 300.0
     min_refresh_interval: float = 1.0
+    empty_fetch_interval: float = 1.0  # nothing held: a request fetches at most this often
+    sa_poll_interval: float = 0.5  # refused: how often the driver checks the SA token file
 
 
 @dataclass(frozen=True)
@@ -88,8 +97,11 @@ class TokenHolder:
         self._fetching = False
         self._refresh_at: float | None = None
         self._retry_at: float | None = None
+        self._backoff_due = -math.inf  # the unclamped backoff schedule
+        self._on_schedule = True  # whether the attempt in progress was due by that schedule
         self._failures = 0
         self._last_attempt = -math.inf
+        self._not_before = -math.inf  # the CP's Retry-After, which requests respect too
         self._rejection: Rejection | None = None
         self._last_error: str | None = None
 
@@ -97,6 +109,10 @@ class TokenHolder:
 
     def begin_fetch(self) -> None:
         """A fetch towards the CP has started."""
+        now = self._clock.monotonic()
+        retry_at = self._retry_at
+        # early (a request's) or clamped before expiry: not a step of the backoff
+        self._on_schedule = retry_at is None or (now >= retry_at and retry_at >= self._backoff_due)
         self._fetching = True
 
     def succeeded(self, token: FetchedToken) -> None:
@@ -107,6 +123,7 @@ class TokenHolder:
         self._token = token
         self._failures = 0
         self._retry_at = None
+        self._backoff_due = -math.inf
         self._rejection = None
         self._last_error = None
         if token.expires_in is None:
@@ -123,15 +140,18 @@ class TokenHolder:
         """A fetch failed transiently (connect error, timeout, 429, 5xx, ...)."""
         now = self._clock.monotonic()
         p = self.policy
+        on_schedule = self._on_schedule
         self._end_attempt(now)
-        self._failures += 1
         self._rejection = None
         self._last_error = reason
-        ceiling = min(p.backoff_cap, p.backoff_base * 2.0 ** (self._failures - 1))
-        delay = max(p.backoff_floor, self._rand() * ceiling)
-        if retry_after is not None:
-            delay = max(delay, retry_after)
-        self._retry_at = self._before_expiry(now, now + delay)
+        if on_schedule or self._failures == 0:
+            self._failures += 1
+            due = now + p.backoff.delay(self._failures, self._rand, retry_after)
+        else:  # an extra attempt failed: the schedule it jumped stands
+            due = max(self._backoff_due, now + p.backoff.floor, now + (retry_after or 0.0))
+        self._backoff_due = due
+        self._not_before = now + (retry_after or 0.0)
+        self._retry_at = self._before_expiry(now, due)
 
     def rejected(self, status: int, description: str) -> None:
         """The CP refused the pod (401/403): retry slowly, relay while holding nothing."""
@@ -142,20 +162,31 @@ class TokenHolder:
         self._rejection = Rejection(status, description)
         self._last_error = f"the CP refused the pod ({status}): {description}"
         delay = p.rejected_min + self._rand() * (p.rejected_max - p.rejected_min)
+        self._backoff_due = now + delay
         self._retry_at = self._before_expiry(now, now + delay)
+
+    def credentials_changed(self) -> None:
+        """The SA token file changed: after a refusal, try the new one at once."""
+        if self._rejection is not None and not self._fetching:
+            now = self._clock.monotonic()
+            self._retry_at = self._backoff_due = now
 
     def _end_attempt(self, now: float) -> None:
         self._fetching = False
+        self._on_schedule = True
         self._last_attempt = now
 
     def _before_expiry(self, now: float, wanted: float) -> float:
-        """Never let a retry land after the held token expires: try once more before."""
+        """Never let a retry land after the held token expires: one last chance a margin
+        before expiry, and, if that is past, one more as it expires."""
         token = self.current()
         expiry = None if token is None else token.expiry
-        if expiry is None or wanted <= expiry - self.policy.expiry_margin:
+        margin = self.policy.expiry_margin
+        if expiry is None or wanted <= expiry - margin:
             return wanted
-        latest = max(expiry - self.policy.expiry_margin, now + self.policy.backoff_floor)
-        return min(wanted, latest, expiry)
+        if expiry - margin >= now + self.policy.backoff.floor:
+            return expiry - margin
+        return min(wanted, expiry)  # held, so expiry > now
 
     # --- what to serve ----------------------------------------------------------------------
 
@@ -217,6 +248,8 @@ class TokenHolder:
         due = self.next_fetch_at()
         if due is None:
             return 1
+        if self.current() is None and self._rejection is None:
+            due = min(due, self._empty_fetch_at())  # a request would fetch then
         return max(1, math.ceil(max(0.0, due - self._clock.monotonic())))
 
     # --- what to do next --------------------------------------------------------------------
@@ -234,9 +267,12 @@ class TokenHolder:
     def should_fetch(self, min_ttl: float) -> bool:
         """Whether a ``GET`` asking for ``min_ttl`` seconds must wait for a fetch.
 
-        Not when the held token has enough left; join a fetch in progress; otherwise fetch
-        unless retries are backing off or the last attempt was moments ago (another would
-        return the same lifetime), in which case the held token (or an error) is served.
+        Not when the held token has enough left; join a fetch in progress. With nothing
+        held: fetch at once (at most once per ``empty_fetch_interval``) whatever the
+        backoff, unless the CP refused the pod (its answer is relayed; the SA token file
+        changing brings a fetch). With a token held: not while retries are backing off, and
+        within ``recent_window`` of the last fetch only when that fetch's token lived at
+        least ``min_ttl`` (otherwise another fetch would return the same lifetime).
         """
         token = self.current()
         now = self._clock.monotonic()
@@ -246,13 +282,30 @@ class TokenHolder:
                 return False
         if self._fetching:
             return True
-        if self._retry_at is not None and now < self._retry_at:
-            return False
-        return now - self._last_attempt >= self.policy.recent_window
+        if token is None:
+            return self._may_fetch_empty(now)
+        if self._retry_at is not None:
+            return now >= self._retry_at
+        if now - self._last_attempt >= self.policy.recent_window:
+            return True
+        return token.expires_in is not None and token.expires_in >= min_ttl
 
     def should_force(self) -> bool:
         """Whether a ``POST`` (force) must fetch: yes, unless the last attempt ended less
-        than ``recent_window`` seconds ago (then the held token is served)."""
+        than ``recent_window`` seconds ago (then the held token is served); with nothing
+        held, as a ``GET`` would."""
         if self._fetching:
             return True
-        return self._clock.monotonic() - self._last_attempt >= self.policy.recent_window
+        now = self._clock.monotonic()
+        if self.current() is None and self._rejection is None:
+            return self._may_fetch_empty(now)
+        return now - self._last_attempt >= self.policy.recent_window
+
+    def _may_fetch_empty(self, now: float) -> bool:
+        if self._rejection is not None:
+            return self._retry_at is None or now >= self._retry_at
+        return now >= self._empty_fetch_at()
+
+    def _empty_fetch_at(self) -> float:
+        """With nothing held, when a request may fetch next."""
+        return max(self._last_attempt + self.policy.empty_fetch_interval, self._not_before)

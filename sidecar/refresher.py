@@ -2,18 +2,19 @@
 
 "Get a token from the CP" is the client library's (:meth:`TokenSource.afetch_once`, a
 single attempt); the holder owns the backoff; this module only runs the loop, shares one
-fetch between every caller (singleflight), writes the token file and removes it when the
-token expires unrenewed.
+fetch between every caller (:class:`~cp_token.singleflight.SharedCall`), writes the token
+file and removes it when the token expires unrenewed. While the CP refuses the pod it
+watches the SA token file's content, so a rotated token is tried at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
 from cp_token.client import TokenError, TokenRejected, TokenUnavailable
-from cp_token.clock import Clock
+from cp_token.clock import Clock, sleep_or_wake
+from cp_token.singleflight import SharedCall
 
 from .holder import TokenHolder
 from .metrics import SidecarMetrics
@@ -43,28 +44,22 @@ class Refresher:
         self._metrics = metrics
         self._sink = sink
         self._sink_expiry: float | None = None
-        self._inflight: asyncio.Task[None] | None = None
+        self._flight: SharedCall[None] = SharedCall()
         self._wake = asyncio.Event()
         self._logged_rejections: set[tuple[int, str]] = set()
 
     async def fetch(self) -> None:
         """Fetch from the CP, or join the fetch in progress. Never raises a fetch failure:
         the outcome is recorded in the holder."""
-        task = self._inflight
-        if task is None:
-            task = asyncio.get_running_loop().create_task(self._fetch())
-            self._inflight = task
-            task.add_done_callback(self._fetch_done)
-        # shield: a caller that goes away must not cancel everybody's fetch
-        await asyncio.shield(task)
-
-    def _fetch_done(self, task: asyncio.Task[None]) -> None:
-        self._inflight = None
-        self._wake.set()
-        if not task.cancelled():
-            task.exception()  # retrieved here; the loop re-raises via its own await
+        await self._flight.do(self._fetch)
 
     async def _fetch(self) -> None:
+        try:
+            await self._attempt()
+        finally:
+            self._wake.set()  # the schedule may have moved
+
+    async def _attempt(self) -> None:
         self.holder.begin_fetch()
         started = self._clock.monotonic()
         try:
@@ -141,25 +136,25 @@ class Refresher:
         log.warning("the token expired unrenewed; token file removed")
 
     async def run(self) -> None:
-        """The refresh loop: forever fetch when due, and remove the file at expiry."""
+        """The refresh loop: forever fetch when due, remove the file at expiry, and while
+        the CP refuses the pod, try again as soon as the SA token file changes."""
         while True:
             self._wake.clear()
             await self._expire_sink()
+            self._check_sa_token()
             due = self.holder.next_fetch_at()
             now = self._clock.monotonic()
             if due is not None and due <= now:
                 await self.fetch()
                 continue
-            wake_at = min((t for t in (due, self._sink_expiry) if t is not None), default=None)
-            await self._sleep(None if wake_at is None else wake_at - now)
+            poll = None
+            if self.holder.rejection is not None:
+                poll = now + self.holder.policy.sa_poll_interval
+            wakes = [t for t in (due, self._sink_expiry, poll) if t is not None]
+            await sleep_or_wake(self._clock, min(wakes) - now if wakes else None, self._wake)
 
-    async def _sleep(self, seconds: float | None) -> None:
-        """Sleep on the clock, or until a fetch completes (which may move the schedule)."""
-        waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(self._wake.wait())]
-        if seconds is not None:
-            waits.append(asyncio.ensure_future(self._clock.sleep(seconds)))
-        try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waits:
-                w.cancel()
+    def _check_sa_token(self) -> None:
+        """After a refusal, a changed SA token file is worth a fetch now (a small read)."""
+        if self.holder.rejection is not None and self.source.sa_token_changed():
+            log.info("the ServiceAccount token file changed; fetching again")
+            self.holder.credentials_changed()

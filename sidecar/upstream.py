@@ -20,7 +20,11 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from cp_token.client import FetchedToken, TokenError, TokenUnavailable
-from cp_token.client._http import parse_token_response, read_sa_token, untrusted_certificate
+from cp_token.client._http import (
+    ServiceAccountTokenFile,
+    parse_token_response,
+    untrusted_certificate,
+)
 from cp_token.client._retry import RetryPolicy, retry_async
 from cp_token.clock import Clock, SystemClock
 from cp_token.config import ConfigError, parse_url
@@ -44,6 +48,9 @@ class TokenFetcher(Protocol):
 
     async def aclose(self) -> None:
         """Release connections."""
+
+    def sa_token_changed(self) -> bool:
+        """Whether the SA token file holds another token than the one last sent."""
 
 
 class _Headers(Mapping[str, str]):
@@ -170,7 +177,7 @@ class UpstreamSource:
         self._port = parts.port or (443 if self._tls else 80)
         self._target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         self._host_header = parts.netloc
-        self._sa_token_file = sa_token_file
+        self._sa_file = ServiceAccountTokenFile(sa_token_file)
         self._ca_file = ca_file
         self._context: ssl.SSLContext | None = None
         self._timeout = timeout
@@ -189,10 +196,10 @@ class UpstreamSource:
         return self._context
 
     def _request(self) -> bytes:
-        token = read_sa_token(self._sa_token_file)
+        token = self._sa_file.read_for_sending()
         if not set(token.encode("utf-8", "replace")) <= _HEADER_VALUE_OK:
             raise TokenError(
-                f"the ServiceAccount token file {self._sa_token_file!r} holds characters a "
+                f"the ServiceAccount token file {self._sa_file.path!r} holds characters a "
                 "bearer token cannot have"
             )
         return (
@@ -255,3 +262,8 @@ class UpstreamSource:
 
     async def aclose(self) -> None:
         """Nothing held between fetches (one connection per fetch)."""
+
+    def sa_token_changed(self) -> bool:
+        """Whether ``AMBIENT_SA_TOKEN_FILE`` now holds another token than the one last sent
+        (after a refusal, the refresher fetches again as soon as it does)."""
+        return self._sa_file.changed()

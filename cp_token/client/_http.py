@@ -9,6 +9,7 @@ and a plain :class:`TokenError` (anything else, e.g. a redirect we refuse to fol
 
 from __future__ import annotations
 
+import hashlib
 import math
 import ssl
 import time
@@ -26,6 +27,7 @@ __all__ = [
     "SIDECAR_HEADER",
     "Answer",
     "FetchedToken",
+    "ServiceAccountTokenFile",
     "client_options",
     "parse_token_response",
     "read_sa_token",
@@ -113,6 +115,34 @@ def read_sa_token(path: str) -> str:
     if not token:
         raise TokenError(f"the ServiceAccount token file {path!r} is empty")
     return token
+
+
+class ServiceAccountTokenFile:
+    """``AMBIENT_SA_TOKEN_FILE``, read afresh for every request, remembering (a digest of,
+    never the token itself) what was last sent, so a refused pod can tell when kubelet has
+    put another token there."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._sent: bytes | None = None
+
+    def read_for_sending(self) -> str:
+        """The current token, remembered as the one sent."""
+        token = read_sa_token(self.path)
+        self._sent = hashlib.sha256(token.encode()).digest()
+        return token
+
+    def changed(self) -> bool:
+        """Whether the file now holds another token than the one last sent (False when
+        nothing was sent yet or the file cannot be read). A small local read: cheap enough
+        to poll while the CP refuses the last one."""
+        if self._sent is None:
+            return False
+        try:
+            token = read_sa_token(self.path)
+        except TokenError:
+            return False
+        return hashlib.sha256(token.encode()).digest() != self._sent
 
 
 def _cert_failure(exc: BaseException) -> ssl.SSLCertVerificationError | None:

@@ -1,17 +1,17 @@
 """Retries the stamina way: named transient errors only, capped exponential backoff with
-full jitter, ``Retry-After`` honoured, and a total deadline that no wait may overrun.
+full jitter (the one :class:`~cp_token.backoff.Backoff`), ``Retry-After`` honoured, and a
+total deadline that no wait may overrun.
 
 Waits go through an injected sleep (the clock's), so tests with a fake clock are instant.
 """
 
 from __future__ import annotations
 
-import email.utils
-import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from cp_token.backoff import Backoff, parse_retry_after
 from cp_token.clock import Clock
 
 from ._errors import TokenUnavailable
@@ -30,31 +30,12 @@ class RetryPolicy:
     initial: float = 0.5
     cap: float = 5.0
 
-    def backoff(self, failures: int, rand: Callable[[], float]) -> float:
-        """The wait after the ``failures``-th consecutive failure (1-based)."""
-        ceiling = min(self.cap, self.initial * 2.0 ** max(0, failures - 1))
-        return rand() * ceiling
-
-
-def parse_retry_after(value: str | None, now: float) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP-date.
-
-    ``now`` is wall-clock time (for the HTTP-date form). Unparseable values are ignored
-    (None), and a date in the past means 0.
-    """
-    if value is None:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(int(value))
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:  # RFC 9110 dates are GMT; a naive parse means "-0000"
-        return None
-    seconds = when.timestamp() - now
-    return max(0.0, seconds) if math.isfinite(seconds) else None
+    def backoff(
+        self, failures: int, rand: Callable[[], float], retry_after: float | None = None
+    ) -> float:
+        """The wait after the ``failures``-th consecutive failure (1-based), at least
+        ``retry_after``."""
+        return Backoff(base=self.initial, cap=self.cap).delay(failures, rand, retry_after)
 
 
 def _next_wait(
@@ -66,9 +47,7 @@ def _next_wait(
     rand: Callable[[], float],
 ) -> float:
     """The wait before the next attempt, or raise when it would overrun the deadline."""
-    wait = policy.backoff(failures, rand)
-    if exc.retry_after is not None:
-        wait = max(wait, exc.retry_after)
+    wait = policy.backoff(failures, rand, exc.retry_after)
     elapsed = clock.monotonic() - started
     if elapsed + wait > policy.deadline:
         raise TokenUnavailable(

@@ -20,7 +20,7 @@ import math
 import random
 import threading
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal, TypedDict, Unpack
 
 import httpx
@@ -33,14 +33,15 @@ from cp_token.config import (
     load_client_settings,
     parse_url,
 )
+from cp_token.singleflight import SharedCall
 
 from ._errors import TokenError, TokenRejected
 from ._http import (
     SIDECAR_HEADER,
     FetchedToken,
+    ServiceAccountTokenFile,
     client_options,
     parse_token_response,
-    read_sa_token,
     transport_error,
 )
 from ._retry import RetryPolicy, retry_async, retry_sync
@@ -122,7 +123,6 @@ class TokenSource:
                 raise TokenError(str(exc)) from None
         self.url = url or "BOT_TOKEN"
         self._static = static_token
-        self._sa_token_file = sa_token_file
         self._ca_file = ca_file
         self._timeout = timeout
         self._policy = RetryPolicy(deadline=options.get("deadline", 30.0))
@@ -144,7 +144,8 @@ class TokenSource:
         self._client: httpx.Client | None = None
         self._aclient: httpx.AsyncClient | None = None
         self._aclient_loop: asyncio.AbstractEventLoop | None = None
-        self._inflight: asyncio.Task[FetchedToken] | None = None
+        self._flight: SharedCall[FetchedToken] = SharedCall()  # concurrent awaiters share
+        self._sa_file = ServiceAccountTokenFile(sa_token_file)
 
     # --- construction from the environment ----------------------------------------------
 
@@ -192,6 +193,12 @@ class TokenSource:
         """``sidecar``, ``direct`` or ``static``."""
         return self._mode
 
+    def sa_token_changed(self) -> bool:
+        """Whether ``AMBIENT_SA_TOKEN_FILE`` now holds another token than the one last sent
+        (direct mode; False when nothing was sent yet or the file cannot be read). A small
+        local read: cheap enough to poll while the CP refuses the last one."""
+        return self._mode == "direct" and self._sa_file.changed()
+
     # --- the cached token ---------------------------------------------------------------
 
     def token(self, min_ttl: float | None = None) -> str:
@@ -222,7 +229,7 @@ class TokenSource:
         cached, must_fetch = self._plan(min_ttl)
         if not must_fetch and cached is not None:
             return cached.token
-        return (await self._shared(lambda: self._arefresh(min_ttl))).token
+        return (await self._flight.do(lambda: self._arefresh(min_ttl))).token
 
     def invalidate(self, token: str | None = None) -> None:
         """Drop the cached token (e.g. after the API rejected it with a 401).
@@ -263,23 +270,6 @@ class TokenSource:
             raise
         except TokenError as exc:
             return _kept(cached, exc)
-
-    async def _shared(self, make: Callable[[], Coroutine[Any, Any, FetchedToken]]) -> FetchedToken:
-        """Singleflight: join the fetch in progress on this loop, or start one."""
-        loop = asyncio.get_running_loop()
-        task = self._inflight
-        if task is None or task.done() or task.get_loop() is not loop:
-            task = loop.create_task(make())
-            self._inflight = task
-            task.add_done_callback(self._fetch_done)
-        # shield: one awaiter being cancelled must not cancel everybody's fetch
-        return await asyncio.shield(task)
-
-    def _fetch_done(self, task: asyncio.Task[FetchedToken]) -> None:
-        if self._inflight is task:
-            self._inflight = None
-        if not task.cancelled():
-            task.exception()  # retrieved here, so an unawaited failure is not logged as lost
 
     # --- fetching -----------------------------------------------------------------------
 
@@ -340,7 +330,8 @@ class TokenSource:
         self, min_ttl: float | None, force: bool
     ) -> tuple[str, dict[str, str], dict[str, str]]:
         if self._mode == "direct":
-            return "GET", {}, {"Authorization": f"Bearer {read_sa_token(self._sa_token_file)}"}
+            sa_token = self._sa_file.read_for_sending()
+            return "GET", {}, {"Authorization": f"Bearer {sa_token}"}
         params = {} if min_ttl is None else {"min_ttl": str(math.ceil(min_ttl))}
         method = "POST" if force or self._force_next else "GET"
         return method, params, {SIDECAR_HEADER: "true"}

@@ -7,7 +7,7 @@ from typing import Any, Protocol
 
 from cp_token.identity import Identity
 
-__all__ = ["IssuedToken", "KeyPublisher", "Minter"]
+__all__ = ["DEFAULT_OPTIONS", "IssuedToken", "KeyPublisher", "MintOptions", "Minter"]
 
 
 @dataclass(frozen=True)
@@ -19,11 +19,27 @@ class IssuedToken:
     jti: str | None = None
 
 
+@dataclass(frozen=True)
+class MintOptions:
+    """What one request asks of the minter beyond the identity (a token exchange's narrowing).
+
+    ``audiences``: the ``aud`` to issue (None: the minter's configured audience); ``scopes``:
+    granted scopes for a ``scope`` claim. Only the ``jwt`` minter honours them; the app has
+    already checked them against the operator's allow-lists.
+    """
+
+    audiences: tuple[str, ...] | None = None
+    scopes: tuple[str, ...] = ()
+
+
+DEFAULT_OPTIONS = MintOptions()
+
+
 class Minter(Protocol):
     """Issues API tokens; may run a background task; may report a permanent problem."""
 
-    async def mint(self, identity: Identity) -> IssuedToken:
-        """A token for this caller, or raise Unavailable."""
+    async def mint(self, identity: Identity, options: MintOptions = DEFAULT_OPTIONS) -> IssuedToken:
+        """A token for this caller (narrowed by ``options`` where supported), or Unavailable."""
         ...
 
     async def run(self) -> None:

@@ -22,7 +22,7 @@ from joserfc.jwk import ECKey, RSAKey
 from cp_token.clock import Clock
 from cp_token.errors import Unavailable
 from cp_token.identity import Identity
-from cp_token.minters import IssuedToken
+from cp_token.minters import DEFAULT_OPTIONS, IssuedToken, MintOptions
 from cp_token.minters.signer import JwsSigner
 
 __all__ = ["JwtMinter", "KeyRing", "load_keyring", "session_id_of"]
@@ -112,6 +112,13 @@ def ephemeral_keyring() -> KeyRing:
     return KeyRing(keys=(_signing_key(pem),))
 
 
+def _aud_claim(audiences: tuple[str, ...] | None) -> str | list[str] | None:
+    """``aud`` as RFC 7519 writes it: one value as a string, several as a list."""
+    if not audiences:
+        return None
+    return audiences[0] if len(audiences) == 1 else list(audiences)
+
+
 class JwtMinter:
     """Signs a JWT per caller with the claims of SPEC.md."""
 
@@ -199,8 +206,18 @@ class JwtMinter:
             "id_token_signing_alg_values_supported": algs,
         }
 
-    async def mint(self, identity: Identity) -> IssuedToken:
-        """A JWT for this caller, valid for ``CP_TOKEN_TTL`` seconds."""
+    @property
+    def audience(self) -> str:
+        """The configured ``aud`` (``CP_TOKEN_TOKEN_AUDIENCE``), used when none is asked for."""
+        return self._audience
+
+    async def mint(self, identity: Identity, options: MintOptions = DEFAULT_OPTIONS) -> IssuedToken:
+        """A JWT for this caller, valid for ``CP_TOKEN_TTL`` seconds.
+
+        ``options.audiences`` replaces ``aud`` (a string for one value, a list for several,
+        RFC 7519 §4.1.3); ``options.scopes`` become a ``scope`` claim, one space-separated
+        string (RFC 8693 §4.2).
+        """
         ring = self._ring
         if ring is None:
             raise Unavailable("no signing key is loaded", reason="no_signing_key", retry_after=30)
@@ -209,7 +226,7 @@ class JwtMinter:
         claims: dict[str, Any] = {
             "iss": self.issuer,
             "sub": identity.username,
-            "aud": self._audience,
+            "aud": _aud_claim(options.audiences) or self._audience,
             "iat": now,
             "nbf": now,
             "exp": now + self._ttl,
@@ -220,5 +237,7 @@ class JwtMinter:
         }
         if identity.pod_bound:
             claims["pod"] = identity.pod_name
+        if options.scopes:
+            claims["scope"] = " ".join(options.scopes)
         token = ring.signer.jws.sign(claims)
         return IssuedToken(token=token, expires_at=float(now + self._ttl), jti=jti)

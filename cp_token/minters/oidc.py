@@ -2,36 +2,57 @@
 
 RFC 6749 §4.4 against ``OIDC_TOKEN_URL`` (client_secret_basic). The token is refreshed in the
 background halfway through its usable window (its lifetime minus ``CP_TOKEN_MIN_TTL``), so
-requests never wait; concurrent callers share one in-flight fetch; no caller ever receives a
+requests never wait; concurrent callers share one in-flight call; no caller ever receives a
 token with less than ``CP_TOKEN_MIN_TTL`` left. Every session receives the same token: this
 minter has no per-session scope and no per-pod revocation (the ``jwt`` minter has).
+
+While the IdP fails, every call to it (a request's or the refresher's) is paced by one
+:class:`~cp_token.backoff.Pacer`: a request finding no usable token during the backoff gets
+503 with ``Retry-After`` at once, from that state. Tokens that live less than
+``CP_TOKEN_MIN_TTL`` count as a failure (logged once). A request waits for a call in flight
+at most :data:`REQUEST_WAIT` seconds. Readiness (:attr:`OidcMinter.problem`) turns off only
+when the IdP rejects the client credentials before any success: a misconfiguration found at
+start; later, that rejection is logged and counted, and the cached token is still served.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
 from cp_token.authn.precheck import decode_unverified
-from cp_token.clock import Clock
+from cp_token.backoff import Backoff, Pacer, parse_retry_after
+from cp_token.clock import Clock, sleep_or_wake
 from cp_token.errors import Unauthenticated, Unavailable
 from cp_token.identity import Identity
-from cp_token.minters import IssuedToken
+from cp_token.minters import DEFAULT_OPTIONS, IssuedToken, MintOptions
+from cp_token.singleflight import SharedCall
 
-__all__ = ["OidcMinter", "UpstreamToken"]
+__all__ = ["IDP_BACKOFF", "REQUEST_WAIT", "IdPError", "IdPMetrics", "OidcMinter", "UpstreamToken"]
 
 log = logging.getLogger(__name__)
 
 PERMANENT_ERRORS = frozenset({"invalid_client", "unauthorized_client"})
-BACKOFF_BASE = 1.0
-BACKOFF_CAP = 30.0
+IDP_BACKOFF = Backoff(base=1.0, cap=30.0, floor=0.5)
+REQUEST_WAIT = 5.0  # a request waits this long for a call in flight, then 503 (sidecars wait 10)
+MIN_REFRESH_GAP = 1.0  # never refresh a good token more often than this, however short
+REPEAT_LOG_EVERY = 300.0  # the same failure reason is logged again at most this often
+
+_DESCRIPTIONS = {
+    "idp_unavailable": "the identity provider is unavailable",
+    "idp_rejected": "the identity provider rejects the CP's client credentials",
+    "idp_short_lived": "the identity provider issues tokens that are too short-lived",
+    "idp_timeout": "the identity provider is slow to answer",
+}
 
 
 @dataclass(frozen=True)
@@ -45,12 +66,40 @@ class UpstreamToken:
 
 
 class IdPError(Exception):
-    """The IdP call failed; ``permanent`` when retrying cannot help (bad credentials)."""
+    """The IdP call failed; ``reason`` is the 503's reason (``idp_unavailable``,
+    ``idp_rejected`` when retrying cannot help, ``idp_short_lived``)."""
 
-    def __init__(self, reason: str, *, permanent: bool = False) -> None:
-        super().__init__(reason)
+    def __init__(
+        self, message: str, *, reason: str = "idp_unavailable", retry_after: float | None = None
+    ) -> None:
+        super().__init__(message)
         self.reason = reason
-        self.permanent = permanent
+        self.retry_after = retry_after
+
+    @property
+    def permanent(self) -> bool:
+        """The IdP rejects the client credentials."""
+        return self.reason == "idp_rejected"
+
+
+class IdPMetrics(Protocol):
+    """What the minter records (:class:`cp_token.metrics.Metrics` provides it)."""
+
+    def idp_call(self, result: str, seconds: float) -> None:
+        """One IdP call and its result (a status code, ``timeout``, ``bad_answer``...)."""
+        ...
+
+    def dependency(self, name: str, up: bool) -> None:
+        """The IdP's health after a call."""
+        ...
+
+
+class _NoMetrics:
+    def idp_call(self, result: str, seconds: float) -> None:
+        pass
+
+    def dependency(self, name: str, up: bool) -> None:
+        pass
 
 
 class OidcMinter:
@@ -68,8 +117,9 @@ class OidcMinter:
         audience: str | None = None,
         timeout: float = 10.0,
         transport: httpx.AsyncBaseTransport | None = None,
-        metrics: Any = None,
+        metrics: IdPMetrics | None = None,
         rng: random.Random | None = None,
+        request_wait: float = REQUEST_WAIT,
     ) -> None:
         self._url = token_url
         self._client_id = client_id
@@ -78,8 +128,8 @@ class OidcMinter:
         self._clock = clock
         self._scope = scope
         self._audience = audience
-        self._metrics = metrics
-        self._rng = rng or random.Random()
+        self._metrics: IdPMetrics = metrics or _NoMetrics()
+        self._request_wait = request_wait
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
             limits=httpx.Limits(max_connections=4, max_keepalive_connections=2),
@@ -89,97 +139,127 @@ class OidcMinter:
             follow_redirects=False,
             transport=transport,
         )
+        self._pacer = Pacer(IDP_BACKOFF, clock, (rng or random.Random()).random)
+        self._flight: SharedCall[UpstreamToken] = SharedCall()
         self._current: UpstreamToken | None = None
-        self._inflight: asyncio.Task[UpstreamToken] | None = None
+        self._served = False  # a call has succeeded since start
+        self._failure: IdPError | None = None  # the last call's failure, until a success
+        self._logged: dict[str, float] = {}  # failure reason -> when last logged
         self._problem: str | None = None
         self._wake = asyncio.Event()
         self.fetches = 0  # upstream calls made, for tests and metrics
 
     @property
     def problem(self) -> str | None:
-        """Set while the IdP rejects the client credentials (a permanent misconfiguration)."""
+        """Set while the IdP rejects the client credentials and never accepted them (a
+        misconfiguration found at start)."""
         return self._problem
+
+    @property
+    def calling(self) -> bool:
+        """Whether an IdP call is in flight."""
+        return self._flight.running
 
     async def aclose(self) -> None:
         """Close the connection pool."""
-        if self._inflight is not None:
-            self._inflight.cancel()
+        self._flight.cancel()
         await self._client.aclose()
 
     def credentials_changed(self) -> None:
-        """The client secret file changed: fetch again now instead of waiting."""
+        """The client secret file changed: call the IdP now instead of waiting."""
+        self._pacer.reset()
         self._wake.set()
 
     def _usable(self, tok: UpstreamToken | None) -> bool:
         return tok is not None and tok.expires_mono - self._clock.monotonic() >= self._min_ttl
 
-    async def mint(self, identity: Identity) -> IssuedToken:
-        """The shared upstream token, with at least ``min_ttl`` left; else 503."""
+    # --- the request path -------------------------------------------------------------------
+
+    async def mint(self, identity: Identity, options: MintOptions = DEFAULT_OPTIONS) -> IssuedToken:
+        """The shared upstream token, with at least ``min_ttl`` left; else 503.
+
+        ``options`` cannot narrow it: every caller gets the same upstream token.
+        """
         tok = self._current
-        if not self._usable(tok):
-            try:
-                tok = await self._refresh()
-            except IdPError as exc:
-                raise Unavailable(
-                    "the identity provider is unavailable",
-                    reason="idp_rejected" if exc.permanent else "idp_unavailable",
-                    retry_after=5,
-                ) from None
-            if not self._usable(tok):
-                log.error(
-                    "the IdP's tokens live less than CP_TOKEN_MIN_TTL (%ss): lower it",
-                    self._min_ttl,
-                )
-                raise Unavailable(
-                    "the identity provider issues tokens that are too short-lived",
-                    reason="idp_short_lived",
-                    retry_after=30,
-                )
-        assert tok is not None
+        if tok is None or not self._usable(tok):
+            tok = await self._token_for_request()
         left = tok.expires_mono - self._clock.monotonic()
         return IssuedToken(token=tok.token, expires_at=self._clock.time() + left)
 
-    async def _refresh(self) -> UpstreamToken:
-        """One upstream fetch, shared by every concurrent caller."""
-        if self._inflight is None:
-            self._inflight = asyncio.create_task(self._fetch())
-            self._inflight.add_done_callback(self._fetch_done)
-        return await asyncio.shield(self._inflight)
+    async def _token_for_request(self) -> UpstreamToken:
+        """Join the call in flight, or start one unless the backoff says wait: 503 then."""
+        if not self._flight.running:
+            wait = self._pacer.wait()
+            if wait > 0:
+                reason = self._failure.reason if self._failure else "idp_unavailable"
+                raise self._unavailable(reason, wait)
+        try:
+            async with asyncio.timeout(self._request_wait):
+                tok = await self._flight.do(self._call)
+        except TimeoutError:
+            raise self._unavailable("idp_timeout", 1.0) from None
+        except IdPError as exc:
+            raise self._unavailable(exc.reason, self._pacer.wait()) from None
+        if not self._usable(tok):  # lived just enough when it arrived
+            raise self._unavailable("idp_short_lived", self._pacer.wait())
+        return tok
 
-    def _fetch_done(self, task: asyncio.Task[UpstreamToken]) -> None:
-        self._inflight = None
-        if task.cancelled():
-            return
-        exc = task.exception()
-        if exc is None:
-            self._current = task.result()
-            self._problem = None
-            if self._metrics is not None:
-                self._metrics.dependency("idp", True)
-        elif isinstance(exc, IdPError):
-            if exc.permanent:
-                self._problem = f"OIDC_CLIENT_ID/OIDC_CLIENT_SECRET: {exc.reason}"
-            if self._metrics is not None:
-                self._metrics.dependency("idp", False)
+    @staticmethod
+    def _unavailable(reason: str, retry_after: float) -> Unavailable:
+        return Unavailable(_DESCRIPTIONS[reason], reason=reason, retry_after=max(1.0, retry_after))
+
+    # --- one paced call, its outcome recorded -----------------------------------------------
+
+    async def _call(self) -> UpstreamToken:
+        try:
+            tok = await self._fetch()
+            if tok.lifetime < self._min_ttl:
+                raise IdPError(
+                    f"the IdP's tokens live {tok.lifetime:.0f}s, less than CP_TOKEN_MIN_TTL "
+                    f"({self._min_ttl:g}s): lower CP_TOKEN_MIN_TTL or lengthen them at the IdP",
+                    reason="idp_short_lived",
+                )
+        except IdPError as exc:
+            self._failed(exc)
+            raise
+        self._succeeded(tok)
+        return tok
+
+    def _succeeded(self, tok: UpstreamToken) -> None:
+        if self._failure is not None:
+            log.info("the IdP answers again", extra={"fields": {"after": self._pacer.failures}})
+        self._current = tok
+        self._served = True
+        self._problem = None
+        self._failure = None
+        self._logged.clear()
+        self._pacer.succeeded()
+        self._metrics.dependency("idp", True)
+
+    def _failed(self, exc: IdPError) -> None:
+        delay = self._pacer.failed(exc.retry_after)
+        self._failure = exc
+        if exc.permanent and not self._served:
+            self._problem = f"OIDC_CLIENT_ID/OIDC_CLIENT_SECRET: {exc}"
+        self._metrics.dependency("idp", False)
+        now = self._clock.monotonic()
+        last = self._logged.get(exc.reason)
+        if last is None or now - last >= REPEAT_LOG_EVERY:
+            self._logged[exc.reason] = now
+            level = logging.WARNING if exc.reason == "idp_unavailable" else logging.ERROR
+            fields = {"reason": exc.reason, "next_call_in": round(delay, 1)}
+            if exc.permanent and self._served:
+                fields["readiness"] = "unchanged: the cached token is served while it qualifies"
+            log.log(level, "%s", exc, extra={"fields": fields})
 
     async def _fetch(self) -> UpstreamToken:
+        """One call to the IdP; its result goes to the metric whatever happens."""
         self.fetches += 1
-        form = {"grant_type": "client_credentials"}
-        if self._scope:
-            form["scope"] = self._scope
-        if self._audience:
-            form["audience"] = self._audience
         start = time.perf_counter()
         result = "error"
         try:
-            secret = self._secret()
             try:
-                resp = await self._client.post(
-                    self._url,
-                    data=form,
-                    auth=httpx.BasicAuth(self._client_id, secret),
-                    headers={"Accept": "application/json"},
-                )
+                resp = await self._post()
             except httpx.TimeoutException:
                 result = "timeout"
                 raise IdPError("the IdP timed out") from None
@@ -187,41 +267,57 @@ class OidcMinter:
                 result = "unreachable"
                 raise IdPError(f"the IdP is unreachable ({type(exc).__name__})") from None
             result = str(resp.status_code)
-            try:
-                body = resp.json()
-            except ValueError:
-                body = None
             if resp.status_code != 200:
-                error = body.get("error") if isinstance(body, dict) else None
-                permanent = error in PERMANENT_ERRORS
-                msg = f"the IdP answered {resp.status_code}" + (f" ({error})" if error else "")
-                log.log(logging.ERROR if permanent else logging.WARNING, "%s", msg)
-                raise IdPError(msg, permanent=permanent)
-            return self._parse(body)
+                raise self._refusal(resp)
+            try:
+                return self._parse(resp)
+            except IdPError:
+                result = "bad_answer"  # a 200 that is no token is no success
+                raise
         finally:
-            if self._metrics is not None:
-                self._metrics.idp_call(result, time.perf_counter() - start)
+            self._metrics.idp_call(result, time.perf_counter() - start)
 
-    def _parse(self, body: Any) -> UpstreamToken:
+    async def _post(self) -> httpx.Response:
+        form = {"grant_type": "client_credentials"}
+        if self._scope:
+            form["scope"] = self._scope
+        if self._audience:
+            form["audience"] = self._audience
+        return await self._client.post(
+            self._url,
+            data=form,
+            auth=httpx.BasicAuth(self._client_id, self._secret()),
+            headers={"Accept": "application/json"},
+        )
+
+    def _refusal(self, resp: httpx.Response) -> IdPError:
+        try:
+            body = resp.json()
+        except ValueError:
+            body = None
+        error = body.get("error") if isinstance(body, dict) else None
+        error = error[:64] if isinstance(error, str) else None
+        msg = f"the IdP answered {resp.status_code}" + (f" ({error!r})" if error else "")
+        return IdPError(
+            msg,
+            reason="idp_rejected" if error in PERMANENT_ERRORS else "idp_unavailable",
+            retry_after=parse_retry_after(resp.headers.get("Retry-After"), self._clock.time()),
+        )
+
+    def _parse(self, resp: httpx.Response) -> UpstreamToken:
+        try:
+            body = resp.json()
+        except ValueError:
+            body = None
         if not isinstance(body, dict) or not isinstance(body.get("access_token"), str):
             raise IdPError("the IdP's answer carries no access_token")
         token = body["access_token"]
+        if not token:
+            raise IdPError("the IdP's answer carries an empty access_token")
         now_mono, now_wall = self._clock.monotonic(), self._clock.time()
-        expires_in = body.get("expires_in")
-        if isinstance(expires_in, str) and expires_in.isdigit():
-            expires_in = int(expires_in)
-        lifetime: float | None = None
-        if isinstance(expires_in, int | float) and not isinstance(expires_in, bool):
-            lifetime = float(expires_in)
-        else:
-            try:  # no expires_in: a JWT access token still tells its own exp
-                exp = decode_unverified(token).exp
-            except Unauthenticated:
-                exp = None
-            if exp is not None:
-                lifetime = exp - now_wall
+        lifetime = self._lifetime(token, body.get("expires_in"), now_wall)
         if lifetime is None:
-            raise IdPError("the IdP's answer says nothing of the token's lifetime")
+            raise IdPError("the IdP's answer says nothing usable of the token's lifetime")
         return UpstreamToken(
             token=token,
             expires_mono=now_mono + lifetime,
@@ -229,35 +325,47 @@ class OidcMinter:
             lifetime=lifetime,
         )
 
-    def next_refresh_in(self, failures: int) -> float:
-        """Seconds until the background task should fetch again."""
+    @staticmethod
+    def _lifetime(token: str, expires_in: Any, now_wall: float) -> float | None:
+        """Seconds the token lives: ``expires_in``, else a JWT's own ``exp``; None if
+        neither says (or says something that is not a finite number)."""
+        if isinstance(expires_in, str) and expires_in.isdigit():
+            expires_in = int(expires_in)
+        lifetime: float | None = None
+        if isinstance(expires_in, int | float) and not isinstance(expires_in, bool):
+            lifetime = float(expires_in)
+        elif expires_in is None:
+            try:  # no expires_in: a JWT access token still tells its own exp
+                exp = decode_unverified(token).exp
+            except Unauthenticated:
+                exp = None
+            if exp is not None:
+                lifetime = exp - now_wall
+        return lifetime if lifetime is not None and math.isfinite(lifetime) else None
+
+    # --- the background refresher -----------------------------------------------------------
+
+    def next_refresh_in(self) -> float:
+        """Seconds until the background task should call the IdP again: the backoff's
+        wait while calls fail, else halfway through the usable window of the held token."""
+        if self._pacer.failures:
+            return self._pacer.wait()
         tok = self._current
-        if failures:
-            backoff = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (failures - 1))
-            return self._rng.uniform(backoff / 2, backoff)
         if tok is None:
             return 0.0
         # Halfway through the window in which the token still satisfies min_ttl.
         window_end = tok.expires_mono - self._min_ttl
-        now = self._clock.monotonic()
         fetched = tok.expires_mono - tok.lifetime
-        refresh_at = fetched + max(0.0, window_end - fetched) / 2
-        return max(0.0, refresh_at - now)
+        refresh_at = fetched + max(MIN_REFRESH_GAP, (window_end - fetched) / 2)
+        return max(0.0, refresh_at - self._clock.monotonic())
 
     async def run(self) -> None:
-        """Refresh ahead of expiry forever; failures back off, capped, with jitter."""
-        failures = 0
+        """Refresh ahead of expiry forever; failures wait out the shared backoff."""
         while True:
-            delay = self.next_refresh_in(failures)
+            self._wake.clear()
+            delay = self.next_refresh_in()
             if delay > 0:
-                self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), timeout=delay)
-                    failures = 0
-                except TimeoutError:
-                    pass
-            try:
-                await self._refresh()
-                failures = 0
-            except IdPError:
-                failures += 1
+                await sleep_or_wake(self._clock, delay, self._wake)
+                continue  # look again: a request may have called meanwhile
+            with contextlib.suppress(IdPError):
+                await self._flight.do(self._call)

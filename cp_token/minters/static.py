@@ -6,7 +6,7 @@ from cp_token.authn.precheck import decode_unverified
 from cp_token.errors import Unauthenticated
 from cp_token.filewatch import WatchedFile
 from cp_token.identity import Identity
-from cp_token.minters import IssuedToken
+from cp_token.minters import DEFAULT_OPTIONS, IssuedToken, MintOptions
 
 __all__ = ["StaticMinter", "parse_static_token"]
 
@@ -47,8 +47,8 @@ class StaticMinter:
     async def aclose(self) -> None:
         """Nothing to close."""
 
-    async def mint(self, identity: Identity) -> IssuedToken:
-        """The current static token."""
+    async def mint(self, identity: Identity, options: MintOptions = DEFAULT_OPTIONS) -> IssuedToken:
+        """The current static token; ``options`` cannot narrow it (returned unchanged)."""
         token = self._file.value if self._file is not None else self._token
         assert token is not None
         return IssuedToken(token=token, expires_at=_expiry(token))

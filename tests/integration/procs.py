@@ -97,6 +97,18 @@ def cp_serve(env: Mapping[str, str], log: Path) -> tuple[Proc, str, str]:
     return proc, f"{scheme}://127.0.0.1:{port}", metrics
 
 
+def sidecar_serve(cp_url: str, sa_file: Path, log: Path, **extra: str) -> tuple[Proc, str]:
+    """``cp-token-sidecar`` towards ``cp_url`` on a free loopback port; returns (proc, base)."""
+    port = free_port()
+    env = {
+        "AMBIENT_CP_TOKEN_URL": cp_url,
+        "AMBIENT_SA_TOKEN_FILE": str(sa_file),
+        "SIDECAR_LISTEN_ADDR": f"127.0.0.1:{port}",
+        **extra,
+    }
+    return Proc([sys.executable, "-m", "sidecar"], env, log), f"http://127.0.0.1:{port}"
+
+
 def run_cmd(
     args: list[str], env: Mapping[str, str], timeout: float = 30
 ) -> subprocess.CompletedProcess[str]:

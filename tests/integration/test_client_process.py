@@ -13,7 +13,7 @@ import pytest
 
 from cp_token.client import TokenAuth, TokenError, TokenRejected, TokenSource
 from tests.integration.fake_cp import FakeCP
-from tests.integration.procs import Proc, free_port, run_cmd
+from tests.integration.procs import run_cmd, sidecar_serve
 
 GET = [sys.executable, "-m", "cp_token", "get"]
 
@@ -39,16 +39,10 @@ def cp(cp_mode: str) -> Iterator[FakeCP]:
 
 @pytest.fixture
 def sidecar_url(cp: FakeCP, sa_file: Path, tmp_path: Path) -> Iterator[str]:
-    port = free_port()
-    env = {
-        "AMBIENT_CP_TOKEN_URL": cp.url,
-        "AMBIENT_SA_TOKEN_FILE": str(sa_file),
-        "SIDECAR_LISTEN_ADDR": f"127.0.0.1:{port}",
-    }
-    proc = Proc([sys.executable, "-m", "sidecar"], env, tmp_path / "sidecar.log")
+    proc, base = sidecar_serve(cp.url, sa_file, tmp_path / "sidecar.log")
     try:
-        proc.wait_http(f"http://127.0.0.1:{port}/healthz")
-        yield f"http://127.0.0.1:{port}/token"
+        proc.wait_http(f"{base}/healthz")
+        yield f"{base}/token"
     finally:
         proc.stop()
 

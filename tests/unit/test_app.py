@@ -58,7 +58,7 @@ TABLE = {
 
 
 def build(clock: FakeClock, reviewer: DictReviewer, **kw: Any) -> tuple[Any, JwtMinter]:
-    minter = JwtMinter(
+    minter = kw.pop("minter", None) or JwtMinter(
         issuer="https://cp.test", audience="ambient-api-server", ttl=900, clock=clock
     )
     auth = CachedAuthenticator(
@@ -76,6 +76,7 @@ def build(clock: FakeClock, reviewer: DictReviewer, **kw: Any) -> tuple[Any, Jwt
         minter=minter,
         clock=clock,
         limiter=RateLimiter(kw.pop("rate", 5.0), kw.pop("burst", 20), clock),
+        exchange=kw.pop("exchange", None),
     )
     return app, minter
 

@@ -110,6 +110,7 @@ def test_backoff_doubles_up_to_the_cap(clock: FakeClock) -> None:
         holder.begin_fetch()
         holder.failed("connection refused")
         delays.append(holder.next_fetch_at() - clock.monotonic())  # type: ignore[operator]
+        clock.advance(delays[-1])  # the next attempt is the scheduled one
     assert delays == [1, 2, 4, 8, 16, 32, 60, 60, 60]
     assert holder.failures == 9
     assert holder.last_error == "connection refused"
@@ -207,20 +208,138 @@ def test_should_fetch_for_min_ttl(clock: FakeClock) -> None:
     assert not holder.should_fetch(60)
     assert not holder.should_fetch(900)
     clock.advance(1)
-    assert not holder.should_fetch(900)  # fetched moments ago: another would be no longer
+    assert not holder.should_fetch(901)  # fetched moments ago, living 900 s: no longer anew
+    assert holder.should_fetch(900)  # a fresh one would have 900 s: fetch
     clock.advance(5)
-    assert holder.should_fetch(900)
+    assert holder.should_fetch(901)
 
 
-def test_should_fetch_respects_the_backoff(clock: FakeClock) -> None:
+def test_min_ttl_within_5_s_fetches_unless_the_last_token_was_already_shorter(
+    clock: FakeClock,
+) -> None:
+    holder = holder_with(clock)
+    holder.succeeded(fetched(clock, 100))
+    clock.advance(2)  # 98 s left
+    assert holder.should_fetch(99)  # the CP issues 100 s tokens: a fetch gives what is asked
+    assert not holder.should_fetch(150)  # it gave 100 s moments ago: serve the held one
+    holder.begin_fetch()
+    holder.succeeded(fetched(clock, 100))
+    assert not holder.should_fetch(99)  # now held with 100 s left
+
+
+def test_with_a_token_held_min_ttl_respects_the_backoff(clock: FakeClock) -> None:
     holder = holder_with(clock, rand=1.0)
-    for _ in range(5):
-        holder.failed("down")  # next retry in 16 s
-    clock.advance(10)
-    assert not holder.should_fetch(0)  # nothing held, but backing off: 503 meanwhile
-    assert holder.retry_after() == 6
-    clock.advance(6)
+    holder.succeeded(fetched(clock, 100))
+    clock.advance(60)
+    holder.begin_fetch()
+    holder.failed("down")  # next retry in 1 s
+    assert not holder.should_fetch(80)  # the held token is served meanwhile
+    clock.advance(1)
+    assert holder.should_fetch(80)
+
+
+def test_with_nothing_held_a_request_fetches_at_once_whatever_the_backoff(
+    clock: FakeClock,
+) -> None:
+    holder = holder_with(clock, rand=1.0)
+    for _ in range(7):
+        holder.failed("down")  # the background retry is 60 s away
+    assert holder.next_fetch_at() == clock.monotonic() + 60
+    assert not holder.should_fetch(0)  # the last attempt was just now: at most one a second
+    assert holder.retry_after() == 1  # ask again in a second, not in a minute
+    clock.advance(1)
+    assert holder.should_fetch(0) and holder.should_force()
+    holder.begin_fetch()
+    holder.failed("down")
+    assert holder.failures == 7  # an early attempt is not a step of the backoff
+    assert holder.next_fetch_at() == clock.monotonic() + 59  # the schedule stands
+    clock.advance(1)
+    holder.begin_fetch()
+    holder.succeeded(fetched(clock))
+    assert holder.ready and holder.failures == 0
+
+
+def test_with_nothing_held_a_request_still_waits_out_the_cps_retry_after(
+    clock: FakeClock,
+) -> None:
+    holder = holder_with(clock, rand=0.0)
+    holder.failed("429", retry_after=3)
+    clock.advance(1)
+    assert not holder.should_fetch(0)
+    assert holder.retry_after() == 2
+    clock.advance(2)
     assert holder.should_fetch(0)
+
+
+def _outage(holder: TokenHolder, clock: FakeClock, until: float, requests: bool) -> None:
+    """Drive the holder as the refresher and (optionally) a consumer polling every 0.1 s
+    would, with every fetch failing, until monotonic ``until``."""
+    while clock.monotonic() < until:
+        due = holder.next_fetch_at()
+        if due is not None and due <= clock.monotonic():
+            holder.begin_fetch()
+            holder.failed("connection refused")
+        elif requests and holder.should_fetch(60):
+            holder.begin_fetch()
+            holder.failed("connection refused")
+        elif requests:
+            clock.advance(0.1)
+        else:
+            clock.advance(max(0.01, (due or 0) - clock.monotonic()))
+
+
+@pytest.mark.parametrize("requests", [False, True])
+def test_an_outage_longer_than_the_token_does_not_push_the_backoff_to_the_cap(
+    requests: bool,
+) -> None:
+    clock = FakeClock()
+    holder = TokenHolder(clock, HolderPolicy(), rand=lambda: 1.0)  # the top of every window
+    holder.succeeded(fetched(clock, 10))
+    start = clock.monotonic()
+    _outage(holder, clock, start + 25, requests)  # 25 s without the CP, token of 10 s
+    assert not holder.ready
+    # scheduled attempts at 5.5, 6.5, 8.5, 12.5 and 20.5 count; the last chances at 9 and
+    # 10 and the consumer's early ones do not (counting them drew the next retry at 70 s)
+    assert holder.failures == 5
+    assert holder.next_fetch_at() == pytest.approx(start + 36.5, abs=0.5)  # ticks of 0.1 s
+
+
+def test_a_consumer_gets_a_token_within_a_second_after_a_long_outage() -> None:
+    clock = FakeClock()
+    holder = TokenHolder(clock, HolderPolicy(), rand=random.Random(2).random)
+    holder.succeeded(fetched(clock, 10))
+    healed = clock.monotonic() + 25
+    _outage(holder, clock, healed, requests=True)
+    while not holder.ready:  # the CP is back: the consumer's next request fetches
+        if holder.should_fetch(60):
+            holder.begin_fetch()
+            holder.succeeded(fetched(clock, 10))
+        else:
+            clock.advance(0.1)
+    assert clock.monotonic() - healed <= 1.0 + 1e-6
+
+
+def test_a_changed_sa_token_file_after_a_refusal_is_tried_at_once(clock: FakeClock) -> None:
+    holder = holder_with(clock)
+    holder.begin_fetch()
+    holder.rejected(401, "token invalidated")
+    clock.advance(1)
+    assert not holder.should_fetch(60)
+    holder.credentials_changed()
+    assert holder.next_fetch_at() == clock.monotonic()
+    assert holder.should_fetch(60)
+    assert holder.rejection is not None  # relayed until the new attempt answers
+    holder.begin_fetch()
+    holder.succeeded(fetched(clock))
+    assert holder.ready and holder.rejection is None
+
+
+def test_credentials_changed_without_a_refusal_changes_nothing(clock: FakeClock) -> None:
+    holder = holder_with(clock, rand=0.5)
+    holder.succeeded(fetched(clock, 100))
+    due = holder.next_fetch_at()
+    holder.credentials_changed()
+    assert holder.next_fetch_at() == due
 
 
 def test_unknown_expiry_is_always_valid_and_refreshed_periodically(clock: FakeClock) -> None:

@@ -2,12 +2,16 @@
 
 Every Kubernetes object is validated against the schemas of Kubernetes 1.29 (the oldest
 release the manifests support) and of the newest release kubernetes-validate ships, both as
-committed and as kustomize renders it. Then the properties SPEC asks for are asserted one
-by one, so a well-meant edit that drops one of them fails here, not in a cluster.
+committed and as kustomize renders it; cert-manager's objects, which those schemas do not
+cover, get hand-written structural checks. Then the properties SPEC asks for are asserted
+one by one, so a well-meant edit that drops one of them fails here, not in a cluster. The
+example session pod opts in to the sidecar injector, so its checks run on the pod as the
+injector mutates it (``cp_token.inject.patch``, configured from the injector's Deployment).
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import ipaddress
 import json
@@ -20,12 +24,19 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
+import trustme
 import yaml
+
+from cp_token.inject.patch import patch_for
+from cp_token.inject.settings import load_inject_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 BASE = K8S / "base"
 EXAMPLE = K8S / "example-session"
+INJECTOR = K8S / "injector"
+DIRECTORIES = [BASE, EXAMPLE, INJECTOR]
+DIRECTORY_IDS = ["base", "example-session", "injector"]
 
 CP_NAMESPACE = "ambient-code"
 SESSION_NAMESPACE = "session-demo"
@@ -53,7 +64,8 @@ Obj = dict[str, Any]
 def manifest_files() -> list[Path]:
     """Every YAML file under k8s/ that holds Kubernetes objects (not kustomization.yaml)."""
     files = sorted([*K8S.rglob("*.yaml"), *K8S.rglob("*.yml")])
-    return [f for f in files if f.name not in ("kustomization.yaml", "kustomization.yml")]
+    not_objects = ("kustomization.yaml", "kustomization.yml", "kustomizeconfig.yaml")
+    return [f for f in files if f.name not in not_objects]
 
 
 def load_docs(path: Path) -> list[Obj]:
@@ -79,6 +91,7 @@ CLUSTER_SCOPED = {
     "ClusterRoleBinding",
     "ValidatingAdmissionPolicy",
     "ValidatingAdmissionPolicyBinding",
+    "MutatingWebhookConfiguration",
 }
 
 
@@ -164,21 +177,158 @@ def port_number(c: Obj, port: int | str) -> int:
     return int(numbers[0])
 
 
+def workload_id(obj: Obj) -> str:
+    """``Kind/name``, marked when the injector made it."""
+    names = [c["name"] for c in all_containers(pod_spec(obj))]
+    mark = " (injected)" if "cp-token-sidecar" in names else ""
+    return f"{obj['kind']}/{obj['metadata']['name']}{mark}"
+
+
+@functools.cache
+def injector_settings_env() -> tuple[tuple[str, str], ...]:
+    """The injector container's environment as the pod sees it (``$(VAR)`` expanded)."""
+    deploy = next(o for o in render(INJECTOR) if o["kind"] == "Deployment")
+    env: dict[str, str] = {}
+    for e in container(pod_spec(deploy), "cp-token-inject")["env"]:
+        if "valueFrom" in e:
+            assert e["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+            env[e["name"]] = deploy["metadata"]["namespace"]
+        else:
+            env[e["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], e["value"])
+    return tuple(env.items())
+
+
+def injected(pod: Obj) -> Obj:
+    """``pod`` as the injector (configured like k8s/injector) mutates it on CREATE."""
+    import jsonpatch
+
+    ca = trustme.CA().issue_cert("cp-token-inject.ambient-code.svc")
+    with ca.cert_chain_pems[0].tempfile() as cert, ca.private_key_pem.tempfile() as key:
+        env = dict(injector_settings_env())
+        env.update(CP_TOKEN_INJECT_TLS_CERT_FILE=cert, CP_TOKEN_INJECT_TLS_KEY_FILE=key)
+        settings = load_inject_settings(env)
+    patched: Obj = jsonpatch.apply_patch(pod, patch_for(pod, settings), in_place=False)
+    return patched
+
+
+@functools.cache
+def _runner_pod() -> Obj:
+    return injected(one("Pod", "runner-demo", EXAMPLE))
+
+
+def runner_pod() -> Obj:
+    """The example session's runner pod, as the injector makes it (a fresh copy)."""
+    return copy.deepcopy(_runner_pod())
+
+
 def workload_objects() -> list[Obj]:
-    """Every committed object that runs pods."""
+    """Every committed object that runs pods, and the example pod as the injector makes it."""
     kinds = {"Pod", "Deployment", "StatefulSet", "DaemonSet", "Job", "ReplicaSet"}
-    return [obj for _, obj in committed_objects() if obj["kind"] in kinds]
+    committed = [obj for _, obj in committed_objects() if obj["kind"] in kinds]
+    return [*committed, runner_pod()]
 
 
 # --------------------------------------------------------------------------- schemas
 
 
 def validate(obj: Obj, version: str) -> None:
-    """Validate ``obj`` strictly for ``version`` (or the first release that serves it)."""
+    """Validate ``obj`` strictly for ``version`` (or the first release that serves it).
+
+    cert-manager's kinds are CRDs, absent from the Kubernetes schemas: checked by hand.
+    """
+    if obj["apiVersion"].startswith("cert-manager.io/"):
+        check_cert_manager_object(obj)
+        return
     first = FIRST_RELEASE.get((obj["apiVersion"], obj["kind"]))
     if first and tuple(map(int, version.split(".")[:2])) < tuple(map(int, first.split("."))):
         version = first
     kubernetes_validate.validate(obj, version, strict=True)
+
+
+# cert-manager.io/v1 (https://cert-manager.io/docs/reference/api-docs/): the fields these
+# manifests may use, their types and enums. Unknown fields fail, as strict validation does.
+_CERTIFICATE_FIELDS = {
+    "subject": dict,
+    "literalSubject": str,
+    "commonName": str,
+    "duration": str,
+    "renewBefore": str,
+    "renewBeforePercentage": int,
+    "dnsNames": list,
+    "ipAddresses": list,
+    "uris": list,
+    "emailAddresses": list,
+    "secretName": str,
+    "secretTemplate": dict,
+    "keystores": dict,
+    "issuerRef": dict,
+    "isCA": bool,
+    "usages": list,
+    "privateKey": dict,
+    "encodeUsagesInRequest": bool,
+    "revisionHistoryLimit": int,
+    "additionalOutputFormats": list,
+    "nameConstraints": dict,
+    "signatureAlgorithm": str,
+}
+_KEY_USAGES = {
+    "signing", "digital signature", "content commitment", "key encipherment", "key agreement",
+    "data encipherment", "cert sign", "crl sign", "encipher only", "decipher only", "any",
+    "server auth", "client auth", "code signing", "email protection", "s/mime",
+    "ipsec end system", "ipsec tunnel", "ipsec user", "timestamping", "ocsp signing",
+    "microsoft sgc", "netscape sgc",
+}  # fmt: skip
+_ISSUER_TYPES = {"acme", "ca", "vault", "selfSigned", "venafi"}
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
+def go_duration(value: str) -> float:
+    """Seconds of a Go duration string (``2160h``, ``1h30m``), as cert-manager parses it."""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", value)
+    assert parts and "".join(n + u for n, u in parts) == value, f"not a Go duration: {value!r}"
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def check_cert_manager_object(obj: Obj) -> None:
+    """A structural check of a cert-manager.io/v1 Issuer or Certificate."""
+    assert obj["apiVersion"] == "cert-manager.io/v1", obj["apiVersion"]
+    assert set(obj) <= {"apiVersion", "kind", "metadata", "spec"}
+    name = obj["metadata"]["name"]
+    assert _DNS_SUBDOMAIN.fullmatch(name) and len(name) <= 253, name
+    spec = obj["spec"]
+    if obj["kind"] == "Issuer":
+        kinds = set(spec) & _ISSUER_TYPES
+        assert len(kinds) == 1 and set(spec) == kinds, f"Issuer {name}: one issuer type"
+        if "ca" in spec:
+            assert isinstance(spec["ca"]["secretName"], str)
+            assert set(spec["ca"]) <= {
+                "secretName", "crlDistributionPoints", "ocspServers", "issuingCertificateURLs",
+            }  # fmt: skip
+        if "selfSigned" in spec:
+            assert set(spec["selfSigned"]) <= {"crlDistributionPoints"}
+        return
+    assert obj["kind"] == "Certificate", obj["kind"]
+    for key, value in spec.items():
+        assert key in _CERTIFICATE_FIELDS, f"Certificate {name}: unknown field {key}"
+        assert isinstance(value, _CERTIFICATE_FIELDS[key]), f"Certificate {name}: {key} type"
+    assert spec["secretName"] and spec["issuerRef"]["name"]
+    assert set(spec["issuerRef"]) <= {"name", "kind", "group"}
+    assert spec["issuerRef"].get("kind", "Issuer") in ("Issuer", "ClusterIssuer")
+    assert spec["issuerRef"].get("group", "cert-manager.io") == "cert-manager.io"
+    assert set(spec.get("usages", [])) <= _KEY_USAGES
+    key = spec.get("privateKey", {})
+    assert set(key) <= {"rotationPolicy", "encoding", "algorithm", "size"}
+    assert key.get("rotationPolicy", "Always") in ("Never", "Always")
+    assert key.get("algorithm", "RSA") in ("RSA", "ECDSA", "Ed25519")
+    if key.get("algorithm") == "ECDSA":
+        assert key.get("size", 256) in (256, 384, 521)
+    duration = go_duration(spec.get("duration", "2160h"))
+    assert duration >= 3600, "cert-manager's minimum duration is 1h"
+    if "renewBefore" in spec:
+        assert 300 <= go_duration(spec["renewBefore"]) < duration
+    for dns in spec.get("dnsNames", []):
+        assert _DNS_SUBDOMAIN.fullmatch(dns), dns
 
 
 def test_there_are_manifests() -> None:
@@ -199,7 +349,7 @@ def test_committed_manifests_validate(version: str) -> None:
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-@pytest.mark.parametrize("directory", [BASE, EXAMPLE], ids=["base", "example-session"])
+@pytest.mark.parametrize("directory", DIRECTORIES, ids=DIRECTORY_IDS)
 def test_rendered_kustomization_validates(directory: Path, version: str) -> None:
     """``kubectl kustomize`` output validates too, and lands in the intended namespace."""
     rendered = render(directory)
@@ -211,7 +361,7 @@ def test_rendered_kustomization_validates(directory: Path, version: str) -> None
             assert obj["metadata"].get("namespace") == expected_ns, obj["metadata"]["name"]
 
 
-@pytest.mark.parametrize("directory", [BASE, EXAMPLE], ids=["base", "example-session"])
+@pytest.mark.parametrize("directory", DIRECTORIES, ids=DIRECTORY_IDS)
 def test_kustomization_lists_every_file(directory: Path) -> None:
     """No manifest is left out of its kustomization, and no listed file is missing."""
     listed = set(kustomization(directory).get("resources", []))
@@ -439,9 +589,7 @@ def test_session_network_policy() -> None:
 # --------------------------------------------------------------------------- every pod
 
 
-@pytest.mark.parametrize(
-    "workload", workload_objects(), ids=lambda o: f"{o['kind']}/{o['metadata']['name']}"
-)
+@pytest.mark.parametrize("workload", workload_objects(), ids=workload_id)
 def test_restricted_pod_security(workload: Obj) -> None:
     """Every container, init containers included, meets the restricted profile."""
     spec = pod_spec(workload)
@@ -461,9 +609,7 @@ def test_restricted_pod_security(workload: Obj) -> None:
         assert not sc.get("privileged"), name
 
 
-@pytest.mark.parametrize(
-    "workload", workload_objects(), ids=lambda o: f"{o['kind']}/{o['metadata']['name']}"
-)
+@pytest.mark.parametrize("workload", workload_objects(), ids=workload_id)
 def test_requests_and_limits(workload: Obj) -> None:
     """Every container states CPU and memory requests and limits."""
     for c in all_containers(pod_spec(workload)):
@@ -475,9 +621,29 @@ def test_requests_and_limits(workload: Obj) -> None:
 # --------------------------------------------------------------------------- example session
 
 
-def runner_pod() -> Obj:
-    """The example session's runner pod."""
-    return one("Pod", "runner-demo", EXAMPLE)
+@pytest.mark.parametrize("version", VERSIONS)
+def test_injected_runner_pod_validates(version: str) -> None:
+    """The opted-in example pod, once mutated, is a valid pod for both releases."""
+    validate(runner_pod(), version)
+
+
+def test_example_pod_opts_in_instead_of_writing_the_sidecar() -> None:
+    """The committed pod carries the label and none of what the injector adds."""
+    pod = one("Pod", "runner-demo", EXAMPLE)
+    assert pod["metadata"]["labels"]["ambient-code.io/token-sidecar"] == "true"
+    spec = pod_spec(pod)
+    assert "initContainers" not in spec
+    assert not {v["name"] for v in spec["volumes"]} & {
+        "cp-token-sa",
+        "cp-token-file",
+        "cp-token-tmp",
+    }
+    assert all("AMBIENT_TOKEN_SIDECAR_URL" not in env_of(c) for c in all_containers(spec))
+    # and the namespace it lives in is one the webhook's namespaceSelector admits
+    webhook = one("MutatingWebhookConfiguration", directory=INJECTOR)["webhooks"][0]
+    ns = one("Namespace", SESSION_NAMESPACE, EXAMPLE)
+    assert webhook["namespaceSelector"]["matchLabels"].items() <= ns["metadata"]["labels"].items()
+    assert webhook["objectSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
 
 
 def sidecar_container() -> Obj:
@@ -556,6 +722,168 @@ def test_runner_uses_the_sidecar() -> None:
     assert url == "http://127.0.0.1:8099/token"
     assert url.split("/")[2] == env_of(sidecar_container())["SIDECAR_LISTEN_ADDR"]
     assert ipaddress.ip_address(url.split("/")[2].split(":")[0]).is_loopback
+
+
+# --------------------------------------------------------------------------- injector
+
+
+def injector_deployment() -> Obj:
+    """The sidecar injector's Deployment."""
+    return one("Deployment", "cp-token-inject", INJECTOR)
+
+
+def injector_container() -> Obj:
+    """The injector's container."""
+    return container(pod_spec(injector_deployment()), "cp-token-inject")
+
+
+def test_injector_deployment_shape() -> None:
+    """Two replicas over nodes, ``cp-token inject``, no API credentials, probes on metrics."""
+    deploy = injector_deployment()
+    spec = pod_spec(deploy)
+    assert deploy["spec"]["replicas"] == 2
+    assert deploy["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    assert any(
+        t["topologyKey"] == "kubernetes.io/hostname" for t in spec["topologySpreadConstraints"]
+    )
+    assert spec["serviceAccountName"] == "cp-token-inject"
+    one("ServiceAccount", "cp-token-inject", INJECTOR)
+    assert spec["automountServiceAccountToken"] is False  # it calls no API
+    assert spec["enableServiceLinks"] is False
+    assert not find("ClusterRole", directory=INJECTOR) and not find("Role", directory=INJECTOR)
+    c = injector_container()
+    assert c["command"] == ["cp-token", "inject"]
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"https": 8443, "metrics": 9090}
+    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        assert c[probe]["httpGet"]["path"] == path
+        assert port_number(c, c[probe]["httpGet"]["port"]) == 9090
+    pause = float(c["lifecycle"]["preStop"]["exec"]["command"][1])
+    assert spec["terminationGracePeriodSeconds"] > pause > 0
+
+
+def test_injector_configuration_loads() -> None:
+    """The Deployment's environment is a valid configuration, listening where the ports say,
+    pointing injected sidecars at the CP Service of the base, in the same image."""
+    c = injector_container()
+    env = dict(injector_settings_env())
+    assert env["CP_TOKEN_INJECT_LISTEN_ADDR"] == ":8443"
+    assert env["CP_TOKEN_METRICS_ADDR"] == ":9090"
+    cp_svc = one("Service", "cp-token", BASE)
+    http = next(p["port"] for p in cp_svc["spec"]["ports"] if p["name"] == "http")
+    assert env["CP_TOKEN_INJECT_CP_URL"] == f"http://cp-token.{CP_NAMESPACE}.svc:{http}/token"
+    assert env["CP_TOKEN_INJECT_IMAGE"] == c["image"]
+    assert env["CP_TOKEN_INJECT_AUDIENCE"] in env_of(cp_container())["CP_TOKEN_AUDIENCES"].split(
+        ","
+    )
+    assert int(env["CP_TOKEN_INJECT_TOKEN_EXPIRATION"]) >= 600
+    names = [e["name"] for e in c["env"]]
+    assert len(names) == len(set(names))
+
+
+def test_injector_tls_from_the_certificate_secret() -> None:
+    """cert and key come from the Certificate's Secret, mounted as a directory (renewals)."""
+    spec = pod_spec(injector_deployment())
+    env = env_of(injector_container())
+    cert_dir = str(Path(env["CP_TOKEN_INJECT_TLS_CERT_FILE"]).parent)
+    assert Path(env["CP_TOKEN_INJECT_TLS_CERT_FILE"]).name == "tls.crt"
+    assert env["CP_TOKEN_INJECT_TLS_KEY_FILE"] == f"{cert_dir}/tls.key"
+    mount = next(m for m in injector_container()["volumeMounts"] if m["mountPath"] == cert_dir)
+    assert mount.get("readOnly") is True and "subPath" not in mount
+    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+    serving = one("Certificate", "cp-token-inject", INJECTOR)
+    assert volume["secret"]["secretName"] == serving["spec"]["secretName"]
+
+
+def test_injector_service_and_pdb() -> None:
+    """Service 443 -> 8443 selecting the injector pods; one replica down at a time."""
+    svc = one("Service", "cp-token-inject", INJECTOR)
+    labels = injector_deployment()["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= labels.items()
+    https = next(p for p in svc["spec"]["ports"] if p["port"] == 443)
+    assert port_number(injector_container(), https["targetPort"]) == 8443
+    pdb = one("PodDisruptionBudget", "cp-token-inject", INJECTOR)
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
+def test_mutating_webhook_configuration() -> None:
+    """Exactly SPEC's webhook: v1 reviews, no side effects, Fail, IfNeeded, <= 10 s, the
+    managed namespaces, the opt-in label, CREATE of pods, to the injector's Service."""
+    config = one("MutatingWebhookConfiguration", directory=INJECTOR)
+    (hook,) = config["webhooks"]
+    assert hook["admissionReviewVersions"] == ["v1"]
+    assert hook["sideEffects"] == "None"
+    assert hook["failurePolicy"] == "Fail"
+    assert hook["reinvocationPolicy"] == "IfNeeded"
+    assert 1 <= hook["timeoutSeconds"] <= 10
+    assert hook["namespaceSelector"] == {"matchLabels": {"ambient-code.io/managed": "true"}}
+    assert hook["objectSelector"] == {"matchLabels": {"ambient-code.io/token-sidecar": "true"}}
+    (rule,) = hook["rules"]
+    assert (rule["operations"], rule["apiGroups"], rule["resources"]) == (
+        ["CREATE"],
+        [""],
+        ["pods"],
+    )
+    assert rule["apiVersions"] == ["v1"]
+    service = hook["clientConfig"]["service"]
+    assert "url" not in hook["clientConfig"] and "caBundle" not in hook["clientConfig"]
+    assert service["name"] == one("Service", "cp-token-inject", INJECTOR)["metadata"]["name"]
+    assert (service["path"], service["port"]) == ("/mutate", 443)
+    # rendered: the Service reference and the CA injection name the injector's namespace
+    rendered = next(o for o in render(INJECTOR) if o["kind"] == "MutatingWebhookConfiguration")
+    ns = kustomization(INJECTOR)["namespace"]
+    assert rendered["webhooks"][0]["clientConfig"]["service"]["namespace"] == ns
+    ca_from = rendered["metadata"]["annotations"]["cert-manager.io/inject-ca-from"]
+    assert ca_from == f"{ns}/cp-token-inject"
+
+
+def test_cert_manager_chain() -> None:
+    """selfSigned Issuer -> CA Certificate -> CA Issuer -> serving Certificate for the
+    Service's in-cluster names; the webhook trusts the CA, so a renewal keeps the caBundle."""
+    issuers = {o["metadata"]["name"]: o["spec"] for o in find("Issuer", directory=INJECTOR)}
+    certs = {o["metadata"]["name"]: o["spec"] for o in find("Certificate", directory=INJECTOR)}
+    ca, serving = certs["cp-token-inject-ca"], certs["cp-token-inject"]
+    assert "selfSigned" in issuers[ca["issuerRef"]["name"]]
+    assert ca["isCA"] is True
+    assert issuers[serving["issuerRef"]["name"]] == {"ca": {"secretName": ca["secretName"]}}
+    assert not serving.get("isCA")
+    svc = f"cp-token-inject.{kustomization(INJECTOR)['namespace']}.svc"
+    assert svc in serving["dnsNames"]
+    assert "server auth" in serving["usages"]
+    assert go_duration(serving["duration"]) < go_duration(ca["duration"])
+
+
+def test_an_overlay_image_moves_the_injected_sidecar_too(tmp_path: Path) -> None:
+    """One ``images:`` entry in an overlay sets the injector's image and the sidecar's."""
+    config = yaml.safe_load((INJECTOR / "kustomizeconfig.yaml").read_text())
+    assert {"kind": "Deployment", "path": "spec/template/spec/containers/env/value"} in config[
+        "images"
+    ]
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        return  # the configuration is checked above; rendering needs kubectl
+    (tmp_path / "base").symlink_to(INJECTOR)
+    overlay = {
+        "resources": ["base"],
+        "namespace": "elsewhere",
+        "images": [{"name": "cp-token", "newName": "registry.example.com/cp-token", "newTag": "9"}],
+    }
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(overlay))
+    out = subprocess.run(
+        [kubectl, "kustomize", str(tmp_path)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    deploy = next(d for d in docs if d["kind"] == "Deployment")
+    c = container(pod_spec(deploy), "cp-token-inject")
+    assert c["image"] == "registry.example.com/cp-token:9"
+    assert env_of(c)["CP_TOKEN_INJECT_IMAGE"] == "registry.example.com/cp-token:9"
+    hook = next(d for d in docs if d["kind"] == "MutatingWebhookConfiguration")
+    assert hook["webhooks"][0]["clientConfig"]["service"]["namespace"] == "elsewhere"
 
 
 # --------------------------------------------------------------------------- Dockerfile

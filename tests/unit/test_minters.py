@@ -86,6 +86,7 @@ async def test_oidc_idp_outage_serves_cache_then_503(idp: FakeIdP) -> None:
         assert info.value.status == 503
         assert m.problem is None  # a transient outage never makes the replica unready
         idp.fail(None)
+        clock.advance(30)  # past the backoff (the next IdP call waits it out)
         assert (await m.mint(WHO)).token != tok.token
     finally:
         await m.aclose()
@@ -124,14 +125,20 @@ async def test_oidc_refresh_schedule(idp: FakeIdP) -> None:
     clock = FakeClock()
     m = oidc(idp, clock)
     try:
-        assert m.next_refresh_in(0) == 0  # nothing held: fetch now
+        assert m.next_refresh_in() == 0  # nothing held: fetch now
         await m.mint(WHO)
         # usable window = 3600 - 300; refresh halfway through it
-        assert m.next_refresh_in(0) == pytest.approx(1650)
+        assert m.next_refresh_in() == pytest.approx(1650)
         clock.advance(1000)
-        assert m.next_refresh_in(0) == pytest.approx(650)
+        assert m.next_refresh_in() == pytest.approx(650)
+        idp.fail("500")
+        clock.advance(3600)  # the token is gone and every call fails: the backoff paces them
         for failures, cap in [(1, 1), (3, 4), (10, 30)]:
-            assert 0 < m.next_refresh_in(failures) <= cap
+            while m.fetches < 1 + failures:
+                clock.advance(m.next_refresh_in())
+                with pytest.raises(Unavailable):
+                    await m.mint(WHO)
+            assert 0 < m.next_refresh_in() <= cap
     finally:
         await m.aclose()
 

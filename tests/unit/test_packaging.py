@@ -22,9 +22,11 @@ from cp_token.extras import SERVER_MODULES, missing_server_modules, run_server_c
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# What the client side may load of this project; anything else of cp_token is server side.
+# What the client side may load of this project (the client, its settings, and the stdlib-only
+# helpers it shares with the servers); anything else of cp_token is server side.
 CLIENT_SIDE = re.compile(
-    r"cp_token(\.(client(\..+)?|config|clock|cli|get_cmd|extras|__main__))?|sidecar(\.__main__)?"
+    r"cp_token(\.(client(\..+)?|config|clock|backoff|singleflight|cli|get_cmd|extras|__main__))?"
+    r"|sidecar(\.__main__)?"
 )
 
 BLOCKER = f"""
@@ -180,9 +182,11 @@ def test_the_sidecar_loads_neither_httpx_nor_the_cp() -> None:
         "cp_token.client._errors",
         "cp_token.client._http",
         "cp_token.client._retry",
+        "cp_token.backoff",
         "cp_token.clock",
         "cp_token.config",
         "cp_token.extras",
         "cp_token.logs",
         "cp_token.serving",
+        "cp_token.singleflight",
     }, ours

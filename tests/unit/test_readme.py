@@ -10,6 +10,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def variables_read_by_config() -> set[str]:
     source = (ROOT / "cp_token" / "config.py").read_text()
+    source += (ROOT / "cp_token" / "inject" / "settings.py").read_text()
     names = set(re.findall(r'"((?:CP_TOKEN|OIDC|SIDECAR|AMBIENT|BOT)_[A-Z_]*|KUBECONFIG)"', source))
     return {n for n in names if not n.endswith("_")}
 

@@ -241,3 +241,17 @@ async def test_proxies_are_never_consulted(
 def test_a_bad_url_is_refused_before_anything_is_sent(tmp_path: Path) -> None:
     with pytest.raises(TokenError, match="user-info"):
         source(tmp_path, "http://user:pw@127.0.0.1:1/token")
+
+
+async def test_a_rotated_service_account_token_is_noticed(
+    tmp_path: Path, serve: Callable[..., Awaitable[int]]
+) -> None:
+    port = await serve(reply(ok_with("length")))
+    up = source(tmp_path, f"http://127.0.0.1:{port}/token")
+    assert not up.sa_token_changed()  # nothing sent yet
+    await up.afetch_once()
+    assert not up.sa_token_changed()
+    (tmp_path / "sa").write_text("sa.jwt.rotated")
+    assert up.sa_token_changed()
+    (tmp_path / "sa").unlink()
+    assert not up.sa_token_changed()  # unreadable: not a reason to fetch

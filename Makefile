@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	@command -v curl >/dev/null || (apt-get update -qq && apt-get install -y -qq curl) >&2
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -m pip install -q --upgrade pip >&2
-	@$(BIN)/python -m pip install -q -e '.[dev]' >&2
+	@$(BIN)/python -m pip install -q -e '.[server,dev]' >&2
 	@touch $(STAMP)
 
 run: $(STAMP)
@@ -35,9 +35,11 @@ unit: $(STAMP)
 integration: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/integration
 
+# Every row of issue 11's table in one run (bench_table.py: a few minutes; bench_cp.py,
+# bench_sidecar.py and bench_signer.py give more detail, run by hand), then the others.
 bench: $(STAMP)
-	$(BIN)/python bench/bench_cp.py
-	$(BIN)/python bench/bench_sidecar.py
+	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk) >&2
+	$(BIN)/python bench/bench_table.py
 	$(BIN)/python bench/bench_recovery.py
 	$(BIN)/python bench/bench_exchange.py
 	$(BIN)/python bench/bench_inject.py

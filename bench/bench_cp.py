@@ -198,9 +198,15 @@ class FakeKube:
 
 
 def start_cp(
-    workdir: Path, name: str, kube: FakeKube, authn: str, log_level: str
+    workdir: Path,
+    name: str,
+    kube: FakeKube,
+    authn: str,
+    log_level: str,
+    extra: dict[str, str] | None = None,
 ) -> tuple[Proc, int]:
-    """``python -m cp_token serve`` on loopback; (process, API port) once /readyz says 200."""
+    """``python -m cp_token serve`` on loopback; (process, API port) once /readyz says 200.
+    ``extra``: more variables (they win over the defaults here)."""
     port, mport = free_port(), free_port()
     env = {
         "CP_TOKEN_LISTEN_ADDR": f"127.0.0.1:{port}",
@@ -211,6 +217,7 @@ def start_cp(
         "CP_TOKEN_MINTER": "jwt",
         "CP_TOKEN_RATE_LIMIT": "100000/s,100000",
         "CP_TOKEN_LOG_LEVEL": log_level,
+        **(extra or {}),
     }
     args = [PYTHON, "-m", "cp_token", "serve"]
     proc = Proc(name, args, env, workdir / f"{name}.log")
@@ -233,6 +240,18 @@ def start_bare(workdir: Path) -> tuple[Proc, int]:
         proc.stop()
         raise
     return proc, port
+
+
+def warm_up(port: int, token: str, label: str) -> None:
+    """One ``GET /token`` with ``token``: it must be a 200 (it fills the CP's caches)."""
+    first = httpx.get(
+        f"http://127.0.0.1:{port}/token",
+        headers={"Authorization": f"Bearer {token}"},
+        trust_env=False,
+        timeout=15,
+    )
+    if first.status_code != 200:
+        raise RuntimeError(f"{label}: the bench token got {first.status_code}: {first.text[:200]}")
 
 
 def audit_lines(proc: Proc) -> int:
@@ -279,14 +298,7 @@ def bench_warm(
             proc, port = start_cp(workdir, f"cp-warm-{i}", kube, "tokenreview", level)
         try:
             if level is not None:  # one request first: the review and label caches fill
-                first = httpx.get(
-                    f"http://127.0.0.1:{port}/token",
-                    headers={"Authorization": f"Bearer {token}"},
-                    trust_env=False,
-                    timeout=15,
-                )
-                if first.status_code != 200:
-                    raise RuntimeError(f"{label}: the bench token got {first.status_code}")
+                warm_up(port, token, label)
             kube.call("reset")
             watch = [proc.pid, kube.pid]
             r = run_loadgen(

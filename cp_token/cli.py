@@ -10,8 +10,12 @@ import sys
 
 from cp_token import __version__
 from cp_token.config import ConfigError
+from cp_token.extras import require_server_extra
 
 __all__ = ["main"]
+
+# Commands that need `pip install 'cp-token[server]'` (`get` needs only the client).
+SERVER_COMMANDS = ("serve", "dev", "inject")
 
 # Flags of `serve` and the variables they override.
 SERVE_FLAGS = {
@@ -78,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_get(argv[1:])
     args = _parser().parse_args(argv)
+    if args.command in SERVER_COMMANDS:
+        refused = require_server_extra(f"cp-token {args.command}")
+        if refused is not None:
+            return refused
     try:
         if args.command == "serve":
             return _serve(args)

@@ -1,7 +1,8 @@
 """The sidecar's routes: ``/token`` (GET, POST) over the holder, and the exempt probes.
 
-``/token`` is a plain ASGI endpoint: it is the hot path, so it skips the Request/Response
-machinery and serves pre-rendered JSON (only ``expires_in`` changes between two requests).
+Plain ASGI over :mod:`sidecar.asgi`'s exact-path router, no framework: one sidecar runs in
+every session pod, so its resident memory is multiplied by the pods, and ``/token`` is the
+hot path. It serves pre-rendered JSON (only ``expires_in`` changes between two requests).
 """
 
 from __future__ import annotations
@@ -16,19 +17,13 @@ import re
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
-from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
-
 from cp_token.client import FetchedToken
 from cp_token.config import is_loopback_host
 from cp_token.edge import absolute_form
 
+from .asgi import TEXT, ASGIApp, Receive, Router, Scope, Send, plain_endpoint
 from .holder import TokenHolder
-from .metrics import SidecarMetrics
+from .metrics import CONTENT_TYPE, SidecarMetrics
 from .refresher import Refresher
 
 __all__ = ["TokenEndpoint", "create_app", "create_metrics_app"]
@@ -188,26 +183,26 @@ class TokenEndpoint:
         return rendered[1] + expires_in + b"}"
 
 
-def probe_routes(holder: TokenHolder, metrics: SidecarMetrics) -> list[Route]:
+def probe_routes(holder: TokenHolder, metrics: SidecarMetrics) -> dict[str, ASGIApp]:
     """``/healthz``, ``/readyz`` and ``/metrics``: no secret, no header required."""
 
-    async def healthz(request: Request) -> Response:
-        return PlainTextResponse("ok")
+    def healthz() -> tuple[int, bytes, bytes]:
+        return 200, b"ok", TEXT
 
-    async def readyz(request: Request) -> Response:
+    def readyz() -> tuple[int, bytes, bytes]:
         if holder.ready:
-            return PlainTextResponse("ok")
+            return 200, b"ok", TEXT
         why = holder.last_error or "no token fetched yet"
-        return PlainTextResponse(f"not ready: no unexpired token held ({why})", status_code=503)
+        return 503, f"not ready: no unexpired token held ({why})".encode(), TEXT
 
-    async def metrics_endpoint(request: Request) -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    def metrics_page() -> tuple[int, bytes, bytes]:
+        return 200, metrics.render(), CONTENT_TYPE
 
-    return [
-        Route("/healthz", healthz),
-        Route("/readyz", readyz),
-        Route("/metrics", metrics_endpoint),
-    ]
+    return {
+        "/healthz": plain_endpoint(healthz),
+        "/readyz": plain_endpoint(readyz),
+        "/metrics": plain_endpoint(metrics_page),
+    }
 
 
 def create_app(
@@ -216,7 +211,7 @@ def create_app(
     metrics: SidecarMetrics,
     min_ttl: float,
     on_fatal: Callable[[BaseException], None] | None = None,
-) -> Starlette:
+) -> Router:
     """The sidecar's main app. Its lifespan runs the refresh loop; should the loop die,
     ``on_fatal`` is called (the CLI stops the process with a non-zero exit)."""
 
@@ -229,7 +224,7 @@ def create_app(
             on_fatal(exc)
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def lifespan() -> AsyncIterator[None]:
         task = asyncio.create_task(refresher.run(), name="sidecar-refresh")
         task.add_done_callback(loop_done)
         try:
@@ -240,13 +235,13 @@ def create_app(
                 await task  # a failure was reported by loop_done already
             await refresher.source.aclose()
 
-    routes = [
-        Route("/token", TokenEndpoint(refresher, metrics, min_ttl)),
-        *probe_routes(refresher.holder, metrics),
-    ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    routes: dict[str, ASGIApp] = {
+        "/token": TokenEndpoint(refresher, metrics, min_ttl),
+        **probe_routes(refresher.holder, metrics),
+    }
+    return Router(routes, lifespan=lifespan)
 
 
-def create_metrics_app(holder: TokenHolder, metrics: SidecarMetrics) -> Starlette:
+def create_metrics_app(holder: TokenHolder, metrics: SidecarMetrics) -> Router:
     """The app for ``SIDECAR_METRICS_ADDR``: the probes and metrics, never ``/token``."""
-    return Starlette(routes=probe_routes(holder, metrics))
+    return Router(probe_routes(holder, metrics))

@@ -14,7 +14,7 @@ import socket
 import sys
 from collections.abc import Sequence
 
-from cp_token.client import TokenError, TokenSource
+from cp_token.client import TokenError
 from cp_token.clock import SystemClock
 from cp_token.config import ConfigError, SidecarSettings, load_sidecar_settings, redacted
 from cp_token.logs import setup_logging
@@ -32,6 +32,7 @@ from .holder import HolderPolicy, TokenHolder
 from .metrics import SidecarMetrics
 from .refresher import Refresher
 from .sink import TokenFileSink
+from .upstream import UpstreamSource
 
 __all__ = ["main"]
 
@@ -76,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level, settings.log_format)
-    source = TokenSource(
+    source = UpstreamSource(
         cp_url=settings.cp_token_url,
         sa_token_file=settings.sa_token_file,
         ca_file=settings.ca_file,
@@ -89,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return asyncio.run(serve(settings, source))
 
 
-async def run_once(settings: SidecarSettings, source: TokenSource) -> int:
+async def run_once(settings: SidecarSettings, source: UpstreamSource) -> int:
     """Fetch one token (retrying within the deadline) and write the token file."""
     assert settings.token_file is not None
     try:
@@ -111,7 +112,7 @@ async def run_once(settings: SidecarSettings, source: TokenSource) -> int:
     return 0
 
 
-async def serve(settings: SidecarSettings, source: TokenSource) -> int:
+async def serve(settings: SidecarSettings, source: UpstreamSource) -> int:
     """Run the token server (and the metrics server) until a signal or a fatal error."""
     clock = SystemClock()
     holder = TokenHolder(clock, HolderPolicy(refresh_fraction=settings.refresh_fraction))

@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from cp_token.client import TokenError, TokenRejected, TokenSource, TokenUnavailable
+from cp_token.client import TokenError, TokenRejected, TokenUnavailable
 from cp_token.clock import Clock, sleep_or_wake
 from cp_token.singleflight import SharedCall
 
 from .holder import TokenHolder
 from .metrics import SidecarMetrics
 from .sink import TokenFileSink
+from .upstream import TokenFetcher
 
 __all__ = ["Refresher"]
 
@@ -30,7 +31,7 @@ class Refresher:
 
     def __init__(
         self,
-        source: TokenSource,
+        source: TokenFetcher,
         holder: TokenHolder,
         clock: Clock,
         *,

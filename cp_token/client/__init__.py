@@ -9,11 +9,39 @@ server's description) and :class:`TokenUnavailable` (transient failures outlaste
 deadline).
 """
 
-from ._auth import TokenAuth
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ._errors import TokenError, TokenRejected, TokenUnavailable
-from ._grpc import grpc_channel_credentials, grpc_credentials
 from ._http import FetchedToken
-from ._source import SourceOptions, TokenSource
+
+if TYPE_CHECKING:
+    from ._auth import TokenAuth
+    from ._grpc import grpc_channel_credentials, grpc_credentials
+    from ._source import SourceOptions, TokenSource
+
+# Imported on first use: httpx is only loaded by what fetches with it, so the sidecar (which
+# uses the errors and FetchedToken, and its own small HTTP client) saves its ~5 MiB per pod.
+_LAZY = {
+    "SourceOptions": "._source",
+    "TokenAuth": "._auth",
+    "TokenSource": "._source",
+    "grpc_channel_credentials": "._grpc",
+    "grpc_credentials": "._grpc",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Load the httpx-based names on first access (PEP 562)."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "FetchedToken",

@@ -9,25 +9,31 @@ and a plain :class:`TokenError` (anything else, e.g. a redirect we refuse to fol
 
 from __future__ import annotations
 
+import hashlib
 import math
 import ssl
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ._errors import TokenError, TokenRejected, TokenUnavailable
 from ._retry import parse_retry_after
 
+if TYPE_CHECKING:  # imported where used: the sidecar reads answers without httpx (memory)
+    import httpx
+
 __all__ = [
     "SIDECAR_HEADER",
+    "Answer",
     "FetchedToken",
+    "ServiceAccountTokenFile",
     "client_options",
     "parse_token_response",
     "read_sa_token",
     "rfc3339",
     "transport_error",
+    "untrusted_certificate",
 ]
 
 SIDECAR_HEADER = "Ambient-Token-Request"
@@ -70,14 +76,21 @@ class FetchedToken:
         return expiry is None or now < expiry
 
 
-def client_options(ca_file: str | None, timeout: float) -> dict[str, Any]:
+def client_options(ca_file: str | None, timeout: float, *, tls: bool = True) -> dict[str, Any]:
     """Keyword arguments for ``httpx.Client``/``AsyncClient`` towards a token endpoint.
 
     Proxy variables are ignored (``trust_env=False``: the SA token never travels through a
     proxy), redirects are not followed (the credential goes to the configured URL only),
-    and the pool is small: a source makes one request at a time.
+    and the pool is small: a source makes one request at a time. Without ``tls`` (an
+    ``http://`` endpoint) the CA store is not loaded (about a MiB per process); the context
+    then still verifies but trusts nothing, so no TLS connection could succeed anyway.
     """
-    context = ssl.create_default_context(cafile=ca_file)
+    import httpx
+
+    if tls:
+        context = ssl.create_default_context(cafile=ca_file)
+    else:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     return {
         "trust_env": False,
         "verify": context,
@@ -104,6 +117,34 @@ def read_sa_token(path: str) -> str:
     return token
 
 
+class ServiceAccountTokenFile:
+    """``AMBIENT_SA_TOKEN_FILE``, read afresh for every request, remembering (a digest of,
+    never the token itself) what was last sent, so a refused pod can tell when kubelet has
+    put another token there."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._sent: bytes | None = None
+
+    def read_for_sending(self) -> str:
+        """The current token, remembered as the one sent."""
+        token = read_sa_token(self.path)
+        self._sent = hashlib.sha256(token.encode()).digest()
+        return token
+
+    def changed(self) -> bool:
+        """Whether the file now holds another token than the one last sent (False when
+        nothing was sent yet or the file cannot be read). A small local read: cheap enough
+        to poll while the CP refuses the last one."""
+        if self._sent is None:
+            return False
+        try:
+            token = read_sa_token(self.path)
+        except TokenError:
+            return False
+        return hashlib.sha256(token.encode()).digest() != self._sent
+
+
 def _cert_failure(exc: BaseException) -> ssl.SSLCertVerificationError | None:
     seen: BaseException | None = exc
     while seen is not None:
@@ -113,15 +154,22 @@ def _cert_failure(exc: BaseException) -> ssl.SSLCertVerificationError | None:
     return None
 
 
+def untrusted_certificate(url: str, bad_cert: ssl.SSLCertVerificationError) -> TokenError:
+    """The error for a server certificate that does not verify (never retried)."""
+    return TokenError(
+        f"{url}: the server's TLS certificate does not verify "
+        f"({bad_cert.verify_message or bad_cert}); set AMBIENT_CP_CA_FILE to its CA bundle"
+    )
+
+
 def transport_error(exc: httpx.HTTPError, url: str) -> TokenError:
     """Map an httpx failure to the client's errors (transport trouble is transient, except
     a certificate that does not verify: retrying cannot fix the trust configuration)."""
+    import httpx
+
     bad_cert = _cert_failure(exc)
     if bad_cert is not None:
-        return TokenError(
-            f"{url}: the server's TLS certificate does not verify "
-            f"({bad_cert.verify_message or bad_cert}); set AMBIENT_CP_CA_FILE to its CA bundle"
-        )
+        return untrusted_certificate(url, bad_cert)
     if isinstance(exc, httpx.TimeoutException):
         return TokenUnavailable(f"{url}: timed out ({type(exc).__name__})", url)
     if isinstance(exc, httpx.TransportError):
@@ -130,7 +178,26 @@ def transport_error(exc: httpx.HTTPError, url: str) -> TokenError:
     return TokenError(f"{url}: {type(exc).__name__}: {exc}")
 
 
-def _error_fields(response: httpx.Response) -> tuple[str | None, str]:
+class Answer(Protocol):
+    """What is read of a token endpoint's HTTP answer (an ``httpx.Response`` is one)."""
+
+    @property
+    def status_code(self) -> int:
+        """The HTTP status."""
+
+    @property
+    def reason_phrase(self) -> str:
+        """The status line's reason."""
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        """Response headers; ``get`` is case-insensitive."""
+
+    def json(self) -> Any:
+        """The body parsed as JSON; raises ValueError."""
+
+
+def _error_fields(response: Answer) -> tuple[str | None, str]:
     """The RFC 6749 ``error`` and ``error_description`` of a refusal, if it has them."""
     error: str | None = None
     description = response.reason_phrase or f"HTTP {response.status_code}"
@@ -157,7 +224,7 @@ def _lifetime(value: object) -> int | None:
 
 
 def parse_token_response(
-    response: httpx.Response, url: str, *, fetched_at: float, wall_now: float
+    response: Answer, url: str, *, fetched_at: float, wall_now: float
 ) -> FetchedToken:
     """Turn a token endpoint's answer into a :class:`FetchedToken` or raise."""
     status = response.status_code

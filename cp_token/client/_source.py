@@ -15,7 +15,6 @@ token is returned if it fails), and retried within the deadline when no valid to
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import math
 import random
@@ -40,9 +39,9 @@ from ._errors import TokenError, TokenRejected
 from ._http import (
     SIDECAR_HEADER,
     FetchedToken,
+    ServiceAccountTokenFile,
     client_options,
     parse_token_response,
-    read_sa_token,
     transport_error,
 )
 from ._retry import RetryPolicy, retry_async, retry_sync
@@ -124,7 +123,6 @@ class TokenSource:
                 raise TokenError(str(exc)) from None
         self.url = url or "BOT_TOKEN"
         self._static = static_token
-        self._sa_token_file = sa_token_file
         self._ca_file = ca_file
         self._timeout = timeout
         self._policy = RetryPolicy(deadline=options.get("deadline", 30.0))
@@ -147,7 +145,7 @@ class TokenSource:
         self._aclient: httpx.AsyncClient | None = None
         self._aclient_loop: asyncio.AbstractEventLoop | None = None
         self._flight: SharedCall[FetchedToken] = SharedCall()  # concurrent awaiters share
-        self._sa_digest: bytes | None = None  # of the SA token last sent (never the token)
+        self._sa_file = ServiceAccountTokenFile(sa_token_file)
 
     # --- construction from the environment ----------------------------------------------
 
@@ -199,13 +197,7 @@ class TokenSource:
         """Whether ``AMBIENT_SA_TOKEN_FILE`` now holds another token than the one last sent
         (direct mode; False when nothing was sent yet or the file cannot be read). A small
         local read: cheap enough to poll while the CP refuses the last one."""
-        if self._mode != "direct" or self._sa_digest is None:
-            return False
-        try:
-            sa_token = read_sa_token(self._sa_token_file)
-        except TokenError:
-            return False
-        return hashlib.sha256(sa_token.encode()).digest() != self._sa_digest
+        return self._mode == "direct" and self._sa_file.changed()
 
     # --- the cached token ---------------------------------------------------------------
 
@@ -338,8 +330,7 @@ class TokenSource:
         self, min_ttl: float | None, force: bool
     ) -> tuple[str, dict[str, str], dict[str, str]]:
         if self._mode == "direct":
-            sa_token = read_sa_token(self._sa_token_file)
-            self._sa_digest = hashlib.sha256(sa_token.encode()).digest()
+            sa_token = self._sa_file.read_for_sending()
             return "GET", {}, {"Authorization": f"Bearer {sa_token}"}
         params = {} if min_ttl is None else {"min_ttl": str(math.ceil(min_ttl))}
         method = "POST" if force or self._force_next else "GET"
@@ -359,7 +350,8 @@ class TokenSource:
 
     def _options(self) -> dict[str, Any]:
         try:
-            return client_options(self._ca_file, self._timeout)
+            tls = not self.url.lower().startswith("http://")
+            return client_options(self._ca_file, self._timeout, tls=tls)
         except (OSError, ValueError) as exc:
             raise TokenError(f"cannot load the CA file {self._ca_file!r} ({exc})") from None
 

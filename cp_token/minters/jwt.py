@@ -17,13 +17,13 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from joserfc import jwt
 from joserfc.jwk import ECKey, RSAKey
 
 from cp_token.clock import Clock
 from cp_token.errors import Unavailable
 from cp_token.identity import Identity, session_id_of
 from cp_token.minters import DEFAULT_OPTIONS, IssuedToken, MintOptions
+from cp_token.minters.signer import JwsSigner
 
 __all__ = ["JwtMinter", "KeyRing", "load_keyring", "session_id_of"]
 
@@ -34,11 +34,12 @@ _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z ]*PRIVATE KEY)-----.+?-----END \1---
 
 @dataclass(frozen=True)
 class SigningKey:
-    """A private key with its algorithm and RFC 7638 ``kid``."""
+    """A private key with its algorithm and RFC 7638 ``kid``; ``jws`` signs with it."""
 
     key: ECKey | RSAKey
     alg: str
     kid: str
+    jws: JwsSigner
 
     def public_jwk(self) -> dict[str, Any]:
         """The public half as a JWK with kid, alg and use."""
@@ -73,7 +74,8 @@ def _signing_key(pem: bytes) -> SigningKey:
         alg = "RS256"
     else:
         raise ValueError("only EC P-256 (ES256) and RSA (RS256) keys are supported")
-    return SigningKey(key=key, alg=alg, kid=key.thumbprint())
+    kid = key.thumbprint()
+    return SigningKey(key=key, alg=alg, kid=kid, jws=JwsSigner(private, alg, kid))
 
 
 def load_keyring(raw: bytes) -> KeyRing:
@@ -92,8 +94,13 @@ def load_keyring(raw: bytes) -> KeyRing:
 
 def ephemeral_keyring() -> KeyRing:
     """A fresh P-256 key that lives as long as the process (dev only)."""
-    key = ECKey.generate_key("P-256", private=True)
-    return KeyRing(keys=(SigningKey(key=key, alg="ES256", kid=key.thumbprint()),))
+    private = ec.generate_private_key(ec.SECP256R1())
+    pem = private.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return KeyRing(keys=(_signing_key(pem),))
 
 
 def _aud_claim(audiences: tuple[str, ...] | None) -> str | list[str] | None:
@@ -223,7 +230,5 @@ class JwtMinter:
             claims["pod"] = identity.pod_name
         if options.scopes:
             claims["scope"] = " ".join(options.scopes)
-        signer = ring.signer
-        header = {"alg": signer.alg, "kid": signer.kid, "typ": "JWT"}
-        token = jwt.encode(header, claims, signer.key, algorithms=[signer.alg])
+        token = ring.signer.jws.sign(claims)
         return IssuedToken(token=token, expires_at=float(now + self._ttl), jti=jti)

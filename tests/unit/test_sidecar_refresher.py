@@ -27,7 +27,7 @@ async def settle(predicate: object, rounds: int = 5000) -> None:
 
 async def test_the_lifespan_fetches_before_any_request(tmp_path: Path) -> None:
     rig = Rig(Script(ok("t1")), tmp_path, clock=ManualClock())
-    async with rig.app.router.lifespan_context(rig.app):
+    async with rig.app.lifespan_context():
         await settle(lambda: rig.holder.ready)
         assert (await rig.client.get("/readyz")).status_code == 200
         assert rig.cp.count == 1
@@ -40,7 +40,7 @@ async def test_a_dying_loop_is_reported_as_fatal(tmp_path: Path) -> None:
 
     fatal: list[BaseException] = []
     rig = Rig(Script(explode), tmp_path, clock=ManualClock(), fatal=fatal)
-    async with rig.app.router.lifespan_context(rig.app):
+    async with rig.app.lifespan_context():
         await settle(lambda: fatal)
     assert isinstance(fatal[0], RuntimeError)
 

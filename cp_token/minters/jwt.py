@@ -8,10 +8,11 @@ key agree on it.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import os
 import re
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -213,14 +214,21 @@ class JwtMinter:
         if ring is None:
             raise Unavailable("no signing key is loaded", reason="no_signing_key", retry_after=30)
         now = int(self._clock.time())
-        jti = str(uuid.uuid4())
+        jti = new_jti()
+        exp = now + self._ttl
+        if options is DEFAULT_OPTIONS:
+            pod = identity.pod_name if identity.pod_bound else None
+            fixed = _fixed_claims(self.issuer, self._audience, identity.username, pod)
+            times = f'"iat":{now},"nbf":{now},"exp":{exp},"jti":"{jti}"'
+            token = ring.signer.jws.sign_payload(f"{{{fixed},{times}}}".encode())
+            return IssuedToken(token=token, expires_at=float(exp), jti=jti)
         claims: dict[str, Any] = {
             "iss": self.issuer,
             "sub": identity.username,
             "aud": _aud_claim(options.audiences) or self._audience,
             "iat": now,
             "nbf": now,
-            "exp": now + self._ttl,
+            "exp": exp,
             "jti": jti,
             "namespace": identity.namespace,
             "service_account": identity.service_account,
@@ -231,4 +239,33 @@ class JwtMinter:
         if options.scopes:
             claims["scope"] = " ".join(options.scopes)
         token = ring.signer.jws.sign(claims)
-        return IssuedToken(token=token, expires_at=float(now + self._ttl), jti=jti)
+        return IssuedToken(token=token, expires_at=float(exp), jti=jti)
+
+
+def new_jti() -> str:
+    """A random (version 4) UUID as text: what ``str(uuid.uuid4())`` gives, in a third of
+    the time."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = raw[6] & 0x0F | 0x40  # version 4
+    raw[8] = raw[8] & 0x3F | 0x80  # RFC 4122 variant
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+@functools.lru_cache(maxsize=4096)
+def _fixed_claims(issuer: str, audience: str, username: str, pod: str | None) -> str:
+    """The claims that do not change between two tokens of one caller, as a JSON object's
+    members (no braces): ``iss``, ``sub``, ``aud``, ``namespace``, ``service_account``,
+    ``session_id`` and (pod-bound callers) ``pod``. Kept for the most recent callers."""
+    caller = Identity(username)
+    claims: dict[str, Any] = {
+        "iss": issuer,
+        "sub": username,
+        "aud": audience,
+        "namespace": caller.namespace,
+        "service_account": caller.service_account,
+        "session_id": session_id_of(caller.service_account),
+    }
+    if pod is not None:
+        claims["pod"] = pod
+    return json.dumps(claims, separators=(",", ":"))[1:-1]

@@ -23,6 +23,8 @@ from urllib.parse import quote
 
 import urllib3
 
+from cp_token.metrics import NO_METRICS, KubeMetrics
+
 __all__ = [
     "KubeClient",
     "KubeConnection",
@@ -122,7 +124,7 @@ class KubeClient:
         timeout: float = 10.0,
         max_connections: int = 10,
         token_refresh_interval: float = 30.0,
-        metrics: Any = None,
+        metrics: KubeMetrics = NO_METRICS,
     ) -> None:
         self._conn = connection
         self.timeout = timeout
@@ -224,8 +226,7 @@ class KubeClient:
                 return status, data
             raise KubeUnavailable(f"{call}: Kubernetes API answered {status}")
         finally:
-            if self._metrics is not None:
-                self._metrics.kube_call(call, result, time.perf_counter() - start)
+            self._metrics.kube_call(call, result, time.perf_counter() - start)
 
     async def token_review(self, token: str, audiences: tuple[str, ...]) -> dict[str, Any]:
         """POST a TokenReview; returns its ``status`` object."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +28,7 @@ from cp_token.bounded import bounded_tlru, text_bytes
 from cp_token.clock import Clock
 from cp_token.errors import Unavailable
 from cp_token.kube import KubeClient, KubeForbidden, KubeUnavailable, labels_of, uid_of
+from cp_token.metrics import NO_METRICS, CacheMetrics
 from cp_token.singleflight import Singleflight
 
 __all__ = ["MAX_OBJECT_READS", "Cached", "ObjectCache"]
@@ -45,31 +46,22 @@ MAX_BYTES = 32 * 1024 * 1024
 
 @dataclass(frozen=True, slots=True)
 class Cached:
-    """One cached read: the (trimmed) object, or None if it did not exist, and its age."""
+    """One cached read, trimmed to what decisions use: whether the object exists, its uid
+    and labels; and its age."""
 
-    obj: Obj
+    exists: bool
+    uid: str | None
+    labels: Mapping[str, str]
     fetched_at: float  # monotonic time the read started
     valid_until: float  # monotonic time the entry expires (fetched_at + ttl)
     size: int  # estimated bytes, for the cache's byte bound
 
 
-def _trim(obj: Obj) -> Obj:
+def _entry(key: Key, obj: Obj, fetched_at: float, ttl: float) -> Cached:
     """Keep what decisions use (uid, labels); drop spec, status, managed fields."""
-    if obj is None:
-        return None
-    meta: dict[str, Any] = {}
-    uid = uid_of(obj)
-    if uid is not None:
-        meta["uid"] = uid
-    labels = labels_of(obj)
-    if labels:
-        meta["labels"] = labels
-    return {"metadata": meta}
-
-
-def _size(key: Key, obj: Obj) -> int:
-    labels = labels_of(obj)
-    return 200 + text_bytes(*key, uid_of(obj)) + sum(text_bytes(k, v) for k, v in labels.items())
+    uid, labels = uid_of(obj), labels_of(obj)
+    size = 200 + text_bytes(*key, uid) + sum(text_bytes(k, v) for k, v in labels.items())
+    return Cached(obj is not None, uid, labels, fetched_at, fetched_at + ttl, size)
 
 
 class ObjectCache:
@@ -85,7 +77,7 @@ class ObjectCache:
         read_wait: float = READ_WAIT,
         max_entries: int = MAX_ENTRIES,
         max_bytes: int = MAX_BYTES,
-        metrics: Any = None,
+        metrics: CacheMetrics = NO_METRICS,
     ) -> None:
         self._kube = kube
         self._clock = clock
@@ -105,20 +97,20 @@ class ObjectCache:
 
     # --- label reads (the policy, outside any review slot) -----------------------------------
 
-    async def namespace(self, name: str) -> Obj:
-        """The Namespace (None if it does not exist)."""
-        entry = await self._get(
-            ("namespaces", "", name), lambda: self._kube.get_namespace(name), bounded=True
+    async def namespace_labels(self, name: str) -> Mapping[str, str] | None:
+        """The Namespace's labels (None if it does not exist)."""
+        key = ("namespaces", "", name)
+        entry = self._hit(key) or await self._get(
+            key, lambda: self._kube.get_namespace(name), bounded=True
         )
-        return entry.obj
+        return entry.labels if entry.exists else None
 
-    async def service_account(self, namespace: str, name: str) -> Obj:
-        """The ServiceAccount (None if it does not exist)."""
-        return (await self._service_account(namespace, name, bounded=True)).obj
-
-    async def pod(self, namespace: str, name: str) -> Obj:
-        """The Pod (None if it does not exist)."""
-        return (await self._pod(namespace, name, bounded=True)).obj
+    async def service_account_labels(self, namespace: str, name: str) -> Mapping[str, str] | None:
+        """The ServiceAccount's labels (None if it does not exist)."""
+        entry = self._hit(("serviceaccounts", namespace, name)) or await self._service_account(
+            namespace, name, bounded=True
+        )
+        return entry.labels if entry.exists else None
 
     # --- liveness reads (the jwks authenticator, inside a review slot) -----------------------
 
@@ -144,11 +136,16 @@ class ObjectCache:
             ("pods", namespace, name), lambda: self._kube.get_pod(namespace, name), bounded=bounded
         )
 
-    async def _get(self, key: Key, fetch: Callable[[], Awaitable[Obj]], *, bounded: bool) -> Cached:
-        kind = key[0]
+    def _hit(self, key: Key) -> Cached | None:
+        """The cached entry, counted as a hit; None (nothing counted) when there is none."""
         entry = self._cache.get(key)
-        if self._metrics is not None:
-            self._metrics.cache(kind, entry is not None)
+        if entry is not None:
+            self._metrics.cache(key[0], True)
+        return entry
+
+    async def _get(self, key: Key, fetch: Callable[[], Awaitable[Obj]], *, bounded: bool) -> Cached:
+        entry = self._cache.get(key)
+        self._metrics.cache(key[0], entry is not None)
         if entry is not None:
             return entry
         return await self._inflight.do(key, lambda: self._fetch(key, fetch, bounded))
@@ -173,7 +170,7 @@ class ObjectCache:
         kind = key[0]
         started = self._clock.monotonic()
         try:
-            obj = _trim(await fetch())
+            obj = await fetch()
         except KubeForbidden as exc:
             if kind not in self._forbidden_logged:
                 log.error("reading %s refused: %s (the CP needs 'get %s')", kind, exc.reason, kind)
@@ -188,7 +185,7 @@ class ObjectCache:
             raise Unavailable(
                 "the Kubernetes API is unavailable", reason="kube_unavailable"
             ) from None
-        entry = Cached(obj, started, started + self.ttl, _size(key, obj))
+        entry = _entry(key, obj, started, self.ttl)
         if entry.valid_until > self._clock.monotonic():
             self._cache[key] = entry
         return entry

@@ -24,7 +24,6 @@ import asyncio
 import ipaddress
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 from cachetools import TLRUCache, TTLCache
 
@@ -36,6 +35,7 @@ from cp_token.bounded import bounded_tlru, bounded_ttl, text_bytes
 from cp_token.clock import Clock
 from cp_token.errors import InternalError, Unauthenticated, Unavailable
 from cp_token.identity import Identity, token_hash
+from cp_token.metrics import NO_METRICS, ReviewMetrics
 from cp_token.singleflight import Singleflight
 
 __all__ = ["CachedAuthenticator", "Refusal"]
@@ -111,7 +111,7 @@ class CachedAuthenticator:
         caller_share: int | None = None,
         max_entries: int = MAX_ENTRIES,
         max_bytes: int = MAX_BYTES,
-        metrics: Any = None,
+        metrics: ReviewMetrics = NO_METRICS,
     ) -> None:
         self._reviewer = reviewer
         self._clock = clock
@@ -150,30 +150,30 @@ class CachedAuthenticator:
         if self._signature is not None:
             await self._signature.aclose()
 
-    def _hit(self, cache: str, hit: bool) -> None:
-        if self._metrics is not None:
-            self._metrics.cache(cache, hit)
-
     async def authenticate(self, token: str, *, peer: str | None = None) -> Identity:
         """The caller's identity, or raise Unauthenticated / Unavailable.
 
         ``peer`` is the caller's source address, if known: with the token's unverified
         ``sub`` it names the caller whose share of the review slots this request takes.
         """
-        loop = asyncio.get_running_loop()
-        start = loop.time()
         if len(token) > MAX_TOKEN_BYTES:
             raise Unauthenticated("malformed token: too long", reason="malformed")
         key = token_hash(token)
         cached = self._ok.get(key)
         if cached is not None:
-            self._hit("review", True)
+            self._metrics.cache("review", True)
             return cached[0]
+        return await self._authenticate_cold(key, token, peer)
+
+    async def _authenticate_cold(self, key: str, token: str, peer: str | None) -> Identity:
+        """A token not in the review cache: a remembered refusal, or a (shared) review."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
         bad = self._bad.get(key)
         if bad is not None:
-            self._hit("review_negative", True)
+            self._metrics.cache("review_negative", True)
             raise bad.error()
-        self._hit("review", False)
+        self._metrics.cache("review", False)
         jwt: UnverifiedJWT | None = None
         if self._jwt_precheck:
             jwt = precheck(token, self._audiences, self._clock.time())
@@ -225,13 +225,11 @@ class CachedAuthenticator:
 
     async def _reviewed(self, token: str) -> Identity:
         self.reviews += 1
-        if self._metrics is not None:
-            self._metrics.reviews_in_flight.inc()
+        self._metrics.review_started()
         try:
             return await self._reviewer.review(token)
         finally:
-            if self._metrics is not None:
-                self._metrics.reviews_in_flight.dec()
+            self._metrics.review_finished()
 
     def _remember(self, key: str, identity: Identity, started: float) -> None:
         now = self._clock.monotonic()

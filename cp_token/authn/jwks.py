@@ -19,7 +19,7 @@ from cp_token.authn.precheck import UnverifiedJWT, decode_unverified, numeric_da
 from cp_token.clock import Clock
 from cp_token.errors import Unauthenticated, Unavailable
 from cp_token.identity import CREDENTIAL_ID_KEY, POD_NAME_KEY, POD_UID_KEY, Identity
-from cp_token.kube import KubeClient, KubeError, KubeForbidden, KubeUnavailable, uid_of
+from cp_token.kube import KubeClient, KubeError, KubeForbidden, KubeUnavailable
 from cp_token.objects import ObjectCache
 from cp_token.singleflight import SharedCall
 
@@ -156,7 +156,7 @@ class JwksReviewer:
             raise _bad("token subject does not match its ServiceAccount", reason="malformed")
 
         live_sa = await self._objects.service_account_entry(ns, sa_name)
-        if uid_of(live_sa.obj) != sa_uid:
+        if live_sa.uid != sa_uid:
             raise _bad("the token's ServiceAccount no longer exists", reason="sa_gone")
         # The review may be reused only while the reads it rests on are: caches never stack.
         proof_until = live_sa.valid_until
@@ -166,7 +166,7 @@ class JwksReviewer:
             if not isinstance(pod_name, str) or not isinstance(pod_uid, str):
                 raise _bad("token's pod claim is malformed", reason="malformed")
             live_pod = await self._objects.pod_entry(ns, pod_name)
-            if uid_of(live_pod.obj) != pod_uid:
+            if live_pod.uid != pod_uid:
                 raise _bad("the pod this token is bound to no longer exists", reason="pod_gone")
             proof_until = min(proof_until, live_pod.valid_until)
             extra[POD_NAME_KEY], extra[POD_UID_KEY] = (pod_name,), (pod_uid,)

@@ -17,10 +17,9 @@ import signal
 import socket
 import ssl
 from collections.abc import Iterator
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import uvicorn
-from starlette.types import ASGIApp
 
 from cp_token.config import ConfigError
 from cp_token.edge import (
@@ -30,6 +29,9 @@ from cp_token.edge import (
     edge_protocol,
     is_edge_protocol,
 )
+
+if TYPE_CHECKING:  # the sidecar serves through this module and never loads Starlette
+    from starlette.types import ASGIApp
 
 __all__ = [
     "DEFAULT_MAX_CONNECTIONS",

@@ -185,6 +185,7 @@ def test_the_sidecar_loads_neither_httpx_nor_the_cp() -> None:
         "cp_token.backoff",
         "cp_token.clock",
         "cp_token.config",
+        "cp_token.edge",  # the HTTP limits every server applies (SPEC: the sidecar too)
         "cp_token.extras",
         "cp_token.logs",
         "cp_token.serving",

@@ -102,6 +102,7 @@ class RepeatFilter(logging.Filter):
 
 
 _last_second: tuple[int, str] = (-1, "")
+_MILLIS = [f".{ms:03d}Z" for ms in range(1000)]
 
 
 def _ts(created: float) -> str:
@@ -114,7 +115,7 @@ def _ts(created: float) -> str:
     else:
         head = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
         _last_second = (second, head)
-    return f"{head}.{int((created % 1) * 1000):03d}Z"
+    return head + _MILLIS[int((created % 1) * 1000)]
 
 
 def _json_value(value: Any) -> str:

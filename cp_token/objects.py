@@ -22,9 +22,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from cachetools import TLRUCache
-
-from cp_token.bounded import bounded_tlru, text_bytes
+from cp_token.bounded import BoundedCache, bounded_tlru, text_bytes
 from cp_token.clock import Clock
 from cp_token.errors import Unavailable
 from cp_token.kube import KubeClient, KubeForbidden, KubeUnavailable, labels_of, uid_of
@@ -82,7 +80,7 @@ class ObjectCache:
         self._kube = kube
         self._clock = clock
         self.ttl = ttl
-        self._cache: TLRUCache[Key, Cached] = bounded_tlru(
+        self._cache: BoundedCache[Key, Cached] = bounded_tlru(
             max_entries=max_entries,
             max_bytes=max_bytes,
             ttu=lambda _k, v, _now: v.valid_until,

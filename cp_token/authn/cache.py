@@ -25,13 +25,11 @@ import ipaddress
 import logging
 from dataclasses import dataclass
 
-from cachetools import TLRUCache, TTLCache
-
 from cp_token.authn import Reviewer
 from cp_token.authn.fairness import FairSlots
 from cp_token.authn.issuer_keys import SignatureCheck
 from cp_token.authn.precheck import MAX_TOKEN_BYTES, UnverifiedJWT, precheck
-from cp_token.bounded import bounded_tlru, bounded_ttl, text_bytes
+from cp_token.bounded import BoundedCache, bounded_tlru, bounded_ttl, text_bytes
 from cp_token.clock import Clock
 from cp_token.errors import InternalError, Unauthenticated, Unavailable
 from cp_token.identity import Identity, token_hash
@@ -123,14 +121,14 @@ class CachedAuthenticator:
         self._answer_within = queue_wait + call_timeout - min(ANSWER_MARGIN, call_timeout / 10)
         self._metrics = metrics
         # value = (identity, monotonic deadline); see _remember for what bounds the deadline.
-        self._ok: TLRUCache[str, tuple[Identity, float]] = bounded_tlru(
+        self._ok: BoundedCache[str, tuple[Identity, float]] = bounded_tlru(
             max_entries=max_entries,
             max_bytes=max_bytes,
             ttu=lambda _k, v, _now: v[1],
             timer=clock.monotonic,
             estimate=_identity_size,
         )
-        self._bad: TTLCache[str, Refusal] = bounded_ttl(
+        self._bad: BoundedCache[str, Refusal] = bounded_ttl(
             max_entries=min(max_entries, MAX_NEGATIVE_ENTRIES),
             max_bytes=min(max_bytes, MAX_NEGATIVE_BYTES),
             ttl=NEGATIVE_TTL,

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,12 @@ from cp_token.minters.signer import JwsSigner
 __all__ = ["JwtMinter", "KeyRing", "load_keyring", "session_id_of"]
 
 log = logging.getLogger(__name__)
+
+# A caller asking again this soon after its last token gets that token again (at most
+# REUSE_FRACTION of the lifetime: it still has nearly all of it); callers remembered at most.
+REUSE_WINDOW = 10.0
+REUSE_FRACTION = 0.01
+MAX_REUSABLE = 4096
 
 _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z ]*PRIVATE KEY)-----.+?-----END \1-----", re.DOTALL)
 
@@ -124,6 +131,7 @@ class JwtMinter:
         key_pem: bytes | None = None,
         key_variable: str = "CP_TOKEN_SIGNING_KEY_FILE",
         jwks_max_age: int = 300,
+        reuse: bool = True,
     ) -> None:
         self.issuer = issuer.rstrip("/")
         self._audience = audience
@@ -134,6 +142,9 @@ class JwtMinter:
         self._problem: str | None = None
         self._ring: KeyRing | None = None
         self._jwks_body = b'{"keys":[]}'
+        self.reuse_window = min(REUSE_WINDOW, ttl * REUSE_FRACTION) if reuse else 0.0
+        # (username, pod) -> the last token minted with the default options, and when
+        self._recent: OrderedDict[tuple[str, str | None], tuple[IssuedToken, float]] = OrderedDict()
         if key_pem is None:
             log.warning(
                 "CP_TOKEN_SIGNING_KEY_FILE is unset: signing with an ephemeral key; tokens "
@@ -163,6 +174,7 @@ class JwtMinter:
     def _install(self, ring: KeyRing) -> None:
         self._ring = ring
         self._problem = None
+        self._recent.clear()  # from now on, tokens carry the new signing key's kid
         body = {"keys": [k.public_jwk() for k in ring.keys]}
         self._jwks_body = json.dumps(body, separators=(",", ":")).encode()
 
@@ -209,26 +221,52 @@ class JwtMinter:
         ``options.audiences`` replaces ``aud`` (a string for one value, a list for several,
         RFC 7519 §4.1.3); ``options.scopes`` become a ``scope`` claim, one space-separated
         string (RFC 8693 §4.2).
+
+        With the default options, a caller asking again within :attr:`reuse_window` seconds
+        of its last token (same username and pod: the same claims) gets that token again,
+        with nearly its whole lifetime left; a token exchange that narrows ``aud`` or
+        ``scope`` always gets a new one.
         """
         ring = self._ring
         if ring is None:
             raise Unavailable("no signing key is loaded", reason="no_signing_key", retry_after=30)
-        now = int(self._clock.time())
+        clock_now = self._clock.time()
+        now = int(clock_now)
+        if options is not DEFAULT_OPTIONS:
+            return self._narrowed(ring, identity, options, now)
+        key = (identity.username, identity.pod_name if identity.pod_bound else None)
+        recent = self._recent.get(key)
+        if recent is not None and 0 <= clock_now - recent[1] <= self.reuse_window:
+            return recent[0]
         jti = new_jti()
         exp = now + self._ttl
-        if options is DEFAULT_OPTIONS:
-            pod = identity.pod_name if identity.pod_bound else None
-            fixed = _fixed_claims(self.issuer, self._audience, identity.username, pod)
-            times = f'"iat":{now},"nbf":{now},"exp":{exp},"jti":"{jti}"'
-            token = ring.signer.jws.sign_payload(f"{{{fixed},{times}}}".encode())
-            return IssuedToken(token=token, expires_at=float(exp), jti=jti)
+        fixed = _fixed_claims(self.issuer, self._audience, *key)
+        times = f'"iat":{now},"nbf":{now},"exp":{exp},"jti":"{jti}"'
+        token = ring.signer.jws.sign_payload(f"{{{fixed},{times}}}".encode())
+        issued = IssuedToken(token=token, expires_at=float(exp), jti=jti)
+        if self.reuse_window > 0:
+            self._remember(key, issued, clock_now)
+        return issued
+
+    def _remember(self, key: tuple[str, str | None], issued: IssuedToken, at: float) -> None:
+        recent = self._recent
+        recent[key] = (issued, at)
+        recent.move_to_end(key)
+        if len(recent) > MAX_REUSABLE:
+            recent.popitem(last=False)
+
+    def _narrowed(
+        self, ring: KeyRing, identity: Identity, options: MintOptions, now: int
+    ) -> IssuedToken:
+        """A new token with the asked ``aud`` and ``scope`` (never reused)."""
+        jti = new_jti()
         claims: dict[str, Any] = {
             "iss": self.issuer,
             "sub": identity.username,
             "aud": _aud_claim(options.audiences) or self._audience,
             "iat": now,
             "nbf": now,
-            "exp": exp,
+            "exp": now + self._ttl,
             "jti": jti,
             "namespace": identity.namespace,
             "service_account": identity.service_account,
@@ -239,7 +277,7 @@ class JwtMinter:
         if options.scopes:
             claims["scope"] = " ".join(options.scopes)
         token = ring.signer.jws.sign(claims)
-        return IssuedToken(token=token, expires_at=float(exp), jti=jti)
+        return IssuedToken(token=token, expires_at=float(now + self._ttl), jti=jti)
 
 
 def new_jti() -> str:

@@ -25,7 +25,7 @@ import ipaddress
 import logging
 from dataclasses import dataclass
 
-from cp_token.authn import Reviewer
+from cp_token.authn import DecodedReviewer, Reviewer
 from cp_token.authn.fairness import FairSlots
 from cp_token.authn.issuer_keys import SignatureCheck
 from cp_token.authn.precheck import MAX_TOKEN_BYTES, UnverifiedJWT, precheck
@@ -112,6 +112,9 @@ class CachedAuthenticator:
         metrics: ReviewMetrics = NO_METRICS,
     ) -> None:
         self._reviewer = reviewer
+        self._review_decoded = (
+            reviewer.review_decoded if isinstance(reviewer, DecodedReviewer) else None
+        )
         self._clock = clock
         self._audiences = audiences
         self._ttl = ttl
@@ -204,7 +207,7 @@ class CachedAuthenticator:
             if self._signature is not None and jwt is not None:
                 await self._signature.check(token, jwt, start_by)
             async with self.slots.hold(callers, start_by):
-                identity = await self._reviewed(token)
+                identity = await self._reviewed(token, jwt)
         except Unauthenticated as exc:
             refusal = Refusal.of(exc)
             self._bad[key] = refusal
@@ -221,10 +224,12 @@ class CachedAuthenticator:
         self._remember(key, identity, started)
         return identity
 
-    async def _reviewed(self, token: str) -> Identity:
+    async def _reviewed(self, token: str, jwt: UnverifiedJWT | None) -> Identity:
         self.reviews += 1
         self._metrics.review_started()
         try:
+            if jwt is not None and self._review_decoded is not None:
+                return await self._review_decoded(token, jwt)  # no second decoding
             return await self._reviewer.review(token)
         finally:
             self._metrics.review_finished()

@@ -104,7 +104,10 @@ class JwksReviewer:
 
     async def review(self, token: str) -> Identity:
         """Verify the token locally and prove its ServiceAccount and pod still exist."""
-        unverified = decode_unverified(token)
+        return await self.review_decoded(token, decode_unverified(token))
+
+    async def review_decoded(self, token: str, unverified: UnverifiedJWT) -> Identity:
+        """:meth:`review` of a token already decoded (by the precheck)."""
         alg, kid = unverified.alg, unverified.kid
         if alg not in ALGORITHMS:
             raise _bad("token algorithm is not accepted (RS256 or ES256 only)", "bad_algorithm")

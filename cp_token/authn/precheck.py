@@ -12,7 +12,6 @@ before anything relies on them.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import json
 import math
@@ -25,6 +24,7 @@ from cp_token.errors import Unauthenticated
 __all__ = [
     "MAX_TOKEN_BYTES",
     "UnverifiedJWT",
+    "b64url_bytes",
     "decode_unverified",
     "numeric_date",
     "precheck",
@@ -57,18 +57,29 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")  # NaN, Infinity: Python's json extensions
 
 
+_JSON = json.JSONDecoder(parse_constant=_no_constants)  # one decoder, not one per call
+_FROM_URLSAFE = str.maketrans("-_", "+/")
+
+
+def b64url_bytes(text: str) -> bytes:
+    """Decode unpadded base64url (RFC 7515 §2); ValueError for any other character."""
+    if not _B64URL.fullmatch(text):
+        raise ValueError("not base64url")
+    return binascii.a2b_base64(text.translate(_FROM_URLSAFE) + "=" * (-len(text) % 4))
+
+
 def _b64json(part: str, what: str) -> dict[str, Any]:
     if not _B64URL.fullmatch(part):
         raise _malformed(f"{what} is not base64url")
     try:
-        raw = base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+        raw = binascii.a2b_base64(part.translate(_FROM_URLSAFE) + "=" * (-len(part) % 4))
         text = raw.decode("utf-8")  # RFC 7515: UTF-8, never UTF-16/32 that json would sniff
     except (binascii.Error, ValueError):
         raise _malformed(f"{what} is not base64url-encoded UTF-8") from None
     if _too_many_containers(text):
         raise _malformed(f"{what} nests too many values")
     try:
-        value = json.loads(text, parse_constant=_no_constants)
+        value = _JSON.decode(text)
     except (ValueError, RecursionError):
         raise _malformed(f"{what} is not JSON") from None
     if not isinstance(value, dict):

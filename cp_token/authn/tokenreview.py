@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from cp_token.authn.precheck import decode_unverified
+from cp_token.authn.precheck import UnverifiedJWT, decode_unverified
 from cp_token.errors import Unauthenticated, Unavailable
 from cp_token.identity import Identity
 from cp_token.kube import KubeClient, KubeForbidden, KubeUnavailable
@@ -55,6 +55,17 @@ class TokenReviewer:
     async def review(self, token: str) -> Identity:
         """Ask the API server who this token belongs to."""
         try:
+            jwt: UnverifiedJWT | None = decode_unverified(token)
+        except Unauthenticated:
+            jwt = None  # not a JWT: the API server decides; the expiry is unknown
+        return await self._review(token, jwt)
+
+    async def review_decoded(self, token: str, jwt: UnverifiedJWT) -> Identity:
+        """:meth:`review` of a token already decoded (by the precheck)."""
+        return await self._review(token, jwt)
+
+    async def _review(self, token: str, jwt: UnverifiedJWT | None) -> Identity:
+        try:
             status = await self._kube.token_review(token, self._audiences)
         except KubeForbidden as exc:
             if not self._forbidden_logged:
@@ -87,9 +98,4 @@ class TokenReviewer:
             raise Unavailable(
                 "the Kubernetes API returned a review without a user", reason="kube_bad_answer"
             )
-        exp: float | None = None
-        try:
-            exp = decode_unverified(token).exp
-        except Unauthenticated:
-            exp = None
-        return identity_from_user(user, exp)
+        return identity_from_user(user, jwt.exp if jwt is not None else None)

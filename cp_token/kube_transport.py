@@ -50,6 +50,13 @@ class _Answer:
         self.body: list[bytes] = []
         self.size = 0
         self.complete = False
+        self.keep_alive = False
+        self.parser: httptools.HttpResponseParser | None = None
+
+    def on_headers_complete(self) -> None:
+        # llhttp knows whether the connection stays open only until the message completes
+        assert self.parser is not None
+        self.keep_alive = self.parser.should_keep_alive()
 
     def on_body(self, data: bytes) -> None:
         self.size += len(data)
@@ -203,7 +210,7 @@ class KubeTransport:
     def _send(self, conn: _Connection, data: bytes, deadline: float) -> tuple[int, bytes, bool]:
         """Write the request and read the whole answer: (status, body, keep-alive)."""
         sock, answer = conn.sock, _Answer()
-        parser = httptools.HttpResponseParser(answer)
+        parser = answer.parser = httptools.HttpResponseParser(answer)
         received = False
         try:
             sock.settimeout(_remaining(deadline))
@@ -225,7 +232,7 @@ class KubeTransport:
             raise TransportError(f"connection failed ({type(exc).__name__})") from None
         except httptools.HttpParserError as exc:
             raise TransportError(f"malformed answer ({type(exc).__name__})") from None
-        return parser.get_status_code(), b"".join(answer.body), parser.should_keep_alive()
+        return parser.get_status_code(), b"".join(answer.body), answer.keep_alive
 
 
 def _remaining(deadline: float) -> float:

@@ -174,18 +174,39 @@ class KubeClient:
             headers.append(("Content-Type", "application/json"))
         return self._pool.request(method, path, headers, data)
 
+    async def _on_worker(
+        self, method: str, path: str, body: dict[str, Any] | None
+    ) -> tuple[int, bytes]:
+        """:meth:`_call` on a worker thread; the loop only waits for its result (one future,
+        one ``call_soon_threadsafe``: less than ``run_in_executor``'s chained futures)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[tuple[int, bytes]] = loop.create_future()
+
+        def work() -> None:
+            try:
+                outcome: tuple[tuple[int, bytes] | None, BaseException | None] = (
+                    self._call(method, path, body),
+                    None,
+                )
+            except BaseException as exc:  # handed over to the waiting coroutine
+                outcome = (None, exc)
+            try:
+                loop.call_soon_threadsafe(_settle, done, outcome)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                pass
+
+        self._executor.submit(work)
+        return await done
+
     async def _request(
         self, call: str, method: str, path: str, body: dict[str, Any] | None = None
     ) -> tuple[int, dict[str, Any]]:
         """One API call; returns (status, JSON body) for 2xx/404, raises KubeError otherwise."""
         start = time.perf_counter()
         result = "error"
-        loop = asyncio.get_running_loop()
         try:
             try:
-                status, raw = await loop.run_in_executor(
-                    self._executor, self._call, method, path, body
-                )
+                status, raw = await self._on_worker(method, path, body)
             except TransportTimeout:
                 raise KubeUnavailable(f"{call}: Kubernetes API timed out") from None
             except (TransportError, OSError) as exc:
@@ -274,6 +295,21 @@ class KubeClient:
         )
         status = data.get("status")
         return bool(isinstance(status, dict) and status.get("allowed"))
+
+
+def _settle(
+    done: asyncio.Future[tuple[int, bytes]],
+    outcome: tuple[tuple[int, bytes] | None, BaseException | None],
+) -> None:
+    """Resolve ``done`` on the loop (unless its waiter gave up: cancelled)."""
+    if done.done():
+        return
+    result, error = outcome
+    if error is not None:
+        done.set_exception(error)
+    else:
+        assert result is not None
+        done.set_result(result)
 
 
 def _tls_context(configured: ssl.SSLContext | bool) -> ssl.SSLContext:

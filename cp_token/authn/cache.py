@@ -21,6 +21,7 @@ Keys are SHA-256 hashes of the token, never the token.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 from dataclasses import dataclass
@@ -181,10 +182,10 @@ class CachedAuthenticator:
         callers = _caller_keys(peer, jwt)
         start_by = start + self._queue_wait
         try:
-            result = await asyncio.wait_for(
-                self._inflight.do(key, lambda: self._review(key, token, jwt, callers, start_by)),
-                timeout=start + self._answer_within - loop.time(),
-            )
+            async with asyncio.timeout_at(start + self._answer_within):
+                result = await self._inflight.do(
+                    key, lambda: self._review(key, token, jwt, callers, start_by)
+                )
         except TimeoutError:
             raise Unavailable(
                 "the Kubernetes API did not answer in time", reason="kube_timeout"
@@ -260,6 +261,7 @@ def _caller_keys(peer: str | None, jwt: UnverifiedJWT | None) -> list[str]:
     return keys
 
 
+@functools.lru_cache(maxsize=1024)  # callers come back from the same few addresses
 def _remote(peer: str) -> bool:
     try:
         return not ipaddress.ip_address(peer).is_loopback

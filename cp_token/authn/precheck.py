@@ -62,19 +62,24 @@ _FROM_URLSAFE = str.maketrans("-_", "+/")
 
 
 def b64url_bytes(text: str) -> bytes:
-    """Decode unpadded base64url (RFC 7515 §2); ValueError for any other character."""
-    if not _B64URL.fullmatch(text):
+    """Decode unpadded base64url (RFC 7515 §2); ValueError (``binascii.Error`` is one) for
+    anything else: another character (``+``, ``/``, ``=``, whitespace, non-ASCII), a length
+    no encoding has, or nothing at all."""
+    if not text or "+" in text or "/" in text or "=" in text:
         raise ValueError("not base64url")
-    return binascii.a2b_base64(text.translate(_FROM_URLSAFE) + "=" * (-len(text) % 4))
+    # strict: any character outside the (translated) alphabet is an error, not skipped
+    padded = text.translate(_FROM_URLSAFE) + "=" * (-len(text) % 4)
+    return binascii.a2b_base64(padded, strict_mode=True)
 
 
 def _b64json(part: str, what: str) -> dict[str, Any]:
-    if not _B64URL.fullmatch(part):
-        raise _malformed(f"{what} is not base64url")
     try:
-        raw = binascii.a2b_base64(part.translate(_FROM_URLSAFE) + "=" * (-len(part) % 4))
+        raw = b64url_bytes(part)
+    except ValueError:
+        raise _malformed(f"{what} is not base64url") from None
+    try:
         text = raw.decode("utf-8")  # RFC 7515: UTF-8, never UTF-16/32 that json would sniff
-    except (binascii.Error, ValueError):
+    except ValueError:
         raise _malformed(f"{what} is not base64url-encoded UTF-8") from None
     if _too_many_containers(text):
         raise _malformed(f"{what} nests too many values")

@@ -421,6 +421,7 @@ def create_app(
     app.state.metrics = metrics
     app.state.minter = minter
     app.state.authenticator = authenticator
+    app.state.decision = decision
     return app
 
 

@@ -143,6 +143,8 @@ class TokenEndpoint:
         if reason is not None:
             self._metrics.request(method, "refused")
             return 403, [], _error("access_denied", reason)
+        if self._holder.rejection is not None:
+            self._refresher.check_sa_token()  # a rotated SA token is tried at once
         if method == "GET":
             try:
                 min_ttl = parse_min_ttl(scope["query_string"], self._min_ttl)

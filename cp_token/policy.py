@@ -77,7 +77,13 @@ class RunnerPolicy:
             raise Forbidden(
                 f"{identity.username} is not a ServiceAccount", reason="not_service_account"
             )
-        if not glob_match(identity.username, self.allowed_sa) or _empty_session_id(identity):
+        if _empty_session_id(identity):
+            raise Forbidden(
+                f"ServiceAccount {identity.username} is not a session runner "
+                "(session-<id>-sa with an empty session id)",
+                reason="sa_not_allowed",
+            )
+        if not glob_match(identity.username, self.allowed_sa):
             raise Forbidden(
                 f"ServiceAccount {identity.username} is not a session runner "
                 f"(must match {self.allowed_sa})",

@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from cp_token import __version__
-from cp_token.config import ConfigError
+from cp_token.settings.common import ConfigError
 from cp_token.extras import require_server_extra
 
 __all__ = ["main"]
@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from cp_token.config import load_settings
+    from cp_token.settings.cp import load_settings
     from cp_token.logs import setup_logging
 
     overrides = {
@@ -64,7 +64,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _inject() -> int:
-    from cp_token.inject.settings import load_inject_settings
+    from cp_token.settings.inject import load_inject_settings
     from cp_token.logs import setup_logging
 
     settings = load_inject_settings()

@@ -13,7 +13,7 @@ import ssl
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from cp_token.config import ConfigError
+from cp_token.settings.common import ConfigError
 
 __all__ = ["FileWatcher", "WatchedFile", "watch_tls"]
 

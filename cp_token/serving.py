@@ -22,7 +22,7 @@ from typing import Literal
 import uvicorn
 from starlette.types import ASGIApp
 
-from cp_token.config import ConfigError
+from cp_token.settings.common import DEFAULT_MAX_CONNECTIONS, ConfigError
 from cp_token.edge import (
     EdgeLimits,
     EdgeListener,
@@ -50,7 +50,6 @@ __all__ = [
 
 log = logging.getLogger("cp_token.serving")
 
-DEFAULT_MAX_CONNECTIONS = 4096
 # Probe and metrics ports: Prometheus and the kubelet, a handful of connections.
 PROBE_MAX_CONNECTIONS = 64
 PROBE_LIMIT_NAME = "the metrics port's fixed cap"

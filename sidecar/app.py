@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any
 
 from cp_token.client import FetchedToken
-from cp_token.config import is_loopback_host
+from cp_token.settings.common import is_loopback_host
 from cp_token.edge import absolute_form
 
 from .asgi import TEXT, ASGIApp, Receive, Router, Scope, Send, plain_endpoint

@@ -16,7 +16,8 @@ from collections.abc import Sequence
 
 from cp_token.client import TokenError
 from cp_token.clock import SystemClock
-from cp_token.config import ConfigError, SidecarSettings, load_sidecar_settings, redacted
+from cp_token.settings.common import ConfigError, redacted
+from cp_token.settings.sidecar import SidecarSettings, load_sidecar_settings
 from cp_token.logs import setup_logging
 from cp_token.serving import (
     DEFAULT_MAX_CONNECTIONS,

@@ -27,7 +27,8 @@ from cp_token.client._http import (
 )
 from cp_token.client._retry import RetryPolicy, retry_async
 from cp_token.clock import Clock, SystemClock
-from cp_token.config import ConfigError, parse_url
+from cp_token.settings.client import TIMEOUT
+from cp_token.settings.common import ConfigError, parse_url
 
 __all__ = ["TokenFetcher", "UpstreamSource"]
 
@@ -161,7 +162,7 @@ class UpstreamSource:
         cp_url: str,
         sa_token_file: str,
         ca_file: str | None = None,
-        timeout: float = 10.0,
+        timeout: float = TIMEOUT,
         deadline: float = 30.0,
         clock: Clock | None = None,
         rand: Callable[[], float] = random.random,

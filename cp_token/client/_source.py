@@ -26,13 +26,13 @@ from typing import Any, Literal, TypedDict, Unpack
 import httpx
 
 from cp_token.clock import Clock, SystemClock
-from cp_token.config import (
+from cp_token.settings.client import (
     DEFAULT_SA_TOKEN_FILE,
+    TIMEOUT,
     ClientSettings,
-    ConfigError,
     load_client_settings,
-    parse_url,
 )
+from cp_token.settings.common import ConfigError, parse_url
 from cp_token.singleflight import SharedCall
 
 from ._errors import TokenError, TokenRejected
@@ -107,7 +107,7 @@ class TokenSource:
         sa_token_file: str = DEFAULT_SA_TOKEN_FILE,
         static_token: str | None = None,
         ca_file: str | None = None,
-        timeout: float = 10.0,
+        timeout: float = TIMEOUT,
         **options: Unpack[SourceOptions],
     ) -> None:
         given = [v for v in (sidecar_url, cp_url, static_token) if v is not None]

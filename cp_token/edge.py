@@ -27,9 +27,10 @@ import socket
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from starlette.types import Scope
+if TYPE_CHECKING:  # the sidecar serves through this module and never loads starlette
+    from starlette.types import Scope
 
 __all__ = [
     "TARGET_EXTENSION",

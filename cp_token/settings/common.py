@@ -18,10 +18,10 @@ from urllib.parse import urlsplit
 __all__ = [
     "CP_AUDIENCE",
     "DEFAULT_MAX_CONNECTIONS",
-    "LOG_FORMATS",
     "LOG_FORMAT",
-    "LOG_LEVELS",
+    "LOG_FORMATS",
     "LOG_LEVEL",
+    "LOG_LEVELS",
     "SECRET_FIELDS",
     "ConfigError",
     "Env",

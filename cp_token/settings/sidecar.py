@@ -102,7 +102,9 @@ def _listeners(e: Env) -> dict[str, Any]:
             f"{host!r} is not a loopback address (set SIDECAR_ALLOW_NON_LOOPBACK=true to allow)",
         )
     metrics = e.get("SIDECAR_METRICS_ADDR")
-    m_host, m_port = (None, None) if metrics is None else parse_addr("SIDECAR_METRICS_ADDR", metrics)
+    m_host, m_port = (
+        (None, None) if metrics is None else parse_addr("SIDECAR_METRICS_ADDR", metrics)
+    )
     return {
         "listen_host": host,
         "listen_port": port,

@@ -1,4 +1,4 @@
-"""Serving the injector: ``/mutate`` over HTTPS, the probes and metrics over HTTP.
+"""``cp-token inject``: ``/mutate`` over HTTPS, the probes and metrics over HTTP.
 
 The serving certificate is re-read when its files change (a cert-manager renewal swaps the
 Secret volume's ``..data`` symlink: polled by content, see :mod:`cp_token.filewatch`), so a
@@ -12,18 +12,24 @@ import asyncio
 import contextlib
 import logging
 import socket
-import ssl
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 
 from cp_token import __version__
-from cp_token.config import ConfigError, redacted
-from cp_token.filewatch import FileWatcher, watch_tls
+from cp_token.filewatch import FileWatcher
 from cp_token.inject.app import create_app, create_metrics_app
 from cp_token.inject.metrics import InjectMetrics
-from cp_token.inject.settings import InjectSettings
-from cp_token.serving import ServerGroup, bind, bind_probes, edge_server, load_tls
+from cp_token.serving import (
+    ServerGroup,
+    TlsFiles,
+    api_server,
+    background,
+    bind_serving,
+    edge_server,
+)
+from cp_token.settings.common import redacted
+from cp_token.settings.inject import InjectSettings
 
 __all__ = ["run_inject", "serve"]
 
@@ -43,50 +49,24 @@ async def serve(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        task = asyncio.create_task(watcher.run(), name="file-watcher")
-
-        def died(t: asyncio.Task[None]) -> None:
-            if not t.cancelled():
-                log.error("certificate watcher stopped (%s); exiting", t.exception())
-                group.stop(1)
-
-        task.add_done_callback(died)
-        try:
+        async with background({"file-watcher": watcher.run()}, lambda *_: group.stop(1)):
             yield
-        finally:
-            task.remove_done_callback(died)
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
 
-    api = edge_server(
-        create_app(settings, metrics, lifespan=lifespan),
-        lifespan="on",
-        graceful_seconds=GRACEFUL_SECONDS,
-        ssl_certfile=settings.tls_cert_file,
-        ssl_keyfile=settings.tls_key_file,
-    )
-    try:
-        tls = load_tls(api)
-    except (ssl.SSLError, OSError) as exc:
-        raise ConfigError(
-            "CP_TOKEN_INJECT_TLS_CERT_FILE", f"certificate does not load ({exc})"
-        ) from None
-    assert tls is not None
-    for watched in watch_tls(
-        tls,
+    tls = TlsFiles(
         ("CP_TOKEN_INJECT_TLS_CERT_FILE", settings.tls_cert_file),
         ("CP_TOKEN_INJECT_TLS_KEY_FILE", settings.tls_key_file),
-    ):
-        watcher.add(watched)
+    )
+    api = api_server(
+        create_app(settings, metrics, lifespan=lifespan),
+        graceful_seconds=GRACEFUL_SECONDS,
+        tls=tls,
+        watcher=watcher,
+    )
 
     def readiness() -> str | None:
         return None if api.started else "the webhook listener is starting"
 
     metrics_server = edge_server(create_metrics_app(metrics, readiness))
-    host, port = api_sock.getsockname()[:2]
-    m_host, m_port = metrics_sock.getsockname()[:2]
-    endpoints = {"webhook": f"https://{host}:{port}/mutate", "metrics": f"http://{m_host}:{m_port}"}
-    log.info("serving", extra={"fields": endpoints})
     return await group.serve((api, api_sock), (metrics_server, metrics_sock))
 
 
@@ -97,17 +77,11 @@ def run_inject(settings: InjectSettings) -> int:
         __version__,
         extra={"fields": {"config": redacted(settings)}},
     )
-    api_sock = bind(
+    api_sock, metrics_sock = bind_serving(
         "CP_TOKEN_INJECT_LISTEN_ADDR",
         settings.listen_host,
         settings.listen_port,
         limit_name="the injector's connection cap",
+        probes=("CP_TOKEN_METRICS_ADDR", settings.metrics_host, settings.metrics_port),
     )
-    try:
-        metrics_sock = bind_probes(
-            "CP_TOKEN_METRICS_ADDR", settings.metrics_host, settings.metrics_port
-        )
-    except ConfigError:
-        api_sock.close()
-        raise
     return asyncio.run(serve(settings, api_sock, metrics_sock))

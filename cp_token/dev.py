@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from types import FrameType
 
 from cp_token.processes import LOOPBACK, Proc, ProcessFailed, free_port, stop_all
-from cp_token.settings import cp, sidecar
+from cp_token.settings.cp import Settings
+from cp_token.settings.sidecar import SidecarSettings
 
 __all__ = ["DEV_REFUSED_TOKEN", "DEV_RUNNER_TOKEN", "run_dev"]
 
@@ -156,9 +157,9 @@ def run_dev() -> int:
         try:
             ids_file, sa_file = _write_files(workdir)
             ports = DevPorts(  # the usual ports when they are free
-                cp=free_port(cp.LISTEN_PORT),
-                cp_metrics=free_port(cp.METRICS_PORT),
-                sidecar=free_port(sidecar.LISTEN_PORT),
+                cp=free_port(Settings.listen_port),
+                cp_metrics=free_port(Settings.metrics_port),
+                sidecar=free_port(SidecarSettings.listen_port),
             )
             end = time.monotonic() + STARTUP_DEADLINE
             ready = f"http://{LOOPBACK}:{ports.cp_metrics}/readyz"

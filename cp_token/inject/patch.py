@@ -173,11 +173,9 @@ APP_MOUNT = {"name": FILE_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True}
 def _list_at(obj: Mapping[str, Any], key: str, where: str) -> list[Any] | None:
     """``obj[key]`` when it is a list, None when absent or null; Refused for anything else."""
     value = obj.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, list):
-        raise Refused(f"the pod is malformed: {where}.{key} is not a list")
-    return value
+    if value is None or isinstance(value, list):
+        return value
+    raise Refused(f"the pod is malformed: {where}.{key} is not a list")
 
 
 def _named(items: list[Any], where: str) -> list[dict[str, Any]]:

@@ -16,18 +16,10 @@ from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 
-from cp_token import __version__
+from cp_token import __version__, serving
 from cp_token.filewatch import FileWatcher
 from cp_token.inject.app import create_app, create_metrics_app
 from cp_token.inject.metrics import InjectMetrics
-from cp_token.serving import (
-    ServerGroup,
-    TlsFiles,
-    api_server,
-    background,
-    bind_serving,
-    edge_server,
-)
 from cp_token.settings.common import redacted
 from cp_token.settings.inject import InjectSettings
 
@@ -45,18 +37,18 @@ async def serve(
     """Serve until a signal (exit 0) or a fatal background failure (exit 1)."""
     metrics = InjectMetrics()
     watcher = FileWatcher()
-    group = ServerGroup()
+    group = serving.ServerGroup()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with background({"file-watcher": watcher.run()}, lambda *_: group.stop(1)):
+        async with serving.background({"file-watcher": watcher.run()}, lambda *_: group.stop(1)):
             yield
 
-    tls = TlsFiles(
+    tls = serving.TlsFiles(
         ("CP_TOKEN_INJECT_TLS_CERT_FILE", settings.tls_cert_file),
         ("CP_TOKEN_INJECT_TLS_KEY_FILE", settings.tls_key_file),
     )
-    api = api_server(
+    api = serving.api_server(
         create_app(settings, metrics, lifespan=lifespan),
         graceful_seconds=GRACEFUL_SECONDS,
         tls=tls,
@@ -66,7 +58,7 @@ async def serve(
     def readiness() -> str | None:
         return None if api.started else "the webhook listener is starting"
 
-    metrics_server = edge_server(create_metrics_app(metrics, readiness))
+    metrics_server = serving.edge_server(create_metrics_app(metrics, readiness))
     return await group.serve((api, api_sock), (metrics_server, metrics_sock))
 
 
@@ -77,7 +69,7 @@ def run_inject(settings: InjectSettings) -> int:
         __version__,
         extra={"fields": {"config": redacted(settings)}},
     )
-    api_sock, metrics_sock = bind_serving(
+    api_sock, metrics_sock = serving.bind_serving(
         "CP_TOKEN_INJECT_LISTEN_ADDR",
         settings.listen_host,
         settings.listen_port,

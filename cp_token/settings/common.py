@@ -248,6 +248,15 @@ class Env:
         """One of ``choices``."""
         return choice(name, self.get(name), default, choices)
 
-    def items(self, name: str, default: str) -> tuple[str, ...]:
+    def logging(self, level: str, format: str) -> dict[str, Any]:
+        """``log_level`` and ``log_format``, from the variables named ``level`` and
+        ``format``."""
+        return {
+            "log_level": self.choice(level, LOG_LEVEL, LOG_LEVELS),
+            "log_format": self.choice(format, LOG_FORMAT, LOG_FORMATS),
+        }
+
+    def items(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
         """A comma list; set but empty is the empty list."""
-        return parse_list(self.raw(name), default)
+        value = self.raw(name)
+        return default if value is None else parse_list(value, "")

@@ -17,9 +17,7 @@ from .common import (
     CP_AUDIENCE,
     DEFAULT_MAX_CONNECTIONS,
     LOG_FORMAT,
-    LOG_FORMATS,
     LOG_LEVEL,
-    LOG_LEVELS,
     ConfigError,
     Env,
     check_readable,
@@ -29,11 +27,11 @@ from .common import (
 
 __all__ = [
     "ALLOWED_SA",
+    "ALL_INTERFACES",
     "AUTHN_MODES",
+    "METRICS_PORT",
     "MINTERS",
-    "MIN_TTL",
     "TOKEN_AUDIENCE",
-    "TTL",
     "Settings",
     "issuer_from_url",
     "load_settings",
@@ -45,23 +43,12 @@ __all__ = [
 AUTHN_MODES = ("tokenreview", "jwks", "static")
 MINTERS = ("oidc", "jwt", "static")
 
+# Defaults other modules use too; the rest are written once, in Settings below, and the
+# loader reads them from there (``Settings.min_ttl``).
 ALL_INTERFACES = "0.0.0.0"
-LISTEN_PORT = 8080
 METRICS_PORT = 9090
-AUTHN = "tokenreview"
-MINTER = "oidc"
 ALLOWED_SA = "system:serviceaccount:*:session-*-sa"
-ALLOWED_NAMESPACES = ("*",)
-MANAGED_LABEL = ("ambient-code.io/managed-by", "ambient-control-plane")
-NAMESPACE_LABEL = ("ambient-code.io/managed", "true")
-LIVENESS_CACHE_TTL = 10.0
-REVIEW_CACHE_TTL = 30.0
-MAX_REVIEWS = 64
-MIN_TTL = 300.0
-TTL = 900.0
 TOKEN_AUDIENCE = "ambient-api-server"
-RATE = 5.0
-BURST = 20
 
 # A section's fields, by name, for Settings(**...): each section validates what it returns.
 Fields = dict[str, Any]
@@ -72,39 +59,39 @@ class Settings:
     """Validated configuration of the CP token service (``cp-token serve``)."""
 
     listen_host: str = ALL_INTERFACES
-    listen_port: int = LISTEN_PORT
+    listen_port: int = 8080
     url: str | None = None
-    authn: str = AUTHN
+    authn: str = "tokenreview"
     sa_issuers: tuple[str, ...] = ()
-    liveness_cache_ttl: float = LIVENESS_CACHE_TTL
+    liveness_cache_ttl: float = 10.0
     audiences: tuple[str, ...] = (CP_AUDIENCE,)
     static_identities_file: str | None = None
     allowed_sa: str = ALLOWED_SA
-    allowed_namespaces: tuple[str, ...] = ALLOWED_NAMESPACES
-    managed_label: tuple[str, str] | None = MANAGED_LABEL
-    namespace_label: tuple[str, str] | None = NAMESPACE_LABEL
+    allowed_namespaces: tuple[str, ...] = ("*",)
+    managed_label: tuple[str, str] | None = ("ambient-code.io/managed-by", "ambient-control-plane")
+    namespace_label: tuple[str, str] | None = ("ambient-code.io/managed", "true")
     require_bound: bool = True
-    review_cache_ttl: float = REVIEW_CACHE_TTL
-    max_reviews: int = MAX_REVIEWS
+    review_cache_ttl: float = 30.0
+    max_reviews: int = 64
     max_connections: int = DEFAULT_MAX_CONNECTIONS
-    minter: str = MINTER
+    minter: str = "oidc"
     oidc_token_url: str | None = None
     oidc_client_id: str | None = None
     oidc_client_secret: str | None = None
     oidc_client_secret_file: str | None = None
     oidc_scope: str | None = None
     oidc_audience: str | None = None
-    min_ttl: float = MIN_TTL
+    min_ttl: float = 300.0
     signing_key_file: str | None = None
     issuer: str | None = None
     token_audience: str = TOKEN_AUDIENCE
-    ttl: float = TTL
+    ttl: float = 900.0
     exchange_audiences: tuple[str, ...] = (TOKEN_AUDIENCE,)
     exchange_scopes: tuple[str, ...] = ()
     static_token: str | None = None
     static_token_file: str | None = None
-    rate: float = RATE
-    burst: int = BURST
+    rate: float = 5.0
+    burst: int = 20
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     metrics_host: str = ALL_INTERFACES
@@ -131,8 +118,8 @@ def load_settings(
     e = Env(env, overrides)
     serving = _serving(e)
     url = e.url("CP_TOKEN_URL")
-    authn = e.choice("CP_TOKEN_AUTHN", AUTHN, AUTHN_MODES)
-    minter = e.choice("CP_TOKEN_MINTER", MINTER, MINTERS)
+    authn = e.choice("CP_TOKEN_AUTHN", Settings.authn, AUTHN_MODES)
+    minter = e.choice("CP_TOKEN_MINTER", Settings.minter, MINTERS)
     return Settings(
         url=url,
         authn=authn,
@@ -181,9 +168,9 @@ _RATE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*/\s*s\s*(?:,\s*(\d+)\s*)?")
 
 
 def parse_rate(name: str, value: str | None) -> tuple[float, int]:
-    """Parse ``<rate>/s,<burst>`` (e.g. ``5/s,20``); unset: ``(RATE, BURST)``."""
+    """Parse ``<rate>/s,<burst>`` (e.g. ``5/s,20``); unset: the defaults."""
     if not value:
-        return RATE, BURST
+        return Settings.rate, Settings.burst
     m = _RATE.fullmatch(value)
     if not m:
         raise ConfigError(name, f"{value!r} is not '<rate>/s,<burst>' (e.g. '5/s,20')")
@@ -207,8 +194,8 @@ def issuer_from_url(url: str) -> str:
 
 
 def _serving(e: Env) -> Fields:
-    listen_host, listen_port = e.addr("CP_TOKEN_LISTEN_ADDR", f":{LISTEN_PORT}")
-    metrics_host, metrics_port = e.addr("CP_TOKEN_METRICS_ADDR", f":{METRICS_PORT}")
+    listen_host, listen_port = e.addr("CP_TOKEN_LISTEN_ADDR", f":{Settings.listen_port}")
+    metrics_host, metrics_port = e.addr("CP_TOKEN_METRICS_ADDR", f":{Settings.metrics_port}")
     return {
         "listen_host": listen_host,
         "listen_port": listen_port,
@@ -218,7 +205,7 @@ def _serving(e: Env) -> Fields:
 
 
 def _authentication(e: Env, authn: str) -> Fields:
-    audiences = e.items("CP_TOKEN_AUDIENCES", CP_AUDIENCE)
+    audiences = e.items("CP_TOKEN_AUDIENCES", Settings.audiences)
     if not audiences and authn != "static":
         raise ConfigError(
             "CP_TOKEN_AUDIENCES", "must not be empty (the audience pods project their token for)"
@@ -229,25 +216,25 @@ def _authentication(e: Env, authn: str) -> Fields:
         check_readable(name, e.required(name, "required when CP_TOKEN_AUTHN=static"))
     return {
         "audiences": audiences,
-        "sa_issuers": e.items("CP_TOKEN_SA_ISSUER", ""),
+        "sa_issuers": e.items("CP_TOKEN_SA_ISSUER", ()),
         "static_identities_file": identities,
-        "liveness_cache_ttl": e.number("CP_TOKEN_LIVENESS_CACHE_TTL", LIVENESS_CACHE_TTL),
-        "review_cache_ttl": e.number("CP_TOKEN_REVIEW_CACHE_TTL", REVIEW_CACHE_TTL),
-        "max_reviews": e.count("CP_TOKEN_MAX_REVIEWS", MAX_REVIEWS),
+        "liveness_cache_ttl": e.number("CP_TOKEN_LIVENESS_CACHE_TTL", Settings.liveness_cache_ttl),
+        "review_cache_ttl": e.number("CP_TOKEN_REVIEW_CACHE_TTL", Settings.review_cache_ttl),
+        "max_reviews": e.count("CP_TOKEN_MAX_REVIEWS", Settings.max_reviews),
     }
 
 
 def _policy(e: Env) -> Fields:
-    namespaces = e.items("CP_TOKEN_ALLOWED_NAMESPACES", ",".join(ALLOWED_NAMESPACES))
+    namespaces = e.items("CP_TOKEN_ALLOWED_NAMESPACES", Settings.allowed_namespaces)
     if not namespaces:
         raise ConfigError("CP_TOKEN_ALLOWED_NAMESPACES", "must not be empty (use '*' for any)")
     managed, namespace = "CP_TOKEN_MANAGED_LABEL", "CP_TOKEN_NAMESPACE_LABEL"
     return {
-        "allowed_sa": e.get("CP_TOKEN_ALLOWED_SA") or ALLOWED_SA,
+        "allowed_sa": e.get("CP_TOKEN_ALLOWED_SA") or Settings.allowed_sa,
         "allowed_namespaces": namespaces,
-        "managed_label": parse_label(managed, e.raw(managed), MANAGED_LABEL),
-        "namespace_label": parse_label(namespace, e.raw(namespace), NAMESPACE_LABEL),
-        "require_bound": e.flag("CP_TOKEN_REQUIRE_BOUND", True),
+        "managed_label": parse_label(managed, e.raw(managed), Settings.managed_label),
+        "namespace_label": parse_label(namespace, e.raw(namespace), Settings.namespace_label),
+        "require_bound": e.flag("CP_TOKEN_REQUIRE_BOUND", Settings.require_bound),
     }
 
 
@@ -308,19 +295,19 @@ def _static_token(e: Env, minter: str) -> Fields:
 
 
 def _lifetimes(e: Env) -> Fields:
-    min_ttl = e.number("CP_TOKEN_MIN_TTL", MIN_TTL)
-    ttl = e.number("CP_TOKEN_TTL", TTL, minimum=1)
+    min_ttl = e.number("CP_TOKEN_MIN_TTL", Settings.min_ttl)
+    ttl = e.number("CP_TOKEN_TTL", Settings.ttl, minimum=1)
     if ttl <= min_ttl:
         raise ConfigError("CP_TOKEN_TTL", f"must exceed CP_TOKEN_MIN_TTL ({ttl:g} <= {min_ttl:g})")
     return {"min_ttl": min_ttl, "ttl": ttl}
 
 
 def _exchange(e: Env) -> Fields:
-    token_audience = e.get("CP_TOKEN_TOKEN_AUDIENCE") or TOKEN_AUDIENCE
+    token_audience = e.get("CP_TOKEN_TOKEN_AUDIENCE") or Settings.token_audience
     scopes = "CP_TOKEN_EXCHANGE_SCOPES"
     return {
         "token_audience": token_audience,
-        "exchange_audiences": e.items("CP_TOKEN_EXCHANGE_AUDIENCES", token_audience),
+        "exchange_audiences": e.items("CP_TOKEN_EXCHANGE_AUDIENCES", (token_audience,)),
         "exchange_scopes": parse_scopes(scopes, e.raw(scopes)),
     }
 
@@ -350,6 +337,5 @@ def _runtime(e: Env) -> Fields:
     return {
         "kubeconfig": kubeconfig,
         "in_cluster": e.get("KUBERNETES_SERVICE_HOST") is not None and kubeconfig is None,
-        "log_level": e.choice("CP_TOKEN_LOG_LEVEL", LOG_LEVEL, LOG_LEVELS),
-        "log_format": e.choice("CP_TOKEN_LOG_FORMAT", LOG_FORMAT, LOG_FORMATS),
+        **e.logging("CP_TOKEN_LOG_LEVEL", "CP_TOKEN_LOG_FORMAT"),
     }

@@ -16,9 +16,7 @@ from dataclasses import dataclass
 from .common import (
     CP_AUDIENCE,
     LOG_FORMAT,
-    LOG_FORMATS,
     LOG_LEVEL,
-    LOG_LEVELS,
     ConfigError,
     Env,
     check_readable,
@@ -28,8 +26,6 @@ from .cp import ALL_INTERFACES, METRICS_PORT
 
 __all__ = ["MIN_TOKEN_EXPIRATION", "InjectSettings", "load_inject_settings"]
 
-LISTEN_PORT = 8443
-TOKEN_EXPIRATION = 3600
 # The API server refuses a projected token shorter than 10 minutes, and caps it at 2**32 s.
 MIN_TOKEN_EXPIRATION = 600
 MAX_TOKEN_EXPIRATION = 2**32
@@ -51,9 +47,9 @@ class InjectSettings:
     tls_cert_file: str = ""
     tls_key_file: str = ""
     audience: str = CP_AUDIENCE
-    token_expiration: int = TOKEN_EXPIRATION
+    token_expiration: int = 3600
     listen_host: str = ALL_INTERFACES
-    listen_port: int = LISTEN_PORT
+    listen_port: int = 8443
     metrics_host: str = ALL_INTERFACES
     metrics_port: int = METRICS_PORT
     log_level: str = LOG_LEVEL
@@ -64,7 +60,7 @@ def load_inject_settings(env: Mapping[str, str] | None = None) -> InjectSettings
     """Read and validate the injector's configuration (default: ``os.environ``); raises
     :class:`ConfigError`."""
     e = Env(env)
-    host, port = e.addr("CP_TOKEN_INJECT_LISTEN_ADDR", f":{LISTEN_PORT}")
+    host, port = e.addr("CP_TOKEN_INJECT_LISTEN_ADDR", f":{InjectSettings.listen_port}")
     m_host, m_port = e.addr("CP_TOKEN_METRICS_ADDR", f":{METRICS_PORT}")
     cert, key = _serving_pair(e)
     return InjectSettings(
@@ -81,8 +77,7 @@ def load_inject_settings(env: Mapping[str, str] | None = None) -> InjectSettings
         listen_port=port,
         metrics_host=m_host,
         metrics_port=m_port,
-        log_level=e.choice("CP_TOKEN_LOG_LEVEL", LOG_LEVEL, LOG_LEVELS),
-        log_format=e.choice("CP_TOKEN_LOG_FORMAT", LOG_FORMAT, LOG_FORMATS),
+        **e.logging("CP_TOKEN_LOG_LEVEL", "CP_TOKEN_LOG_FORMAT"),
     )
 
 
@@ -124,7 +119,7 @@ def _audience(e: Env) -> str:
 
 def _token_expiration(e: Env) -> int:
     name = "CP_TOKEN_INJECT_TOKEN_EXPIRATION"
-    expiration = e.count(name, TOKEN_EXPIRATION, minimum=MIN_TOKEN_EXPIRATION)
+    expiration = e.count(name, InjectSettings.token_expiration, minimum=MIN_TOKEN_EXPIRATION)
     if expiration > MAX_TOKEN_EXPIRATION:
         raise ConfigError(name, f"must be at most {MAX_TOKEN_EXPIRATION} seconds")
     return expiration

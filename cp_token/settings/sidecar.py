@@ -14,9 +14,7 @@ from typing import Any
 from .client import DEFAULT_SA_TOKEN_FILE, TIMEOUT, upstream_fields
 from .common import (
     LOG_FORMAT,
-    LOG_FORMATS,
     LOG_LEVEL,
-    LOG_LEVELS,
     ConfigError,
     Env,
     is_loopback_host,
@@ -26,18 +24,14 @@ from .common import (
 
 __all__ = [
     "LISTEN_ADDR",
-    "MIN_TTL",
     "REFRESH_FRACTION",
     "SidecarSettings",
     "load_sidecar_settings",
     "parse_mode",
 ]
 
-LISTEN_HOST = "127.0.0.1"
-LISTEN_PORT = 8099
-LISTEN_ADDR = f"{LISTEN_HOST}:{LISTEN_PORT}"
-TOKEN_FILE_MODE = 0o600
-MIN_TTL = 60.0
+# The defaults are written once, in SidecarSettings below (the loader reads them from there),
+# but for this one, which the holder uses too.
 REFRESH_FRACTION = 0.5
 
 
@@ -46,13 +40,13 @@ class SidecarSettings:
     """Validated configuration of the token sidecar (``cp-token-sidecar``)."""
 
     cp_token_url: str
-    listen_host: str = LISTEN_HOST
-    listen_port: int = LISTEN_PORT
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8099
     allow_non_loopback: bool = False
     sa_token_file: str = DEFAULT_SA_TOKEN_FILE
     token_file: str | None = None
-    token_file_mode: int = TOKEN_FILE_MODE
-    min_ttl: float = MIN_TTL
+    token_file_mode: int = 0o600
+    min_ttl: float = 60.0
     refresh_fraction: float = REFRESH_FRACTION
     ca_file: str | None = None
     timeout: float = TIMEOUT
@@ -60,6 +54,10 @@ class SidecarSettings:
     metrics_port: int | None = None
     log_level: str = LOG_LEVEL
     log_format: str = LOG_FORMAT
+
+
+# The default address as one value: what injected sidecars are configured with.
+LISTEN_ADDR = f"{SidecarSettings.listen_host}:{SidecarSettings.listen_port}"
 
 
 def load_sidecar_settings(env: Mapping[str, str] | None = None) -> SidecarSettings:
@@ -71,11 +69,10 @@ def load_sidecar_settings(env: Mapping[str, str] | None = None) -> SidecarSettin
         cp_token_url=parse_url("AMBIENT_CP_TOKEN_URL", url),
         **_listeners(e),
         **_token_file(e),
-        min_ttl=e.number("SIDECAR_MIN_TTL", MIN_TTL),
+        min_ttl=e.number("SIDECAR_MIN_TTL", SidecarSettings.min_ttl),
         refresh_fraction=_refresh_fraction(e),
         **upstream_fields(e),
-        log_level=e.choice("SIDECAR_LOG_LEVEL", LOG_LEVEL, LOG_LEVELS),
-        log_format=e.choice("SIDECAR_LOG_FORMAT", LOG_FORMAT, LOG_FORMATS),
+        **e.logging("SIDECAR_LOG_LEVEL", "SIDECAR_LOG_FORMAT"),
     )
 
 
@@ -122,7 +119,10 @@ def _token_file(e: Env) -> dict[str, Any]:
             "SIDECAR_TOKEN_FILE", f"directory of {path!r} does not exist (mount an emptyDir)"
         )
     mode = "SIDECAR_TOKEN_FILE_MODE"
-    return {"token_file": path, "token_file_mode": parse_mode(mode, e.get(mode), TOKEN_FILE_MODE)}
+    return {
+        "token_file": path,
+        "token_file_mode": parse_mode(mode, e.get(mode), SidecarSettings.token_file_mode),
+    }
 
 
 def _refresh_fraction(e: Env) -> float:

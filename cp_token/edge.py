@@ -29,7 +29,7 @@ import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-if TYPE_CHECKING:  # the sidecar serves through this module and never loads starlette
+if TYPE_CHECKING:  # the sidecar serves through this module and never loads Starlette
     from starlette.types import Scope
 
 __all__ = [

@@ -21,6 +21,12 @@ class SteppedClock(FakeClock):
         super().__init__()
         self._sleepers: list[tuple[float, asyncio.Future[None]]] = []
 
+    @property
+    def sleepers(self) -> int:
+        """How many ``sleep`` calls are waiting: a test advances time once a background
+        loop is asleep, or the loop would go to sleep after the advance and miss it."""
+        return len(self._sleepers)
+
     def advance(self, seconds: float) -> None:
         """Move both clocks forward and wake the sleepers whose time has come."""
         super().advance(seconds)

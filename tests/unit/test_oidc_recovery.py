@@ -165,6 +165,7 @@ async def test_invalid_client_mid_run_keeps_readiness_and_the_cached_token(
         await until(lambda: metrics.results == ["200"], "the first token")
         first = await m.mint(WHO)
         idp.fail("invalid_client")
+        await until(lambda: clock.sleepers > 0, "the refresher asleep until the refresh")
         clock.advance(1650)  # the background refresh is due
         await until(lambda: len(metrics.results) == 2, "the refresh")
         assert metrics.results == ["200", "401"] and metrics.up == [True, False]

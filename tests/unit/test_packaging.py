@@ -189,7 +189,7 @@ def test_the_sidecar_loads_neither_httpx_nor_the_cp() -> None:
         "cp_token.settings.client",
         "cp_token.settings.common",
         "cp_token.settings.sidecar",
-        "cp_token.edge",
+        "cp_token.edge",  # the HTTP limits every server applies (SPEC: the sidecar too)
         "cp_token.extras",
         "cp_token.logs",
         "cp_token.serving",

@@ -73,12 +73,14 @@ async def test_after_a_refusal_a_rotated_sa_token_is_tried_at_once(tmp_path: Pat
         await settle(lambda: rig.holder.rejection is not None, "the refusal")
         assert (await rig.get()).status_code == 401  # relayed
         for _ in range(4):  # the file is unchanged: no new fetch, however often it is polled
+            await settle(lambda: clock.sleepers > 0, "the refresher asleep")
             clock.advance(0.5)
             await settle(lambda: True, "")
         assert cp.count == 1
         sa = tmp_path / "sa-token"
         (tmp_path / "sa-token.new").write_text("rotated-sa-token")
         os.replace(tmp_path / "sa-token.new", sa)  # as kubelet swaps it
+        await settle(lambda: clock.sleepers > 0, "the refresher asleep")
         clock.advance(0.5)
         await settle(lambda: rig.holder.ready, "a token after the rotation")
         assert cp.count == 2

@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 __all__ = [
+    "ALL_INTERFACES",
     "CP_AUDIENCE",
     "DEFAULT_MAX_CONNECTIONS",
     "LOG_FORMAT",
@@ -37,6 +38,7 @@ __all__ = [
     "redacted",
 ]
 
+ALL_INTERFACES = "0.0.0.0"  # the host of a listen address written ":port"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "text")
 LOG_LEVEL = "info"
@@ -84,7 +86,7 @@ def parse_addr(name: str, value: str) -> tuple[str, int]:
     port = int(m.group("port"))
     if not 0 <= port <= 65535:
         raise ConfigError(name, f"port {port} is out of range")
-    host = m.group("v6") or m.group("host") or "0.0.0.0"
+    host = m.group("v6") or m.group("host") or ALL_INTERFACES
     return host, port
 
 

@@ -1,8 +1,9 @@
 """The CP token service's configuration (``cp-token serve``): env -> :class:`Settings`.
 
 :func:`load_settings` reads one section at a time (serving, authentication, policy, minting,
-limits, TLS, runtime), each a small function that validates what it reads; the defaults
-below are the only place each is written (the policy and the minters import them).
+limits, TLS, runtime), each a small function that validates what it reads. Each default is
+written once: in :class:`Settings`, whence the loader reads it (``Settings.min_ttl``), or, for
+the few other modules use too (the policy, the injector), as a constant here.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from .common import (
+    ALL_INTERFACES,
     CP_AUDIENCE,
     DEFAULT_MAX_CONNECTIONS,
     LOG_FORMAT,
@@ -27,7 +29,6 @@ from .common import (
 
 __all__ = [
     "ALLOWED_SA",
-    "ALL_INTERFACES",
     "AUTHN_MODES",
     "METRICS_PORT",
     "MINTERS",
@@ -43,9 +44,7 @@ __all__ = [
 AUTHN_MODES = ("tokenreview", "jwks", "static")
 MINTERS = ("oidc", "jwt", "static")
 
-# Defaults other modules use too; the rest are written once, in Settings below, and the
-# loader reads them from there (``Settings.min_ttl``).
-ALL_INTERFACES = "0.0.0.0"
+# Defaults other modules use too (the rest are written in Settings below).
 METRICS_PORT = 9090
 ALLOWED_SA = "system:serviceaccount:*:session-*-sa"
 TOKEN_AUDIENCE = "ambient-api-server"

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .common import (
+    ALL_INTERFACES,
     CP_AUDIENCE,
     LOG_FORMAT,
     LOG_LEVEL,
@@ -22,7 +23,7 @@ from .common import (
     check_readable,
     parse_url,
 )
-from .cp import ALL_INTERFACES, METRICS_PORT
+from .cp import METRICS_PORT
 
 __all__ = ["MIN_TOKEN_EXPIRATION", "InjectSettings", "load_inject_settings"]
 

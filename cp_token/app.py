@@ -18,7 +18,6 @@ import traceback
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import PurePath
 from typing import Any
 
@@ -30,7 +29,7 @@ from starlette.types import Receive, Scope, Send
 
 from cp_token.authn import Authenticator
 from cp_token.bodies import read_body
-from cp_token.clock import Clock
+from cp_token.clock import Clock, rfc3339
 from cp_token.credential import parse_bearer
 from cp_token.decision import TokenAsk, TokenDecision, Trace
 from cp_token.errors import (
@@ -91,11 +90,6 @@ class ExchangeConfig:
     scopes: tuple[str, ...] = ()
     issuer: str | None = None
     token_endpoint: str | None = None
-
-
-def rfc3339(ts: float) -> str:
-    """RFC 3339 UTC with a ``Z``, whole seconds."""
-    return datetime.fromtimestamp(math.floor(ts), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _expires_in(issued: IssuedToken, now: float) -> int | None:

@@ -10,11 +10,10 @@ import logging
 import re
 import sys
 import threading
-import time
 from collections import OrderedDict
 from typing import Any
 
-from cp_token.clock import Clock, SystemClock
+from cp_token.clock import Clock, SystemClock, rfc3339
 
 __all__ = [
     "AUDIT_FIELDS",
@@ -97,8 +96,7 @@ class RepeatFilter(logging.Filter):
 
 
 def _ts(created: float) -> str:
-    ms = int((created % 1) * 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{ms:03d}Z"
+    return rfc3339(created, millis=True)
 
 
 class JsonFormatter(logging.Formatter):

@@ -13,6 +13,7 @@ from functools import lru_cache
 
 from cp_token.errors import Forbidden
 from cp_token.identity import Identity
+from cp_token.settings.cp import ALLOWED_SA
 
 __all__ = ["RunnerPolicy", "glob_match"]
 
@@ -64,7 +65,7 @@ def _empty_session_id(identity: Identity) -> bool:
 class RunnerPolicy:
     """The rules a caller must meet to be treated as a session runner."""
 
-    allowed_sa: str = "system:serviceaccount:*:session-*-sa"
+    allowed_sa: str = ALLOWED_SA
     allowed_namespaces: tuple[str, ...] = ("*",)
     require_bound: bool = True
     managed_label: tuple[str, str] | None = None

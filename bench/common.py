@@ -12,7 +12,8 @@ Run as a script it is one of the two helper processes the benches start:
   the injector's reference), served by uvicorn with the CP's settings (no access log, no
   server header, same loop and HTTP implementation).
 
-Nothing here imports the product: the benches measure it as a black box, as a process.
+The benches measure the product as a black box, as processes; what they import of it is the
+process helpers (:mod:`cp_token.processes`, shared with the tests and ``cp-token dev``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import asyncio
 import itertools
 import json
 import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -32,9 +32,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from cp_token import processes
+from cp_token.processes import LOOPBACK, clean_env, free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
-HOST = "127.0.0.1"
+HOST = LOOPBACK
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 __all__ = [
@@ -54,21 +57,6 @@ __all__ = [
 # --- processes -----------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    """A free TCP port on loopback (bind-and-release)."""
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-def clean_env(extra: Mapping[str, str]) -> dict[str, str]:
-    """The current environment without any product variables, plus ``extra``."""
-    prefixes = ("CP_TOKEN_", "SIDECAR_", "AMBIENT_", "OIDC_", "KUBECONFIG", "BOT_TOKEN")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
-    env.update(extra)
-    return env
-
-
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds consumed so far by process ``pid`` (Linux /proc)."""
     with open(f"/proc/{pid}/stat", "rb") as fh:
@@ -85,65 +73,12 @@ def machine_busy_seconds() -> float:
     return (sum(values[:8]) - idle) / _CLK_TCK  # user..steal; guest is already in user
 
 
-class Proc:
-    """A process started by a bench, its output in a file; always stopped by its own pid."""
+class Proc(processes.Proc):
+    """A process started by a bench (from the repository root), its output in a file; always
+    stopped by its own pid (:meth:`stop`: SIGTERM, then SIGKILL)."""
 
     def __init__(self, name: str, args: list[str], env: Mapping[str, str], log: Path) -> None:
-        self.name = name
-        self.log_path = log
-        self._log = open(log, "wb")  # closed in stop()
-        self.popen = subprocess.Popen(
-            args, env=clean_env(env), stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT
-        )
-
-    @property
-    def pid(self) -> int:
-        """The process id."""
-        return self.popen.pid
-
-    def output(self) -> str:
-        """What the process wrote so far."""
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def wait_http(
-        self, url: str, deadline: float = 30.0, headers: Mapping[str, str] | None = None
-    ) -> None:
-        """Poll ``url`` until it answers 200; raise with the process output otherwise."""
-        import httpx
-
-        end = time.monotonic() + deadline
-        last = "no answer"
-        with httpx.Client(trust_env=False, timeout=2.0) as client:
-            while time.monotonic() < end:
-                if self.popen.poll() is not None:
-                    raise RuntimeError(
-                        f"{self.name} exited {self.popen.returncode}:\n{self.output()[-3000:]}"
-                    )
-                try:
-                    resp = client.get(url, headers=dict(headers or {}))
-                    if resp.status_code == 200:
-                        return
-                    last = f"{resp.status_code} {resp.text[:200]}"
-                except httpx.HTTPError as exc:
-                    last = repr(exc)
-                time.sleep(0.05)
-        raise RuntimeError(f"{self.name}: {url} not 200 in {deadline}s ({last})")
-
-    def stop(self, timeout: float = 10.0) -> int | None:
-        """SIGTERM by pid, wait, then SIGKILL by pid; returns the exit code."""
-        try:
-            if self.popen.poll() is None:
-                os.kill(self.pid, signal.SIGTERM)
-                try:
-                    self.popen.wait(timeout=timeout)
-                except subprocess.TimeoutExpired:
-                    os.kill(self.pid, signal.SIGKILL)
-                    self.popen.wait(timeout=timeout)
-            return self.popen.returncode
-        finally:
-            self._log.close()
+        super().__init__(args, env, log, name=name, cwd=ROOT)
 
 
 def fmt_ms(seconds: float | None) -> str:

@@ -23,7 +23,6 @@ import traceback
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from json.encoder import encode_basestring_ascii
 from pathlib import PurePath
 from typing import Any
@@ -36,7 +35,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cp_token.authn import Authenticator
 from cp_token.bodies import read_body
-from cp_token.clock import Clock
+from cp_token.clock import Clock, rfc3339
 from cp_token.credential import parse_bearer
 from cp_token.decision import TokenAsk, TokenDecision, Trace
 from cp_token.errors import (
@@ -102,13 +101,8 @@ class ExchangeConfig:
 
 
 @functools.lru_cache(maxsize=8)  # a token's expiry repeats for every token of that second
-def _rfc3339_second(second: int) -> str:
-    return datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def rfc3339(ts: float) -> str:
-    """RFC 3339 UTC with a ``Z``, whole seconds."""
-    return _rfc3339_second(math.floor(ts))
+def _expires_at(second: int) -> str:
+    return rfc3339(second)
 
 
 def _expires_in(issued: IssuedToken, now: float) -> int | None:
@@ -124,7 +118,8 @@ def token_body(issued: IssuedToken, now: float) -> bytes:
         expiry = '"expires_at":null,"expires_in":null'
     else:
         expires_in = max(0, math.floor(issued.expires_at - now))
-        expiry = f'"expires_at":"{rfc3339(issued.expires_at)}","expires_in":{expires_in}'
+        expires_at = _expires_at(math.floor(issued.expires_at))
+        expiry = f'"expires_at":"{expires_at}","expires_in":{expires_in}'
     token = encode_basestring_ascii(issued.token)
     return f'{{"token":{token},"token_type":"Bearer",{expiry}}}'.encode()
 

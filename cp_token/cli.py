@@ -9,8 +9,8 @@ import argparse
 import sys
 
 from cp_token import __version__
-from cp_token.config import ConfigError
 from cp_token.extras import require_server_extra
+from cp_token.settings.common import ConfigError
 
 __all__ = ["main"]
 
@@ -49,27 +49,27 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from cp_token.config import load_settings
     from cp_token.logs import setup_logging
+    from cp_token.settings.cp import load_settings
 
     overrides = {
         var: getattr(args, dest) for dest, var in SERVE_FLAGS.items() if getattr(args, dest)
     }
     settings = load_settings(overrides=overrides)
     setup_logging(settings.log_level, settings.log_format)
-    from cp_token.server import run_service
-    from cp_token.service import build_service
+    from cp_token.serve_cmd import run_service
+    from cp_token.wiring import build_service
 
     return run_service(build_service(settings))
 
 
 def _inject() -> int:
-    from cp_token.inject.settings import load_inject_settings
     from cp_token.logs import setup_logging
+    from cp_token.settings.inject import load_inject_settings
 
     settings = load_inject_settings()
     setup_logging(settings.log_level, settings.log_format)
-    from cp_token.inject.server import run_inject
+    from cp_token.inject.serve_cmd import run_inject
 
     return run_inject(settings)
 

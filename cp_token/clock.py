@@ -7,8 +7,11 @@ sleeping.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from typing import Any, Protocol
+
+__all__ = ["Clock", "FakeClock", "SystemClock", "rfc3339", "sleep_or_wake"]
 
 
 class Clock(Protocol):
@@ -67,6 +70,16 @@ class FakeClock:
         """Advance instead of waiting, then yield to the loop once."""
         self.advance(max(0.0, seconds))
         await asyncio.sleep(0)
+
+
+def rfc3339(ts: float, *, millis: bool = False) -> str:
+    """Wall-clock seconds as RFC 3339 UTC with a ``Z``: whole seconds, rounded down (the CP's
+    ``expires_at``), or with milliseconds (``millis``: log timestamps)."""
+    whole = math.floor(ts)
+    text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+    if millis:
+        text += f".{int((ts - whole) * 1000):03d}"
+    return text + "Z"
 
 
 async def sleep_or_wake(clock: Clock, seconds: float | None, wake: asyncio.Event) -> None:

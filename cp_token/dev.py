@@ -12,8 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -21,7 +19,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from types import FrameType
 
-import httpx
+from cp_token.processes import LOOPBACK, Proc, ProcessFailed, free_port, stop_all
+from cp_token.settings.cp import Settings
+from cp_token.settings.sidecar import SidecarSettings
 
 __all__ = ["DEV_REFUSED_TOKEN", "DEV_RUNNER_TOKEN", "run_dev"]
 
@@ -52,31 +52,6 @@ def _identities() -> dict[str, object]:
     }
 
 
-def free_port(preferred: int = 0) -> int:
-    """``preferred`` if it is free on 127.0.0.1, else any free port."""
-    for port in (preferred, 0) if preferred else (0,):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return int(sock.getsockname()[1])
-    raise OSError("no free port on 127.0.0.1")
-
-
-def wait_ready(url: str, proc: subprocess.Popen[bytes], deadline: float) -> None:
-    """Poll ``url`` until it answers 200, the process dies, or the deadline passes."""
-    with httpx.Client(trust_env=False, timeout=1.0) as client:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{url}: the process exited with code {proc.returncode}")
-            with contextlib.suppress(httpx.HTTPError):
-                if client.get(url).status_code == 200:
-                    return
-            time.sleep(0.1)
-    raise RuntimeError(f"{url} was not ready within {STARTUP_DEADLINE:g} s")
-
-
 @dataclass
 class DevPorts:
     """Where the dev processes listen."""
@@ -97,19 +72,6 @@ def curl_lines(ports: DevPorts) -> list[str]:
     ]
 
 
-def _stop(procs: list[subprocess.Popen[bytes]], timeout: float = 10.0) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    end = time.monotonic() + timeout
-    for proc in procs:
-        try:
-            proc.wait(timeout=max(0.1, end - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @contextlib.contextmanager
 def _signals_stop() -> Iterator[list[int]]:
     """Turn SIGINT/SIGTERM into a flag (the loop below polls it)."""
@@ -126,84 +88,93 @@ def _signals_stop() -> Iterator[list[int]]:
             signal.signal(s, h)
 
 
+def _write_files(workdir: str) -> tuple[str, str]:
+    """The dev identities and the sidecar's ServiceAccount token; their paths."""
+    ids_file = os.path.join(workdir, "identities.json")
+    with open(ids_file, "w") as fh:
+        json.dump(_identities(), fh)
+    sa_file = os.path.join(workdir, "sa-token")
+    with open(sa_file, "w") as fh:
+        fh.write(DEV_RUNNER_TOKEN)
+    return ids_file, sa_file
+
+
+def cp_env(ports: DevPorts, ids_file: str) -> dict[str, str]:
+    """The CP's configuration: static dev identities, the jwt minter with an ephemeral key."""
+    return {
+        "CP_TOKEN_LISTEN_ADDR": f"{LOOPBACK}:{ports.cp}",
+        "CP_TOKEN_METRICS_ADDR": f"{LOOPBACK}:{ports.cp_metrics}",
+        "CP_TOKEN_URL": f"http://{LOOPBACK}:{ports.cp}/token",
+        "CP_TOKEN_AUTHN": "static",
+        "CP_TOKEN_STATIC_IDENTITIES_FILE": ids_file,
+        "CP_TOKEN_MINTER": "jwt",
+        "CP_TOKEN_LOG_FORMAT": "text",
+    }
+
+
+def sidecar_env(ports: DevPorts, sa_file: str, workdir: str) -> dict[str, str]:
+    """The sidecar's configuration: towards the dev CP, with the dev ServiceAccount token."""
+    return {
+        "AMBIENT_CP_TOKEN_URL": f"http://{LOOPBACK}:{ports.cp}/token",
+        "SIDECAR_LISTEN_ADDR": f"{LOOPBACK}:{ports.sidecar}",
+        "AMBIENT_SA_TOKEN_FILE": sa_file,
+        "SIDECAR_TOKEN_FILE": os.path.join(workdir, "token"),
+        "SIDECAR_LOG_FORMAT": "text",
+    }
+
+
+def _start(procs: list[Proc], args: list[str], env: dict[str, str], ready: str, end: float) -> None:
+    """``python -m *args`` until ``ready`` answers 200 (the deadline is ``end``).
+
+    Children run in their own session: Ctrl-C reaches the terminal's whole process group,
+    and a child that got it and then our SIGTERM took the second signal as "force quit"
+    (uvicorn then skipped the app's shutdown: a CancelledError traceback at error level).
+    Each child gets exactly one SIGTERM, from here.
+    """
+    procs.append(Proc([sys.executable, "-m", *args], env, name=args[0], new_session=True))
+    procs[-1].wait_http(ready, deadline=max(0.0, end - time.monotonic()))
+
+
+def _serve_until_stopped(procs: list[Proc], stop_signals: list[int]) -> int:
+    """Wait for a signal (0), or for a child to exit on its own (1)."""
+    while not stop_signals:
+        for proc in procs:
+            if proc.popen.poll() is not None:
+                print(
+                    f"cp-token dev: a process exited unexpectedly (code {proc.popen.returncode})",
+                    file=sys.stderr,
+                )
+                return 1
+        time.sleep(0.2)
+    return 0
+
+
 def run_dev() -> int:
     """Start CP + sidecar, print the curl lines, wait for Ctrl-C; returns the exit code."""
     workdir = tempfile.mkdtemp(prefix="cp-token-dev-")
-    procs: list[subprocess.Popen[bytes]] = []
+    procs: list[Proc] = []
     with _signals_stop() as stop_signals:
         try:
-            ids_file = os.path.join(workdir, "identities.json")
-            with open(ids_file, "w") as fh:
-                json.dump(_identities(), fh)
-            sa_file = os.path.join(workdir, "sa-token")
-            with open(sa_file, "w") as fh:
-                fh.write(DEV_RUNNER_TOKEN)
-            ports = DevPorts(
-                cp=free_port(8080), cp_metrics=free_port(9090), sidecar=free_port(8099)
+            ids_file, sa_file = _write_files(workdir)
+            ports = DevPorts(  # the usual ports when they are free
+                cp=free_port(Settings.listen_port),
+                cp_metrics=free_port(Settings.metrics_port),
+                sidecar=free_port(SidecarSettings.listen_port),
             )
-            base = {
-                k: v for k, v in os.environ.items() if not k.startswith(("CP_TOKEN_", "SIDECAR_"))
-            }
-            cp_env = {
-                **base,
-                "CP_TOKEN_LISTEN_ADDR": f"127.0.0.1:{ports.cp}",
-                "CP_TOKEN_METRICS_ADDR": f"127.0.0.1:{ports.cp_metrics}",
-                "CP_TOKEN_URL": f"http://127.0.0.1:{ports.cp}/token",
-                "CP_TOKEN_AUTHN": "static",
-                "CP_TOKEN_STATIC_IDENTITIES_FILE": ids_file,
-                "CP_TOKEN_MINTER": "jwt",
-                "CP_TOKEN_LOG_FORMAT": "text",
-            }
-            sidecar_env = {
-                **base,
-                "AMBIENT_CP_TOKEN_URL": f"http://127.0.0.1:{ports.cp}/token",
-                "SIDECAR_LISTEN_ADDR": f"127.0.0.1:{ports.sidecar}",
-                "AMBIENT_SA_TOKEN_FILE": sa_file,
-                "SIDECAR_TOKEN_FILE": os.path.join(workdir, "token"),
-                "SIDECAR_LOG_FORMAT": "text",
-            }
-            # Children run in their own session: Ctrl-C reaches the terminal's whole process
-            # group, and a child that got it and then our SIGTERM took the second signal as
-            # "force quit" (uvicorn then skipped the app's shutdown: a CancelledError
-            # traceback at error level). Each child gets exactly one SIGTERM, from here.
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "cp_token", "serve"],
-                    env=cp_env,
-                    start_new_session=True,
-                    stdout=sys.stderr,
-                )
-            )
-            deadline = time.monotonic() + STARTUP_DEADLINE
-            wait_ready(f"http://127.0.0.1:{ports.cp_metrics}/readyz", procs[0], deadline)
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "sidecar"],
-                    env=sidecar_env,
-                    start_new_session=True,
-                    stdout=sys.stderr,
-                )
-            )
-            wait_ready(f"http://127.0.0.1:{ports.sidecar}/readyz", procs[1], deadline)
-
+            end = time.monotonic() + STARTUP_DEADLINE
+            ready = f"http://{LOOPBACK}:{ports.cp_metrics}/readyz"
+            _start(procs, ["cp_token", "serve"], cp_env(ports, ids_file), ready, end)
+            ready = f"http://{LOOPBACK}:{ports.sidecar}/readyz"
+            _start(procs, ["sidecar"], sidecar_env(ports, sa_file, workdir), ready, end)
             # stdout carries only the curl lines, so it can be piped or pasted as is.
             print("cp-token dev: CP and sidecar are running. Try:", file=sys.stderr, flush=True)
             for line in curl_lines(ports):
                 print(line, flush=True)
             print("cp-token dev: Ctrl-C stops both.", file=sys.stderr, flush=True)
-            while not stop_signals:
-                for proc in procs:
-                    if proc.poll() is not None:
-                        print(
-                            f"cp-token dev: a process exited unexpectedly (code {proc.returncode})",
-                            file=sys.stderr,
-                        )
-                        return 1
-                time.sleep(0.2)
-            return 0
-        except RuntimeError as exc:
+            return _serve_until_stopped(procs, stop_signals)
+        except ProcessFailed as exc:
             print(f"cp-token dev: {exc}", file=sys.stderr)
             return 1
         finally:
-            _stop(procs)
+            stop_all(procs)
             shutil.rmtree(workdir, ignore_errors=True)

@@ -13,7 +13,7 @@ import ssl
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from cp_token.config import ConfigError
+from cp_token.settings.common import ConfigError
 
 __all__ = ["FileWatcher", "WatchedFile", "watch_tls"]
 
@@ -51,6 +51,15 @@ class WatchedFile(Generic[T]):
     def value(self) -> T:
         """The last good parsed content."""
         return self._value
+
+    def get(self) -> T:
+        """The last good parsed content (a bound method to hand to whoever reads it later)."""
+        return self._value
+
+    def subscribe(self, on_change: Callable[[T], None]) -> None:
+        """Call ``on_change(new value)`` after each reload (replacing an earlier callback):
+        the object that needs the news can be built after the file was first read."""
+        self._on_change = on_change
 
     def check(self) -> bool:
         """Re-read the file (blocking; call off the loop); True if the value changed."""
@@ -100,6 +109,11 @@ class FileWatcher:
 
     def __len__(self) -> int:
         return len(self._files)
+
+    def watch_tls(self, ctx: ssl.SSLContext, cert: tuple[str, str], key: tuple[str, str]) -> None:
+        """Reload ``ctx`` when the certificate or the key changes (see :func:`watch_tls`)."""
+        for watched in watch_tls(ctx, cert, key):
+            self.add(watched)
 
     def check_all(self) -> int:
         """Check every file now (blocking); returns how many changed."""

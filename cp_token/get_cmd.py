@@ -11,7 +11,8 @@ import argparse
 import sys
 
 from cp_token.client import TokenError, TokenSource
-from cp_token.config import ConfigError, load_client_settings
+from cp_token.settings.client import load_client_settings
+from cp_token.settings.common import ConfigError
 
 __all__ = ["run_get"]
 

@@ -18,7 +18,7 @@ from collections import OrderedDict
 from json.encoder import encode_basestring_ascii
 from typing import Any
 
-from cp_token.clock import Clock, SystemClock
+from cp_token.clock import Clock, SystemClock, rfc3339
 
 __all__ = [
     "AUDIT_FIELDS",
@@ -113,7 +113,7 @@ def _ts(created: float) -> str:
     if last[0] == second:
         head = last[1]
     else:
-        head = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
+        head = rfc3339(second)[:-1]  # without the Z
         _last_second = (second, head)
     return head + _MILLIS[int((created % 1) * 1000)]
 

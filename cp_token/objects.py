@@ -11,7 +11,7 @@ remembered as None for the same time as a found one.
   (:attr:`Cached.valid_until`), so caches never stack.
 - Label reads (outside a review) have their own bound, ``max_reads``, so they never wait
   behind token reviews, and reviews never wait behind them; the Kubernetes worker pool is
-  sized for both (see :mod:`cp_token.service`).
+  sized for both (see :mod:`cp_token.wiring`).
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from functools import lru_cache
 
 from cp_token.errors import Forbidden
 from cp_token.identity import Identity
+from cp_token.settings.cp import ALLOWED_SA
 
 __all__ = ["RunnerPolicy", "glob_match"]
 
@@ -64,7 +65,7 @@ def _empty_session_id(identity: Identity) -> bool:
 class RunnerPolicy:
     """The rules a caller must meet to be treated as a session runner."""
 
-    allowed_sa: str = "system:serviceaccount:*:session-*-sa"
+    allowed_sa: str = ALLOWED_SA
     allowed_namespaces: tuple[str, ...] = ("*",)
     require_bound: bool = True
     managed_label: tuple[str, str] | None = None
@@ -77,7 +78,13 @@ class RunnerPolicy:
             raise Forbidden(
                 f"{identity.username} is not a ServiceAccount", reason="not_service_account"
             )
-        if not glob_match(identity.username, self.allowed_sa) or _empty_session_id(identity):
+        if _empty_session_id(identity):
+            raise Forbidden(
+                f"ServiceAccount {identity.username} is not a session runner "
+                "(session-<id>-sa with an empty session id)",
+                reason="sa_not_allowed",
+            )
+        if not glob_match(identity.username, self.allowed_sa):
             raise Forbidden(
                 f"ServiceAccount {identity.username} is not a session runner "
                 f"(must match {self.allowed_sa})",

@@ -1,10 +1,13 @@
-"""What every server of the project shares: listeners and uvicorn servers with the edge limits
-(:mod:`cp_token.edge`), the file-descriptor budget, and one run loop with signal handling.
+"""What every server of the project (the CP, the sidecar, the injector) shares: listeners and
+uvicorn servers with the edge limits (:mod:`cp_token.edge`), the file-descriptor budget,
+HTTPS with certificate reload, background tasks that end the process when they die, and
+one run loop with signal handling.
 
-Use: ``sock = bind(variable, host, port, max_connections=..., limit_name=...)``,
-``server = edge_server(app, ...)``, then ``ServerGroup().serve((server, sock), ...)`` to run
-them until SIGTERM/SIGINT (exit 0), ``stop(1)`` (a dead background task) or a failed start
-(exit 1).
+Use: ``api_sock, probe_sock = bind_serving(variable, host, port, probes=(...))``,
+``server = api_server(app, graceful_seconds=..., tls=..., watcher=...)`` (the app's lifespan
+runs ``background(jobs, on_death)``), then ``ServerGroup().serve((server, api_sock),
+(edge_server(probe_app), probe_sock))`` until SIGTERM/SIGINT (exit 0), ``stop(1)`` (a dead
+background task) or a failed start (exit 1).
 """
 
 from __future__ import annotations
@@ -16,12 +19,12 @@ import resource
 import signal
 import socket
 import ssl
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Literal
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 import uvicorn
 
-from cp_token.config import ConfigError
 from cp_token.edge import (
     EdgeLimits,
     EdgeListener,
@@ -29,9 +32,12 @@ from cp_token.edge import (
     edge_protocol,
     is_edge_protocol,
 )
+from cp_token.settings.common import DEFAULT_MAX_CONNECTIONS, ConfigError
 
-if TYPE_CHECKING:  # the sidecar serves through this module and never loads Starlette
+if TYPE_CHECKING:  # the sidecar serves through this module and loads neither
     from starlette.types import ASGIApp
+
+    from cp_token.filewatch import FileWatcher
 
 __all__ = [
     "DEFAULT_MAX_CONNECTIONS",
@@ -41,9 +47,13 @@ __all__ = [
     "EdgeServer",
     "QuietSignalsServer",
     "ServerGroup",
+    "TlsFiles",
+    "api_server",
+    "background",
     "bind",
     "bind_listener",
     "bind_probes",
+    "bind_serving",
     "edge_server",
     "fit_connection_caps",
     "load_tls",
@@ -52,7 +62,6 @@ __all__ = [
 
 log = logging.getLogger("cp_token.serving")
 
-DEFAULT_MAX_CONNECTIONS = 4096
 # Probe and metrics ports: Prometheus and the kubelet, a handful of connections.
 PROBE_MAX_CONNECTIONS = 64
 PROBE_LIMIT_NAME = "the metrics port's fixed cap"
@@ -115,6 +124,28 @@ def bind_probes(variable: str, host: str, port: int) -> EdgeListener:
     return bind(
         variable, host, port, max_connections=PROBE_MAX_CONNECTIONS, limit_name=PROBE_LIMIT_NAME
     )
+
+
+def bind_serving(
+    variable: str,
+    host: str,
+    port: int,
+    *,
+    limit_name: str,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    probes: tuple[str, str, int] | None = None,
+) -> list[EdgeListener]:
+    """The serving listener, then the probe listener when ``probes`` = ``(variable, host,
+    port)`` is given; ConfigError naming the variable when one cannot be bound (none is
+    left open then)."""
+    sockets = [bind(variable, host, port, max_connections=max_connections, limit_name=limit_name)]
+    if probes is not None:
+        try:
+            sockets.append(bind_probes(*probes))
+        except ConfigError:
+            sockets[0].close()
+            raise
+    return sockets
 
 
 def raise_fd_limit() -> int:
@@ -229,6 +260,85 @@ def load_tls(server: EdgeServer) -> ssl.SSLContext | None:
     return server.config.ssl
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """A serving certificate and its key, each as ``(variable, path)``."""
+
+    cert: tuple[str, str]
+    key: tuple[str, str]
+
+
+def api_server(
+    app: ASGIApp,
+    *,
+    graceful_seconds: float,
+    tls: TlsFiles | None = None,
+    watcher: FileWatcher | None = None,
+) -> EdgeServer:
+    """The serving port's server: :func:`edge_server` with the app's lifespan, over HTTPS
+    when ``tls`` is given. The certificate loads now (else ConfigError naming its variable)
+    and, with a ``watcher``, is re-read when its files change."""
+    server = edge_server(
+        app,
+        lifespan="on",
+        graceful_seconds=graceful_seconds,
+        ssl_certfile=None if tls is None else tls.cert[1],
+        ssl_keyfile=None if tls is None else tls.key[1],
+    )
+    if tls is None:
+        return server
+    try:
+        context = load_tls(server)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(tls.cert[0], f"certificate does not load ({exc})") from None
+    if watcher is not None and context is not None:
+        watcher.watch_tls(context, tls.cert, tls.key)
+    return server
+
+
+@contextlib.asynccontextmanager
+async def background(
+    jobs: Mapping[str, Coroutine[Any, Any, None]],
+    on_death: Callable[[str, BaseException], None],
+    *,
+    may_return: Collection[str] = (),
+) -> AsyncIterator[None]:
+    """Run ``jobs`` (name -> coroutine) as tasks while the context is open; cancel and await
+    them when it closes.
+
+    A job that raises, or returns unless it is named in ``may_return``, is logged and
+    reported to ``on_death(name, exception)``: a server is not left serving half-alive.
+    """
+    tasks = {asyncio.create_task(coro, name=name): name for name, coro in jobs.items()}
+
+    def died(task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        name, exc = tasks[task], task.exception()
+        if exc is None and name in may_return:
+            return
+        exc = exc or RuntimeError(f"{name} returned")
+        log.error("background task %s stopped (%r); exiting", name, exc, exc_info=exc)
+        on_death(name, exc)
+
+    for task in tasks:
+        task.add_done_callback(died)
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.remove_done_callback(died)
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def endpoint(server: uvicorn.Server, sock: socket.socket) -> str:
+    """``scheme://host:port`` of a server on its socket, for the log."""
+    host, port = sock.getsockname()[:2]
+    scheme = "https" if server.config.ssl_certfile else "http"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
 class ServerGroup:
     """Servers that run and stop together, e.g. an API port and a metrics port.
 
@@ -276,6 +386,8 @@ class ServerGroup:
                 server.should_exit = True
         listeners = [sock for _, sock in pairs if isinstance(sock, EdgeListener)]
         fit_connection_caps(listeners, raise_fd_limit())
+        urls = [endpoint(server, sock) for server, sock in pairs]
+        log.info("serving", extra={"fields": {"listeners": urls}})
         loop = asyncio.get_running_loop()
         for sig in HANDLED_SIGNALS:
             loop.add_signal_handler(sig, self.stop, 0)

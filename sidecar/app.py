@@ -7,7 +7,6 @@ hot path. It serves pre-rendered JSON (only ``expires_in`` changes between two r
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import json
@@ -18,8 +17,9 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any
 
 from cp_token.client import FetchedToken
-from cp_token.config import is_loopback_host
 from cp_token.edge import absolute_form
+from cp_token.serving import background
+from cp_token.settings.common import is_loopback_host
 
 from .asgi import TEXT, ASGIApp, Receive, Router, Scope, Send, plain_endpoint
 from .holder import TokenHolder
@@ -143,6 +143,8 @@ class TokenEndpoint:
         if reason is not None:
             self._metrics.request(method, "refused")
             return 403, [], _error("access_denied", reason)
+        if self._holder.rejection is not None:
+            self._refresher.check_sa_token()  # a rotated SA token is tried at once
         if method == "GET":
             try:
                 min_ttl = parse_min_ttl(scope["query_string"], self._min_ttl)
@@ -215,24 +217,16 @@ def create_app(
     """The sidecar's main app. Its lifespan runs the refresh loop; should the loop die,
     ``on_fatal`` is called (the CLI stops the process with a non-zero exit)."""
 
-    def loop_done(task: asyncio.Task[None]) -> None:
-        if task.cancelled():
-            return
-        exc = task.exception() or RuntimeError("the refresh loop returned")
-        log.critical("the refresh loop died", extra={"fields": {"error": repr(exc)}}, exc_info=exc)
+    def loop_died(name: str, exc: BaseException) -> None:
         if on_fatal is not None:
             on_fatal(exc)
 
     @contextlib.asynccontextmanager
     async def lifespan() -> AsyncIterator[None]:
-        task = asyncio.create_task(refresher.run(), name="sidecar-refresh")
-        task.add_done_callback(loop_done)
         try:
-            yield
+            async with background({"sidecar-refresh": refresher.run()}, loop_died):
+                yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task  # a failure was reported by loop_done already
             await refresher.source.aclose()
 
     routes: dict[str, ASGIApp] = {

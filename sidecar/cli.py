@@ -10,22 +10,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import socket
 import sys
 from collections.abc import Sequence
 
 from cp_token.client import TokenError
 from cp_token.clock import SystemClock
-from cp_token.config import ConfigError, SidecarSettings, load_sidecar_settings, redacted
 from cp_token.logs import setup_logging
-from cp_token.serving import (
-    DEFAULT_MAX_CONNECTIONS,
-    PROBE_LIMIT_NAME,
-    PROBE_MAX_CONNECTIONS,
-    ServerGroup,
-    bind_listener,
-    edge_server,
-)
+from cp_token.serving import ServerGroup, api_server, bind_serving, edge_server
+from cp_token.settings.common import ConfigError, redacted
+from cp_token.settings.sidecar import SidecarSettings, load_sidecar_settings
 
 from .app import create_app, create_metrics_app
 from .holder import HolderPolicy, TokenHolder
@@ -125,25 +118,22 @@ async def serve(settings: SidecarSettings, source: UpstreamSource) -> int:
     app = create_app(
         refresher, metrics=metrics, min_ttl=settings.min_ttl, on_fatal=lambda exc: group.stop(1)
     )
-    addrs = [(settings.listen_host, settings.listen_port, DEFAULT_MAX_CONNECTIONS, LIMIT_NAME)]
+    probes = None
     if settings.metrics_host is not None and settings.metrics_port is not None:
-        addrs.append(
-            (settings.metrics_host, settings.metrics_port, PROBE_MAX_CONNECTIONS, PROBE_LIMIT_NAME)
+        probes = ("SIDECAR_METRICS_ADDR", settings.metrics_host, settings.metrics_port)
+    try:
+        sockets = bind_serving(
+            "SIDECAR_LISTEN_ADDR",
+            settings.listen_host,
+            settings.listen_port,
+            limit_name=LIMIT_NAME,
+            probes=probes,
         )
-    sockets: list[socket.socket] = []
-    for host, port, cap, name in addrs:
-        try:
-            sockets.append(bind_listener(host, port, max_connections=cap, limit_name=name))
-        except OSError as exc:
-            for sock in sockets:
-                sock.close()
-            print(f"{PROG}: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
-            return 1
-    pairs = [(edge_server(app, lifespan="on", graceful_seconds=GRACEFUL_SECONDS), sockets[0])]
+    except ConfigError as exc:  # a busy port is not a configuration mistake: exit 1
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
+    pairs = [(api_server(app, graceful_seconds=GRACEFUL_SECONDS), sockets[0])]
     if len(sockets) > 1:
         metrics_app = create_metrics_app(holder, metrics)
         pairs.append((edge_server(metrics_app, graceful_seconds=GRACEFUL_SECONDS), sockets[1]))
-    for sock in sockets:
-        host, port = sock.getsockname()[:2]
-        log.info("listening", extra={"fields": {"addr": f"{host}:{port}"}})
     return await group.serve(*pairs)

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from cp_token.backoff import Backoff
 from cp_token.client import FetchedToken
 from cp_token.clock import Clock
+from cp_token.settings.sidecar import REFRESH_FRACTION
 
 __all__ = ["SIDECAR_BACKOFF", "HolderPolicy", "Rejection", "State", "TokenHolder"]
 
@@ -60,7 +61,7 @@ class State(enum.Enum):
 class HolderPolicy:
     """The holder's timing rules (seconds)."""
 
-    refresh_fraction: float = 0.5
+    refresh_fraction: float = REFRESH_FRACTION
     jitter: float = 0.1
     backoff: Backoff = SIDECAR_BACKOFF
     rejected_min: float = 30.0

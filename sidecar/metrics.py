@@ -8,7 +8,8 @@ path. No token or identity is ever a label; every label value here is a fixed wo
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import cp_token
 
@@ -47,6 +48,20 @@ def _family(name: str, kind: str, help_text: str, samples: Iterable[str]) -> Ite
     yield f"# HELP {name} {help_text}"
     yield f"# TYPE {name} {kind}"
     yield from samples
+
+
+def _counters(
+    name: str, help_text: str, labels: Sequence[str], children: Mapping[Any, Counter]
+) -> Iterator[str]:
+    """A counter family: one sample per child, keyed by its label value (a tuple of values
+    for several labels)."""
+
+    def sample(key: Any, counter: Counter) -> str:
+        values = key if isinstance(key, tuple) else (key,)
+        pairs = list(zip(labels, values, strict=True))
+        return f"{name}{_labels(pairs)} {format_value(counter.value)}"
+
+    return _family(name, "counter", help_text, (sample(k, c) for k, c in children.items()))
 
 
 class Counter:
@@ -115,39 +130,27 @@ class SidecarMetrics:
         return ("\n".join(self._lines()) + "\n").encode()
 
     def _lines(self) -> Iterator[str]:
-        name = "cp_token_sidecar_token_requests_total"
-        yield from _family(
-            name,
-            "counter",
+        yield from _counters(
+            "cp_token_sidecar_token_requests_total",
             "Requests to /token by method and outcome.",
-            (
-                f"{name}{_labels([('method', m), ('outcome', o)])} {format_value(c.value)}"
-                for (m, o), c in self.requests.items()
-            ),
+            ("method", "outcome"),
+            self.requests,
         )
-        name = "cp_token_sidecar_upstream_fetches_total"
-        yield from _family(
-            name,
-            "counter",
+        yield from _counters(
+            "cp_token_sidecar_upstream_fetches_total",
             "Fetches from the CP by outcome.",
-            (
-                f"{name}{_labels([('outcome', o)])} {format_value(c.value)}"
-                for o, c in self.fetches.items()
-            ),
+            ("outcome",),
+            self.fetches,
         )
         name = "cp_token_sidecar_upstream_fetch_seconds"
         yield from _family(
             name, "histogram", "Latency of fetches from the CP.", self.fetch_seconds.samples(name)
         )
-        name = "cp_token_sidecar_token_file_writes_total"
-        yield from _family(
-            name,
-            "counter",
+        yield from _counters(
+            "cp_token_sidecar_token_file_writes_total",
             "Writes (and removals) of SIDECAR_TOKEN_FILE by outcome.",
-            (
-                f"{name}{_labels([('outcome', o)])} {format_value(c.value)}"
-                for o, c in self.file_writes.items()
-            ),
+            ("outcome",),
+            self.file_writes,
         )
         name = "cp_token_sidecar_build_info"
         version = _labels([("version", cp_token.__version__)])

@@ -141,7 +141,7 @@ class Refresher:
         while True:
             self._wake.clear()
             await self._expire_sink()
-            self._check_sa_token()
+            self.check_sa_token()
             due = self.holder.next_fetch_at()
             now = self._clock.monotonic()
             if due is not None and due <= now:
@@ -153,7 +153,7 @@ class Refresher:
             wakes = [t for t in (due, self._sink_expiry, poll) if t is not None]
             await sleep_or_wake(self._clock, min(wakes) - now if wakes else None, self._wake)
 
-    def _check_sa_token(self) -> None:
+    def check_sa_token(self) -> None:
         """After a refusal, a changed SA token file is worth a fetch now (a small read)."""
         if self.holder.rejection is not None and self.source.sa_token_changed():
             log.info("the ServiceAccount token file changed; fetching again")

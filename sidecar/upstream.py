@@ -25,9 +25,10 @@ from cp_token.client._http import (
     parse_token_response,
     untrusted_certificate,
 )
-from cp_token.client._retry import RetryPolicy, retry_async
+from cp_token.client._retry import Retrier, RetryPolicy
 from cp_token.clock import Clock, SystemClock
-from cp_token.config import ConfigError, parse_url
+from cp_token.settings.client import TIMEOUT
+from cp_token.settings.common import ConfigError, parse_url
 
 __all__ = ["TokenFetcher", "UpstreamSource"]
 
@@ -161,7 +162,7 @@ class UpstreamSource:
         cp_url: str,
         sa_token_file: str,
         ca_file: str | None = None,
-        timeout: float = 10.0,
+        timeout: float = TIMEOUT,
         deadline: float = 30.0,
         clock: Clock | None = None,
         rand: Callable[[], float] = random.random,
@@ -181,9 +182,8 @@ class UpstreamSource:
         self._ca_file = ca_file
         self._context: ssl.SSLContext | None = None
         self._timeout = timeout
-        self._policy = RetryPolicy(deadline=deadline)
         self._clock: Clock = clock if clock is not None else SystemClock()
-        self._rand = rand
+        self._retry = Retrier(RetryPolicy(deadline=deadline), self._clock, rand)
 
     def _ssl(self) -> ssl.SSLContext | None:
         if not self._tls:
@@ -253,12 +253,7 @@ class UpstreamSource:
 
     async def afetch(self, min_ttl: float | None = None, *, force: bool = False) -> FetchedToken:
         """:meth:`afetch_once`, retrying transient failures until the deadline."""
-        return await retry_async(
-            lambda: self.afetch_once(min_ttl, force=force),
-            policy=self._policy,
-            clock=self._clock,
-            rand=self._rand,
-        )
+        return await self._retry.acall(lambda: self.afetch_once(min_ttl, force=force))
 
     async def aclose(self) -> None:
         """Nothing held between fetches (one connection per fetch)."""

@@ -12,10 +12,11 @@ from __future__ import annotations
 import hashlib
 import math
 import ssl
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
+
+from cp_token.clock import rfc3339
 
 from ._errors import TokenError, TokenRejected, TokenUnavailable
 from ._retry import parse_retry_after
@@ -38,11 +39,6 @@ __all__ = [
 
 SIDECAR_HEADER = "Ambient-Token-Request"
 _MAX_DESCRIPTION = 300
-
-
-def rfc3339(epoch: float) -> str:
-    """RFC 3339 UTC with a ``Z``, whole seconds (the CP's ``expires_at`` format)."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from cp_token.clock import Clock
 
 from ._errors import TokenUnavailable
 
-__all__ = ["RetryPolicy", "parse_retry_after", "retry_async", "retry_sync"]
+__all__ = ["Retrier", "RetryPolicy", "parse_retry_after"]
 
 T = TypeVar("T")
 
@@ -38,58 +38,51 @@ class RetryPolicy:
         return Backoff(base=self.initial, cap=self.cap).delay(failures, rand, retry_after)
 
 
-def _next_wait(
-    exc: TokenUnavailable,
-    failures: int,
-    started: float,
-    policy: RetryPolicy,
-    clock: Clock,
-    rand: Callable[[], float],
-) -> float:
-    """The wait before the next attempt, or raise when it would overrun the deadline."""
-    wait = policy.backoff(failures, rand, exc.retry_after)
-    elapsed = clock.monotonic() - started
-    if elapsed + wait > policy.deadline:
-        raise TokenUnavailable(
-            f"gave up after {failures} attempt(s) in {elapsed:.1f}s: {exc}",
-            exc.url,
-            retry_after=exc.retry_after,
-        ) from exc
-    return wait
+class _Tries:
+    """One call's attempts so far: how long to wait after a failure, within the deadline."""
+
+    def __init__(self, policy: RetryPolicy, clock: Clock, rand: Callable[[], float]) -> None:
+        self._policy, self._clock, self._rand = policy, clock, rand
+        self._started = clock.monotonic()
+        self._failures = 0
+
+    def wait_after(self, exc: TokenUnavailable) -> float:
+        """The wait before the next attempt; raises when it would overrun the deadline."""
+        self._failures += 1
+        wait = self._policy.backoff(self._failures, self._rand, exc.retry_after)
+        elapsed = self._clock.monotonic() - self._started
+        if elapsed + wait > self._policy.deadline:
+            raise TokenUnavailable(
+                f"gave up after {self._failures} attempt(s) in {elapsed:.1f}s: {exc}",
+                exc.url,
+                retry_after=exc.retry_after,
+            ) from exc
+        return wait
 
 
-def retry_sync(
-    attempt: Callable[[], T],
-    *,
-    policy: RetryPolicy,
-    clock: Clock,
-    sleep: Callable[[float], None],
-    rand: Callable[[], float],
-) -> T:
-    """Call ``attempt`` until it returns, retrying :class:`TokenUnavailable` only."""
-    started = clock.monotonic()
-    failures = 0
-    while True:
-        try:
-            return attempt()
-        except TokenUnavailable as exc:
-            failures += 1
-            sleep(_next_wait(exc, failures, started, policy, clock, rand))
+@dataclass(frozen=True)
+class Retrier:
+    """A :class:`RetryPolicy` on a clock: calls an attempt until it returns, retrying
+    :class:`TokenUnavailable` only (anything else, e.g. a refusal, is raised at once)."""
 
+    policy: RetryPolicy
+    clock: Clock
+    rand: Callable[[], float]
 
-async def retry_async(
-    attempt: Callable[[], Awaitable[T]],
-    *,
-    policy: RetryPolicy,
-    clock: Clock,
-    rand: Callable[[], float],
-) -> T:
-    """Await ``attempt`` until it returns, retrying :class:`TokenUnavailable` only."""
-    started = clock.monotonic()
-    failures = 0
-    while True:
-        try:
-            return await attempt()
-        except TokenUnavailable as exc:
-            failures += 1
-            await clock.sleep(_next_wait(exc, failures, started, policy, clock, rand))
+    def call(self, attempt: Callable[[], T], sleep: Callable[[float], None]) -> T:
+        """Blocking: waits with ``sleep`` (the clock's own in tests)."""
+        tries = _Tries(self.policy, self.clock, self.rand)
+        while True:
+            try:
+                return attempt()
+            except TokenUnavailable as exc:
+                sleep(tries.wait_after(exc))
+
+    async def acall(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Async: waits on the clock."""
+        tries = _Tries(self.policy, self.clock, self.rand)
+        while True:
+            try:
+                return await attempt()
+            except TokenUnavailable as exc:
+                await self.clock.sleep(tries.wait_after(exc))

@@ -26,13 +26,13 @@ from typing import Any, Literal, TypedDict, Unpack
 import httpx
 
 from cp_token.clock import Clock, SystemClock
-from cp_token.config import (
+from cp_token.settings.client import (
     DEFAULT_SA_TOKEN_FILE,
+    TIMEOUT,
     ClientSettings,
-    ConfigError,
     load_client_settings,
-    parse_url,
 )
+from cp_token.settings.common import ConfigError, parse_url
 from cp_token.singleflight import SharedCall
 
 from ._errors import TokenError, TokenRejected
@@ -44,7 +44,7 @@ from ._http import (
     parse_token_response,
     transport_error,
 )
-from ._retry import RetryPolicy, retry_async, retry_sync
+from ._retry import Retrier, RetryPolicy
 
 __all__ = ["SourceOptions", "TokenSource"]
 
@@ -107,7 +107,7 @@ class TokenSource:
         sa_token_file: str = DEFAULT_SA_TOKEN_FILE,
         static_token: str | None = None,
         ca_file: str | None = None,
-        timeout: float = 10.0,
+        timeout: float = TIMEOUT,
         **options: Unpack[SourceOptions],
     ) -> None:
         given = [v for v in (sidecar_url, cp_url, static_token) if v is not None]
@@ -125,12 +125,15 @@ class TokenSource:
         self._static = static_token
         self._ca_file = ca_file
         self._timeout = timeout
-        self._policy = RetryPolicy(deadline=options.get("deadline", 30.0))
         self._refresh_before = options.get("refresh_before", 30.0)
         self._refresh_fraction = options.get("refresh_fraction", 0.1)
         clock = options.get("clock")
         self._clock: Clock = clock if clock is not None else SystemClock()
-        self._rand = options.get("rand", random.random)
+        self._retry = Retrier(
+            RetryPolicy(deadline=options.get("deadline", 30.0)),
+            self._clock,
+            options.get("rand", random.random),
+        )
         default_sleep = time.sleep if clock is None else getattr(clock, "advance", time.sleep)
         self._sync_sleep: Callable[[float], None] = options.get("sync_sleep", default_sleep)
         self._transport = options.get("transport")
@@ -276,22 +279,11 @@ class TokenSource:
     def fetch(self, min_ttl: float | None = None, *, force: bool = False) -> FetchedToken:
         """Fetch a token now (no cache check), retrying transient failures until the
         deadline; raises :class:`TokenRejected` or :class:`TokenUnavailable`."""
-        return retry_sync(
-            lambda: self.fetch_once(min_ttl, force=force),
-            policy=self._policy,
-            clock=self._clock,
-            sleep=self._sync_sleep,
-            rand=self._rand,
-        )
+        return self._retry.call(lambda: self.fetch_once(min_ttl, force=force), self._sync_sleep)
 
     async def afetch(self, min_ttl: float | None = None, *, force: bool = False) -> FetchedToken:
         """Async :meth:`fetch`."""
-        return await retry_async(
-            lambda: self.afetch_once(min_ttl, force=force),
-            policy=self._policy,
-            clock=self._clock,
-            rand=self._rand,
-        )
+        return await self._retry.acall(lambda: self.afetch_once(min_ttl, force=force))
 
     def fetch_once(self, min_ttl: float | None = None, *, force: bool = False) -> FetchedToken:
         """One attempt, no retry: the caller owns the backoff (the sidecar's holder does).

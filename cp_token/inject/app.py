@@ -29,7 +29,7 @@ from cp_token.health import Readiness, probe_app
 from cp_token.inject.errors import InvalidReview
 from cp_token.inject.metrics import InjectMetrics
 from cp_token.inject.patch import Decision, decide
-from cp_token.inject.settings import InjectSettings
+from cp_token.settings.inject import InjectSettings
 
 __all__ = [
     "MAX_REVIEW_BYTES",

@@ -19,7 +19,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from cp_token.inject.settings import InjectSettings
+from cp_token.settings.client import SA_TOKEN_DIR
+from cp_token.settings.common import CP_AUDIENCE
+from cp_token.settings.inject import InjectSettings
+from cp_token.settings.sidecar import LISTEN_ADDR
 
 __all__ = [
     "CONTAINERS_ANNOTATION",
@@ -43,11 +46,10 @@ FILE_VOLUME = "cp-token-file"
 TMP_VOLUME = "cp-token-tmp"
 VOLUME_NAMES = (SA_VOLUME, FILE_VOLUME, TMP_VOLUME)
 
-SA_TOKEN_DIR = "/var/run/secrets/tokens"
-SA_TOKEN_PATH = "ambient-cp"
+SA_TOKEN_PATH = CP_AUDIENCE  # the file the sidecar reads by default (AMBIENT_SA_TOKEN_FILE)
 TOKEN_DIR = "/var/run/ambient"
 TOKEN_FILE = f"{TOKEN_DIR}/token"
-SIDECAR_ADDR = "127.0.0.1:8099"
+SIDECAR_ADDR = LISTEN_ADDR
 SIDECAR_URL = f"http://{SIDECAR_ADDR}/token"
 METRICS_PORT = 9099
 
@@ -171,11 +173,9 @@ APP_MOUNT = {"name": FILE_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True}
 def _list_at(obj: Mapping[str, Any], key: str, where: str) -> list[Any] | None:
     """``obj[key]`` when it is a list, None when absent or null; Refused for anything else."""
     value = obj.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, list):
-        raise Refused(f"the pod is malformed: {where}.{key} is not a list")
-    return value
+    if value is None or isinstance(value, list):
+        return value
+    raise Refused(f"the pod is malformed: {where}.{key} is not a list")
 
 
 def _named(items: list[Any], where: str) -> list[dict[str, Any]]:

@@ -1,85 +1,39 @@
-"""Start the product's commands as real processes on loopback; stop them by pid."""
+"""Start the product's commands as real processes on loopback; stop them by pid.
+
+The helpers are :mod:`cp_token.processes` (shared with ``cp-token dev`` and the benches);
+this module adds the repository root and the commands the tests start.
+"""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Mapping
 from pathlib import Path
 
-import httpx
+from cp_token import processes
+from cp_token.processes import clean_env, free_port
+
+__all__ = [
+    "ROOT",
+    "Proc",
+    "clean_env",
+    "cp_serve",
+    "free_port",
+    "run_cmd",
+    "sidecar_serve",
+    "write_identities",
+]
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def clean_env(extra: Mapping[str, str]) -> dict[str, str]:
-    """The test's environment without any product variables, plus ``extra``."""
-    prefixes = ("CP_TOKEN_", "SIDECAR_", "AMBIENT_", "OIDC_", "KUBECONFIG", "BOT_TOKEN")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
-    env.update(extra)
-    return env
-
-
-class Proc:
-    """A running command with its output captured to a file."""
+class Proc(processes.Proc):
+    """A command run from the repository root, its output captured to ``log``."""
 
     def __init__(self, args: list[str], env: Mapping[str, str], log: Path) -> None:
-        self.log_path = log
-        self._log = open(log, "wb")
-        self.popen = subprocess.Popen(
-            args, env=clean_env(env), stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def output(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def wait_http(self, url: str, deadline: float = 20.0, status: int = 200, **kw: object) -> None:
-        end = time.monotonic() + deadline
-        last = "no answer"
-        with httpx.Client(trust_env=False, timeout=1.0, **kw) as client:  # type: ignore[arg-type]
-            while time.monotonic() < end:
-                if self.popen.poll() is not None:
-                    raise AssertionError(f"exited {self.popen.returncode}:\n{self.output()}")
-                try:
-                    resp = client.get(url)
-                    if resp.status_code == status:
-                        return
-                    last = f"{resp.status_code} {resp.text[:200]}"
-                except httpx.HTTPError as exc:
-                    last = repr(exc)
-                time.sleep(0.05)
-        raise AssertionError(f"{url} not {status} in {deadline}s ({last}):\n{self.output()}")
-
-    def terminate(self, timeout: float = 15.0) -> int:
-        if self.popen.poll() is None:
-            os.kill(self.pid, signal.SIGTERM)
-        try:
-            return self.popen.wait(timeout=timeout)
-        finally:
-            self.stop()
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            os.kill(self.pid, signal.SIGKILL)
-            self.popen.wait(timeout=10)
-        self._log.close()
+        super().__init__(args, env, log, cwd=ROOT)
 
 
 def cp_serve(env: Mapping[str, str], log: Path) -> tuple[Proc, str, str]:

@@ -123,7 +123,7 @@ def sidecar_recovery(workdir: Path, *, ttl: int = 3, outage: float = 6.0) -> Rec
         _wait_ready(f"{sidecar_base}/readyz")
         with _Consumer(f"{sidecar_base}/token") as consumer:
             time.sleep(min(1.0, ttl / 3))  # the consumer is served from the held token
-            procs[0].stop()  # SIGKILL: the CP is gone
+            procs[0].kill()  # SIGKILL: the CP is gone
             down = time.monotonic()
             time.sleep(outage)
             procs.append(Proc(cp_cmd, cp_env, workdir / "cp-2.log"))
@@ -136,7 +136,7 @@ def sidecar_recovery(workdir: Path, *, ttl: int = 3, outage: float = 6.0) -> Rec
         )
     finally:
         for proc in procs:
-            proc.stop()
+            proc.kill()
 
 
 def sa_rotation_recovery(workdir: Path) -> tuple[float, int]:
@@ -158,7 +158,7 @@ def sa_rotation_recovery(workdir: Path) -> tuple[float, int]:
             if proc.terminate() != 0:
                 raise AssertionError(f"the sidecar did not exit 0:\n{proc.output()}")
         finally:
-            proc.stop()
+            proc.kill()
         if "rotated-sa-token" in proc.output():
             raise AssertionError("the SA token was logged")
         return took, cp.calls - calls

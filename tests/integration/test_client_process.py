@@ -44,7 +44,7 @@ def sidecar_url(cp: FakeCP, sa_file: Path, tmp_path: Path) -> Iterator[str]:
         proc.wait_http(f"{base}/healthz")
         yield f"{base}/token"
     finally:
-        proc.stop()
+        proc.kill()
 
 
 def test_get_through_the_sidecar(cp: FakeCP, sidecar_url: str) -> None:

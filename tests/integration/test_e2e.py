@@ -69,7 +69,7 @@ def test_runner_rides_through_refreshes_and_a_cp_restart(tmp_path: Path) -> None
         "CP_TOKEN_STATIC_IDENTITIES_FILE": str(ids),
         "CP_TOKEN_MINTER": "jwt",
         "CP_TOKEN_SIGNING_KEY_FILE": str(tmp_path / "key.pem"),
-        "CP_TOKEN_TTL": "6",
+        "CP_TOKEN_TTL": "8",
         "CP_TOKEN_MIN_TTL": "3",
         "CP_TOKEN_RATE_LIMIT": "100/s,100",
     }
@@ -116,7 +116,9 @@ def test_runner_rides_through_refreshes_and_a_cp_restart(tmp_path: Path) -> None
         consumer = threading.Thread(target=consume)
         consumer.start()
 
-        # the CP restarts (a rolling update) 5 s into an 18 s run: three token lifetimes
+        # the CP restarts (a rolling update) 5 s into an 18 s run: over two token lifetimes. The
+        # outage (1.5 s plus the new CP's start, seconds on a loaded machine) must stay shorter
+        # than what a token refreshed at half-life has left, or the file rightly goes away
         def restart() -> None:
             time.sleep(5)
             procs[0].terminate()

@@ -73,7 +73,7 @@ def start_sidecar(tmp_path: Path) -> Iterator[Callable[..., Sidecar]]:
     yield start
     for sidecar in started:
         sidecar.http.close()
-        sidecar.proc.stop()
+        sidecar.proc.kill()
 
 
 class FileWatcher:

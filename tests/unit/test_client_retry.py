@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import itertools
 import random
 
 from hypothesis import given
@@ -51,3 +52,47 @@ def test_backoff_grows_then_caps() -> None:
         5.0,
         5.0,
     ]
+
+
+def test_the_retrier_waits_on_its_clock_then_gives_up_at_the_deadline() -> None:
+    from cp_token.client._errors import TokenUnavailable
+    from cp_token.client._retry import Retrier
+    from cp_token.clock import FakeClock
+
+    clock = FakeClock()
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        clock.advance(seconds)
+
+    def attempt() -> str:
+        raise TokenUnavailable("down", "http://cp/token")
+
+    retrier = Retrier(RetryPolicy(deadline=3.0, initial=1.0, cap=1.0), clock, lambda: 1.0)
+    try:
+        retrier.call(attempt, sleep)
+    except TokenUnavailable as exc:
+        assert "gave up after 4 attempt(s)" in str(exc)
+    else:
+        raise AssertionError("no TokenUnavailable")
+    assert waits == [1.0, 1.0, 1.0]
+
+
+async def test_the_async_retrier_returns_the_first_success() -> None:
+    from cp_token.client._errors import TokenUnavailable
+    from cp_token.client._retry import Retrier
+    from cp_token.clock import FakeClock
+
+    clock = FakeClock()
+    calls: list[float] = []
+
+    async def attempt() -> str:
+        calls.append(clock.monotonic())
+        if len(calls) < 3:
+            raise TokenUnavailable("down", "http://cp/token", retry_after=2.0)
+        return "token"
+
+    retrier = Retrier(RetryPolicy(deadline=30.0, initial=0.5, cap=5.0), clock, lambda: 0.0)
+    assert await retrier.acall(attempt) == "token"
+    assert [b - a for a, b in itertools.pairwise(calls)] == [2.0, 2.0]  # Retry-After

@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # What the client side may load of this project (the client, its settings, and the stdlib-only
 # helpers it shares with the servers); anything else of cp_token is server side.
 CLIENT_SIDE = re.compile(
-    r"cp_token(\.(client(\..+)?|config|clock|backoff|singleflight|cli|get_cmd|extras|__main__))?"
+    r"cp_token(\.(client(\..+)?|settings(\.(common|client))?|clock|backoff|singleflight|cli"
+    r"|get_cmd|extras|__main__))?"
     r"|sidecar(\.__main__)?"
 )
 
@@ -184,7 +185,10 @@ def test_the_sidecar_loads_neither_httpx_nor_the_cp() -> None:
         "cp_token.client._retry",
         "cp_token.backoff",
         "cp_token.clock",
-        "cp_token.config",
+        "cp_token.settings",
+        "cp_token.settings.client",
+        "cp_token.settings.common",
+        "cp_token.settings.sidecar",
         "cp_token.edge",  # the HTTP limits every server applies (SPEC: the sidecar too)
         "cp_token.extras",
         "cp_token.logs",

@@ -9,8 +9,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def variables_read_by_config() -> set[str]:
-    source = (ROOT / "cp_token" / "config.py").read_text()
-    source += (ROOT / "cp_token" / "inject" / "settings.py").read_text()
+    # cp_token/settings/ is the only reader of the environment, one module per component
+    source = "".join(p.read_text() for p in sorted((ROOT / "cp_token" / "settings").glob("*.py")))
     names = set(re.findall(r'"((?:CP_TOKEN|OIDC|SIDECAR|AMBIENT|BOT)_[A-Z_]*|KUBECONFIG)"', source))
     return {n for n in names if not n.endswith("_")}
 

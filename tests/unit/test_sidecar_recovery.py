@@ -103,3 +103,24 @@ async def test_min_ttl_within_5_s_of_a_fetch_fetches_unless_the_token_was_shorte
     held = await rig.get(params={"min_ttl": "150"})  # it gave 100 s moments ago: no fetch
     assert held.json()["token"] == "t2" and held.json()["expires_in"] == 98
     assert rig.cp.count == 2
+
+
+async def test_a_request_right_after_the_sa_token_rotates_gets_a_token(tmp_path: Path) -> None:
+    """No wait for the loop's poll: the request itself sees the new file (SPEC: "as soon as
+    the SA token file has changed")."""
+
+    def cp_answer(request: httpx.Request) -> httpx.Response:
+        if request.headers["Authorization"] == "Bearer rotated-sa-token":
+            return ok("t1")
+        return refused(403, "not a session runner")
+
+    cp = Script(cp_answer)
+    rig = Rig(cp, tmp_path, clock=SteppedClock())
+    assert (await rig.get()).status_code == 403  # relayed
+    assert (await rig.get()).status_code == 403  # the file is unchanged: no new fetch
+    assert cp.count == 1
+    (tmp_path / "sa-token.new").write_text("rotated-sa-token")
+    os.replace(tmp_path / "sa-token.new", tmp_path / "sa-token")
+    answer = await rig.get()  # no time has passed
+    assert answer.status_code == 200 and answer.json()["token"] == "t1"
+    assert cp.count == 2

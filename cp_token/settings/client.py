@@ -1,0 +1,74 @@
+"""The client library's configuration (``cp_token.client``, ``cp-token get``).
+
+Standard library only, and nothing of the server side: ``pip install cp-token`` (httpx
+alone) must be able to import it. The sidecar reads the same connection variables
+(:func:`upstream_fields`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .common import CP_AUDIENCE, Env
+
+__all__ = [
+    "DEFAULT_SA_TOKEN_FILE",
+    "SA_TOKEN_DIR",
+    "TIMEOUT",
+    "ClientSettings",
+    "load_client_settings",
+    "upstream_fields",
+]
+
+# Where a pod's projected ServiceAccount token is mounted; the file is named after the
+# audience it is projected for.
+SA_TOKEN_DIR = "/var/run/secrets/tokens"
+DEFAULT_SA_TOKEN_FILE = f"{SA_TOKEN_DIR}/{CP_AUDIENCE}"
+TIMEOUT = 10.0  # seconds per request to the CP or the sidecar
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """Where the client library gets its token: the first source that is set decides."""
+
+    sidecar_url: str | None = None
+    cp_token_url: str | None = None
+    bot_token: str | None = None
+    sa_token_file: str = DEFAULT_SA_TOKEN_FILE
+    ca_file: str | None = None
+    timeout: float = TIMEOUT
+
+    @property
+    def source(self) -> str:
+        """``sidecar``, ``direct``, ``bot`` or ``none``."""
+        if self.sidecar_url:
+            return "sidecar"
+        if self.cp_token_url:
+            return "direct"
+        if self.bot_token:
+            return "bot"
+        return "none"
+
+
+def upstream_fields(e: Env) -> dict[str, Any]:
+    """How to reach the CP (shared with the sidecar): ``sa_token_file``, ``ca_file`` (a
+    readable file) and ``timeout``."""
+    return {
+        "sa_token_file": e.get("AMBIENT_SA_TOKEN_FILE") or DEFAULT_SA_TOKEN_FILE,
+        "ca_file": e.file("AMBIENT_CP_CA_FILE"),
+        "timeout": e.number("AMBIENT_CP_TOKEN_TIMEOUT_SECS", TIMEOUT, minimum=0.001),
+    }
+
+
+def load_client_settings(env: Mapping[str, str] | None = None) -> ClientSettings:
+    """Read the client library's variables (default: ``os.environ``); raises
+    :class:`~cp_token.settings.common.ConfigError`."""
+    e = Env(env)
+    return ClientSettings(
+        sidecar_url=e.url("AMBIENT_TOKEN_SIDECAR_URL"),
+        cp_token_url=e.url("AMBIENT_CP_TOKEN_URL"),
+        bot_token=e.get("BOT_TOKEN"),
+        **upstream_fields(e),
+    )

@@ -31,7 +31,11 @@ HEAP_SLACK = 2
 
 def text_bytes(*parts: str | None) -> int:
     """An estimate of the memory the strings take (characters plus object overhead)."""
-    return sum(STR_OVERHEAD + len(p) for p in parts if p is not None)
+    total = 0
+    for part in parts:
+        if part is not None:
+            total += STR_OVERHEAD + len(part)
+    return total
 
 
 class BoundedCache(Generic[K, V]):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -12,6 +13,10 @@ __all__ = ["POD_NAME_KEY", "POD_UID_KEY", "Identity", "session_id_of", "token_ha
 POD_NAME_KEY = "authentication.kubernetes.io/pod-name"
 POD_UID_KEY = "authentication.kubernetes.io/pod-uid"
 CREDENTIAL_ID_KEY = "authentication.kubernetes.io/credential-id"
+NODE_NAME_KEY = "authentication.kubernetes.io/node-name"
+NODE_UID_KEY = "authentication.kubernetes.io/node-uid"
+# `extra` keys whose values many callers share (every pod on a node): interned by reviewers
+SHARED_EXTRA = frozenset({NODE_NAME_KEY, NODE_UID_KEY})
 SA_PREFIX = "system:serviceaccount:"
 _SESSION_SA = re.compile(r"session-(.+)-sa")
 
@@ -64,7 +69,7 @@ class Identity:
         pod_name, pod_uid = _first(self.extra, POD_NAME_KEY), _first(self.extra, POD_UID_KEY)
         derived = object.__setattr__  # frozen: set once, here
         if parts is not None:
-            derived(self, "namespace", parts[0])
+            derived(self, "namespace", sys.intern(parts[0]))  # shared by its many callers
             derived(self, "service_account", parts[1])
         derived(self, "pod_name", pod_name)
         derived(self, "pod_uid", pod_uid)

@@ -39,7 +39,7 @@ Key = tuple[str, str, str]
 MAX_OBJECT_READS = 16  # label reads in flight at once, outside review slots
 READ_WAIT = 2.0  # a label read waits at most this long for its turn, then 503
 MAX_ENTRIES = 50_000
-MAX_BYTES = 32 * 1024 * 1024
+MAX_BYTES = 16 * 1024 * 1024  # about 28,000 objects
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,10 +55,38 @@ class Cached:
     size: int  # estimated bytes, for the cache's byte bound
 
 
+# What one entry costs besides its own strings (the entry, its key tuple, the cache's
+# bookkeeping), and a label mapping of its own; measured with tracemalloc
+# (bench/profile_memory.py).
+ENTRY_OVERHEAD = 440
+LABELS_OVERHEAD = 250
+MAX_SHARED_LABEL_SETS = 1024
+_NO_LABELS: Mapping[str, str] = {}
+_label_sets: dict[tuple[tuple[str, str], ...], Mapping[str, str]] = {}
+
+
+def _shared_labels(labels: dict[str, str]) -> tuple[Mapping[str, str], bool]:
+    """One mapping per distinct label set (every managed ServiceAccount carries the same
+    labels) instead of one per cached object; and whether it is a shared one."""
+    if not labels:
+        return _NO_LABELS, True
+    key = tuple(sorted(labels.items()))
+    shared = _label_sets.get(key)
+    if shared is not None:
+        return shared, True
+    if len(_label_sets) < MAX_SHARED_LABEL_SETS:
+        _label_sets[key] = labels
+        return labels, True
+    return labels, False
+
+
 def _entry(key: Key, obj: Obj, fetched_at: float, ttl: float) -> Cached:
     """Keep what decisions use (uid, labels); drop spec, status, managed fields."""
-    uid, labels = uid_of(obj), labels_of(obj)
-    size = 200 + text_bytes(*key, uid) + sum(text_bytes(k, v) for k, v in labels.items())
+    uid = uid_of(obj)
+    labels, shared = _shared_labels(labels_of(obj))
+    size = ENTRY_OVERHEAD + text_bytes(key[2], uid)  # kind and namespace are shared
+    if not shared:
+        size += LABELS_OVERHEAD + sum(text_bytes(k, v) for k, v in labels.items())
     return Cached(obj is not None, uid, labels, fetched_at, fetched_at + ttl, size)
 
 

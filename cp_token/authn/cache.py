@@ -33,7 +33,7 @@ from cp_token.authn.precheck import MAX_TOKEN_BYTES, UnverifiedJWT, precheck
 from cp_token.bounded import BoundedCache, bounded_tlru, bounded_ttl, text_bytes
 from cp_token.clock import Clock
 from cp_token.errors import InternalError, Unauthenticated, Unavailable
-from cp_token.identity import Identity, token_hash
+from cp_token.identity import SHARED_EXTRA, Identity, token_hash
 from cp_token.metrics import NO_METRICS, ReviewMetrics
 from cp_token.singleflight import Singleflight
 
@@ -47,7 +47,7 @@ CALL_TIMEOUT = 10.0  # SPEC: every Kubernetes API call gives up after 10 s
 ANSWER_MARGIN = 0.5  # answer up to this much before queue_wait + call_timeout: the 503 is in time
 CALLER_SHARE = 8  # one caller holds at most 1/8 of the review slots
 MAX_ENTRIES = 50_000
-MAX_BYTES = 32 * 1024 * 1024
+MAX_BYTES = 24 * 1024 * 1024  # about 15,000 identities
 MAX_NEGATIVE_ENTRIES = 20_000
 MAX_NEGATIVE_BYTES = 8 * 1024 * 1024
 
@@ -80,16 +80,29 @@ class Refusal:
 INTERNAL = Refusal.of(InternalError("the token service failed to review the token"))
 
 
+# What a review entry costs besides its own strings: the key (a SHA-256 in hex), the
+# Identity, the cache's bookkeeping; per ``extra`` item and per group. Measured with
+# tracemalloc (bench/profile_memory.py); group names, ``extra`` keys and node values are
+# interned by the reviewers, so one copy serves every entry.
+ENTRY_OVERHEAD = 420
+EXTRA_ITEM_OVERHEAD = 130
+GROUP_OVERHEAD = 8
+REFUSAL_OVERHEAD = 650
+
+
 def _identity_size(entry: tuple[Identity, float]) -> int:
     identity = entry[0]
-    strings = [identity.username, identity.uid, *identity.groups]
+    size = ENTRY_OVERHEAD + EXTRA_ITEM_OVERHEAD * len(identity.extra)
+    size += GROUP_OVERHEAD * len(identity.groups)
+    size += text_bytes(identity.username, identity.uid, identity.service_account)
     for key, values in identity.extra.items():
-        strings += [key, *values]
-    return 400 + text_bytes(*strings)
+        if key not in SHARED_EXTRA:
+            size += text_bytes(*values)
+    return size
 
 
 def _refusal_size(refusal: Refusal) -> int:
-    return 300 + len(refusal.description)
+    return REFUSAL_OVERHEAD + text_bytes(refusal.description)
 
 
 class CachedAuthenticator:

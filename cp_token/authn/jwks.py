@@ -12,13 +12,21 @@ pod's token keeps working.
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 from cp_token.authn.issuer_keys import ALGORITHMS, IssuerKeys, verifies
 from cp_token.authn.precheck import UnverifiedJWT, decode_unverified, numeric_date
 from cp_token.clock import Clock
 from cp_token.errors import Unauthenticated, Unavailable
-from cp_token.identity import CREDENTIAL_ID_KEY, POD_NAME_KEY, POD_UID_KEY, Identity
+from cp_token.identity import (
+    CREDENTIAL_ID_KEY,
+    NODE_NAME_KEY,
+    NODE_UID_KEY,
+    POD_NAME_KEY,
+    POD_UID_KEY,
+    Identity,
+)
 from cp_token.kube import KubeClient, KubeError, KubeForbidden, KubeUnavailable
 from cp_token.objects import ObjectCache
 from cp_token.singleflight import SharedCall
@@ -28,8 +36,6 @@ __all__ = ["JwksReviewer"]
 log = logging.getLogger(__name__)
 
 LEEWAY = 60.0  # clock skew allowance for exp/nbf, as the API server's own validator allows
-NODE_NAME_KEY = "authentication.kubernetes.io/node-name"
-NODE_UID_KEY = "authentication.kubernetes.io/node-uid"
 
 
 def _bad(description: str, reason: str = "not_authenticated") -> Unauthenticated:
@@ -175,9 +181,9 @@ class JwksReviewer:
             extra[POD_NAME_KEY], extra[POD_UID_KEY] = (pod_name,), (pod_uid,)
         if isinstance(node, dict):
             if isinstance(node.get("name"), str):
-                extra[NODE_NAME_KEY] = (node["name"],)
+                extra[NODE_NAME_KEY] = (sys.intern(node["name"]),)
             if isinstance(node.get("uid"), str):
-                extra[NODE_UID_KEY] = (node["uid"],)
+                extra[NODE_UID_KEY] = (sys.intern(node["uid"]),)
         if isinstance(claims.get("jti"), str):
             extra[CREDENTIAL_ID_KEY] = (f"JTI={claims['jti']}",)
         return Identity(
@@ -185,7 +191,7 @@ class JwksReviewer:
             uid=sa_uid,
             groups=(
                 "system:serviceaccounts",
-                f"system:serviceaccounts:{ns}",
+                sys.intern(f"system:serviceaccounts:{ns}"),  # one copy per namespace
                 "system:authenticated",
             ),
             extra=extra,

@@ -171,6 +171,8 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         assert self._parser is not None
+        if self._size > MAX_BODY_BYTES:
+            return  # refused by _on_plain, right after this parse
         waiter, status = self._waiter, self._parser.get_status_code()
         body, keep = b"".join(self._body), self._keep_alive
         self._parser, self._waiter, self._body = None, None, []

@@ -6,10 +6,15 @@ in front of the same :class:`~cp_token.decision.TokenDecision` (authenticate -> 
 policy -> mint); each maps refusals to its protocol with one function of
 :mod:`cp_token.errors`. Whatever happens inside, the answer is never a 500: an unexpected
 exception is logged once by type, audited as ``internal`` and answered 503.
+
+The two doors are raw ASGI endpoints dispatched ahead of Starlette's middleware and routing
+(:class:`CPTokenApp`): they are the hot path, and a success needs no request or response
+object. Everything else (health, metadata, JWKS) is ordinary Starlette.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -18,14 +23,15 @@ import traceback
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii
 from pathlib import PurePath
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cp_token.authn import Authenticator
 from cp_token.bodies import read_body
@@ -49,10 +55,10 @@ from cp_token.exchange import (
     parse_exchange,
     parse_form,
 )
-from cp_token.health import Readiness, probe_app
+from cp_token.health import Readiness
 from cp_token.health import health_routes as _health_routes
 from cp_token.logs import audit
-from cp_token.metrics import Metrics
+from cp_token.metrics import Metrics, RequestMetrics
 from cp_token.minters import IssuedToken, Minter
 from cp_token.minters.jwt import JwtMinter
 from cp_token.objects import ObjectCache
@@ -60,6 +66,7 @@ from cp_token.policy import RunnerPolicy
 from cp_token.ratelimit import RateLimiter
 
 __all__ = [
+    "CPTokenApp",
     "ExchangeConfig",
     "create_app",
     "create_metrics_app",
@@ -73,7 +80,8 @@ log = logging.getLogger(__name__)
 
 EVENT_TOKEN = "token_request"
 EVENT_EXCHANGE = "token_exchange"
-_JSON = "application/json"
+ISSUED, OK = "issued", "ok"
+_JSON = b"application/json"
 
 
 @dataclass(frozen=True)
@@ -92,6 +100,11 @@ class ExchangeConfig:
     token_endpoint: str | None = None
 
 
+@functools.lru_cache(maxsize=8)  # a token's expiry repeats for every token of that second
+def _expires_at(second: int) -> str:
+    return rfc3339(second)
+
+
 def _expires_in(issued: IssuedToken, now: float) -> int | None:
     if issued.expires_at is None:
         return None
@@ -99,14 +112,16 @@ def _expires_in(issued: IssuedToken, now: float) -> int | None:
 
 
 def token_body(issued: IssuedToken, now: float) -> bytes:
-    """The JSON of a 200 from ``GET /token``."""
-    body = {
-        "token": issued.token,
-        "token_type": "Bearer",
-        "expires_at": None if issued.expires_at is None else rfc3339(issued.expires_at),
-        "expires_in": _expires_in(issued, now),
-    }
-    return json.dumps(body, separators=(",", ":")).encode()
+    """The JSON of a 200 from ``GET /token``: ``json.dumps``'s very text (ASCII, compact),
+    written directly (the object is flat and its keys fixed)."""
+    if issued.expires_at is None:
+        expiry = '"expires_at":null,"expires_in":null'
+    else:
+        expires_in = max(0, math.floor(issued.expires_at - now))
+        expires_at = _expires_at(math.floor(issued.expires_at))
+        expiry = f'"expires_at":"{expires_at}","expires_in":{expires_in}'
+    token = encode_basestring_ascii(issued.token)
+    return f'{{"token":{token},"token_type":"Bearer",{expiry}}}'.encode()
 
 
 def exchange_body(issued: IssuedToken, ask: TokenAsk, now: float) -> bytes:
@@ -124,44 +139,43 @@ def exchange_body(issued: IssuedToken, ask: TokenAsk, now: float) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
-class _AnyMethod:
-    """An ASGI endpoint that sees every method, so a door answers its own 405 (HEAD too)."""
+class _Asgi:
+    """An ASGI app given to a Starlette ``Route`` as is (a plain function would be taken for
+    a request/response endpoint)."""
 
-    def __init__(self, handler: Callable[[Request], Awaitable[Response]]) -> None:
-        self._handler = handler
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = await self._handler(Request(scope, receive))
-        await response(scope, receive, send)
+        await self._app(scope, receive, send)
 
 
-@dataclass(frozen=True)
-class _Door:
-    """One protocol in front of the decision: parse, render a success, map a refusal."""
-
-    event: str
-    parse: Callable[[Request], Awaitable[TokenAsk]]
-    render: Callable[[IssuedToken, TokenAsk, float], bytes]
-    refuse: Callable[[CPTokenError], Response]
-    headers: Mapping[str, str]
+def _header(scope: Scope, name: bytes) -> str | None:
+    """The first value of header ``name`` (lower-case), decoded as Latin-1 like Starlette."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
 
 
-async def _parse_get(request: Request) -> TokenAsk:
+async def _parse_get(scope: Scope, receive: Receive) -> TokenAsk:
     """``GET /token``: the bearer token (its length checked before anything else)."""
-    if request.method != "GET":
-        raise MethodNotAllowed(f"{request.method} is not allowed on /token; use GET")
-    return TokenAsk(credential=parse_bearer(request.headers.get("authorization")))
+    method = scope["method"]
+    if method != "GET":
+        raise MethodNotAllowed(f"{method} is not allowed on /token; use GET")
+    return TokenAsk(credential=parse_bearer(_header(scope, b"authorization")))
 
 
-def _exchange_parser(rules: ExchangeRules) -> Callable[[Request], Awaitable[TokenAsk]]:
-    async def parse(request: Request) -> TokenAsk:
+def _exchange_parser(rules: ExchangeRules) -> Parser:
+    async def parse(scope: Scope, receive: Receive) -> TokenAsk:
         """``POST /oauth2/token``: a form; ``Authorization`` and unknown fields are ignored."""
-        if request.method != "POST":
+        method = scope["method"]
+        if method != "POST":
             raise MethodNotAllowed(
-                f"{request.method} is not allowed on /oauth2/token; use POST", allow="POST"
+                f"{method} is not allowed on /oauth2/token; use POST", allow="POST"
             )
-        check_content_type(request.headers.get("content-type"))
-        form = parse_form(await read_body(request, MAX_BODY_BYTES))
+        check_content_type(_header(scope, b"content-type"))
+        form = parse_form(await read_body(Request(scope, receive), MAX_BODY_BYTES))
         return parse_exchange(form, rules)
 
     return parse
@@ -181,6 +195,194 @@ def _unexpected(exc: Exception, event: str) -> InternalError:
     return InternalError()
 
 
+Parser = Callable[[Scope, Receive], Awaitable[TokenAsk]]
+Renderer = Callable[[IssuedToken, TokenAsk, float], bytes]
+
+
+class _Door:
+    """One protocol in front of the decision, as a raw ASGI endpoint: parse, decide, render
+    a success or map a refusal; audit and count every request, whatever happens (an
+    unexpected exception is answered 503, never 500).
+
+    No Starlette request or response object on the way to a success: the header list is
+    fixed but for the length, and the body is built by the door's renderer.
+    """
+
+    def __init__(
+        self,
+        *,
+        event: str,
+        parse: Parser,
+        render: Renderer,
+        refuse: Callable[[CPTokenError], Response],
+        headers: Mapping[str, str],
+        decision: TokenDecision,
+        clock: Clock,
+        metrics: RequestMetrics,
+    ) -> None:
+        self.event = event
+        self._parse = parse
+        self._render = render
+        self._refuse = refuse
+        self._decision = decision
+        self._clock = clock
+        self._metrics = metrics
+        self._ok_headers = [(b"content-type", _JSON)] + [
+            (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()
+        ]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """ASGI entry point."""
+        start = time.perf_counter()
+        client = scope.get("client")
+        trace = Trace(peer=client[0] if client else None)
+        try:
+            ask = await self._parse(scope, receive)
+            issued = await self._decision.decide(ask, trace)
+            body = self._render(issued, ask, self._clock.time())
+            status, headers = 200, [*self._ok_headers, (b"content-length", b"%d" % len(body))]
+            outcome, reason = ISSUED, OK
+        except CPTokenError as refusal:
+            status, headers, body = self._refusal(refusal)
+            outcome, reason = refusal.outcome, refusal.reason
+        except Exception as exc:  # a bug anywhere in the pipeline: 503, never a 500
+            internal = _unexpected(exc, self.event)
+            status, headers, body = self._refusal(internal)
+            outcome, reason = internal.outcome, internal.reason
+        elapsed = time.perf_counter() - start
+        self._metrics.request(outcome, reason, elapsed)
+        self._audit(trace, outcome, reason, elapsed)
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    def _refusal(self, refusal: CPTokenError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        response = self._refuse(refusal)
+        return response.status_code, response.raw_headers, bytes(response.body)
+
+    def _audit(self, trace: Trace, outcome: str, reason: str, elapsed: float) -> None:
+        identity, issued = trace.identity, trace.issued
+        if identity is None:
+            audit(
+                event=self.event,
+                outcome=outcome,
+                reason=reason,
+                username=None,
+                namespace=None,
+                pod=None,
+                jti=None,
+                latency_ms=elapsed * 1000,
+            )
+            return
+        audit(
+            event=self.event,
+            outcome=outcome,
+            reason=reason,
+            username=identity.username,
+            namespace=identity.namespace,
+            pod=identity.pod_name,
+            jti=(issued.jti if issued else None) or identity.credential_id,
+            latency_ms=elapsed * 1000,
+        )
+
+
+class CPTokenApp(Starlette):
+    """The CP's API port: Starlette for health, metadata and JWKS; the token doors first.
+
+    ``/token`` and ``/oauth2/token`` are dispatched before Starlette's middleware and
+    routing (the hot path). They are also routes of the app, so a scope this shortcut does
+    not take (a ``root_path``) reaches the same endpoint through Starlette.
+    """
+
+    def __init__(
+        self,
+        *,
+        doors: Mapping[str, ASGIApp],
+        routes: list[BaseRoute],
+        lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]] | None = None,
+    ) -> None:
+        door_routes: list[BaseRoute] = [Route(path, _Asgi(door)) for path, door in doors.items()]
+        super().__init__(routes=door_routes + routes, lifespan=lifespan)
+        self._doors = dict(doors)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """ASGI entry point: a token door directly, anything else through Starlette."""
+        if scope["type"] == "http" and not scope.get("root_path"):
+            door = self._doors.get(scope["path"])
+            if door is not None:
+                await door(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+
+def _json_route(path: str, body: Callable[[], bytes], headers: Mapping[str, str]) -> Route:
+    """``GET path`` answering the JSON ``body()`` with ``headers``."""
+
+    async def endpoint(request: Request) -> Response:
+        return Response(body(), media_type="application/json", headers=dict(headers))
+
+    return Route(path, endpoint, methods=["GET"])
+
+
+def _metadata_routes(
+    jwt_minter: JwtMinter | None, exchange: ExchangeConfig, rules: ExchangeRules
+) -> list[BaseRoute]:
+    """RFC 8414 metadata (when an issuer is known), and the ``jwt`` minter's JWKS and OIDC
+    discovery."""
+    routes: list[BaseRoute] = []
+    # the jwt minter's own issuer first, so the metadata's `issuer` is its tokens' `iss`
+    issuer = (jwt_minter.issuer if jwt_minter else None) or exchange.issuer
+    if issuer is not None:
+        metadata = authorization_server_metadata(
+            issuer=issuer,
+            token_endpoint=exchange.token_endpoint or f"{issuer.rstrip('/')}/oauth2/token",
+            jwks_uri=f"{jwt_minter.issuer}/.well-known/jwks.json" if jwt_minter else None,
+            scopes=rules.scopes if rules.per_request else (),
+        )
+        metadata_body = json.dumps(metadata, separators=(",", ":")).encode()
+        routes.append(
+            _json_route(
+                "/.well-known/oauth-authorization-server",
+                lambda: metadata_body,
+                {"Cache-Control": "public, max-age=300"},
+            )
+        )
+    if jwt_minter is not None:
+        publisher = jwt_minter
+        cache = {"Cache-Control": f"public, max-age={publisher.jwks_max_age}"}
+        routes += [
+            _json_route("/.well-known/jwks.json", lambda: publisher.jwks_body, cache),
+            _json_route(
+                "/.well-known/openid-configuration",
+                lambda: json.dumps(publisher.openid_configuration()).encode(),
+                cache,
+            ),
+        ]
+    return routes
+
+
+def _doors(
+    decision: TokenDecision, clock: Clock, metrics: RequestMetrics, rules: ExchangeRules
+) -> dict[str, ASGIApp]:
+    """``GET /token`` and ``POST /oauth2/token`` by path."""
+    door = functools.partial(_Door, decision=decision, clock=clock, metrics=metrics)
+    return {
+        "/token": door(
+            event=EVENT_TOKEN,
+            parse=_parse_get,
+            render=lambda issued, _ask, now: token_body(issued, now),
+            refuse=error_response,
+            headers=NO_STORE,
+        ),
+        "/oauth2/token": door(
+            event=EVENT_EXCHANGE,
+            parse=_exchange_parser(rules),
+            render=exchange_body,
+            refuse=exchange_error_response,
+            headers=NO_STORE_EXCHANGE,
+        ),
+    }
+
+
 def create_app(
     *,
     authenticator: Authenticator,
@@ -196,7 +398,6 @@ def create_app(
 ) -> Starlette:
     """The service's app: ``/token``, ``/oauth2/token``, health, metadata, JWKS (jwt minter)."""
     metrics = metrics or Metrics()
-    ready: Readiness = readiness or (lambda: minter.problem)
     exchange = exchange or ExchangeConfig()
     jwt_minter = minter if isinstance(minter, JwtMinter) else None
     decision = TokenDecision(
@@ -208,111 +409,19 @@ def create_app(
         scopes=exchange.scopes,
         per_request=jwt_minter is not None,
     )
-
-    async def answer(request: Request, door: _Door) -> Response:
-        """Run one request through its door and the decision; audit it, whatever happens."""
-        start = time.perf_counter()
-        client = request.client
-        trace = Trace(peer=client.host if client else None)
-        try:
-            ask = await door.parse(request)
-            issued = await decision.decide(ask, trace)
-            body = door.render(issued, ask, clock.time())
-            response = Response(body, media_type=_JSON, headers=dict(door.headers))
-            outcome, reason = "issued", "ok"
-            metrics.minted.inc()
-        except CPTokenError as refusal:
-            response = door.refuse(refusal)
-            outcome, reason = refusal.outcome, refusal.reason
-        except Exception as exc:  # a bug anywhere in the pipeline: 503, never a 500
-            internal = _unexpected(exc, door.event)
-            response = door.refuse(internal)
-            outcome, reason = internal.outcome, internal.reason
-        elapsed = time.perf_counter() - start
-        identity = trace.identity
-        metrics.request(outcome, reason, elapsed)
-        audit(
-            event=door.event,
-            outcome=outcome,
-            reason=reason,
-            username=identity.username if identity else None,
-            namespace=identity.namespace if identity else None,
-            pod=identity.pod_name if identity else None,
-            jti=(trace.issued.jti if trace.issued else None)
-            or (identity.credential_id if identity else None),
-            latency_ms=elapsed * 1000,
-        )
-        return response
-
-    get_door = _Door(
-        event=EVENT_TOKEN,
-        parse=_parse_get,
-        render=lambda issued, _ask, now: token_body(issued, now),
-        refuse=error_response,
-        headers=NO_STORE,
-    )
-    exchange_door = _Door(
-        event=EVENT_EXCHANGE,
-        parse=_exchange_parser(rules),
-        render=exchange_body,
-        refuse=exchange_error_response,
-        headers=NO_STORE_EXCHANGE,
-    )
-
-    async def token_endpoint(request: Request) -> Response:
-        return await answer(request, get_door)
-
-    async def exchange_endpoint(request: Request) -> Response:
-        return await answer(request, exchange_door)
-
-    routes = [
-        Route("/token", _AnyMethod(token_endpoint)),
-        Route("/oauth2/token", _AnyMethod(exchange_endpoint)),
-        *_health_routes(ready),
-    ]
-
-    # the jwt minter's own issuer first, so the metadata's `issuer` is its tokens' `iss`
-    issuer = (jwt_minter.issuer if jwt_minter else None) or exchange.issuer
-    if issuer is not None:
-        metadata = authorization_server_metadata(
-            issuer=issuer,
-            token_endpoint=exchange.token_endpoint or f"{issuer.rstrip('/')}/oauth2/token",
-            jwks_uri=f"{jwt_minter.issuer}/.well-known/jwks.json" if jwt_minter else None,
-            scopes=rules.scopes if rules.per_request else (),
-        )
-        metadata_body = json.dumps(metadata, separators=(",", ":")).encode()
-        metadata_cache = {"Cache-Control": "public, max-age=300"}
-
-        async def oauth_metadata(request: Request) -> Response:
-            return Response(metadata_body, media_type=_JSON, headers=metadata_cache)
-
-        routes.append(
-            Route("/.well-known/oauth-authorization-server", oauth_metadata, methods=["GET"])
-        )
-
-    if jwt_minter is not None:
-        publisher = jwt_minter
-        cache = {"Cache-Control": f"public, max-age={publisher.jwks_max_age}"}
-
-        async def jwks(request: Request) -> Response:
-            return Response(publisher.jwks_body, media_type=_JSON, headers=cache)
-
-        async def discovery(request: Request) -> Response:
-            body = json.dumps(publisher.openid_configuration()).encode()
-            return Response(body, media_type=_JSON, headers=cache)
-
-        routes += [
-            Route("/.well-known/jwks.json", jwks, methods=["GET"]),
-            Route("/.well-known/openid-configuration", discovery, methods=["GET"]),
-        ]
-
-    app = Starlette(routes=routes, lifespan=lifespan)
+    doors = _doors(decision, clock, metrics, rules)
+    ready: Readiness = readiness or (lambda: minter.problem)
+    routes = [*_health_routes(ready), *_metadata_routes(jwt_minter, exchange, rules)]
+    app = CPTokenApp(doors=doors, routes=routes, lifespan=lifespan)
     app.state.metrics = metrics
     app.state.minter = minter
     app.state.authenticator = authenticator
+    app.state.decision = decision
     return app
 
 
 def create_metrics_app(metrics: Metrics, readiness: Readiness) -> Starlette:
-    """The metrics port: ``/metrics``, ``/healthz``, ``/readyz``."""
-    return probe_app(metrics.render, readiness)
+    """The metrics port: ``/metrics`` (prometheus_client's own ASGI exposition), ``/healthz``,
+    ``/readyz``."""
+    exposition = Route("/metrics", _Asgi(metrics.asgi_app()), methods=["GET"])
+    return Starlette(routes=[exposition, *_health_routes(readiness)])

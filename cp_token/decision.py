@@ -8,11 +8,12 @@ them to its own protocol's responses.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from cp_token.authn import Authenticator
+from cp_token.errors import Forbidden
 from cp_token.identity import Identity
-from cp_token.kube import labels_of
 from cp_token.minters import DEFAULT_OPTIONS, IssuedToken, Minter, MintOptions
 from cp_token.objects import ObjectCache
 from cp_token.policy import RunnerPolicy
@@ -21,6 +22,7 @@ from cp_token.ratelimit import RateLimiter
 __all__ = ["ACCESS_TOKEN_TYPE", "TokenAsk", "TokenDecision", "Trace"]
 
 ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
+MAX_VERDICTS = 10_000  # remembered policy verdicts; all are dropped when full
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,8 @@ class TokenDecision:
         self._minter = minter
         self._limiter = limiter
         self._objects = objects
+        # (username, pod-bound) -> None (allowed) or the refusal's (description, reason)
+        self._verdicts: dict[tuple[str, bool], tuple[str, str] | None] = {}
 
     async def decide(self, ask: TokenAsk, trace: Trace) -> IssuedToken:
         """The issued token, or raise a :class:`~cp_token.errors.CPTokenError`.
@@ -84,15 +88,33 @@ class TokenDecision:
 
     async def _authorize(self, identity: Identity) -> None:
         policy, objects = self._policy, self._objects
-        policy.check_identity(identity)
+        self._check_identity(identity)
         if objects is None or not policy.needs_labels:
             return
         ns, sa = identity.namespace, identity.service_account
         assert ns is not None and sa is not None  # check_identity ensured it
-        ns_obj = await objects.namespace(ns) if policy.namespace_label else {}
-        sa_obj = await objects.service_account(ns, sa) if policy.managed_label else {}
-        policy.check_labels(
-            identity,
-            None if ns_obj is None else labels_of(ns_obj),
-            None if sa_obj is None else labels_of(sa_obj),
+        no_labels: Mapping[str, str] = {}
+        ns_labels = await objects.namespace_labels(ns) if policy.namespace_label else no_labels
+        sa_labels = (
+            await objects.service_account_labels(ns, sa) if policy.managed_label else no_labels
         )
+        policy.check_labels(identity, ns_labels, sa_labels)
+
+    def _check_identity(self, identity: Identity) -> None:
+        """The policy's lookup-free checks; the verdict is remembered per username and pod
+        binding (all they depend on), so a returning caller costs one dictionary lookup."""
+        key = (identity.username, identity.pod_bound)
+        verdicts = self._verdicts
+        if key not in verdicts:
+            verdict: tuple[str, str] | None = None
+            try:
+                self._policy.check_identity(identity)
+            except Forbidden as exc:
+                verdict = (exc.description, exc.reason)
+            if len(verdicts) >= MAX_VERDICTS:
+                verdicts.clear()
+            verdicts[key] = verdict
+        verdict = verdicts[key]
+        if verdict is not None:
+            description, reason = verdict
+            raise Forbidden(description, reason=reason)

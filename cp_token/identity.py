@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import cached_property
 
 __all__ = ["POD_NAME_KEY", "POD_UID_KEY", "Identity", "session_id_of", "token_hash"]
 
 POD_NAME_KEY = "authentication.kubernetes.io/pod-name"
 POD_UID_KEY = "authentication.kubernetes.io/pod-uid"
 CREDENTIAL_ID_KEY = "authentication.kubernetes.io/credential-id"
+NODE_NAME_KEY = "authentication.kubernetes.io/node-name"
+NODE_UID_KEY = "authentication.kubernetes.io/node-uid"
+# `extra` keys whose values many callers share (every pod on a node): interned by reviewers
+SHARED_EXTRA = frozenset({NODE_NAME_KEY, NODE_UID_KEY})
 SA_PREFIX = "system:serviceaccount:"
 _SESSION_SA = re.compile(r"session-(.+)-sa")
 
@@ -35,7 +39,7 @@ def _first(extra: Mapping[str, tuple[str, ...]], key: str) -> str | None:
     return values[0] if values else None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Identity:
     """An authenticated caller: username, groups, extra, and the pod it is bound to."""
 
@@ -48,34 +52,30 @@ class Identity:
     # authenticator's pod and ServiceAccount checks) expire then. None: no such limit.
     cache_until: float | None = None
 
-    @cached_property
-    def namespace(self) -> str | None:
-        """Namespace of a ServiceAccount username, else None."""
-        parts = self._sa_parts
-        return parts[0] if parts else None
+    # Derived once, when the identity is made (every request reads them).
+    namespace: str | None = field(init=False, default=None, compare=False)
+    """Namespace of a ServiceAccount username, else None."""
+    service_account: str | None = field(init=False, default=None, compare=False)
+    """ServiceAccount name of a ServiceAccount username, else None."""
+    pod_name: str | None = field(init=False, default=None, compare=False)
+    """Name of the pod the token is bound to, if any."""
+    pod_uid: str | None = field(init=False, default=None, compare=False)
+    """UID of the pod the token is bound to, if any."""
+    pod_bound: bool = field(init=False, default=False, compare=False)
+    """True when the token is bound to a pod (name and uid both present)."""
 
-    @cached_property
-    def service_account(self) -> str | None:
-        """ServiceAccount name of a ServiceAccount username, else None."""
-        parts = self._sa_parts
-        return parts[1] if parts else None
+    def __post_init__(self) -> None:
+        parts = _sa_parts(self.username)
+        pod_name, pod_uid = _first(self.extra, POD_NAME_KEY), _first(self.extra, POD_UID_KEY)
+        derived = object.__setattr__  # frozen: set once, here
+        if parts is not None:
+            derived(self, "namespace", sys.intern(parts[0]))  # shared by its many callers
+            derived(self, "service_account", parts[1])
+        derived(self, "pod_name", pod_name)
+        derived(self, "pod_uid", pod_uid)
+        derived(self, "pod_bound", bool(pod_name and pod_uid))
 
-    @cached_property
-    def pod_name(self) -> str | None:
-        """Name of the pod the token is bound to, if any."""
-        return _first(self.extra, POD_NAME_KEY)
-
-    @cached_property
-    def pod_uid(self) -> str | None:
-        """UID of the pod the token is bound to, if any."""
-        return _first(self.extra, POD_UID_KEY)
-
-    @cached_property
-    def pod_bound(self) -> bool:
-        """True when the token is bound to a pod (name and uid both present)."""
-        return bool(self.pod_name and self.pod_uid)
-
-    @cached_property
+    @property
     def session_id(self) -> str | None:
         """``<id>`` of a ServiceAccount named ``session-<id>-sa`` (never empty), else None."""
         return session_id_of(self.service_account)
@@ -85,12 +85,13 @@ class Identity:
         """The token's credential id (``JTI=...``) as the API server reports it."""
         return _first(self.extra, CREDENTIAL_ID_KEY)
 
-    @cached_property
-    def _sa_parts(self) -> tuple[str, str] | None:
-        if not self.username.startswith(SA_PREFIX):
-            return None
-        rest = self.username[len(SA_PREFIX) :]
-        ns, sep, name = rest.partition(":")
-        if not sep or not ns or not name or ":" in name:
-            return None
-        return ns, name
+
+def _sa_parts(username: str) -> tuple[str, str] | None:
+    """(namespace, name) of ``system:serviceaccount:<namespace>:<name>``, else None."""
+    if not username.startswith(SA_PREFIX):
+        return None
+    rest = username[len(SA_PREFIX) :]
+    ns, sep, name = rest.partition(":")
+    if not sep or not ns or not name or ":" in name:
+        return None
+    return ns, name

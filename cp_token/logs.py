@@ -5,12 +5,17 @@ Nothing here ever receives a token; callers pass hashes or nothing.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import math
+import os
 import re
 import sys
 import threading
+import time
 from collections import OrderedDict
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 from cp_token.clock import Clock, SystemClock, rfc3339
@@ -36,6 +41,7 @@ AUDIT_FIELDS = (
     "jti",
     "latency_ms",
 )
+_AUDIT_KEYS = AUDIT_FIELDS[1:]
 
 audit_logger = logging.getLogger("cp_token.audit")
 
@@ -95,8 +101,94 @@ class RepeatFilter(logging.Filter):
         return True
 
 
+_last_second: tuple[int, str] = (-1, "")
+_MILLIS = [f".{ms:03d}Z" for ms in range(1000)]
+
+
 def _ts(created: float) -> str:
-    return rfc3339(created, millis=True)
+    """``2026-04-04T23:33:00.123Z``; the part up to the second is reused within a second."""
+    global _last_second
+    second = int(created)
+    last = _last_second
+    if last[0] == second:
+        head = last[1]
+    else:
+        head = rfc3339(second)[:-1]  # without the Z
+        _last_second = (second, head)
+    return head + _MILLIS[int((created % 1) * 1000)]
+
+
+def _json_value(value: Any) -> str:
+    """One JSON value as ``json.dumps`` (ASCII) writes it."""
+    if isinstance(value, str):
+        return encode_basestring_ascii(value)
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return int.__repr__(value)
+    if isinstance(value, float) and math.isfinite(value):
+        return float.__repr__(value)
+    return json.dumps(value, separators=(",", ":"), default=str)
+
+
+_KEYS = {name: encode_basestring_ascii(name) for name in AUDIT_FIELDS}
+
+
+def _members(fields: dict[str, Any]) -> str:
+    """``"name":value`` pairs of ``fields``, comma-separated (``json.dumps``'s text)."""
+    out = []
+    for name, value in fields.items():
+        key = _KEYS.get(name) or encode_basestring_ascii(name)
+        text = encode_basestring_ascii(value) if type(value) is str else _json_value(value)
+        out.append(f"{key}:{text}")
+    return ",".join(out)
+
+
+@functools.lru_cache(maxsize=1024, typed=True)
+def _fixed_members(
+    event: object, outcome: object, reason: object, username: object, namespace: object, pod: object
+) -> str:
+    """The audit members that repeat between two requests of one caller (kept for the most
+    recent callers)."""
+    return _members(
+        {
+            "event": event,
+            "outcome": outcome,
+            "reason": reason,
+            "username": username,
+            "namespace": namespace,
+            "pod": pod,
+        }
+    )
+
+
+def audit_json(created: float, fields: dict[str, Any]) -> str:
+    """The audit line: ``ts`` then ``fields``, the very text ``json.dumps`` gives, built
+    directly (the schema is fixed and flat); DEL escaped like every other control."""
+    members = None
+    latency_ms = fields.get("latency_ms")
+    if tuple(fields) == _AUDIT_KEYS and type(latency_ms) is float and math.isfinite(latency_ms):
+        get = fields.get
+        try:
+            fixed = _fixed_members(
+                get("event"),
+                get("outcome"),
+                get("reason"),
+                get("username"),
+                get("namespace"),
+                get("pod"),
+            )
+        except TypeError:  # an unhashable value: not from audit()
+            fixed = None
+        if fixed is not None:
+            jti = get("jti")
+            jti_text = encode_basestring_ascii(jti) if type(jti) is str else _json_value(jti)
+            latency = float.__repr__(latency_ms)
+            members = f'{fixed},"jti":{jti_text},"latency_ms":{latency}'
+    line = f'{{"ts":"{_ts(created)}",{members or _members(fields)}}}'
+    return line.replace("\x7f", "\\u007f") if "\x7f" in line else line
 
 
 class JsonFormatter(logging.Formatter):
@@ -106,8 +198,7 @@ class JsonFormatter(logging.Formatter):
         """Render the record."""
         audit_fields: dict[str, Any] | None = getattr(record, "audit", None)
         if audit_fields is not None:
-            line = json.dumps({"ts": _ts(record.created), **audit_fields}, separators=(",", ":"))
-            return line.replace("\x7f", "\\u007f")
+            return audit_json(record.created, audit_fields)
         out: dict[str, Any] = {
             "ts": _ts(record.created),
             "level": record.levelname.lower(),
@@ -157,6 +248,34 @@ def setup_logging(level: str = "info", fmt: str = "json") -> None:
     logging.getLogger("httpcore").setLevel(logging.WARNING)
 
 
+class AuditRecord(logging.LogRecord):
+    """The audit line's log record, built without the generic constructor's per-record work
+    (caller lookup, path splitting, level-name lookup, process names): the fields that do not
+    change between two audit lines are copied from one record made at import.
+
+    It is an ordinary :class:`logging.LogRecord` from there on: the logger's level and
+    filters, the handlers' filters (the repeat filter) and formatters (escaping) apply.
+    """
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        self.__dict__.update(_AUDIT_TEMPLATE)
+        created = time.time()
+        self.created = created
+        self.msecs = int((created - int(created)) * 1000) + 0.0
+        self.relativeCreated = (created - _START) * 1000
+        self.thread = threading.get_ident()
+        self.threadName = threading.current_thread().name
+        self.args = (fields["event"], fields["outcome"])
+        self.audit = fields
+
+
+_START = time.time()
+_AUDIT_TEMPLATE = dict(
+    vars(logging.LogRecord(audit_logger.name, logging.INFO, __file__, 0, "%s %s", (), None))
+)
+_AUDIT_TEMPLATE["process"] = os.getpid()
+
+
 def audit(
     *,
     outcome: str,
@@ -169,14 +288,18 @@ def audit(
     event: str = "token_request",
 ) -> None:
     """Emit one audit line with the fixed schema (``ts`` is added by the formatter)."""
-    fields = {
-        "event": event,
-        "outcome": outcome,
-        "reason": reason,
-        "username": username,
-        "namespace": namespace,
-        "pod": pod,
-        "jti": jti,
-        "latency_ms": round(latency_ms, 3),
-    }
-    audit_logger.info("%s %s", event, outcome, extra={"audit": fields})
+    if not audit_logger.isEnabledFor(logging.INFO):
+        return
+    record = AuditRecord(
+        {
+            "event": event,
+            "outcome": outcome,
+            "reason": reason,
+            "username": username,
+            "namespace": namespace,
+            "pod": pod,
+            "jti": jti,
+            "latency_ms": round(latency_ms, 3),
+        }
+    )
+    audit_logger.handle(record)

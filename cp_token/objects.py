@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from cachetools import TLRUCache
-
-from cp_token.bounded import bounded_tlru, text_bytes
+from cp_token.bounded import BoundedCache, bounded_tlru, text_bytes
 from cp_token.clock import Clock
 from cp_token.errors import Unavailable
 from cp_token.kube import KubeClient, KubeForbidden, KubeUnavailable, labels_of, uid_of
+from cp_token.metrics import NO_METRICS, CacheMetrics
 from cp_token.singleflight import Singleflight
 
 __all__ = ["MAX_OBJECT_READS", "Cached", "ObjectCache"]
@@ -40,36 +39,55 @@ Key = tuple[str, str, str]
 MAX_OBJECT_READS = 16  # label reads in flight at once, outside review slots
 READ_WAIT = 2.0  # a label read waits at most this long for its turn, then 503
 MAX_ENTRIES = 50_000
-MAX_BYTES = 32 * 1024 * 1024
+MAX_BYTES = 16 * 1024 * 1024  # about 28,000 objects
 
 
 @dataclass(frozen=True, slots=True)
 class Cached:
-    """One cached read: the (trimmed) object, or None if it did not exist, and its age."""
+    """One cached read, trimmed to what decisions use: whether the object exists, its uid
+    and labels; and its age."""
 
-    obj: Obj
+    exists: bool
+    uid: str | None
+    labels: Mapping[str, str]
     fetched_at: float  # monotonic time the read started
     valid_until: float  # monotonic time the entry expires (fetched_at + ttl)
     size: int  # estimated bytes, for the cache's byte bound
 
 
-def _trim(obj: Obj) -> Obj:
+# What one entry costs besides its own strings (the entry, its key tuple, the cache's
+# bookkeeping), and a label mapping of its own; measured with tracemalloc
+# (bench/profile_memory.py).
+ENTRY_OVERHEAD = 440
+LABELS_OVERHEAD = 250
+MAX_SHARED_LABEL_SETS = 1024
+_NO_LABELS: Mapping[str, str] = {}
+_label_sets: dict[tuple[tuple[str, str], ...], Mapping[str, str]] = {}
+
+
+def _shared_labels(labels: dict[str, str]) -> tuple[Mapping[str, str], bool]:
+    """One mapping per distinct label set (every managed ServiceAccount carries the same
+    labels) instead of one per cached object; and whether it is a shared one."""
+    if not labels:
+        return _NO_LABELS, True
+    key = tuple(sorted(labels.items()))
+    shared = _label_sets.get(key)
+    if shared is not None:
+        return shared, True
+    if len(_label_sets) < MAX_SHARED_LABEL_SETS:
+        _label_sets[key] = labels
+        return labels, True
+    return labels, False
+
+
+def _entry(key: Key, obj: Obj, fetched_at: float, ttl: float) -> Cached:
     """Keep what decisions use (uid, labels); drop spec, status, managed fields."""
-    if obj is None:
-        return None
-    meta: dict[str, Any] = {}
     uid = uid_of(obj)
-    if uid is not None:
-        meta["uid"] = uid
-    labels = labels_of(obj)
-    if labels:
-        meta["labels"] = labels
-    return {"metadata": meta}
-
-
-def _size(key: Key, obj: Obj) -> int:
-    labels = labels_of(obj)
-    return 200 + text_bytes(*key, uid_of(obj)) + sum(text_bytes(k, v) for k, v in labels.items())
+    labels, shared = _shared_labels(labels_of(obj))
+    size = ENTRY_OVERHEAD + text_bytes(key[2], uid)  # kind and namespace are shared
+    if not shared:
+        size += LABELS_OVERHEAD + sum(text_bytes(k, v) for k, v in labels.items())
+    return Cached(obj is not None, uid, labels, fetched_at, fetched_at + ttl, size)
 
 
 class ObjectCache:
@@ -85,12 +103,12 @@ class ObjectCache:
         read_wait: float = READ_WAIT,
         max_entries: int = MAX_ENTRIES,
         max_bytes: int = MAX_BYTES,
-        metrics: Any = None,
+        metrics: CacheMetrics = NO_METRICS,
     ) -> None:
         self._kube = kube
         self._clock = clock
         self.ttl = ttl
-        self._cache: TLRUCache[Key, Cached] = bounded_tlru(
+        self._cache: BoundedCache[Key, Cached] = bounded_tlru(
             max_entries=max_entries,
             max_bytes=max_bytes,
             ttu=lambda _k, v, _now: v.valid_until,
@@ -105,20 +123,20 @@ class ObjectCache:
 
     # --- label reads (the policy, outside any review slot) -----------------------------------
 
-    async def namespace(self, name: str) -> Obj:
-        """The Namespace (None if it does not exist)."""
-        entry = await self._get(
-            ("namespaces", "", name), lambda: self._kube.get_namespace(name), bounded=True
+    async def namespace_labels(self, name: str) -> Mapping[str, str] | None:
+        """The Namespace's labels (None if it does not exist)."""
+        key = ("namespaces", "", name)
+        entry = self._hit(key) or await self._get(
+            key, lambda: self._kube.get_namespace(name), bounded=True
         )
-        return entry.obj
+        return entry.labels if entry.exists else None
 
-    async def service_account(self, namespace: str, name: str) -> Obj:
-        """The ServiceAccount (None if it does not exist)."""
-        return (await self._service_account(namespace, name, bounded=True)).obj
-
-    async def pod(self, namespace: str, name: str) -> Obj:
-        """The Pod (None if it does not exist)."""
-        return (await self._pod(namespace, name, bounded=True)).obj
+    async def service_account_labels(self, namespace: str, name: str) -> Mapping[str, str] | None:
+        """The ServiceAccount's labels (None if it does not exist)."""
+        entry = self._hit(("serviceaccounts", namespace, name)) or await self._service_account(
+            namespace, name, bounded=True
+        )
+        return entry.labels if entry.exists else None
 
     # --- liveness reads (the jwks authenticator, inside a review slot) -----------------------
 
@@ -144,11 +162,16 @@ class ObjectCache:
             ("pods", namespace, name), lambda: self._kube.get_pod(namespace, name), bounded=bounded
         )
 
-    async def _get(self, key: Key, fetch: Callable[[], Awaitable[Obj]], *, bounded: bool) -> Cached:
-        kind = key[0]
+    def _hit(self, key: Key) -> Cached | None:
+        """The cached entry, counted as a hit; None (nothing counted) when there is none."""
         entry = self._cache.get(key)
-        if self._metrics is not None:
-            self._metrics.cache(kind, entry is not None)
+        if entry is not None:
+            self._metrics.cache(key[0], True)
+        return entry
+
+    async def _get(self, key: Key, fetch: Callable[[], Awaitable[Obj]], *, bounded: bool) -> Cached:
+        entry = self._cache.get(key)
+        self._metrics.cache(key[0], entry is not None)
         if entry is not None:
             return entry
         return await self._inflight.do(key, lambda: self._fetch(key, fetch, bounded))
@@ -173,7 +196,7 @@ class ObjectCache:
         kind = key[0]
         started = self._clock.monotonic()
         try:
-            obj = _trim(await fetch())
+            obj = await fetch()
         except KubeForbidden as exc:
             if kind not in self._forbidden_logged:
                 log.error("reading %s refused: %s (the CP needs 'get %s')", kind, exc.reason, kind)
@@ -188,7 +211,7 @@ class ObjectCache:
             raise Unavailable(
                 "the Kubernetes API is unavailable", reason="kube_unavailable"
             ) from None
-        entry = Cached(obj, started, started + self.ttl, _size(key, obj))
+        entry = _entry(key, obj, started, self.ttl)
         if entry.valid_until > self._clock.monotonic():
             self._cache[key] = entry
         return entry

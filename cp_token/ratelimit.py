@@ -2,38 +2,71 @@
 
 from __future__ import annotations
 
-from cachetools import TTLCache
+from collections import OrderedDict
 
 from cp_token.clock import Clock
 from cp_token.errors import RateLimited
 from cp_token.identity import token_hash
 
-__all__ = ["RateLimiter"]
+__all__ = ["MAX_KEY_CHARS", "RateLimiter"]
+
+# Longer keys are replaced by their SHA-256 (64 hex characters), so every key is at most
+# this long and the entry bound is a byte bound. A ServiceAccount username is shorter.
+MAX_KEY_CHARS = 64
+# About 260 bytes each (tracemalloc): 13 MiB when full. A bucket is forgotten once idle long
+# enough to be full again (burst / rate seconds), so the bound matters only when more
+# identities than this ask within that window; the oldest then starts over, full.
+MAX_BUCKETS = 50_000
 
 
 class RateLimiter:
-    """``rate`` tokens per second, up to ``burst``, per key (the caller's username)."""
+    """``rate`` tokens per second, up to ``burst``, per key (the caller's username).
 
-    def __init__(self, rate: float, burst: int, clock: Clock, maxsize: int = 100_000) -> None:
+    At most ``maxsize`` buckets are kept. Buckets are kept in order of last use: an idle
+    bucket has refilled completely after ``burst / rate`` seconds, so it is forgotten then
+    (when a new key arrives), and beyond ``maxsize`` the least recently used one goes.
+    One check is a dictionary lookup and an in-place update.
+    """
+
+    def __init__(self, rate: float, burst: int, clock: Clock, maxsize: int = MAX_BUCKETS) -> None:
         self._rate = rate
         self._burst = float(burst)
         self._clock = clock
-        # An idle bucket refills completely after burst/rate seconds, then can be forgotten.
-        # Buckets are keyed by a fixed-size hash of the key, so the entry bound is a byte bound.
-        idle = burst / rate + 1.0
-        self._buckets: TTLCache[str, tuple[float, float]] = TTLCache(
-            maxsize=maxsize, ttl=idle, timer=clock.monotonic
-        )
+        self._maxsize = maxsize
+        self._idle = burst / rate + 1.0
+        # key -> [tokens, monotonic time of the last check]; oldest use first
+        self._buckets: OrderedDict[str, list[float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        """Buckets kept now."""
+        return len(self._buckets)
 
     def check(self, key: str) -> None:
         """Take one token for ``key`` or raise RateLimited with the wait in Retry-After."""
         now = self._clock.monotonic()
-        key = token_hash(key)
-        tokens, last = self._buckets.get(key, (self._burst, now))
-        tokens = min(self._burst, tokens + (now - last) * self._rate)
+        if len(key) > MAX_KEY_CHARS:
+            key = token_hash(key)
+        buckets = self._buckets
+        bucket = buckets.get(key)
+        if bucket is None:
+            self._forget(now)
+            bucket = buckets[key] = [self._burst, now]
+        else:
+            buckets.move_to_end(key)
+        tokens = min(self._burst, bucket[0] + (now - bucket[1]) * self._rate)
+        bucket[1] = now
         if tokens < 1.0:
-            self._buckets[key] = (tokens, now)
+            bucket[0] = tokens
             raise RateLimited(
                 "too many token requests for this identity", retry_after=(1.0 - tokens) / self._rate
             )
-        self._buckets[key] = (tokens - 1.0, now)
+        bucket[0] = tokens - 1.0
+
+    def _forget(self, now: float) -> None:
+        """Drop buckets idle long enough to be full again, and the oldest beyond the bound."""
+        buckets = self._buckets
+        while buckets:
+            oldest = next(iter(buckets))
+            if len(buckets) < self._maxsize and now - buckets[oldest][1] < self._idle:
+                return
+            del buckets[oldest]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from cp_token.identity import Identity
 
-__all__ = ["Authenticator", "Reviewer"]
+if TYPE_CHECKING:
+    from cp_token.authn.precheck import UnverifiedJWT
+
+__all__ = ["Authenticator", "DecodedReviewer", "Reviewer"]
 
 
 class Reviewer(Protocol):
@@ -14,6 +17,16 @@ class Reviewer(Protocol):
 
     async def review(self, token: str) -> Identity:
         """Authenticate the token (one upstream review; no caching at this level)."""
+        ...
+
+
+@runtime_checkable
+class DecodedReviewer(Protocol):
+    """A reviewer that can take the token already decoded by the precheck (a JWT is decoded
+    once per review, not once per step)."""
+
+    async def review_decoded(self, token: str, jwt: UnverifiedJWT) -> Identity:
+        """:meth:`Reviewer.review`, given the token's unverified header and claims."""
         ...
 
 

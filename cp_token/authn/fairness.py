@@ -11,8 +11,7 @@ in flight.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cp_token.errors import Unavailable
@@ -60,23 +59,47 @@ class FairSlots:
         share = self._shares.get(key)
         return 0 if share is None else share.holding
 
-    @contextlib.asynccontextmanager
-    async def hold(self, callers: Sequence[str], deadline: float) -> AsyncIterator[None]:
-        """Hold one slot per caller key and one global slot; 503 if not free by ``deadline``.
+    def hold(self, callers: Sequence[str], deadline: float) -> _Hold:
+        """``async with``: hold one slot per caller key and one global slot; 503 if not free
+        by ``deadline``.
 
         Keys are taken in sorted order, so two requests naming the same keys never wait for
         each other in a cycle.
         """
-        entered: list[tuple[str, _Share]] = []
-        acquired: list[_Share] = []
-        global_held = False
+        return _Hold(self, sorted(set(callers)), deadline)
+
+    def _share(self, key: str) -> _Share:
+        share = self._shares.get(key)
+        if share is None:
+            share = self._shares[key] = _Share(asyncio.Semaphore(self.per_caller))
+        share.users += 1
+        return share
+
+    def _leave(self, key: str, share: _Share) -> None:
+        share.users -= 1
+        if share.users == 0 and self._shares.get(key) is share:
+            del self._shares[key]
+
+
+class _Hold:
+    """The slots of one review (a class, not a generator: entered once per cold request)."""
+
+    __slots__ = ("_acquired", "_deadline", "_entered", "_global_held", "_keys", "_slots")
+
+    def __init__(self, slots: FairSlots, keys: list[str], deadline: float) -> None:
+        self._slots = slots
+        self._keys = keys
+        self._deadline = deadline
+        self._entered: list[tuple[str, _Share]] = []
+        self._acquired: list[_Share] = []
+        self._global_held = False
+
+    async def __aenter__(self) -> None:
+        slots, deadline = self._slots, self._deadline
         try:
-            for key in sorted(set(callers)):
-                share = self._shares.get(key)
-                if share is None:
-                    share = self._shares[key] = _Share(asyncio.Semaphore(self.per_caller))
-                share.users += 1
-                entered.append((key, share))
+            for key in self._keys:
+                share = slots._share(key)
+                self._entered.append((key, share))
                 if not await _acquire(share.slots, deadline):
                     raise Unavailable(
                         "too many token reviews in flight for this caller; retry shortly",
@@ -84,22 +107,29 @@ class FairSlots:
                         retry_after=1,
                     )
                 share.holding += 1
-                acquired.append(share)
-            if not await _acquire(self._global, deadline):
+                self._acquired.append(share)
+            if not await _acquire(slots._global, deadline):
                 raise Unavailable(
                     "too many token reviews in flight; retry shortly",
                     reason="reviews_saturated",
                     retry_after=1,
                 )
-            global_held = True
-            yield
-        finally:
-            if global_held:
-                self._global.release()
-            for share in reversed(acquired):
-                share.holding -= 1
-                share.slots.release()
-            for key, share in entered:
-                share.users -= 1
-                if share.users == 0 and self._shares.get(key) is share:
-                    del self._shares[key]
+            self._global_held = True
+        except BaseException:
+            self._release()
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        if self._global_held:
+            self._global_held = False
+            self._slots._global.release()
+        for share in reversed(self._acquired):
+            share.holding -= 1
+            share.slots.release()
+        self._acquired.clear()
+        for key, share in self._entered:
+            self._slots._leave(key, share)
+        self._entered.clear()

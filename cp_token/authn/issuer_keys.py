@@ -19,10 +19,12 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
-from joserfc import jws
-from joserfc.jwk import ECKey, JWKRegistry, RSAKey
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from cp_token.authn.precheck import UnverifiedJWT
+from cp_token.authn.precheck import UnverifiedJWT, b64url_bytes
 from cp_token.clock import Clock
 from cp_token.errors import Unauthenticated
 from cp_token.kube import KubeClient, KubeError, KubeUnavailable
@@ -47,7 +49,19 @@ KEYS_MAX_AGE = 300.0  # re-read the key set this often even when every kid is kn
 RETRY_INTERVAL = 1.0  # while no key set was ever loaded, retry a failed fetch this often
 KEY_WAIT = 1.0  # the pre-check waits at most this long for the keys, then TokenReview decides
 
-Key = ECKey | RSAKey
+ES256_SIGNATURE_BYTES = 64  # r || s, 32 bytes each (RFC 7518 §3.4)
+_PKCS1 = padding.PKCS1v15()
+_SHA256 = hashes.SHA256()
+_ECDSA = ec.ECDSA(hashes.SHA256())
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    """One usable public key of the API server's set: its JWK ``kty`` and the key object
+    (imported once, when the set is fetched)."""
+
+    key_type: str  # "RSA" or "EC" (P-256)
+    public: rsa.RSAPublicKey | ec.EllipticCurvePublicKey
 
 
 @dataclass(frozen=True)
@@ -110,25 +124,55 @@ def parse_key_set(doc: dict[str, object]) -> KeySet:
 
 def _import(raw: dict[str, object]) -> Key | None:
     """An RSA or P-256 EC public key, or None for anything this service cannot verify with."""
-    if not (raw.get("kty") == "RSA" or (raw.get("kty") == "EC" and raw.get("crv") == "P-256")):
-        return None
     try:
-        key = JWKRegistry.import_key(raw)  # type: ignore[arg-type]
-    except Exception:  # a malformed key in the API server's set: skip it, keep the rest
+        if raw.get("kty") == "RSA":
+            n, e = _jwk_int(raw, "n"), _jwk_int(raw, "e")
+            return Key("RSA", rsa.RSAPublicNumbers(e, n).public_key())
+        if raw.get("kty") == "EC" and raw.get("crv") == "P-256":
+            x, y = _jwk_int(raw, "x"), _jwk_int(raw, "y")
+            return Key("EC", ec.EllipticCurvePublicNumbers(x, y, ec.SECP256R1()).public_key())
+    except (ValueError, TypeError):  # a malformed key in the API server's set: skip it
         log.warning("skipping a key of the API server's JWKS that does not load")
-        return None
-    return key if isinstance(key, ECKey | RSAKey) else None
+    return None
+
+
+def _jwk_int(raw: dict[str, object], name: str) -> int:
+    """A JWK's base64url-encoded unsigned integer member (RFC 7518 §6); ValueError if not."""
+    value = raw.get(name)
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} is missing")
+    return int.from_bytes(b64url_bytes(value), "big")
 
 
 def verifies(token: str, keys: list[Key], alg: str) -> bool:
-    """True when one of ``keys`` verifies the compact JWS ``token`` under ``alg``."""
-    return any(_verifies_with(token, key, alg) for key in keys)
-
-
-def _verifies_with(token: str, key: Key, alg: str) -> bool:
+    """True when one of ``keys`` verifies the compact JWS ``token`` under ``alg``
+    (``cryptography`` directly, with key objects imported once per key set)."""
+    signing_input, _, encoded = token.rpartition(".")
     try:
-        jws.deserialize_compact(token, key, algorithms=[alg])
-    except Exception:  # hostile input: any failure to verify is "does not verify"
+        signature = b64url_bytes(encoded)
+    except ValueError:
+        return False
+    data = signing_input.encode("ascii", "replace")
+    if alg == "ES256":
+        if len(signature) != ES256_SIGNATURE_BYTES:
+            return False
+        half = ES256_SIGNATURE_BYTES // 2
+        signature = encode_dss_signature(
+            int.from_bytes(signature[:half], "big"), int.from_bytes(signature[half:], "big")
+        )
+    return any(_verifies_with(key, signature, data, alg) for key in keys)
+
+
+def _verifies_with(key: Key, signature: bytes, data: bytes, alg: str) -> bool:
+    public = key.public
+    try:
+        if alg == "RS256" and isinstance(public, rsa.RSAPublicKey):
+            public.verify(signature, data, _PKCS1, _SHA256)
+        elif alg == "ES256" and isinstance(public, ec.EllipticCurvePublicKey):
+            public.verify(signature, data, _ECDSA)
+        else:
+            return False
+    except (InvalidSignature, ValueError):
         return False
     return True
 

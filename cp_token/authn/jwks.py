@@ -12,14 +12,22 @@ pod's token keeps working.
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 from cp_token.authn.issuer_keys import ALGORITHMS, IssuerKeys, verifies
 from cp_token.authn.precheck import UnverifiedJWT, decode_unverified, numeric_date
 from cp_token.clock import Clock
 from cp_token.errors import Unauthenticated, Unavailable
-from cp_token.identity import CREDENTIAL_ID_KEY, POD_NAME_KEY, POD_UID_KEY, Identity
-from cp_token.kube import KubeClient, KubeError, KubeForbidden, KubeUnavailable, uid_of
+from cp_token.identity import (
+    CREDENTIAL_ID_KEY,
+    NODE_NAME_KEY,
+    NODE_UID_KEY,
+    POD_NAME_KEY,
+    POD_UID_KEY,
+    Identity,
+)
+from cp_token.kube import KubeClient, KubeError, KubeForbidden, KubeUnavailable
 from cp_token.objects import ObjectCache
 from cp_token.singleflight import SharedCall
 
@@ -28,8 +36,6 @@ __all__ = ["JwksReviewer"]
 log = logging.getLogger(__name__)
 
 LEEWAY = 60.0  # clock skew allowance for exp/nbf, as the API server's own validator allows
-NODE_NAME_KEY = "authentication.kubernetes.io/node-name"
-NODE_UID_KEY = "authentication.kubernetes.io/node-uid"
 
 
 def _bad(description: str, reason: str = "not_authenticated") -> Unauthenticated:
@@ -104,7 +110,10 @@ class JwksReviewer:
 
     async def review(self, token: str) -> Identity:
         """Verify the token locally and prove its ServiceAccount and pod still exist."""
-        unverified = decode_unverified(token)
+        return await self.review_decoded(token, decode_unverified(token))
+
+    async def review_decoded(self, token: str, unverified: UnverifiedJWT) -> Identity:
+        """:meth:`review` of a token already decoded (by the precheck)."""
         alg, kid = unverified.alg, unverified.kid
         if alg not in ALGORITHMS:
             raise _bad("token algorithm is not accepted (RS256 or ES256 only)", "bad_algorithm")
@@ -156,7 +165,7 @@ class JwksReviewer:
             raise _bad("token subject does not match its ServiceAccount", reason="malformed")
 
         live_sa = await self._objects.service_account_entry(ns, sa_name)
-        if uid_of(live_sa.obj) != sa_uid:
+        if live_sa.uid != sa_uid:
             raise _bad("the token's ServiceAccount no longer exists", reason="sa_gone")
         # The review may be reused only while the reads it rests on are: caches never stack.
         proof_until = live_sa.valid_until
@@ -166,15 +175,15 @@ class JwksReviewer:
             if not isinstance(pod_name, str) or not isinstance(pod_uid, str):
                 raise _bad("token's pod claim is malformed", reason="malformed")
             live_pod = await self._objects.pod_entry(ns, pod_name)
-            if uid_of(live_pod.obj) != pod_uid:
+            if live_pod.uid != pod_uid:
                 raise _bad("the pod this token is bound to no longer exists", reason="pod_gone")
             proof_until = min(proof_until, live_pod.valid_until)
             extra[POD_NAME_KEY], extra[POD_UID_KEY] = (pod_name,), (pod_uid,)
         if isinstance(node, dict):
             if isinstance(node.get("name"), str):
-                extra[NODE_NAME_KEY] = (node["name"],)
+                extra[NODE_NAME_KEY] = (sys.intern(node["name"]),)
             if isinstance(node.get("uid"), str):
-                extra[NODE_UID_KEY] = (node["uid"],)
+                extra[NODE_UID_KEY] = (sys.intern(node["uid"]),)
         if isinstance(claims.get("jti"), str):
             extra[CREDENTIAL_ID_KEY] = (f"JTI={claims['jti']}",)
         return Identity(
@@ -182,7 +191,7 @@ class JwksReviewer:
             uid=sa_uid,
             groups=(
                 "system:serviceaccounts",
-                f"system:serviceaccounts:{ns}",
+                sys.intern(f"system:serviceaccounts:{ns}"),  # one copy per namespace
                 "system:authenticated",
             ),
             extra=extra,

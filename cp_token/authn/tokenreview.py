@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
-from cp_token.authn.precheck import decode_unverified
+from cp_token.authn.precheck import UnverifiedJWT, decode_unverified
 from cp_token.errors import Unauthenticated, Unavailable
-from cp_token.identity import Identity
+from cp_token.identity import SHARED_EXTRA, Identity
 from cp_token.kube import KubeClient, KubeForbidden, KubeUnavailable
 
 __all__ = ["TokenReviewer", "identity_from_user"]
 
 log = logging.getLogger(__name__)
+
 
 FORBIDDEN_HINT = (
     "the CP's ServiceAccount may not create tokenreviews.authentication.k8s.io "
@@ -22,20 +24,27 @@ FORBIDDEN_HINT = (
 
 
 def identity_from_user(user: dict[str, Any], expires_at: float | None) -> Identity:
-    """Build an Identity from a TokenReview ``status.user`` object."""
+    """Build an Identity from a TokenReview ``status.user`` object.
+
+    Group names, ``extra`` keys and node values repeat from one caller to the next: they are
+    interned, so the review cache holds one copy of each, not one per identity.
+    """
     extra_raw = user.get("extra") or {}
     extra: dict[str, tuple[str, ...]] = {}
     if isinstance(extra_raw, dict):
         for k, v in extra_raw.items():
+            key = sys.intern(str(k))
+            shared = key in SHARED_EXTRA  # a node's: the same for all its pods
             if isinstance(v, list):
-                extra[str(k)] = tuple(str(x) for x in v)
+                values = tuple(str(x) for x in v)
+                extra[key] = tuple(sys.intern(x) for x in values) if shared else values
             elif isinstance(v, str):
-                extra[str(k)] = (v,)
+                extra[key] = (sys.intern(v) if shared else v,)
     groups = user.get("groups") or []
     return Identity(
         username=str(user.get("username") or ""),
         uid=str(user["uid"]) if user.get("uid") else None,
-        groups=tuple(str(g) for g in groups) if isinstance(groups, list) else (),
+        groups=tuple(sys.intern(str(g)) for g in groups) if isinstance(groups, list) else (),
         extra=extra,
         expires_at=expires_at,
     )
@@ -54,6 +63,17 @@ class TokenReviewer:
 
     async def review(self, token: str) -> Identity:
         """Ask the API server who this token belongs to."""
+        try:
+            jwt: UnverifiedJWT | None = decode_unverified(token)
+        except Unauthenticated:
+            jwt = None  # not a JWT: the API server decides; the expiry is unknown
+        return await self._review(token, jwt)
+
+    async def review_decoded(self, token: str, jwt: UnverifiedJWT) -> Identity:
+        """:meth:`review` of a token already decoded (by the precheck)."""
+        return await self._review(token, jwt)
+
+    async def _review(self, token: str, jwt: UnverifiedJWT | None) -> Identity:
         try:
             status = await self._kube.token_review(token, self._audiences)
         except KubeForbidden as exc:
@@ -87,9 +107,4 @@ class TokenReviewer:
             raise Unavailable(
                 "the Kubernetes API returned a review without a user", reason="kube_bad_answer"
             )
-        exp: float | None = None
-        try:
-            exp = decode_unverified(token).exp
-        except Unauthenticated:
-            exp = None
-        return identity_from_user(user, exp)
+        return identity_from_user(user, jwt.exp if jwt is not None else None)

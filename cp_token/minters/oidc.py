@@ -25,7 +25,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import httpx
 
@@ -34,6 +34,7 @@ from cp_token.backoff import Backoff, Pacer, parse_retry_after
 from cp_token.clock import Clock, sleep_or_wake
 from cp_token.errors import Unauthenticated, Unavailable
 from cp_token.identity import Identity
+from cp_token.metrics import NO_METRICS, IdPMetrics
 from cp_token.minters import DEFAULT_OPTIONS, IssuedToken, MintOptions
 from cp_token.singleflight import SharedCall
 
@@ -82,26 +83,6 @@ class IdPError(Exception):
         return self.reason == "idp_rejected"
 
 
-class IdPMetrics(Protocol):
-    """What the minter records (:class:`cp_token.metrics.Metrics` provides it)."""
-
-    def idp_call(self, result: str, seconds: float) -> None:
-        """One IdP call and its result (a status code, ``timeout``, ``bad_answer``...)."""
-        ...
-
-    def dependency(self, name: str, up: bool) -> None:
-        """The IdP's health after a call."""
-        ...
-
-
-class _NoMetrics:
-    def idp_call(self, result: str, seconds: float) -> None:
-        pass
-
-    def dependency(self, name: str, up: bool) -> None:
-        pass
-
-
 class OidcMinter:
     """Client-credentials token, shared by every caller, refreshed ahead of time."""
 
@@ -117,7 +98,7 @@ class OidcMinter:
         audience: str | None = None,
         timeout: float = 10.0,
         transport: httpx.AsyncBaseTransport | None = None,
-        metrics: IdPMetrics | None = None,
+        metrics: IdPMetrics = NO_METRICS,
         rng: random.Random | None = None,
         request_wait: float = REQUEST_WAIT,
     ) -> None:
@@ -128,7 +109,7 @@ class OidcMinter:
         self._clock = clock
         self._scope = scope
         self._audience = audience
-        self._metrics: IdPMetrics = metrics or _NoMetrics()
+        self._metrics = metrics
         self._request_wait = request_wait
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),

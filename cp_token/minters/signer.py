@@ -69,6 +69,9 @@ class JwsSigner:
 
     def sign(self, claims: Mapping[str, Any]) -> str:
         """The compact JWS ``header.payload.signature`` of ``claims`` (a JSON object)."""
-        payload = json.dumps(claims, separators=(",", ":")).encode()
+        return self.sign_payload(json.dumps(claims, separators=(",", ":")).encode())
+
+    def sign_payload(self, payload: bytes) -> str:
+        """The compact JWS of ``payload``, the claims already serialized as a JSON object."""
         signing_input = self._header_segment + b64url(payload)
         return (signing_input + b"." + b64url(self._sign(signing_input))).decode("ascii")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from cp_token.authn.precheck import decode_unverified
 from cp_token.errors import Unauthenticated
 from cp_token.filewatch import WatchedFile
@@ -19,6 +21,7 @@ def parse_static_token(raw: bytes) -> str:
     return token
 
 
+@functools.lru_cache(maxsize=4)  # the token changes only when its file does
 def _expiry(token: str) -> float | None:
     """A JWT's ``exp``, so even a static token gets an honest expiry when it has one."""
     try:

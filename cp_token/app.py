@@ -44,6 +44,7 @@ from cp_token.errors import (
     CPTokenError,
     InternalError,
     MethodNotAllowed,
+    Unauthenticated,
     error_response,
     exchange_error_response,
 )
@@ -163,7 +164,10 @@ async def _parse_get(scope: Scope, receive: Receive) -> TokenAsk:
     method = scope["method"]
     if method != "GET":
         raise MethodNotAllowed(f"{method} is not allowed on /token; use GET")
-    return TokenAsk(credential=parse_bearer(_header(scope, b"authorization")))
+    values = [v for k, v in scope["headers"] if k == b"authorization"]
+    if len(values) > 1:  # which one a proxy or the app would read is anyone's guess
+        raise Unauthenticated("more than one Authorization header", reason="malformed")
+    return TokenAsk(credential=parse_bearer(values[0].decode("latin-1") if values else None))
 
 
 def _exchange_parser(rules: ExchangeRules) -> Parser:

@@ -152,16 +152,8 @@ def _fixed_members(
 ) -> str:
     """The audit members that repeat between two requests of one caller (kept for the most
     recent callers)."""
-    return _members(
-        {
-            "event": event,
-            "outcome": outcome,
-            "reason": reason,
-            "username": username,
-            "namespace": namespace,
-            "pod": pod,
-        }
-    )
+    values = (event, outcome, reason, username, namespace, pod)
+    return _members(dict(zip(_AUDIT_KEYS[: len(values)], values, strict=True)))
 
 
 def audit_json(created: float, fields: dict[str, Any]) -> str:

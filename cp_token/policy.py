@@ -61,6 +61,17 @@ def _empty_session_id(identity: Identity) -> bool:
     return sa.startswith("session-") and sa.endswith("-sa") and identity.session_id is None
 
 
+def _require_label(
+    label: tuple[str, str] | None, labels: Mapping[str, str] | None, what: str, reason: str
+) -> None:
+    """Forbidden unless ``labels`` (None: the object does not exist) carry ``label``."""
+    if label is None:
+        return
+    key, value = label
+    if labels is None or labels.get(key) != value:
+        raise Forbidden(f"{what} (needs label {key}={value})", reason=reason)
+
+
 @dataclass(frozen=True)
 class RunnerPolicy:
     """The rules a caller must meet to be treated as a session runner."""
@@ -114,19 +125,15 @@ class RunnerPolicy:
         sa_labels: Mapping[str, str] | None,
     ) -> None:
         """Namespace and ServiceAccount must carry the managed labels (None = not found)."""
-        if self.namespace_label is not None:
-            key, value = self.namespace_label
-            if namespace_labels is None or namespace_labels.get(key) != value:
-                raise Forbidden(
-                    f"{identity.username}: namespace {identity.namespace} is not managed "
-                    f"(needs label {key}={value})",
-                    reason="namespace_not_managed",
-                )
-        if self.managed_label is not None:
-            key, value = self.managed_label
-            if sa_labels is None or sa_labels.get(key) != value:
-                raise Forbidden(
-                    f"ServiceAccount {identity.username} is not managed "
-                    f"(needs label {key}={value})",
-                    reason="sa_not_managed",
-                )
+        _require_label(
+            self.namespace_label,
+            namespace_labels,
+            f"{identity.username}: namespace {identity.namespace} is not managed",
+            "namespace_not_managed",
+        )
+        _require_label(
+            self.managed_label,
+            sa_labels,
+            f"ServiceAccount {identity.username} is not managed",
+            "sa_not_managed",
+        )

@@ -329,3 +329,18 @@ def test_malformed_authorization_never_5xx(value: str) -> None:
 
 def test_token_hash_is_not_the_token() -> None:
     assert token_hash("abc") != "abc" and len(token_hash("abc")) == 64
+
+
+async def test_two_authorization_headers_are_refused(
+    clock: FakeClock, reviewer: DictReviewer
+) -> None:
+    """Which of two credentials counts would be a guess: neither does (401, nothing minted)."""
+    app, _ = build(clock, reviewer)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://cp") as client:
+        headers = [("Authorization", "Bearer good"), ("Authorization", "Bearer good")]
+        resp = await client.get("/token", headers=headers)
+    assert resp.status_code == 401
+    assert resp.json()["error"] == "invalid_token"
+    assert resp.headers["www-authenticate"] == 'Bearer error="invalid_token"'
+    assert reviewer.calls == 0

@@ -5,8 +5,11 @@
 Throughput rows use ``wrk`` (1 thread, 32 keep-alive connections, loopback) against the bare
 one-route Starlette endpoint of ``bench/common.py`` under the same uvicorn, measured right
 before each row (alternating: drift of a shared 2-core machine hits both alike), and report
-the ratio. Memory rows read ``VmRSS`` from /proc. Cold-review CPU comes from
-``bench_cp.bench_cold`` (5 ms of API latency, a distinct token per request, CPU from /proc).
+the ratio. Memory rows read ``VmRSS`` from /proc; the 100,000-identity row runs the CP with
+tokenreview authn against a fake API server holding that many sessions (each identity asks
+once; cache lifetimes of an hour, so every cache ends at its bound). Cold-review CPU comes
+from ``bench_cp.bench_cold`` (5 ms of API latency, a distinct token per request, CPU from
+/proc).
 The client-only install row runs ``pip install <sources>`` (no extras) into a fresh venv.
 
 Every process is started here and stopped here by its pid.

@@ -11,6 +11,10 @@ the hot path records a request with two dictionary lookups).
 
 from __future__ import annotations
 
+import bisect
+import itertools
+import math
+import time
 from collections.abc import Callable
 from typing import Protocol, TypeVar
 
@@ -24,6 +28,9 @@ from prometheus_client import (
     make_asgi_app,
 )
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 from starlette.types import ASGIApp
 
 from cp_token import __version__
@@ -33,6 +40,8 @@ __all__ = [
     "CacheMetrics",
     "IdPMetrics",
     "KubeMetrics",
+    "LoopCounter",
+    "LoopHistogram",
     "Metrics",
     "NullMetrics",
     "RequestMetrics",
@@ -138,37 +147,113 @@ def _children(metric: M) -> Callable[..., M]:
     return child
 
 
+class LoopCounter:
+    """A labelled counter updated and read on the event loop only (the token path, the
+    caches, the Kubernetes client all record there, and ``/metrics`` is served there): a
+    dictionary of numbers, turned into a metric family when scraped. prometheus_client's
+    own counter takes a lock per increment."""
+
+    def __init__(
+        self, name: str, documentation: str, labels: tuple[str, ...], registry: CollectorRegistry
+    ) -> None:
+        self._name, self._doc, self._labels = name, documentation, labels
+        self._values: dict[tuple[str, ...], list[float]] = {}  # labels -> [value, created]
+        registry.register(self)
+
+    def inc(self, *labels: str) -> None:
+        """Add one to the series of ``labels``."""
+        series = self._values.get(labels)
+        if series is None:
+            series = self._values[labels] = [0.0, time.time()]
+        series[0] += 1
+
+    def value(self, *labels: str) -> float:
+        """The series' count so far (0 before its first increment)."""
+        series = self._values.get(labels)
+        return 0.0 if series is None else series[0]
+
+    def describe(self) -> list[Metric]:
+        """The family, without samples (for the registry's name checks)."""
+        return [CounterMetricFamily(self._name, self._doc, labels=self._labels)]
+
+    def collect(self) -> list[Metric]:
+        """The family with every series."""
+        family = CounterMetricFamily(self._name, self._doc, labels=self._labels)
+        for labels, (value, created) in list(self._values.items()):
+            family.add_metric(labels, value, created=created)
+        return [family]
+
+
+class LoopHistogram:
+    """A labelled histogram updated and read on the event loop only (see
+    :class:`LoopCounter`): per series, a count per bucket and the sum."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labels: tuple[str, ...],
+        buckets: tuple[float, ...],
+        registry: CollectorRegistry,
+    ) -> None:
+        self._name, self._doc, self._labels = name, documentation, labels
+        self._bounds = (*buckets, math.inf)
+        self._les: list[str] = [floatToGoString(b) for b in self._bounds]  # type: ignore[no-untyped-call]
+        # labels -> counts per bucket, then the sum, then the series' creation time
+        self._series: dict[tuple[str, ...], list[float]] = {}
+        registry.register(self)
+
+    def observe(self, value: float, *labels: str) -> None:
+        """Count ``value`` in the series of ``labels``."""
+        series = self._series.get(labels)
+        if series is None:
+            series = self._series[labels] = [0.0] * (len(self._bounds) + 1) + [time.time()]
+        series[bisect.bisect_left(self._bounds, value)] += 1
+        series[-2] += value
+
+    def describe(self) -> list[Metric]:
+        """The family, without samples."""
+        return [HistogramMetricFamily(self._name, self._doc, labels=self._labels)]
+
+    def collect(self) -> list[Metric]:
+        """The family with every series (cumulative buckets)."""
+        family = HistogramMetricFamily(self._name, self._doc, labels=self._labels)
+        for labels, series in list(self._series.items()):
+            cumulative = list(itertools.accumulate(series[:-2]))
+            family.add_metric(labels, list(zip(self._les, cumulative, strict=True)), series[-2])
+            named = dict(zip(self._labels, labels, strict=True))
+            family.samples.append(Sample(f"{self._name}_created", named, series[-1]))
+        return [family]
+
+
 class Metrics:
     """Every metric the CP exports."""
 
     def __init__(self, *, authn: str = "", minter: str = "") -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter(
-            "cp_token_requests",
-            "Token requests by outcome and reason",
-            ["outcome", "reason"],
-            registry=r,
+        self.requests = LoopCounter(
+            "cp_token_requests", "Token requests by outcome and reason", ("outcome", "reason"), r
         )
-        self.request_latency = Histogram(
+        self.request_latency = LoopHistogram(
             "cp_token_request_duration_seconds",
-            "Latency of GET /token",
-            ["outcome"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            "Latency of a token request",
+            ("outcome",),
+            LATENCY_BUCKETS,
+            r,
         )
-        self.kube_calls = Counter(
+        self.kube_calls = LoopCounter(
             "cp_token_kube_api_calls",
             "Kubernetes API calls by call and result",
-            ["call", "result"],
-            registry=r,
+            ("call", "result"),
+            r,
         )
-        self.kube_latency = Histogram(
+        self.kube_latency = LoopHistogram(
             "cp_token_kube_api_duration_seconds",
             "Kubernetes API call latency",
-            ["call"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            ("call",),
+            LATENCY_BUCKETS,
+            r,
         )
         self.idp_calls = Counter(
             "cp_token_idp_calls", "Upstream IdP token calls by result", ["result"], registry=r
@@ -179,11 +264,8 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.cache_lookups = Counter(
-            "cp_token_cache_lookups",
-            "Cache lookups by cache and result",
-            ["cache", "result"],
-            registry=r,
+        self.cache_lookups = LoopCounter(
+            "cp_token_cache_lookups", "Cache lookups by cache and result", ("cache", "result"), r
         )
         self.reviews_in_flight = Gauge(
             "cp_token_reviews_in_flight", "Token reviews currently in flight", registry=r
@@ -194,21 +276,16 @@ class Metrics:
             ["dependency"],
             registry=r,
         )
-        self.minted = Counter("cp_token_tokens_issued", "Tokens handed out", registry=r)
+        self.minted = LoopCounter("cp_token_tokens_issued", "Tokens handed out", (), r)
         info = Info("cp_token_build", "Build information", registry=r)
         info.info({"version": __version__, "authn": authn, "minter": minter})
-        self._requests = _children(self.requests)
-        self._request_latency = _children(self.request_latency)
-        self._kube_calls = _children(self.kube_calls)
-        self._kube_latency = _children(self.kube_latency)
         self._idp_calls = _children(self.idp_calls)
-        self._cache_lookups = _children(self.cache_lookups)
         self._dependency_up = _children(self.dependency_up)
 
     def kube_call(self, call: str, result: str, seconds: float) -> None:
         """Record one Kubernetes API call."""
-        self._kube_calls(call, result).inc()
-        self._kube_latency(call).observe(seconds)
+        self.kube_calls.inc(call, result)
+        self.kube_latency.observe(seconds, call)
         up = result.isdigit() and (result.startswith("2") or result == "404")
         self._dependency_up("kubernetes").set(1 if up else 0)
 
@@ -223,7 +300,7 @@ class Metrics:
 
     def cache(self, cache: str, hit: bool) -> None:
         """Record a cache lookup."""
-        self._cache_lookups(cache, "hit" if hit else "miss").inc()
+        self.cache_lookups.inc(cache, "hit" if hit else "miss")
 
     def review_started(self) -> None:
         """One more review in flight."""
@@ -235,8 +312,8 @@ class Metrics:
 
     def request(self, outcome: str, reason: str, seconds: float) -> None:
         """Record one token request (either door); an issued one counts as minted too."""
-        self._requests(outcome, reason).inc()
-        self._request_latency(outcome).observe(seconds)
+        self.requests.inc(outcome, reason)
+        self.request_latency.observe(seconds, outcome)
         if outcome == "issued":
             self.minted.inc()
 

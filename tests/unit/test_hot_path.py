@@ -294,14 +294,14 @@ def test_b64url_accepts_exactly_unpadded_base64url(text: str) -> None:
 # --- metrics --------------------------------------------------------------------------------
 
 
-def test_cached_children_are_the_library_s_own() -> None:
+def test_loop_metrics_count() -> None:
     metrics = Metrics()
     metrics.request("issued", "ok", 0.001)
     metrics.request("issued", "ok", 0.002)
     metrics.cache("review", True)
-    assert metrics.requests.labels("issued", "ok")._value.get() == 2
-    assert metrics.minted._value.get() == 2
-    assert metrics.cache_lookups.labels("review", "hit")._value.get() == 1
+    assert metrics.requests.value("issued", "ok") == 2
+    assert metrics.minted.value() == 2
+    assert metrics.cache_lookups.value("review", "hit") == 1
     NO_METRICS.request("issued", "ok", 0.1)  # records nothing, raises nothing
     NO_METRICS.cache("review", False)
 
@@ -426,3 +426,36 @@ async def test_the_reviewer_gets_the_precheck_s_decoding() -> None:
     )
     assert (await auth.authenticate(token)).username == RUNNER
     assert len(seen) == 1 and seen[0].claims["sub"] == RUNNER
+
+
+def test_loop_metrics_expose_what_the_library_s_own_would() -> None:
+    import re
+
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+    from prometheus_client.openmetrics.exposition import generate_latest as openmetrics
+
+    from cp_token.metrics import LATENCY_BUCKETS, LoopCounter, LoopHistogram
+
+    ours, theirs = CollectorRegistry(auto_describe=True), CollectorRegistry(auto_describe=True)
+    counter = Counter("c", "Counted", ["outcome", "reason"], registry=theirs)
+    histogram = Histogram(
+        "h_seconds", "Timed", ["outcome"], buckets=LATENCY_BUCKETS, registry=theirs
+    )
+    loop_counter = LoopCounter("c", "Counted", ("outcome", "reason"), ours)
+    loop_histogram = LoopHistogram("h_seconds", "Timed", ("outcome",), LATENCY_BUCKETS, ours)
+    for outcome, reason, seconds in [
+        ("issued", "ok", 0.0004),
+        ("issued", "ok", 0.001),  # on a bound: that bucket
+        ("invalid_token", "expired", 3.0),
+        ("issued", "ok", 11.0),  # beyond the last bound: +Inf
+    ]:
+        counter.labels(outcome, reason).inc()
+        loop_counter.inc(outcome, reason)
+        histogram.labels(outcome).observe(seconds)
+        loop_histogram.observe(seconds, outcome)
+
+    def text(render: Any, registry: Any) -> str:  # creation times differ: compare the rest
+        return re.sub(r"(_created\{?[^ ]*\}? )[0-9.e+]+", r"\1T", render(registry).decode())
+
+    assert text(generate_latest, ours) == text(generate_latest, theirs)
+    assert text(openmetrics, ours) == text(openmetrics, theirs)

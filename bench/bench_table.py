@@ -222,14 +222,23 @@ def identities_row(table: Table, workdir: Path, count: int) -> None:
 
 
 def cold_rows(table: Table, kube: FakeKube, workdir: Path, requests: int) -> None:
-    """CP CPU per cold review (a new token per request, API 5 ms away)."""
-    cold = bench_cold(kube, workdir, CONNS, requests, 64)
+    """CP CPU per cold review (a new token per request, API 5 ms away): the median of
+    ``ROUNDS`` runs (a shared machine's bursts land on one run, rarely on two)."""
+    runs = []
+    for i in range(ROUNDS):
+        round_dir = workdir / f"cold-{i}"
+        round_dir.mkdir()
+        runs.append(bench_cold(kube, round_dir, CONNS, requests, 64))
     for label, goal_ms in (("jwks", 0.6), ("tokenreview", 1.2)):
-        r = cold[label]
-        ms = per_req_us(r["server_cpu"], r["requests"]) / 1000
+        results = sorted(
+            (per_req_us(r[label]["server_cpu"], r[label]["requests"]) / 1000, r[label]["rps"])
+            for r in runs
+        )
+        ms, rps = results[len(results) // 2]
+        each = ", ".join(f"{m:.2f}" for m, _ in results)
         table.add(
             f"cold review CPU per request, {label} (5 ms API latency)",
-            f"{ms:.2f} ms ({r['rps']:,.0f} req/s)",
+            f"{ms:.2f} ms (median of {ROUNDS} runs: {each}; {rps:,.0f} req/s)",
             f"<= {goal_ms:g} ms",
             ms <= goal_ms,
         )

@@ -63,7 +63,7 @@ REPORTED_ROUTES = (
 # --- the fake kube-apiserver in its own process -------------------------------------------
 
 
-def fake_kube_child(workdir: str) -> int:
+def fake_kube_child(workdir: str, signing_alg: str = "RS256") -> int:
     """Child process: run FakeKubeAPIServer with one managed session; obey JSON lines on stdin.
 
     Answers go to the original stdout, one JSON line per command; anything else printed goes
@@ -85,7 +85,7 @@ def fake_kube_child(workdir: str) -> int:
     def answer(value: Any) -> None:
         answers.write(json.dumps(value) + "\n")
 
-    with FakeKubeAPIServer() as kube:
+    with FakeKubeAPIServer(signing_alg=signing_alg) as kube:
         kube.add_namespace(SESSION_NS, labels=MANAGED_NS_LABEL)
         kube.add_service_account(SESSION_NS, SESSION_SA, labels=MANAGED_BY_LABEL)
         kube.add_pod(SESSION_NS, SESSION_POD, SESSION_SA)
@@ -131,9 +131,10 @@ def fake_kube_child(workdir: str) -> int:
 class FakeKube:
     """Parent-side handle of the fake kube-apiserver, a child process driven by JSON lines."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, signing_alg: str = "RS256") -> None:
         args = [PYTHON, str(Path(__file__)), "--fake-kube-child", str(workdir)]
-        self._log = open(workdir / "fake-kube.log", "wb")  # closed in stop()
+        args += ["--fake-kube-alg", signing_alg]
+        self._log = open(workdir / f"fake-kube-{signing_alg}.log", "wb")  # closed in stop()
         self.proc = subprocess.Popen(
             args,
             stdin=subprocess.PIPE,
@@ -175,6 +176,14 @@ class FakeKube:
         distinct = self.call("tokens", [str(path), n, spread])
         if distinct != n:
             raise RuntimeError(f"asked for {n} distinct tokens, got {distinct}")
+        return path
+
+    def sessions(self, path: Path, n: int, prefix: str) -> Path:
+        """``n`` new managed sessions (a ServiceAccount and a pod each, so ``n`` distinct
+        identities) and a pod-bound token of each, one per line in ``path``."""
+        made = self.call("sessions", [str(path), n, prefix], timeout=max(120.0, n / 200))
+        if made != n:
+            raise RuntimeError(f"asked for {n} sessions, got {made}")
         return path
 
     def stop(self) -> None:
@@ -461,9 +470,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cold-requests", type=int, default=1000, help="cold run: requests")
     parser.add_argument("--cold-warmup", type=int, default=64, help="cold run: warm-up requests")
     parser.add_argument("--fake-kube-child", metavar="WORKDIR", help=argparse.SUPPRESS)
+    parser.add_argument("--fake-kube-alg", default="RS256", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.fake_kube_child:
-        return fake_kube_child(args.fake_kube_child)
+        return fake_kube_child(args.fake_kube_child, args.fake_kube_alg)
     started = time.perf_counter()
     env = (
         f"{os.cpu_count()} CPUs, Python {platform.python_version()}, "

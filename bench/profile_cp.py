@@ -1,12 +1,14 @@
 """The CP's own cost per warm ``GET /token``, in-process: no sockets, no HTTP parser.
 
-    .venv/bin/python bench/profile_cp.py [--requests 20000] [--minter jwt|static] [--profile]
+    .venv/bin/python bench/profile_cp.py [--requests 20000] [--minter jwt|static] [--no-reuse]
+                                         [--profile]
 
 Builds the service the way ``cp-token serve`` does (``build_service``; static authn, so no
 API server is needed) and calls its ASGI app directly with a prepared scope, so what is
 measured is everything behind uvicorn: routing, bearer parsing, the review cache, the rate
 limit, the policy, the minter, the body, metrics and the audit line (written to /dev/null
-through the configured handler). ``--profile`` prints cProfile's top functions. The audit
+through the configured handler). ``--no-reuse`` makes the ``jwt`` minter sign every request
+(no reuse window). ``--profile`` prints cProfile's top functions. The audit
 handler, levels and format are the real ones (``setup_logging``).
 """
 
@@ -103,6 +105,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--minter", default="jwt", choices=("jwt", "static"))
     parser.add_argument("--log-level", default="info")
+    parser.add_argument("--no-reuse", action="store_true", help="sign every request")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -112,6 +115,8 @@ def main() -> int:
         try:
             setup_logging(args.log_level, "json")
             app = build(Path(tmp), args.minter)
+            if args.no_reuse and args.minter == "jwt":
+                app.state.minter.reuse_window = 0.0
             loop = asyncio.new_event_loop()
             profiler = cProfile.Profile() if args.profile else None
             if profiler:
@@ -122,7 +127,8 @@ def main() -> int:
             loop.close()
         finally:
             os.dup2(saved, 2)
-    print(f"{args.minter} minter: {took / args.requests * 1e6:.1f} us per request in-process")
+    reuse = " (a new signature every request)" if args.no_reuse else ""
+    print(f"{args.minter} minter{reuse}: {took / args.requests * 1e6:.1f} us per request")
     if profiler:
         stats = pstats.Stats(profiler).strip_dirs().sort_stats("tottime")
         stats.print_stats(30)

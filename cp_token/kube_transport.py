@@ -34,6 +34,7 @@ import httptools
 __all__ = ["MAX_BODY_BYTES", "KubeTransport", "TransportError", "TransportTimeout"]
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
+_READ = 64 * 1024  # plaintext read per call (a TLS record holds at most 16 KiB)
 
 Answer = tuple[int, bytes]
 
@@ -51,12 +52,21 @@ class _Stale(TransportError):
 
 
 class _Connection(asyncio.Protocol):
-    """One keep-alive (TLS) connection; one exchange at a time."""
+    """One keep-alive connection, one exchange at a time; TLS through ``ssl.MemoryBIO`` (the
+    record layer in OpenSSL, buffers only as large as what arrives: asyncio's own TLS
+    transport keeps a 256 KiB buffer per connection)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None, hostname: str) -> None:
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.used = False
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.ready.add_done_callback(_retrieve)  # a caller that gave up leaves no warning
+        self._tls: ssl.SSLObject | None = None
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        if tls is not None:
+            self._tls = tls.wrap_bio(self._incoming, self._outgoing, server_hostname=hostname)
         self._waiter: asyncio.Future[tuple[int, bytes, bool]] | None = None
         self._parser: httptools.HttpResponseParser | None = None
         self._body: list[bytes] = []
@@ -69,15 +79,70 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        if self._tls is None:
+            self.ready.set_result(None)
+        else:
+            self._handshake()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if not self.ready.done():
+            self.ready.set_exception(
+                TransportError("the connection closed during the TLS handshake")
+            )
         if self.used and not self._received:
             self._fail(_Stale("the API server closed the connection"))
         else:
             self._fail(TransportError("the API server closed the connection"))
 
+    def eof_received(self) -> bool:
+        self._incoming.write_eof()
+        return False  # close
+
     def data_received(self, data: bytes) -> None:
+        if self._tls is None:
+            self._on_plain(data)
+            return
+        self._incoming.write(data)
+        if not self.ready.done():
+            self._handshake()
+            if not self.ready.done():
+                return
+        chunks = []
+        try:
+            while True:
+                chunks.append(self._tls.read(_READ))
+        except ssl.SSLWantReadError:
+            pass
+        except (ssl.SSLError, ValueError) as exc:  # close_notify, a bad record
+            self._fail(TransportError(f"TLS failed ({type(exc).__name__})"))
+            self.close()
+            return
+        self._flush()
+        plain = b"".join(chunks)
+        if plain:
+            self._on_plain(plain)
+
+    def _handshake(self) -> None:
+        assert self._tls is not None
+        try:
+            self._tls.do_handshake()
+        except ssl.SSLWantReadError:
+            self._flush()
+            return
+        except (ssl.SSLError, ValueError) as exc:
+            self.ready.set_exception(TransportError(f"TLS handshake failed ({type(exc).__name__})"))
+            self.close()
+            return
+        self._flush()
+        self.ready.set_result(None)
+
+    def _flush(self) -> None:
+        pending = self._outgoing.read()
+        if pending and self.transport is not None:
+            self.transport.write(pending)
+
+    def _on_plain(self, data: bytes) -> None:
         if self._parser is None:  # nothing asked: the connection is not usable any more
             self.close()
             return
@@ -106,6 +171,8 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         assert self._parser is not None
+        if self._size > MAX_BODY_BYTES:
+            return  # refused by _on_plain, right after this parse
         waiter, status = self._waiter, self._parser.get_status_code()
         body, keep = b"".join(self._body), self._keep_alive
         self._parser, self._waiter, self._body = None, None, []
@@ -120,7 +187,11 @@ class _Connection(asyncio.Protocol):
         self._waiter = asyncio.get_running_loop().create_future()
         self._parser = httptools.HttpResponseParser(self)
         self._body, self._size, self._received = [], 0, False
-        self.transport.write(data)
+        if self._tls is None:
+            self.transport.write(data)
+        else:
+            self._tls.write(data)
+            self._flush()
         try:
             return await self._waiter
         finally:
@@ -292,18 +363,20 @@ class KubeTransport:
 
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
+        conn: _Connection | None = None
         try:
             async with asyncio.timeout(self._connect_timeout):
                 _, conn = await loop.create_connection(
-                    _Connection,
-                    self._host,
-                    self._port,
-                    ssl=self._tls,
-                    server_hostname=self._host if self._tls is not None else None,
+                    lambda: _Connection(self._tls, self._host), self._host, self._port
                 )
+                await conn.ready
         except TimeoutError:
+            if conn is not None:
+                conn.close()
             raise TransportTimeout("connecting to the API server timed out") from None
         except (OSError, ssl.SSLError) as exc:
+            if conn is not None:
+                conn.close()
             raise TransportError(f"cannot connect ({type(exc).__name__})") from None
         return conn
 
@@ -326,6 +399,11 @@ def _run_loop(loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
         loop.run_forever()
     finally:
         loop.close()
+
+
+def _retrieve(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _cancel(started: list[asyncio.Task[Answer]]) -> None:

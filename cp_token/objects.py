@@ -58,7 +58,7 @@ class Cached:
 # What one entry costs besides its own strings (the entry, its key tuple, the cache's
 # bookkeeping), and a label mapping of its own; measured with tracemalloc
 # (bench/profile_memory.py).
-ENTRY_OVERHEAD = 440
+ENTRY_OVERHEAD = 460
 LABELS_OVERHEAD = 250
 MAX_SHARED_LABEL_SETS = 1024
 _NO_LABELS: Mapping[str, str] = {}

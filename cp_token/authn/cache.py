@@ -87,7 +87,7 @@ INTERNAL = Refusal.of(InternalError("the token service failed to review the toke
 ENTRY_OVERHEAD = 420
 EXTRA_ITEM_OVERHEAD = 130
 GROUP_OVERHEAD = 8
-REFUSAL_OVERHEAD = 650
+REFUSAL_OVERHEAD = 400
 
 
 def _identity_size(entry: tuple[Identity, float]) -> int:

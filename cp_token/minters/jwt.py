@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 # REUSE_FRACTION of the lifetime: it still has nearly all of it); callers remembered at most.
 REUSE_WINDOW = 10.0
 REUSE_FRACTION = 0.01
-MAX_REUSABLE = 4096
+MAX_REUSABLE = 1024
 
 _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z ]*PRIVATE KEY)-----.+?-----END \1-----", re.DOTALL)
 
@@ -290,7 +290,7 @@ def new_jti() -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=1024)
 def _fixed_claims(issuer: str, audience: str, username: str, pod: str | None) -> str:
     """The claims that do not change between two tokens of one caller, as a JSON object's
     members (no braces): ``iss``, ``sub``, ``aud``, ``namespace``, ``service_account``,

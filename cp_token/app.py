@@ -258,26 +258,14 @@ class _Door:
 
     def _audit(self, trace: Trace, outcome: str, reason: str, elapsed: float) -> None:
         identity, issued = trace.identity, trace.issued
-        if identity is None:
-            audit(
-                event=self.event,
-                outcome=outcome,
-                reason=reason,
-                username=None,
-                namespace=None,
-                pod=None,
-                jti=None,
-                latency_ms=elapsed * 1000,
-            )
-            return
         audit(
             event=self.event,
             outcome=outcome,
             reason=reason,
-            username=identity.username,
-            namespace=identity.namespace,
-            pod=identity.pod_name,
-            jti=(issued.jti if issued else None) or identity.credential_id,
+            username=identity.username if identity else None,
+            namespace=identity.namespace if identity else None,
+            pod=identity.pod_name if identity else None,
+            jti=(issued.jti if issued else None) or (identity.credential_id if identity else None),
             latency_ms=elapsed * 1000,
         )
 

@@ -108,13 +108,17 @@ class _Connection(asyncio.Protocol):
             self._handshake()
             if not self.ready.done():
                 return
-        chunks = []
+        chunks, closing = [], False
         try:
             while True:
-                chunks.append(self._tls.read(_READ))
+                chunk = self._tls.read(_READ)
+                if not chunk:  # close_notify: the server closes this connection
+                    closing = True
+                    break
+                chunks.append(chunk)
         except ssl.SSLWantReadError:
             pass
-        except (ssl.SSLError, ValueError) as exc:  # close_notify, a bad record
+        except (ssl.SSLError, ValueError) as exc:  # a bad record
             self._fail(TransportError(f"TLS failed ({type(exc).__name__})"))
             self.close()
             return
@@ -122,6 +126,8 @@ class _Connection(asyncio.Protocol):
         plain = b"".join(chunks)
         if plain:
             self._on_plain(plain)
+        if closing:
+            self.close()  # an exchange still waiting fails in connection_lost
 
     def _handshake(self) -> None:
         assert self._tls is not None

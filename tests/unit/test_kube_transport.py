@@ -261,3 +261,22 @@ def test_only_http_urls_are_accepted() -> None:
         KubeTransport("ftp://127.0.0.1", None, maxsize=1)
     with pytest.raises(ValueError, match="TLS"):
         KubeTransport("https://127.0.0.1", None, maxsize=1)
+
+
+async def test_a_tls_connection_the_server_closes_while_idle_is_let_go(
+    ca: trustme.CA, transports: list[KubeTransport]
+) -> None:
+    """The server's close_notify on an idle keep-alive connection (its keep-alive timeout)
+    closes that connection; the next call opens a new one."""
+    async with Server(lambda _: ok(), tls=server_tls(ca, "127.0.0.1")) as server:
+        transport = transport_for(transports, server.url, client_tls(ca))
+        assert (await get(transport))[0] == 200
+        server.writers[0].close()  # a graceful TLS close: close_notify, then FIN
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while not any(c is not None and c.closed for c in list(transport.pool._queue)):
+            assert loop.time() < deadline, "the closed connection was never let go"
+            await asyncio.sleep(0.01)  # polling a real connection, with a deadline
+        async with asyncio.timeout(10):
+            assert (await get(transport))[0] == 200
+        assert server.connections == 2

@@ -22,7 +22,7 @@ import time
 import traceback
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from json.encoder import encode_basestring_ascii
 from pathlib import PurePath
 from typing import Any
@@ -203,6 +203,7 @@ Parser = Callable[[Scope, Receive], Awaitable[TokenAsk]]
 Renderer = Callable[[IssuedToken, TokenAsk, float], bytes]
 
 
+@dataclass(kw_only=True)
 class _Door:
     """One protocol in front of the decision, as a raw ASGI endpoint: parse, decide, render
     a success or map a refusal; audit and count every request, whatever happens (an
@@ -212,27 +213,19 @@ class _Door:
     fixed but for the length, and the body is built by the door's renderer.
     """
 
-    def __init__(
-        self,
-        *,
-        event: str,
-        parse: Parser,
-        render: Renderer,
-        refuse: Callable[[CPTokenError], Response],
-        headers: Mapping[str, str],
-        decision: TokenDecision,
-        clock: Clock,
-        metrics: RequestMetrics,
-    ) -> None:
-        self.event = event
-        self._parse = parse
-        self._render = render
-        self._refuse = refuse
-        self._decision = decision
-        self._clock = clock
-        self._metrics = metrics
+    event: str
+    parse: Parser
+    render: Renderer
+    refuse: Callable[[CPTokenError], Response]
+    headers: Mapping[str, str]
+    decision: TokenDecision
+    clock: Clock
+    metrics: RequestMetrics
+    _ok_headers: list[tuple[bytes, bytes]] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
         self._ok_headers = [(b"content-type", _JSON)] + [
-            (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()
+            (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()
         ]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -241,9 +234,9 @@ class _Door:
         client = scope.get("client")
         trace = Trace(peer=client[0] if client else None)
         try:
-            ask = await self._parse(scope, receive)
-            issued = await self._decision.decide(ask, trace)
-            body = self._render(issued, ask, self._clock.time())
+            ask = await self.parse(scope, receive)
+            issued = await self.decision.decide(ask, trace)
+            body = self.render(issued, ask, self.clock.time())
             status, headers = 200, [*self._ok_headers, (b"content-length", b"%d" % len(body))]
             outcome, reason = ISSUED, OK
         except CPTokenError as refusal:
@@ -254,13 +247,13 @@ class _Door:
             status, headers, body = self._refusal(internal)
             outcome, reason = internal.outcome, internal.reason
         elapsed = time.perf_counter() - start
-        self._metrics.request(outcome, reason, elapsed)
+        self.metrics.request(outcome, reason, elapsed)
         self._audit(trace, outcome, reason, elapsed)
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
     def _refusal(self, refusal: CPTokenError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-        response = self._refuse(refusal)
+        response = self.refuse(refusal)
         return response.status_code, response.raw_headers, bytes(response.body)
 
     def _audit(self, trace: Trace, outcome: str, reason: str, elapsed: float) -> None:

@@ -86,15 +86,19 @@ class Refresher:
             raise
         finally:
             self._metrics.fetch_seconds.observe(self._clock.monotonic() - started)
-        recovered = self.holder.failures
-        self.holder.succeeded(token)
+        try:
+            # The file first: once the holder has the token /readyz says ready, and what that
+            # starts (app containers behind a native sidecar's startupProbe) reads the file.
+            await self._write_sink(token.token, token.expiry)
+        finally:
+            recovered = self.holder.failures
+            self.holder.succeeded(token)
         self._metrics.fetches["ok"].inc()
         self._logged_rejections.clear()
         log.info(
             "token refreshed",
             extra={"fields": {"expires_in": token.expires_in, "after_failures": recovered}},
         )
-        await self._write_sink(token.token, token.expiry)
 
     def _log_failure(self, reason: str) -> None:
         remaining = self.holder.remaining()

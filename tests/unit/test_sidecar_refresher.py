@@ -83,7 +83,7 @@ async def test_outage_keeps_the_token_then_removes_the_file_at_expiry(tmp_path: 
     cp = Script(ok("t1", 100), unavailable())
     rig = Rig(cp, tmp_path, token_file=token_file)
     task = asyncio.create_task(rig.refresher.run())
-    await settle(lambda: token_file.exists())
+    await settle(lambda: token_file.exists() and rig.holder.ready)
     expiry = rig.holder.current().expiry  # type: ignore[union-attr]
     observed_before_expiry = []
 
@@ -126,3 +126,20 @@ async def test_refusals_are_logged_once_per_description(
     ]
     assert "secret-token-value" not in caplog.text
     assert "sa-token" not in caplog.text
+
+
+async def test_the_file_is_written_before_the_token_is_served(tmp_path: Path) -> None:
+    """Ready means the file is there: a consumer started by /readyz reads it at once."""
+    token_file = tmp_path / "token"
+    rig = Rig(Script(ok("t1", 100)), tmp_path, clock=FakeClock(), token_file=token_file)
+    seen: list[bool] = []
+    served = rig.holder.succeeded
+
+    def succeeded(token: object) -> None:
+        seen.append(token_file.exists())
+        served(token)  # type: ignore[arg-type]
+
+    rig.holder.succeeded = succeeded  # type: ignore[method-assign]
+    await rig.refresher.fetch()
+    assert seen == [True]
+    assert rig.holder.ready and token_file.read_text() == "t1"

@@ -29,13 +29,11 @@ SERVER_MODULES = {
     "starlette": "starlette",
     "uvicorn": "uvicorn",
     "httptools": "httptools",
-    "cachetools": "cachetools",
     "kubernetes": "kubernetes",
     "prometheus-client": "prometheus_client",
     "joserfc": "joserfc",
     "cryptography": "cryptography",
     "sniffio": "sniffio",
-    "urllib3": "urllib3",
 }
 
 

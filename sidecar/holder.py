@@ -18,7 +18,8 @@ States (derived from the facts and the clock, never stored)::
 
 Rules (SPIRE's rotation, the one :class:`~cp_token.backoff.Backoff`): refresh once
 ``refresh_fraction`` of the lifetime has passed, +-10 % jitter; after a transient failure
-retry with capped exponential backoff and full jitter, at least ``Retry-After``; after a
+retry with capped exponential backoff and full jitter (capped at 60 s while a token is held,
+at 2 s while none is), at least ``Retry-After``; after a
 401/403 retry slowly (30-60 s), or at once when the SA token file changes
 (:meth:`~TokenHolder.credentials_changed`); and while a token is held, never schedule a
 retry past its expiry. Only attempts made on the backoff schedule raise the backoff's
@@ -41,9 +42,21 @@ from cp_token.client import FetchedToken
 from cp_token.clock import Clock
 from cp_token.settings.sidecar import REFRESH_FRACTION
 
-__all__ = ["SIDECAR_BACKOFF", "HolderPolicy", "Rejection", "State", "TokenHolder"]
+__all__ = [
+    "SIDECAR_BACKOFF",
+    "SIDECAR_EMPTY_BACKOFF",
+    "HolderPolicy",
+    "Rejection",
+    "State",
+    "TokenHolder",
+]
 
 SIDECAR_BACKOFF = Backoff(base=1.0, cap=60.0, floor=0.25)
+# With no unexpired token held the pod has nothing to serve (and the token file is gone), so
+# the schedule stays short: a CP that heals is found within about 2 s even by a consumer that
+# only reads the file. It is no more load than requests already make (with nothing held a
+# request fetches at once, at most once a second), and a CP's Retry-After still comes first.
+SIDECAR_EMPTY_BACKOFF = Backoff(base=1.0, cap=2.0, floor=0.25)
 
 
 class State(enum.Enum):
@@ -64,6 +77,7 @@ class HolderPolicy:
     refresh_fraction: float = REFRESH_FRACTION
     jitter: float = 0.1
     backoff: Backoff = SIDECAR_BACKOFF
+    empty_backoff: Backoff = SIDECAR_EMPTY_BACKOFF  # while no unexpired token is held
     rejected_min: float = 30.0
     rejected_max: float = 60.0
     expiry_margin: float = 1.0
@@ -145,11 +159,15 @@ class TokenHolder:
         self._end_attempt(now)
         self._rejection = None
         self._last_error = reason
+        empty = self.current() is None  # nothing to serve: stay close to the CP
         if on_schedule or self._failures == 0:
             self._failures += 1
-            due = now + p.backoff.delay(self._failures, self._rand, retry_after)
+            backoff = p.empty_backoff if empty else p.backoff
+            due = now + backoff.delay(self._failures, self._rand, retry_after)
         else:  # an extra attempt failed: the schedule it jumped stands
             due = max(self._backoff_due, now + p.backoff.floor, now + (retry_after or 0.0))
+            if empty:  # ... unless it was drawn while a token was held
+                due = min(due, now + p.empty_backoff.delay(self._failures, self._rand, retry_after))
         self._backoff_due = due
         self._not_before = now + (retry_after or 0.0)
         self._retry_at = self._before_expiry(now, due)

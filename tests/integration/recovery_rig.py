@@ -33,16 +33,21 @@ class RecoveryRun:
 
     seconds: float
     outage: float
-    dark: bool  # the sidecar answered 503 during the outage: its token had expired
+    dark: (
+        bool  # during the outage the sidecar answered 503 (or the file was gone): its token expired
+    )
     statuses: tuple[int, ...]  # every status the consumer saw, in order
 
 
 class _Consumer:
-    """GETs the sidecar's /token every ``CONSUMER_EVERY`` seconds in a thread, recording
-    (monotonic time, status); 0 stands for no answer."""
+    """Asks for the token every ``CONSUMER_EVERY`` seconds in a thread, recording
+    (monotonic time, status); 0 stands for no answer. ``url`` is the sidecar's /token; with
+    ``token_file`` the consumer only reads that file (200: it holds a token, 404: absent or
+    empty), as a non-Python consumer does, and makes no request."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, token_file: Path | None = None) -> None:
         self.url = url
+        self.token_file = token_file
         self.seen: list[tuple[float, int]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -56,14 +61,21 @@ class _Consumer:
         self._thread.join(15)
 
     def _run(self) -> None:
-        with httpx.Client(trust_env=False, timeout=12) as http:
+        with httpx.Client(trust_env=False, timeout=5) as http:
             while not self._stop.is_set():
-                try:
-                    status = http.get(self.url, headers=HEADER).status_code
-                except httpx.HTTPError:
-                    status = 0
-                self.seen.append((time.monotonic(), status))
+                self.seen.append((time.monotonic(), self._probe(http)))
                 self._stop.wait(CONSUMER_EVERY)
+
+    def _probe(self, http: httpx.Client) -> int:
+        if self.token_file is not None:
+            try:
+                return 200 if self.token_file.read_text().strip() else 404
+            except FileNotFoundError:
+                return 404
+        try:
+            return http.get(self.url, headers=HEADER).status_code
+        except httpx.HTTPError:
+            return 0
 
     def first_ok_after(self, since: float, deadline: float) -> float:
         """Monotonic time of the first 200 answered after ``since``; waits up to
@@ -91,10 +103,12 @@ def _wait_ready(url: str, deadline: float = 30.0) -> float:
     raise AssertionError(f"{url} not ready within {deadline}s")
 
 
-def sidecar_recovery(workdir: Path, *, ttl: int = 3, outage: float = 6.0) -> RecoveryRun:
+def sidecar_recovery(
+    workdir: Path, *, ttl: int = 3, outage: float = 6.0, file_only: bool = False
+) -> RecoveryRun:
     """CP (static authn, jwt minter, ``ttl``-second tokens) + sidecar + a consumer polling
-    the sidecar; the CP is killed (SIGKILL) for ``outage`` seconds (more than ``ttl``) and
-    started again on the same ports."""
+    the sidecar (or, ``file_only``, only its token file); the CP is killed (SIGKILL) for
+    ``outage`` seconds (more than ``ttl``) and started again on the same ports."""
     write_identities(workdir / "ids.json", SA_TOKEN, RUNNER, "runner-rec")
     (workdir / "sa-token").write_text(SA_TOKEN)
     cp_port, cp_metrics = free_port(), free_port()
@@ -110,6 +124,7 @@ def sidecar_recovery(workdir: Path, *, ttl: int = 3, outage: float = 6.0) -> Rec
         "CP_TOKEN_RATE_LIMIT": "100/s,100",
     }
     cp_cmd = [sys.executable, "-m", "cp_token", "serve"]
+    token_file = workdir / "token"
     procs = [Proc(cp_cmd, cp_env, workdir / "cp-1.log")]
     try:
         _wait_ready(f"http://127.0.0.1:{cp_metrics}/readyz")
@@ -118,10 +133,12 @@ def sidecar_recovery(workdir: Path, *, ttl: int = 3, outage: float = 6.0) -> Rec
             workdir / "sa-token",
             workdir / "sc.log",
             SIDECAR_MIN_TTL="1",
+            SIDECAR_TOKEN_FILE=str(token_file),
         )
         procs.append(sidecar)
         _wait_ready(f"{sidecar_base}/readyz")
-        with _Consumer(f"{sidecar_base}/token") as consumer:
+        watched = token_file if file_only else None
+        with _Consumer(f"{sidecar_base}/token", watched) as consumer:
             time.sleep(min(1.0, ttl / 3))  # the consumer is served from the held token
             procs[0].kill()  # SIGKILL: the CP is gone
             down = time.monotonic()
@@ -130,7 +147,7 @@ def sidecar_recovery(workdir: Path, *, ttl: int = 3, outage: float = 6.0) -> Rec
             healed = _wait_ready(f"http://127.0.0.1:{cp_metrics}/readyz")
             ok_at = consumer.first_ok_after(healed - 0.05, deadline=70)
         seen = [status for at, status in consumer.seen]
-        dark = any(status == 503 for at, status in consumer.seen if down < at < healed)
+        dark = any(status in (503, 404) for at, status in consumer.seen if down < at < healed)
         return RecoveryRun(
             seconds=max(0.0, ok_at - healed), outage=healed - down, dark=dark, statuses=tuple(seen)
         )

@@ -34,6 +34,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cp_token.authn import Authenticator
+from cp_token.authn.cache import ANSWER_WITHIN
 from cp_token.bodies import read_body
 from cp_token.clock import Clock, rfc3339
 from cp_token.credential import parse_bearer
@@ -386,7 +387,13 @@ def create_app(
     exchange = exchange or ExchangeConfig()
     jwt_minter = minter if isinstance(minter, JwtMinter) else None
     decision = TokenDecision(
-        authenticator=authenticator, policy=policy, minter=minter, limiter=limiter, objects=objects
+        authenticator=authenticator,
+        policy=policy,
+        minter=minter,
+        limiter=limiter,
+        objects=objects,
+        # the review cache's own bound, when it has one: label reads finish within it too
+        answer_within=getattr(authenticator, "answer_within", ANSWER_WITHIN),
     )
     default_audiences = (jwt_minter.audience,) if jwt_minter else ()
     rules = ExchangeRules(

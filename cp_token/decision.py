@@ -8,10 +8,12 @@ them to its own protocol's responses.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from cp_token.authn import Authenticator
+from cp_token.authn.cache import ANSWER_WITHIN
 from cp_token.errors import Forbidden
 from cp_token.identity import Identity
 from cp_token.minters import DEFAULT_OPTIONS, IssuedToken, Minter, MintOptions
@@ -60,8 +62,12 @@ class TokenDecision:
         minter: Minter,
         limiter: RateLimiter,
         objects: ObjectCache | None = None,
+        answer_within: float = ANSWER_WITHIN,
     ) -> None:
+        """``answer_within``: seconds from a request's start within which its Kubernetes
+        reads (the review, then the label reads) are done, else 503 (SPEC's 12 s)."""
         self._authenticator = authenticator
+        self._answer_within = answer_within
         self._policy = policy
         self._minter = minter
         self._limiter = limiter
@@ -74,10 +80,11 @@ class TokenDecision:
 
         ``trace`` receives the identity as soon as it is known, and the issued token.
         """
+        started = asyncio.get_running_loop().time()
         identity = await self._authenticator.authenticate(ask.credential, peer=trace.peer)
         trace.identity = identity
         self._limiter.check(identity.username)
-        await self._authorize(identity)
+        await self._authorize(identity, started + self._answer_within)
         # Options only when asked: a minter written before options existed keeps working.
         if ask.options is DEFAULT_OPTIONS:
             issued = await self._minter.mint(identity)
@@ -86,7 +93,7 @@ class TokenDecision:
         trace.issued = issued
         return issued
 
-    async def _authorize(self, identity: Identity) -> None:
+    async def _authorize(self, identity: Identity, deadline: float) -> None:
         policy, objects = self._policy, self._objects
         self._check_identity(identity)
         if objects is None or not policy.needs_labels:
@@ -94,9 +101,13 @@ class TokenDecision:
         ns, sa = identity.namespace, identity.service_account
         assert ns is not None and sa is not None  # check_identity ensured it
         no_labels: Mapping[str, str] = {}
-        ns_labels = await objects.namespace_labels(ns) if policy.namespace_label else no_labels
+        ns_labels = (
+            await objects.namespace_labels(ns, deadline) if policy.namespace_label else no_labels
+        )
         sa_labels = (
-            await objects.service_account_labels(ns, sa) if policy.managed_label else no_labels
+            await objects.service_account_labels(ns, sa, deadline)
+            if policy.managed_label
+            else no_labels
         )
         policy.check_labels(identity, ns_labels, sa_labels)
 

@@ -123,18 +123,27 @@ class ObjectCache:
 
     # --- label reads (the policy, outside any review slot) -----------------------------------
 
-    async def namespace_labels(self, name: str) -> Mapping[str, str] | None:
-        """The Namespace's labels (None if it does not exist)."""
+    async def namespace_labels(
+        self, name: str, deadline: float | None = None
+    ) -> Mapping[str, str] | None:
+        """The Namespace's labels (None if it does not exist).
+
+        ``deadline`` (event-loop time): a read not answered by then is a 503 (the request's
+        budget for the Kubernetes API); the read itself goes on for whoever shares it.
+        """
         key = ("namespaces", "", name)
         entry = self._hit(key) or await self._get(
-            key, lambda: self._kube.get_namespace(name), bounded=True
+            key, lambda: self._kube.get_namespace(name), bounded=True, deadline=deadline
         )
         return entry.labels if entry.exists else None
 
-    async def service_account_labels(self, namespace: str, name: str) -> Mapping[str, str] | None:
-        """The ServiceAccount's labels (None if it does not exist)."""
+    async def service_account_labels(
+        self, namespace: str, name: str, deadline: float | None = None
+    ) -> Mapping[str, str] | None:
+        """The ServiceAccount's labels (None if it does not exist); ``deadline`` as for
+        :meth:`namespace_labels`."""
         entry = self._hit(("serviceaccounts", namespace, name)) or await self._service_account(
-            namespace, name, bounded=True
+            namespace, name, bounded=True, deadline=deadline
         )
         return entry.labels if entry.exists else None
 
@@ -150,11 +159,14 @@ class ObjectCache:
 
     # -----------------------------------------------------------------------------------------
 
-    def _service_account(self, namespace: str, name: str, *, bounded: bool) -> Awaitable[Cached]:
+    def _service_account(
+        self, namespace: str, name: str, *, bounded: bool, deadline: float | None = None
+    ) -> Awaitable[Cached]:
         return self._get(
             ("serviceaccounts", namespace, name),
             lambda: self._kube.get_service_account(namespace, name),
             bounded=bounded,
+            deadline=deadline,
         )
 
     def _pod(self, namespace: str, name: str, *, bounded: bool) -> Awaitable[Cached]:
@@ -169,12 +181,27 @@ class ObjectCache:
             self._metrics.cache(key[0], True)
         return entry
 
-    async def _get(self, key: Key, fetch: Callable[[], Awaitable[Obj]], *, bounded: bool) -> Cached:
+    async def _get(
+        self,
+        key: Key,
+        fetch: Callable[[], Awaitable[Obj]],
+        *,
+        bounded: bool,
+        deadline: float | None = None,
+    ) -> Cached:
         entry = self._cache.get(key)
         self._metrics.cache(key[0], entry is not None)
         if entry is not None:
             return entry
-        return await self._inflight.do(key, lambda: self._fetch(key, fetch, bounded))
+        if deadline is None:
+            return await self._inflight.do(key, lambda: self._fetch(key, fetch, bounded))
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await self._inflight.do(key, lambda: self._fetch(key, fetch, bounded))
+        except TimeoutError:
+            raise Unavailable(
+                "the Kubernetes API did not answer in time", reason="kube_timeout"
+            ) from None
 
     async def _fetch(self, key: Key, fetch: Callable[[], Awaitable[Obj]], bounded: bool) -> Cached:
         if not bounded:

@@ -247,7 +247,7 @@ async def test_hung_api_server_answers_503_within_slot_wait_plus_call_timeout(
     kube.timeout = 0.6  # production: 10 s; the structure of the bound is what is tested
     auth = cp.service.authenticator
     assert isinstance(auth, CachedAuthenticator)
-    auth._queue_wait, auth._answer_within = 0.3, 0.3 + 0.6 - 0.06
+    auth._queue_wait, auth.answer_within = 0.3, 0.3 + 0.6 - 0.06
     kube_apiserver.fail(None, "hang")
     try:
         pods = [f"new-{i}" for i in range(8)]
@@ -266,6 +266,37 @@ async def test_hung_api_server_answers_503_within_slot_wait_plus_call_timeout(
         kube_apiserver.fail(None, None)
     assert {s for s, _ in results} == {503}
     assert max(t for _, t in results) < 0.3 + 0.6 + 0.3, results
+
+
+async def test_a_slow_review_then_hung_label_reads_still_answer_503_within_the_bound(
+    kube_apiserver: FakeKubeAPIServer, make_cp: Any
+) -> None:
+    """The bound is the request's, not each call's: a review that takes most of it leaves the
+    label reads only what is left (before: review time plus a whole call timeout)."""
+    cp = make_cp("tokenreview")
+    kube = cp.service.kube
+    assert kube is not None
+    kube.timeout = 0.6  # production: 10 s
+    auth = cp.service.authenticator
+    assert isinstance(auth, CachedAuthenticator)
+    bound = 0.3 + 0.6 - 0.06
+    auth._queue_wait, auth.answer_within = 0.3, bound
+    cp.service.app.state.decision._answer_within = bound
+    kube_apiserver.add_pod(SESSION_NS, "slow-then-hung", SESSION_SA)
+    token = kube_apiserver.issue_bound_token(SESSION_NS, SESSION_SA, pod="slow-then-hung")
+    kube_apiserver.set_latency(0.55, "tokenreviews")  # within the call timeout
+    kube_apiserver.fail("namespaces", "hang")
+    kube_apiserver.fail("serviceaccounts", "hang")
+    try:
+        start = time.monotonic()
+        resp = await cp.get(token)
+        took = time.monotonic() - start
+    finally:
+        kube_apiserver.clear_faults()
+    assert resp.status_code == 503, resp.text
+    assert resp.json()["error"] == "temporarily_unavailable"
+    assert kube_apiserver.calls("tokenreviews") >= 1  # the review did answer
+    assert took < bound + 0.2, took  # before: 0.55 + 0.6 and more
 
 
 # --- revocation: a deleted pod's token stops within CP_TOKEN_LIVENESS_CACHE_TTL ---------------

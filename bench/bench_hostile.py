@@ -38,7 +38,7 @@ from typing import Any
 import httpx
 from bench_cp import FakeKube, start_cp
 from bench_recovery import measure_sidecar_recovery
-from common import Proc, run_loadgen
+from common import Proc, rss_kib, run_loadgen
 
 MiB = 1024 * 1024
 TOKEN_SIZE = 16_000  # just under the 16 KiB bearer limit
@@ -106,10 +106,7 @@ def forged(good: str, n: int, size: int | None = None) -> list[str]:
 
 def rss(pid: int) -> int:
     """Resident memory of ``pid`` in bytes."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
+    return rss_kib(pid) * 1024
 
 
 def get(port: int, token: str) -> int:

@@ -28,20 +28,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from common import HOST, PYTHON, ROOT, Proc, _Load, clean_env, free_port
+from common import HOST, PYTHON, ROOT, Proc, _Load, clean_env, free_port, rss_kib
 
 sys.path.insert(0, str(ROOT))
 from tests.integration.fake_cp import FakeCP
 
 REQUEST = "GET /token HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAmbient-Token-Request: true\r\n\r\n"
-
-
-def rss_kib(pid: int) -> int:
-    """Resident set size of ``pid`` in KiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
 
 
 # --- the load generator (its own process) -------------------------------------------------

@@ -3,7 +3,8 @@
 
     .venv/bin/python bench/bench_signer.py [--n 3000]
 
-Prints one line per algorithm with the median of 5 timed batches (CPU time), and the ratio.
+Prints one line per algorithm with the median of 5 timed batches (CPU time; the two
+signers' batches alternate), and the ratio.
 """
 
 from __future__ import annotations
@@ -40,17 +41,21 @@ CLAIMS: dict[str, Any] = {
 }
 
 
-def per_call_us(fn: Callable[[], object], n: int) -> float:
-    """Median over 5 batches of ``n`` calls, in CPU microseconds per call (CPU time of this
-    process: other processes competing for the 2 cores do not inflate it)."""
-    fn()
-    batches = []
+def per_call_us(fns: tuple[Callable[[], object], ...], n: int) -> list[float]:
+    """For each of ``fns``, the median over 5 batches of ``n`` calls, in CPU microseconds
+    per call (CPU time of this process: other processes competing for the 2 cores do not
+    inflate it). The batches alternate between the functions, so a slower or faster stretch
+    of the machine falls on all of them alike."""
+    batches: list[list[float]] = [[] for _ in fns]
+    for fn in fns:
+        fn()
     for _ in range(5):
-        t0 = time.process_time()
-        for _ in range(n):
-            fn()
-        batches.append((time.process_time() - t0) / n * 1e6)
-    return statistics.median(batches)
+        for i, fn in enumerate(fns):
+            t0 = time.process_time()
+            for _ in range(n):
+                fn()
+            batches[i].append((time.process_time() - t0) / n * 1e6)
+    return [statistics.median(b) for b in batches]
 
 
 def measure(n: int) -> dict[str, tuple[float, float]]:
@@ -71,10 +76,13 @@ def measure(n: int) -> dict[str, tuple[float, float]]:
         header = {"alg": alg, "kid": kid, "typ": "JWT"}
         signer = JwsSigner(private, alg, kid)
         count = n if alg == "ES256" else max(1, n // 5)  # RSA signing is ~10x slower
-        before = per_call_us(
-            lambda h=header, k=jose_key, a=alg: jwt.encode(h, CLAIMS, k, algorithms=[a]), count
+        before, after = per_call_us(
+            (
+                lambda h=header, k=jose_key, a=alg: jwt.encode(h, CLAIMS, k, algorithms=[a]),
+                lambda s=signer: s.sign(CLAIMS),
+            ),
+            count,
         )
-        after = per_call_us(lambda s=signer: s.sign(CLAIMS), count)
         out[alg] = (before, after)
     return out
 

@@ -30,9 +30,8 @@ from typing import Any
 
 from bench_cp import FakeKube, bench_cold, per_req_us, start_bare, start_cp, warm_up
 from bench_sidecar import loadgen as sidecar_loadgen
-from bench_sidecar import rss_kib
 from bench_signer import measure as measure_signer
-from common import HOST, PYTHON, ROOT, Proc, free_port, run_loadgen
+from common import HOST, PYTHON, ROOT, Proc, free_port, rss_kib, run_loadgen
 
 sys.path.insert(0, str(ROOT))
 from tests.fakes.fixtures import SESSION_NS

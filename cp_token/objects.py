@@ -157,6 +157,11 @@ class ObjectCache:
         """The Pod read with its age; for callers already holding a review slot."""
         return await self._pod(namespace, name, bounded=False)
 
+    def cached_entry(self, kind: str, namespace: str, name: str) -> Cached | None:
+        """The cached read of a ``pods`` or ``serviceaccounts`` object while fresh, else None
+        (nothing is fetched: the caller then takes the path that awaits a read)."""
+        return self._hit((kind, namespace, name))
+
     # -----------------------------------------------------------------------------------------
 
     def _service_account(

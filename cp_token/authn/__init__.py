@@ -9,7 +9,7 @@ from cp_token.identity import Identity
 if TYPE_CHECKING:
     from cp_token.authn.precheck import UnverifiedJWT
 
-__all__ = ["Authenticator", "DecodedReviewer", "Reviewer"]
+__all__ = ["Authenticator", "DecodedReviewer", "ReadyReviewer", "Reviewer"]
 
 
 class Reviewer(Protocol):
@@ -27,6 +27,16 @@ class DecodedReviewer(Protocol):
 
     async def review_decoded(self, token: str, jwt: UnverifiedJWT) -> Identity:
         """:meth:`Reviewer.review`, given the token's unverified header and claims."""
+        ...
+
+
+@runtime_checkable
+class ReadyReviewer(Protocol):
+    """A reviewer that can often answer at once, from what it already holds."""
+
+    def review_ready(self, token: str, jwt: UnverifiedJWT) -> Identity | None:
+        """The review's answer (an Identity, or raise Unauthenticated) when nothing has to be
+        awaited for it; None when it needs the API server (then the full review runs)."""
         ...
 
 

@@ -26,7 +26,7 @@ import ipaddress
 import logging
 from dataclasses import dataclass
 
-from cp_token.authn import DecodedReviewer, Reviewer
+from cp_token.authn import DecodedReviewer, ReadyReviewer, Reviewer
 from cp_token.authn.fairness import FairSlots
 from cp_token.authn.issuer_keys import SignatureCheck
 from cp_token.authn.precheck import MAX_TOKEN_BYTES, UnverifiedJWT, precheck
@@ -132,6 +132,7 @@ class CachedAuthenticator:
         self._review_decoded = (
             reviewer.review_decoded if isinstance(reviewer, DecodedReviewer) else None
         )
+        self._review_ready = reviewer.review_ready if isinstance(reviewer, ReadyReviewer) else None
         self._clock = clock
         self._audiences = audiences
         self._ttl = ttl
@@ -197,6 +198,10 @@ class CachedAuthenticator:
         jwt: UnverifiedJWT | None = None
         if self._jwt_precheck:
             jwt = precheck(token, self._audiences, self._clock.time())
+        if jwt is not None and self._review_ready is not None:
+            identity = self._ready(key, token, jwt)
+            if identity is not None:
+                return identity
         callers = _caller_keys(peer, jwt)
         start_by = start + self._queue_wait
         try:
@@ -241,6 +246,22 @@ class CachedAuthenticator:
             log.error("token review failed unexpectedly: %s at %s", type(exc).__name__, where)
             return INTERNAL
         self._remember(key, identity, started)
+        return identity
+
+    def _ready(self, key: str, token: str, jwt: UnverifiedJWT) -> Identity | None:
+        """A review answered at once from what the reviewer holds (no slot, no task, nothing
+        awaited), remembered as the full review's would be; None when it needs the API."""
+        assert self._review_ready is not None
+        started = self._clock.monotonic()
+        try:
+            identity = self._review_ready(token, jwt)
+        except Unauthenticated as exc:
+            self.reviews += 1
+            self._bad[key] = Refusal.of(exc)
+            raise
+        if identity is not None:
+            self.reviews += 1
+            self._remember(key, identity, started)
         return identity
 
     async def _reviewed(self, token: str, jwt: UnverifiedJWT | None) -> Identity:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 from cp_token.authn.issuer_keys import ALGORITHMS, IssuerKeys, verifies
@@ -28,7 +29,7 @@ from cp_token.identity import (
     Identity,
 )
 from cp_token.kube import KubeClient, KubeError, KubeForbidden, KubeUnavailable
-from cp_token.objects import ObjectCache
+from cp_token.objects import Cached, ObjectCache
 from cp_token.singleflight import SharedCall
 
 __all__ = ["JwksReviewer"]
@@ -114,21 +115,51 @@ class JwksReviewer:
 
     async def review_decoded(self, token: str, unverified: UnverifiedJWT) -> Identity:
         """:meth:`review` of a token already decoded (by the precheck)."""
-        alg, kid = unverified.alg, unverified.kid
-        if alg not in ALGORITHMS:
-            raise _bad("token algorithm is not accepted (RS256 or ES256 only)", "bad_algorithm")
+        alg, kid = _algorithm(unverified)
         try:
             keys = await self.keys.lookup(kid, alg)
         except KubeError as exc:
             raise _unavailable(exc, "JWKS fetch") from None
         if not verifies(token, keys, alg):
             raise _bad("token signature does not verify", reason="bad_signature")
-        await self._check_claims(unverified)
-        return await self._prove_alive(unverified.claims)
+        self._check_claims(unverified, await self._accepted_issuers())
+        bound = _bound_objects(unverified.claims)
+        live_sa = await self._objects.service_account_entry(bound.namespace, bound.sa_name)
+        _check_service_account(bound, live_sa)
+        live_pod = None
+        if bound.pod_name is not None:
+            live_pod = await self._objects.pod_entry(bound.namespace, bound.pod_name)
+        return self._identity(unverified.claims, bound, live_sa, live_pod)
 
-    async def _check_claims(self, jwt: UnverifiedJWT) -> None:
+    def review_ready(self, token: str, unverified: UnverifiedJWT) -> Identity | None:
+        """:meth:`review_decoded`'s answer when all it rests on is at hand (the issuer keys
+        and issuer known, the ServiceAccount and pod reads cached), without awaiting
+        anything; None when it would have to ask the API server. The same checks in the
+        same order, so the same answer: most cold reviews of a running session take this
+        path (its pod was read for an earlier token)."""
+        alg, kid = _algorithm(unverified)
+        keys, issuers = self.keys.known(kid, alg), self._issuers
+        if keys is None or issuers is None:
+            return None
+        names = _object_names(unverified.claims)
+        if names is None:
+            return None  # malformed: the full review says how
+        namespace, sa_name, pod_name = names
+        live_sa = self._objects.cached_entry("serviceaccounts", namespace, sa_name)
+        live_pod = (
+            None if pod_name is None else self._objects.cached_entry("pods", namespace, pod_name)
+        )
+        if live_sa is None or (pod_name is not None and live_pod is None):
+            return None
+        if not verifies(token, keys, alg):
+            raise _bad("token signature does not verify", reason="bad_signature")
+        self._check_claims(unverified, issuers)
+        bound = _bound_objects(unverified.claims)
+        _check_service_account(bound, live_sa)
+        return self._identity(unverified.claims, bound, live_sa, live_pod)
+
+    def _check_claims(self, jwt: UnverifiedJWT, issuers: frozenset[str]) -> None:
         claims = jwt.claims
-        issuers = await self._accepted_issuers()
         iss = claims.get("iss")
         if not isinstance(iss, str) or iss not in issuers:
             raise _bad(
@@ -147,38 +178,24 @@ class JwksReviewer:
         if nbf is not None and nbf - LEEWAY > now:
             raise _bad("token is not valid yet", reason="not_yet_valid")
 
-    async def _prove_alive(self, claims: dict[str, Any]) -> Identity:
-        k8s = claims.get("kubernetes.io")
-        if not isinstance(k8s, dict):
-            raise _bad("token carries no kubernetes.io claims", reason="malformed")
-        ns = k8s.get("namespace")
-        sa = k8s.get("serviceaccount") or {}
-        pod = k8s.get("pod") or {}
-        node = k8s.get("node") or {}
-        if not isinstance(ns, str) or not isinstance(sa, dict) or not isinstance(pod, dict):
-            raise _bad("token's kubernetes.io claims are malformed", reason="malformed")
-        sa_name, sa_uid = sa.get("name"), sa.get("uid")
-        if not isinstance(sa_name, str) or not isinstance(sa_uid, str):
-            raise _bad("token names no ServiceAccount", reason="malformed")
-        username = f"system:serviceaccount:{ns}:{sa_name}"
-        if claims.get("sub") != username:
-            raise _bad("token subject does not match its ServiceAccount", reason="malformed")
-
-        live_sa = await self._objects.service_account_entry(ns, sa_name)
-        if live_sa.uid != sa_uid:
-            raise _bad("the token's ServiceAccount no longer exists", reason="sa_gone")
+    def _identity(
+        self,
+        claims: dict[str, Any],
+        bound: _Bound,
+        live_sa: Cached,
+        live_pod: Cached | None,
+    ) -> Identity:
+        """The identity, once the ServiceAccount matched; refused when the pod is gone."""
         # The review may be reused only while the reads it rests on are: caches never stack.
         proof_until = live_sa.valid_until
         extra: dict[str, tuple[str, ...]] = {}
-        pod_name, pod_uid = pod.get("name"), pod.get("uid")
-        if pod:
-            if not isinstance(pod_name, str) or not isinstance(pod_uid, str):
-                raise _bad("token's pod claim is malformed", reason="malformed")
-            live_pod = await self._objects.pod_entry(ns, pod_name)
-            if live_pod.uid != pod_uid:
+        if bound.pod_name is not None and bound.pod_uid is not None:
+            assert live_pod is not None
+            if live_pod.uid != bound.pod_uid:
                 raise _bad("the pod this token is bound to no longer exists", reason="pod_gone")
             proof_until = min(proof_until, live_pod.valid_until)
-            extra[POD_NAME_KEY], extra[POD_UID_KEY] = (pod_name,), (pod_uid,)
+            extra[POD_NAME_KEY], extra[POD_UID_KEY] = (bound.pod_name,), (bound.pod_uid,)
+        node = claims["kubernetes.io"].get("node") or {}
         if isinstance(node, dict):
             if isinstance(node.get("name"), str):
                 extra[NODE_NAME_KEY] = (sys.intern(node["name"]),)
@@ -187,14 +204,80 @@ class JwksReviewer:
         if isinstance(claims.get("jti"), str):
             extra[CREDENTIAL_ID_KEY] = (f"JTI={claims['jti']}",)
         return Identity(
-            username=username,
-            uid=sa_uid,
+            username=bound.username,
+            uid=bound.sa_uid,
             groups=(
                 "system:serviceaccounts",
-                sys.intern(f"system:serviceaccounts:{ns}"),  # one copy per namespace
+                sys.intern(f"system:serviceaccounts:{bound.namespace}"),  # one per namespace
                 "system:authenticated",
             ),
             extra=extra,
             expires_at=numeric_date(claims, "exp"),
             cache_until=proof_until,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class _Bound:
+    """The objects a token names in its ``kubernetes.io`` claims."""
+
+    namespace: str
+    sa_name: str
+    sa_uid: str
+    username: str
+    pod_name: str | None = None
+    pod_uid: str | None = None
+
+
+def _algorithm(unverified: UnverifiedJWT) -> tuple[str, str | None]:
+    alg = unverified.alg
+    if alg not in ALGORITHMS:
+        raise _bad("token algorithm is not accepted (RS256 or ES256 only)", "bad_algorithm")
+    return alg, unverified.kid
+
+
+def _object_names(claims: dict[str, Any]) -> tuple[str, str, str | None] | None:
+    """(namespace, ServiceAccount, pod or None) when the claims name them plainly, else
+    None; a lenient peek (what :func:`_bound_objects` refuses, it says why)."""
+    k8s = claims.get("kubernetes.io")
+    if not isinstance(k8s, dict):
+        return None
+    ns, sa, pod = k8s.get("namespace"), k8s.get("serviceaccount"), k8s.get("pod")
+    if not isinstance(ns, str) or not isinstance(sa, dict) or not isinstance(sa.get("name"), str):
+        return None
+    if not pod:
+        return ns, sa["name"], None
+    return (
+        (ns, sa["name"], pod["name"])
+        if isinstance(pod, dict) and isinstance(pod.get("name"), str)
+        else None
+    )
+
+
+def _bound_objects(claims: dict[str, Any]) -> _Bound:
+    """The token's namespace, ServiceAccount and pod; refused when malformed."""
+    k8s = claims.get("kubernetes.io")
+    if not isinstance(k8s, dict):
+        raise _bad("token carries no kubernetes.io claims", reason="malformed")
+    ns = k8s.get("namespace")
+    sa = k8s.get("serviceaccount") or {}
+    pod = k8s.get("pod") or {}
+    if not isinstance(ns, str) or not isinstance(sa, dict) or not isinstance(pod, dict):
+        raise _bad("token's kubernetes.io claims are malformed", reason="malformed")
+    sa_name, sa_uid = sa.get("name"), sa.get("uid")
+    if not isinstance(sa_name, str) or not isinstance(sa_uid, str):
+        raise _bad("token names no ServiceAccount", reason="malformed")
+    username = f"system:serviceaccount:{ns}:{sa_name}"
+    if claims.get("sub") != username:
+        raise _bad("token subject does not match its ServiceAccount", reason="malformed")
+    if not pod:
+        return _Bound(ns, sa_name, sa_uid, username)
+    pod_name, pod_uid = pod.get("name"), pod.get("uid")
+    if not isinstance(pod_name, str) or not isinstance(pod_uid, str):
+        raise _bad("token's pod claim is malformed", reason="malformed")
+    return _Bound(ns, sa_name, sa_uid, username, pod_name, pod_uid)
+
+
+def _check_service_account(bound: _Bound, live_sa: Cached) -> None:
+    if live_sa.uid != bound.sa_uid:
+        raise _bad("the token's ServiceAccount no longer exists", reason="sa_gone")

@@ -321,7 +321,7 @@ def _metadata_routes(
         metadata = authorization_server_metadata(
             issuer=issuer,
             token_endpoint=exchange.token_endpoint or f"{issuer.rstrip('/')}/oauth2/token",
-            jwks_uri=f"{jwt_minter.issuer}/.well-known/jwks.json" if jwt_minter else None,
+            jwks_uri=jwt_minter.jwks_uri if jwt_minter else None,
             scopes=rules.scopes if rules.per_request else (),
         )
         metadata_body = json.dumps(metadata, separators=(",", ":")).encode()

@@ -11,7 +11,7 @@ import math
 import time
 from typing import Any, Protocol
 
-__all__ = ["Clock", "FakeClock", "SystemClock", "rfc3339", "sleep_or_wake"]
+__all__ = ["MAX_SECONDS", "Clock", "FakeClock", "SystemClock", "rfc3339", "sleep_or_wake"]
 
 
 class Clock(Protocol):
@@ -72,9 +72,17 @@ class FakeClock:
         await asyncio.sleep(0)
 
 
+# The longest duration accepted anywhere (a setting, an upstream token's lifetime): nothing
+# the product does lasts longer, and wall-clock sums stay far inside RFC 3339's years.
+MAX_SECONDS = 10 * 365 * 86400
+_LAST_RFC3339 = 253402300799  # 9999-12-31T23:59:59Z: RFC 3339 has four-digit years
+
+
 def rfc3339(ts: float, *, millis: bool = False) -> str:
     """Wall-clock seconds as RFC 3339 UTC with a ``Z``: whole seconds, rounded down (the CP's
-    ``expires_at``), or with milliseconds (``millis``: log timestamps)."""
+    ``expires_at``), or with milliseconds (``millis``: log timestamps). Times past the year
+    9999 (a static token's ``exp`` may say anything) are written as its last second."""
+    ts = min(max(ts, 0.0), _LAST_RFC3339) if math.isfinite(ts) else _LAST_RFC3339
     whole = math.floor(ts)
     text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
     if millis:

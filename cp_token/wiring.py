@@ -176,18 +176,20 @@ def exchange_config(s: Settings) -> ExchangeConfig:
 def build_minter(s: Settings, clock: Clock, watcher: FileWatcher, metrics: Metrics) -> Minter:
     """The configured minter, its files registered with the watcher."""
     if s.minter == "static":
-        return _static_minter(s, watcher)
+        return _static_minter(s, clock, watcher)
     if s.minter == "jwt":
         return _jwt_minter(s, clock, watcher)
     return _oidc_minter(s, clock, watcher, metrics)
 
 
-def _static_minter(s: Settings, watcher: FileWatcher) -> StaticMinter:
+def _static_minter(s: Settings, clock: Clock, watcher: FileWatcher) -> StaticMinter:
     if not s.static_token_file:
-        return StaticMinter(token=s.static_token)
+        return StaticMinter(token=s.static_token, min_ttl=s.min_ttl, clock=clock)
     name = "CP_TOKEN_STATIC_TOKEN_FILE"
     return StaticMinter(
-        file=watcher.add(WatchedFile(name, s.static_token_file, parse_static_token))
+        file=watcher.add(WatchedFile(name, s.static_token_file, parse_static_token)),
+        min_ttl=s.min_ttl,
+        clock=clock,
     )
 
 

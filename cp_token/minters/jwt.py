@@ -133,7 +133,7 @@ class JwtMinter:
         jwks_max_age: int = 300,
         reuse: bool = True,
     ) -> None:
-        self.issuer = issuer.rstrip("/")
+        self.issuer = issuer  # exactly as configured: verifiers compare issuers as strings
         self._audience = audience
         self._ttl = int(ttl)
         self._clock = clock
@@ -199,12 +199,17 @@ class JwtMinter:
         """The JWK Set, pre-rendered."""
         return self._jwks_body
 
+    @property
+    def jwks_uri(self) -> str:
+        """Where the JWK Set is served (the issuer keeps its own trailing slash, if any)."""
+        return f"{self.issuer.rstrip('/')}/.well-known/jwks.json"
+
     def openid_configuration(self) -> dict[str, Any]:
         """OIDC discovery for an API server that verifies minted tokens."""
         algs = sorted({k.alg for k in self._ring.keys}) if self._ring else []
         return {
             "issuer": self.issuer,
-            "jwks_uri": f"{self.issuer}/.well-known/jwks.json",
+            "jwks_uri": self.jwks_uri,
             "response_types_supported": ["id_token"],
             "subject_types_supported": ["public"],
             "id_token_signing_alg_values_supported": algs,

@@ -31,7 +31,7 @@ import httpx
 
 from cp_token.authn.precheck import decode_unverified
 from cp_token.backoff import Backoff, Pacer, parse_retry_after
-from cp_token.clock import Clock, sleep_or_wake
+from cp_token.clock import MAX_SECONDS, Clock, sleep_or_wake
 from cp_token.errors import Unauthenticated, Unavailable
 from cp_token.identity import Identity
 from cp_token.metrics import NO_METRICS, IdPMetrics
@@ -322,7 +322,9 @@ class OidcMinter:
                 exp = None
             if exp is not None:
                 lifetime = exp - now_wall
-        return lifetime if lifetime is not None and math.isfinite(lifetime) else None
+        if lifetime is None or not math.isfinite(lifetime) or lifetime > MAX_SECONDS:
+            return None  # a lifetime of centuries is garbage too
+        return lifetime
 
     # --- the background refresher -----------------------------------------------------------
 

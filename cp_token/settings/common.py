@@ -15,6 +15,8 @@ from dataclasses import fields
 from typing import Any
 from urllib.parse import urlsplit
 
+from cp_token.clock import MAX_SECONDS
+
 __all__ = [
     "ALL_INTERFACES",
     "CP_AUDIENCE",
@@ -135,7 +137,8 @@ def parse_bool(name: str, value: str | None, default: bool) -> bool:
 def parse_number(
     name: str, value: str | None, default: float, *, minimum: float = 0.0, integer: bool = False
 ) -> float:
-    """Parse a non-negative number of seconds (or a count when ``integer``)."""
+    """Parse a non-negative number of seconds, at most :data:`MAX_SECONDS` (or a count when
+    ``integer``)."""
     if value is None:
         return default
     try:
@@ -147,6 +150,8 @@ def parse_number(
         raise ConfigError(name, f"{value!r} is not a finite number")
     if number < minimum:
         raise ConfigError(name, f"must be at least {minimum:g}, got {value}")
+    if not integer and number > MAX_SECONDS:
+        raise ConfigError(name, f"must be at most {MAX_SECONDS:g} seconds (10 years), got {value}")
     return number
 
 

@@ -60,6 +60,8 @@ def test_defaults_match_spec() -> None:
         ({**OIDC, "CP_TOKEN_AUDIENCES": " , "}, "CP_TOKEN_AUDIENCES"),
         ({**OIDC, "CP_TOKEN_TTL": "300"}, "CP_TOKEN_TTL"),
         ({**OIDC, "CP_TOKEN_TTL": "abc"}, "CP_TOKEN_TTL"),
+        ({**OIDC, "CP_TOKEN_TTL": "1e17"}, "CP_TOKEN_TTL"),  # past year 9999: never starts
+        ({**OIDC, "CP_TOKEN_REVIEW_CACHE_TTL": "1e300"}, "CP_TOKEN_REVIEW_CACHE_TTL"),
         ({**OIDC, "CP_TOKEN_LISTEN_ADDR": "8080"}, "CP_TOKEN_LISTEN_ADDR"),
         ({**OIDC, "CP_TOKEN_LISTEN_ADDR": ":99999"}, "CP_TOKEN_LISTEN_ADDR"),
         ({**OIDC, "CP_TOKEN_RATE_LIMIT": "fast"}, "CP_TOKEN_RATE_LIMIT"),

@@ -4,6 +4,7 @@ and rotation, static tokens."""
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 
 import pytest
@@ -17,6 +18,7 @@ from cp_token.errors import Unavailable
 from cp_token.identity import Identity
 from cp_token.minters.jwt import JwtMinter, load_keyring, session_id_of
 from cp_token.minters.oidc import OidcMinter
+from cp_token.minters.signer import b64url
 from cp_token.minters.static import StaticMinter
 from tests.fakes.idp import FakeIdP
 
@@ -117,6 +119,20 @@ async def test_oidc_short_lived_upstream_is_refused(idp: FakeIdP) -> None:
         with pytest.raises(Unavailable) as info:
             await m.mint(WHO)
         assert info.value.reason == "idp_short_lived"
+    finally:
+        await m.aclose()
+
+
+@pytest.mark.parametrize("expires_in", [10**17, 10**300])
+async def test_oidc_upstream_lifetime_of_centuries_is_a_bad_answer(
+    idp: FakeIdP, expires_in: int
+) -> None:
+    idp.set_expires_in(expires_in)
+    m = oidc(idp, FakeClock())
+    try:
+        with pytest.raises(Unavailable) as info:  # not an OverflowError turned 503 internal
+            await m.mint(WHO)
+        assert info.value.reason == "idp_unavailable"
     finally:
         await m.aclose()
 
@@ -227,3 +243,37 @@ async def test_static_minter_expiry_from_jwt_or_null() -> None:
     j = JwtMinter(issuer="https://cp", audience="x", ttl=900, clock=clock)
     as_static = await StaticMinter(token=(await j.mint(WHO)).token).mint(WHO)
     assert as_static.expires_at == clock.time() + 900
+
+
+def _static_jwt(exp: float) -> str:
+    return f"eyJhbGciOiJub25lIn0.{b64url(json.dumps({'exp': exp}).encode()).decode()}.c2ln"
+
+
+async def test_static_token_with_less_than_min_ttl_left_is_not_handed_out(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = FakeClock()
+    minter = StaticMinter(token=_static_jwt(clock.time() + 400), min_ttl=300, clock=clock)
+    assert (await minter.mint(WHO)).expires_at == clock.time() + 400
+    clock.advance(101)  # 299 s left
+    for _ in range(3):
+        with pytest.raises(Unavailable) as info:
+            await minter.mint(WHO)
+        assert info.value.reason == "static_short_lived"
+        assert info.value.status == 503
+    logged = [r for r in caplog.records if "CP_TOKEN_MIN_TTL" in r.getMessage()]
+    assert len(logged) == 1  # once per token, not per request
+    expired = StaticMinter(token=_static_jwt(clock.time() - 3600), min_ttl=300, clock=clock)
+    with pytest.raises(Unavailable):
+        await expired.mint(WHO)
+    opaque = StaticMinter(token="opaque", min_ttl=300, clock=clock)  # no exp: nothing to check
+    assert (await opaque.mint(WHO)).expires_at is None
+
+
+async def test_jwt_issuer_is_kept_exactly_as_configured() -> None:
+    m = JwtMinter(issuer="https://iss.example/a/", audience="x", ttl=900, clock=FakeClock())
+    token = (await m.mint(WHO)).token
+    claims = jwt.decode(token, KeySet.import_key_set(m.jwks())).claims
+    assert claims["iss"] == "https://iss.example/a/"
+    assert m.openid_configuration()["issuer"] == "https://iss.example/a/"
+    assert m.jwks_uri == "https://iss.example/a/.well-known/jwks.json"

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import re
+import urllib.parse
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any
 
@@ -97,16 +98,22 @@ def refusal(
 
 
 def parse_min_ttl(query_string: bytes, default: float) -> float:
-    """``?min_ttl=N`` (seconds, 0..86400); raises ValueError with the reason."""
+    """``?min_ttl=N`` (seconds, 0..86400, percent-decoded as any query value); raises
+    ValueError with the reason, also when it is given more than once."""
     if not query_string:
         return default
-    value: str | None = None
-    for pair in query_string.decode("latin-1").split("&"):
-        key, _, raw = pair.partition("=")
-        if key == "min_ttl":
-            value = raw
-    if value is None:
+    try:
+        params = urllib.parse.parse_qs(
+            query_string.decode("latin-1"), keep_blank_values=True, max_num_fields=64
+        )
+    except ValueError:
+        raise ValueError("the query string has too many parameters") from None
+    values = params.get("min_ttl")
+    if values is None:
         return default
+    if len(values) > 1:
+        raise ValueError("min_ttl is given more than once")
+    value = values[0]
     try:
         number = float(value)
     except ValueError:

@@ -19,7 +19,8 @@ States (derived from the facts and the clock, never stored)::
 Rules (SPIRE's rotation, the one :class:`~cp_token.backoff.Backoff`): refresh once
 ``refresh_fraction`` of the lifetime has passed, +-10 % jitter; after a transient failure
 retry with capped exponential backoff and full jitter (capped at 60 s while a token is held,
-at 2 s while none is), at least ``Retry-After``; after a
+at 2 s while none is), at least ``Retry-After`` (itself honoured up to 60 s, or 5 s while
+no token is held); after a
 401/403 retry slowly (30-60 s), or at once when the SA token file changes
 (:meth:`~TokenHolder.credentials_changed`); and while a token is held, never schedule a
 retry past its expiry. Only attempts made on the backoff schedule raise the backoff's
@@ -78,6 +79,11 @@ class HolderPolicy:
     jitter: float = 0.1
     backoff: Backoff = SIDECAR_BACKOFF
     empty_backoff: Backoff = SIDECAR_EMPTY_BACKOFF  # while no unexpired token is held
+    # A CP's (or a proxy's) Retry-After is honoured up to these many seconds, so one absurd
+    # value cannot stall the pod: while a token is held (retries stay before its expiry
+    # anyway), and while none is (then the pod is dark: the CP's own hints are 1-30 s)
+    max_retry_after: float = 60.0
+    empty_max_retry_after: float = 5.0
     rejected_min: float = 30.0
     rejected_max: float = 60.0
     expiry_margin: float = 1.0
@@ -160,6 +166,8 @@ class TokenHolder:
         self._rejection = None
         self._last_error = reason
         empty = self.current() is None  # nothing to serve: stay close to the CP
+        if retry_after is not None:
+            retry_after = min(retry_after, p.empty_max_retry_after if empty else p.max_retry_after)
         if on_schedule or self._failures == 0:
             self._failures += 1
             backoff = p.empty_backoff if empty else p.backoff

@@ -130,8 +130,8 @@ def test_with_nothing_held_the_backoff_stops_at_2_seconds(clock: FakeClock) -> N
         clock.advance(delays[-1])
     assert delays == [1, 2, 2, 2, 2, 2]
     assert holder.failures == 6
-    holder.failed("503", retry_after=9)  # the CP's Retry-After still comes first
-    assert holder.next_fetch_at() == clock.monotonic() + 9
+    holder.failed("503", retry_after=4)  # the CP's Retry-After still comes first
+    assert holder.next_fetch_at() == clock.monotonic() + 4
 
 
 @given(st.integers(min_value=1, max_value=30), st.floats(min_value=0.0, max_value=1.0))
@@ -146,11 +146,27 @@ def test_backoff_is_full_jitter_with_a_floor(failures: int, draw: float) -> None
     assert 0.25 <= delay <= max(0.25, ceiling)
 
 
-def test_retry_after_is_honoured(clock: FakeClock) -> None:
+def test_retry_after_is_honoured_up_to_a_cap(clock: FakeClock) -> None:
     holder = holder_with(clock, rand=0.0)
+    holder.succeeded(fetched(clock, 3600))  # a token held: the CP's hint up to 60 s
     holder.failed("503", retry_after=17)
     assert holder.next_fetch_at() == clock.monotonic() + 17
-    assert holder.retry_after() == 17
+    holder.failed("503", retry_after=100_000)  # a proxy's absurd value stalls nothing
+    assert holder.next_fetch_at() == clock.monotonic() + 60
+
+
+@pytest.mark.parametrize(("hint", "honoured"), [(3, 3), (17, 5), (100_000, 5)])
+def test_with_nothing_held_retry_after_is_honoured_up_to_5_s(
+    clock: FakeClock, hint: float, honoured: float
+) -> None:
+    holder = holder_with(clock, rand=0.0)
+    holder.failed("503", retry_after=hint)
+    assert holder.next_fetch_at() == clock.monotonic() + honoured
+    assert holder.retry_after() == honoured
+    clock.advance(honoured - 0.01)
+    assert not holder.should_fetch(0)  # a request waits the hint out too ...
+    clock.advance(0.01)
+    assert holder.should_fetch(0)  # ... but never longer than the cap
 
 
 def test_a_retry_is_never_scheduled_past_expiry(clock: FakeClock) -> None:

@@ -107,6 +107,18 @@ async def test_bad_min_ttl_is_a_400_with_the_reason(tmp_path: Path, value: str) 
     assert "min_ttl" in response.json()["error_description"]
 
 
+async def test_min_ttl_is_percent_decoded_and_given_once(tmp_path: Path) -> None:
+    rig = Rig(Script(ok("t1", 900), ok("t2", 900)), tmp_path)
+    await rig.get()
+    rig.clock.advance(400)  # 500 s left
+    encoded = await rig.get(path="/token?min%5Fttl=%36%30%30")  # min_ttl=600
+    assert encoded.status_code == 200 and encoded.json()["token"] == "t2"
+    twice = await rig.get(path="/token?min_ttl=99999&min_ttl=1")
+    assert twice.status_code == 400
+    assert "more than once" in twice.json()["error_description"]
+    assert rig.cp.count == 2
+
+
 async def test_min_ttl_fetches_first_when_needed(tmp_path: Path) -> None:
     rig = Rig(Script(ok("t1", 900), ok("t2", 900)), tmp_path)
     await rig.get()
@@ -225,15 +237,25 @@ async def test_a_client_through_the_sidecar_raises_token_rejected(tmp_path: Path
 async def test_503_with_retry_after_when_nothing_is_held_and_the_cp_is_down(
     tmp_path: Path,
 ) -> None:
-    rig = Rig(Script(unavailable(503, retry_after="7")), tmp_path)
+    rig = Rig(Script(unavailable(503, retry_after="4")), tmp_path)
     response = await rig.get()
     assert response.status_code == 503
     assert response.json()["error"] == "temporarily_unavailable"
     assert "no unexpired token" in response.json()["error_description"]
-    assert int(response.headers["Retry-After"]) >= 7
+    assert int(response.headers["Retry-After"]) >= 4
     again = await rig.get()  # backing off: no new fetch, same answer
     assert again.status_code == 503
     assert rig.cp.count == 1
+
+
+async def test_an_absurd_retry_after_does_not_leave_the_pod_dark(tmp_path: Path) -> None:
+    rig = Rig(Script(unavailable(503, retry_after="100000"), ok("t1")), tmp_path)
+    response = await rig.get()
+    assert response.status_code == 503
+    assert int(response.headers["Retry-After"]) <= 5  # not 100000
+    rig.clock.advance(5)
+    recovered = await rig.get()  # the CP is back: the next request gets a token
+    assert recovered.status_code == 200 and recovered.json()["token"] == "t1"
 
 
 async def test_an_expired_token_is_never_served(tmp_path: Path) -> None:

@@ -327,7 +327,7 @@ def decide(request: Mapping[str, Any], settings: InjectSettings) -> Decision:
         return Decision("skipped", message=why_not)
     pod = request.get("object")
     if not isinstance(pod, dict):
-        return Decision("refused", message="the request carries no pod object")
+        return Decision("skipped", message="the request carries no pod object (no opt-in label)")
     metadata = pod.get("metadata")
     labels = metadata.get("labels") if isinstance(metadata, dict) else None
     if not isinstance(labels, dict) or labels.get(OPT_IN_LABEL) != "true":

@@ -379,9 +379,15 @@ def test_a_malformed_opted_in_pod_is_refused_not_crashed(spec: Any) -> None:
     assert decision.action == "refused" and "malformed" in decision.message
 
 
-def test_a_create_without_an_object_is_refused() -> None:
-    decision, _ = run(None)
-    assert decision.action == "refused"
+def test_a_create_without_a_pod_object_is_allowed_unchanged() -> None:
+    """It carries no opt-in label: "anything else is allowed unchanged" (SPEC)."""
+    for obj in (None, [], "pod"):
+        review = admission_review(None)
+        review["request"]["object"] = obj
+        decision = decide(review["request"], SETTINGS)
+        answer = review_response(review["request"]["uid"], decision)
+        assert decision.action == "skipped"
+        assert answer["response"]["allowed"] is True and "patch" not in answer["response"]
 
 
 def test_patch_for_raises_refused_for_collisions() -> None:

@@ -288,6 +288,7 @@ class CPTokenApp(Starlette):
     ) -> None:
         door_routes: list[BaseRoute] = [Route(path, _Asgi(door)) for path, door in doors.items()]
         super().__init__(routes=door_routes + routes, lifespan=lifespan)
+        self.router.redirect_slashes = False  # /token/ is not /token: 404, not a redirect
         self._doors = dict(doors)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -51,8 +51,17 @@ _TOO_LARGE = b"request head too large\n"
 _431 = (
     b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
     b"content-type: text/plain; charset=utf-8\r\n"
+    b"cache-control: no-store\r\n"
     b"content-length: " + str(len(_TOO_LARGE)).encode() + b"\r\n"
     b"connection: close\r\n\r\n" + _TOO_LARGE
+)
+_MALFORMED = b'{"error":"invalid_request","error_description":"malformed HTTP request"}'
+_400 = (
+    b"HTTP/1.1 400 Bad Request\r\n"
+    b"content-type: application/json\r\n"
+    b"cache-control: no-store\r\n"
+    b"content-length: " + str(len(_MALFORMED)).encode() + b"\r\n"
+    b"connection: close\r\n\r\n" + _MALFORMED
 )
 
 
@@ -272,6 +281,13 @@ class _HeadLimits(asyncio.Protocol):
             if self._response_idle():
                 self.transport.write(_431)
             self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        """A request the HTTP parser refused (an unknown method, a control byte in a
+        header): 400 in the services' JSON error format, never cached, connection closed."""
+        if not self.transport.is_closing():
+            self.transport.write(_400)
+        self.transport.close()
 
     def _response_idle(self) -> bool:
         cycle = getattr(self, "cycle", None)

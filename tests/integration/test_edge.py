@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -223,6 +224,30 @@ async def test_connections_beyond_the_cap_are_closed_at_once() -> None:
         reader, writer = await connect(sock)  # room again
         writer.write(REQUEST)
         assert (await response(reader)).startswith(b"HTTP/1.1 200")
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"FOO /token HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",  # a method no parser knows
+        b"GET /token HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer a\x01b\r\n\r\n",
+    ],
+)
+async def test_what_the_parser_refuses_is_a_json_400_never_cached(request_bytes: bytes) -> None:
+    """httptools (what the server extra installs) refuses these; h11 lets them through to
+    the app, which answers them itself (405, 401)."""
+    app = App()
+    async with serving(app, EdgeLimits(), "httptools") as sock:
+        reader, writer = await connect(sock)
+        writer.write(request_bytes)
+        answer = await response(reader)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400 "), head
+        assert b"cache-control: no-store" in head.lower()
+        assert b"content-type: application/json" in head.lower()
+        assert json.loads(body)["error"] == "invalid_request"
+        assert await seconds_until_closed(reader) < 1  # and the connection is closed
+    assert app.calls == 0
 
 
 @pytest.mark.parametrize("http", IMPLEMENTATIONS)

@@ -164,6 +164,16 @@ async def test_other_methods_are_405_and_never_mint(
     assert reviewer.calls == 0
 
 
+@pytest.mark.parametrize("path", ["/token/", "/oauth2/token/"])
+async def test_a_trailing_slash_is_not_redirected_to_a_token_route(
+    clock: FakeClock, reviewer: DictReviewer, path: str
+) -> None:
+    app, _ = build(clock, reviewer)
+    resp = await call(app, headers={"Authorization": "Bearer good"}, path=path)
+    assert resp.status_code == 404  # not a 307 that a client would follow with its token
+    assert reviewer.calls == 0
+
+
 async def test_rate_limit(clock: FakeClock, reviewer: DictReviewer) -> None:
     app, _ = build(clock, reviewer, rate=1.0, burst=2)
     h = {"Authorization": "Bearer good"}

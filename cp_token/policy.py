@@ -61,6 +61,11 @@ def _empty_session_id(identity: Identity) -> bool:
     return sa.startswith("session-") and sa.endswith("-sa") and identity.session_id is None
 
 
+def _what_id(sa: str) -> str:
+    """What is wrong with the session id of a name shaped like ``session-<id>-sa``."""
+    return "an empty session id" if len(sa) <= len("session--sa") else "an invalid session id"
+
+
 def _require_label(
     label: tuple[str, str] | None, labels: Mapping[str, str] | None, what: str, reason: str
 ) -> None:
@@ -92,7 +97,7 @@ class RunnerPolicy:
         if _empty_session_id(identity):
             raise Forbidden(
                 f"ServiceAccount {identity.username} is not a session runner "
-                "(session-<id>-sa with an empty session id)",
+                f"(session-<id>-sa with {_what_id(identity.service_account or '')})",
                 reason="sa_not_allowed",
             )
         if not glob_match(identity.username, self.allowed_sa):

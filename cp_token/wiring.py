@@ -318,9 +318,11 @@ def _kube_client(
             connection = load_connection(s.kubeconfig, s.in_cluster)
         except Exception as exc:  # the kubernetes loader raises several types
             variable = "KUBECONFIG" if not s.in_cluster else "KUBERNETES_SERVICE_HOST"
-            raise ConfigError(
-                variable, f"no usable Kubernetes configuration ({str(exc)[:200]})"
-            ) from None
+            why = str(exc)[:200]
+            if isinstance(exc, TypeError | AttributeError | KeyError | IndexError):
+                # the loader indexes what it parsed: the file is YAML, but not a kubeconfig
+                why = "not a kubeconfig: expected a YAML mapping of clusters, users and contexts"
+            raise ConfigError(variable, f"no usable Kubernetes configuration ({why})") from None
     return KubeClient(connection, max_connections=kube_pool_size(s.max_reviews), metrics=metrics)
 
 

@@ -276,6 +276,23 @@ def test_config_errors_exit_2_with_one_line(env: dict[str, str], variable: str) 
     assert variable in lines[0] and "Traceback" not in result.stderr
 
 
+def test_a_file_that_is_not_a_kubeconfig_says_so(tmp_path: Path) -> None:
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text("just some text\n")
+    env = {
+        "CP_TOKEN_URL": "http://127.0.0.1:1/token",
+        "CP_TOKEN_LISTEN_ADDR": "127.0.0.1:0",
+        "CP_TOKEN_METRICS_ADDR": "127.0.0.1:0",
+        "CP_TOKEN_MINTER": "jwt",
+        "KUBECONFIG": str(kubeconfig),
+    }
+    result = run_cmd([sys.executable, "-m", "cp_token", "serve"], env)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "KUBECONFIG: " in lines[0], result.stderr
+    assert "not a kubeconfig" in lines[0]
+
+
 def test_sidecar_and_client_verify_an_https_cp_with_their_ca_file(tmp_path: Path) -> None:
     ca = trustme.CA()
     leaf = ca.issue_cert("127.0.0.1")

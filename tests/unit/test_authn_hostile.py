@@ -426,6 +426,14 @@ def test_empty_session_id_is_never_admitted(name: str, admitted: bool) -> None:
                 assert "empty session id" in info.value.description
 
 
+def test_a_line_break_in_the_session_id_is_refused_for_what_it_is() -> None:
+    identity = Identity("system:serviceaccount:ns:session-a\nb-sa", extra=BOUND)
+    with pytest.raises(Forbidden) as info:
+        RunnerPolicy().check_identity(identity)
+    assert info.value.reason == "sa_not_allowed"
+    assert "invalid session id" in info.value.description  # not "empty": it is not
+
+
 def test_glob_is_fnmatch_with_a_non_empty_star() -> None:
     assert glob_match("team-a", "team-*") and not glob_match("team-", "team-*")
     assert glob_match("a]d", "a[]]d") and glob_match("axd", "a[!bc]d")

@@ -87,6 +87,8 @@ def refusal(
             return "requests with an Origin header are refused"
         elif name in PROXY_HEADERS:
             return f"requests with a {PROXY_HEADERS[name]} header are refused"
+        elif name.startswith(b"x-forwarded-"):  # -Host, -Proto, -Port, ...: a proxy's too
+            return "requests with X-Forwarded-* headers are refused"
     if len(hosts) > 1:
         return "requests with more than one Host header are refused"
     host = (hosts[0] if hosts else b"").decode("latin-1")

@@ -47,21 +47,26 @@ log = logging.getLogger("cp_token.edge")
 TARGET_EXTENSION = "cp_token.request_target"
 # Connections refused within one accept() call before the event loop gets a turn again.
 REFUSE_BATCH = 64
-_TOO_LARGE = b"request head too large\n"
-_431 = (
-    b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
-    b"content-type: text/plain; charset=utf-8\r\n"
-    b"cache-control: no-store\r\n"
-    b"content-length: " + str(len(_TOO_LARGE)).encode() + b"\r\n"
-    b"connection: close\r\n\r\n" + _TOO_LARGE
+
+
+def _closing_answer(status: bytes, content_type: bytes, body: bytes) -> bytes:
+    """A whole HTTP/1.1 answer that is never cached and closes the connection."""
+    return (
+        b"HTTP/1.1 " + status + b"\r\ncontent-type: " + content_type + b"\r\n"
+        b"cache-control: no-store\r\ncontent-length: " + str(len(body)).encode() + b"\r\n"
+        b"connection: close\r\n\r\n" + body
+    )
+
+
+_431 = _closing_answer(
+    b"431 Request Header Fields Too Large",
+    b"text/plain; charset=utf-8",
+    b"request head too large\n",
 )
-_MALFORMED = b'{"error":"invalid_request","error_description":"malformed HTTP request"}'
-_400 = (
-    b"HTTP/1.1 400 Bad Request\r\n"
-    b"content-type: application/json\r\n"
-    b"cache-control: no-store\r\n"
-    b"content-length: " + str(len(_MALFORMED)).encode() + b"\r\n"
-    b"connection: close\r\n\r\n" + _MALFORMED
+_400 = _closing_answer(
+    b"400 Bad Request",
+    b"application/json",
+    b'{"error":"invalid_request","error_description":"malformed HTTP request"}',
 )
 
 

@@ -198,11 +198,12 @@ class ObjectCache:
         self._metrics.cache(key[0], entry is not None)
         if entry is not None:
             return entry
+        read = self._inflight.do(key, lambda: self._fetch(key, fetch, bounded))
         if deadline is None:
-            return await self._inflight.do(key, lambda: self._fetch(key, fetch, bounded))
+            return await read
         try:
             async with asyncio.timeout_at(deadline):
-                return await self._inflight.do(key, lambda: self._fetch(key, fetch, bounded))
+                return await read
         except TimeoutError:
             raise Unavailable(
                 "the Kubernetes API did not answer in time", reason="kube_timeout"

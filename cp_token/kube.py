@@ -163,7 +163,7 @@ class KubeClient:
             return self._token
 
     async def _exchange(
-        self, method: str, path: str, body: dict[str, Any] | None
+        self, method: str, path: str, body: dict[str, Any] | None, accept: str = "application/json"
     ) -> tuple[int, bytes]:
         """One HTTP exchange on the transport's I/O thread; the CP's credentials are re-read
         on a worker thread when due."""
@@ -171,7 +171,7 @@ class KubeClient:
             token = self._token
         else:
             token = await asyncio.get_running_loop().run_in_executor(self._executor, self._bearer)
-        headers = [("Accept", "application/json"), ("User-Agent", USER_AGENT)]
+        headers = [("Accept", accept), ("User-Agent", USER_AGENT)]
         if token:
             headers.append(("Authorization", f"Bearer {token}"))
         data = None
@@ -181,14 +181,19 @@ class KubeClient:
         return await self._pool.request(method, path, headers, data, within=self.timeout)
 
     async def _request(
-        self, call: str, method: str, path: str, body: dict[str, Any] | None = None
+        self,
+        call: str,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        accept: str = "application/json",
     ) -> tuple[int, dict[str, Any]]:
         """One API call; returns (status, JSON body) for 2xx/404, raises KubeError otherwise."""
         start = time.perf_counter()
         result = "error"
         try:
             try:
-                status, raw = await self._exchange(method, path, body)
+                status, raw = await self._exchange(method, path, body, accept)
             except TransportTimeout:
                 raise KubeUnavailable(f"{call}: Kubernetes API timed out") from None
             except (TransportError, OSError) as exc:
@@ -252,9 +257,14 @@ class KubeClient:
         path = f"/api/v1/namespaces/{quote(namespace, safe='')}/pods/{quote(name, safe='')}"
         return await self._get_object("pod", path)
 
-    async def get_json(self, call: str, path: str) -> dict[str, Any]:
-        """GET a JSON document served by the API server (issuer discovery, JWKS)."""
-        status, data = await self._request(call, "GET", path)
+    async def get_json(
+        self, call: str, path: str, accept: str = "application/json"
+    ) -> dict[str, Any]:
+        """GET a JSON document served by the API server (issuer discovery, JWKS).
+
+        ``accept`` must name what the route produces: the API server answers 406 otherwise
+        (``/openid/v1/jwks`` produces ``application/jwk-set+json`` only)."""
+        status, data = await self._request(call, "GET", path, accept=accept)
         if status == 404:
             raise KubeUnavailable(f"{call}: {path} is not served by the API server")
         return data

@@ -42,6 +42,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# What the API server's /openid/v1/jwks produces (it answers 406 to Accept: application/json).
+JWKS_MEDIA_TYPE = "application/jwk-set+json"
 ALGORITHMS = frozenset({"RS256", "ES256"})
 KEY_TYPES = {"RS256": "RSA", "ES256": "EC"}
 REFETCH_INTERVAL = 10.0  # at most one fetch per window for unknown kids
@@ -260,7 +262,7 @@ class IssuerKeys:
         self.fetches += 1
         started = self._clock.monotonic()
         try:
-            doc = await self._kube.get_json("jwks", "/openid/v1/jwks")
+            doc = await self._kube.get_json("jwks", "/openid/v1/jwks", accept=JWKS_MEDIA_TYPE)
             keys = parse_key_set(doc)
             if not keys.by_kid and not keys.unnamed:
                 raise KubeUnavailable("jwks: the API server's key set holds no RS256/ES256 key")

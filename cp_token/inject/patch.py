@@ -44,7 +44,10 @@ SIDECAR_NAME = "cp-token-sidecar"
 SA_VOLUME = "cp-token-sa"
 FILE_VOLUME = "cp-token-file"
 TMP_VOLUME = "cp-token-tmp"
+CA_VOLUME = "cp-token-ca"  # only with CP_TOKEN_INJECT_CA_CONFIGMAP
 VOLUME_NAMES = (SA_VOLUME, FILE_VOLUME, TMP_VOLUME)
+CA_DIR = "/var/run/ambient-ca"
+CA_FILE = f"{CA_DIR}/ca.crt"  # the key trust-manager's Bundle writes
 
 SA_TOKEN_PATH = CP_AUDIENCE  # the file the sidecar reads by default (AMBIENT_SA_TOKEN_FILE)
 TOKEN_DIR = "/var/run/ambient"
@@ -101,6 +104,7 @@ def sidecar_container(settings: InjectSettings) -> dict[str, Any]:
             {"name": "AMBIENT_SA_TOKEN_FILE", "value": f"{SA_TOKEN_DIR}/{SA_TOKEN_PATH}"},
             {"name": "SIDECAR_TOKEN_FILE", "value": TOKEN_FILE},
             {"name": "SIDECAR_METRICS_ADDR", "value": f"0.0.0.0:{METRICS_PORT}"},
+            *([{"name": "AMBIENT_CP_CA_FILE", "value": CA_FILE}] if settings.ca_configmap else []),
         ],
         "ports": [{"name": "cpt-metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
         # The kubelet starts the app containers once this succeeds: once a token is held.
@@ -133,12 +137,29 @@ def sidecar_container(settings: InjectSettings) -> dict[str, Any]:
             {"name": SA_VOLUME, "mountPath": SA_TOKEN_DIR, "readOnly": True},
             {"name": FILE_VOLUME, "mountPath": TOKEN_DIR},
             {"name": TMP_VOLUME, "mountPath": "/tmp"},  # noqa: S108 (its own emptyDir)
+            *(
+                [{"name": CA_VOLUME, "mountPath": CA_DIR, "readOnly": True}]
+                if settings.ca_configmap
+                else []
+            ),
         ],
     }
 
 
+def volume_names(settings: InjectSettings) -> tuple[str, ...]:
+    """The names of the volumes the patch adds (the CA's only when configured)."""
+    return (*VOLUME_NAMES, CA_VOLUME) if settings.ca_configmap else VOLUME_NAMES
+
+
 def volumes(settings: InjectSettings) -> list[dict[str, Any]]:
-    """The three volumes: the projected SA token, the token file's emptyDir, the sidecar's /tmp."""
+    """The volumes: the projected SA token, the token file's emptyDir, the sidecar's /tmp, and
+    with CP_TOKEN_INJECT_CA_CONFIGMAP the CP's CA (the ConfigMap a trust-manager Bundle
+    writes into every managed namespace)."""
+    ca = (
+        [{"name": CA_VOLUME, "configMap": {"name": settings.ca_configmap}}]
+        if settings.ca_configmap
+        else []
+    )
     return [
         {
             "name": SA_VOLUME,
@@ -157,6 +178,7 @@ def volumes(settings: InjectSettings) -> list[dict[str, Any]]:
         # An emptyDir, not a subPath: the sidecar replaces the file atomically (rename).
         {"name": FILE_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
         {"name": TMP_VOLUME, "emptyDir": {"sizeLimit": "16Mi"}},
+        *ca,
     ]
 
 
@@ -269,7 +291,7 @@ def patch_for(pod: Mapping[str, Any], settings: InjectSettings) -> list[Op]:
     init_list = _named(inits or [], "spec.initContainers")
     vols = _list_at(spec, "volumes", "spec")
     taken = set(_names(_named(vols or [], "spec.volumes")))
-    for name in VOLUME_NAMES:
+    for name in volume_names(settings):
         if name in taken:
             raise Refused(
                 f"the pod already has a volume named {name!r}, which the token sidecar "

@@ -37,6 +37,8 @@ MAX_TOKEN_EXPIRATION = 2**32
 _IMAGE = re.compile(r"[a-z0-9][A-Za-z0-9._\-/:@]*")
 # An audience is an opaque string, but one with whitespace or a comma is a mistake.
 _AUDIENCE = re.compile(r"[^\s,]+")
+# A Kubernetes object name (RFC 1123 subdomain).
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class InjectSettings:
     tls_key_file: str = ""
     audience: str = CP_AUDIENCE
     token_expiration: int = 3600
+    ca_configmap: str = ""
     listen_host: str = ALL_INTERFACES
     listen_port: int = 8443
     metrics_host: str = ALL_INTERFACES
@@ -74,6 +77,7 @@ def load_inject_settings(env: Mapping[str, str] | None = None) -> InjectSettings
         tls_key_file=key,
         audience=_audience(e),
         token_expiration=_token_expiration(e),
+        ca_configmap=_ca_configmap(e),
         listen_host=host,
         listen_port=port,
         metrics_host=m_host,
@@ -116,6 +120,16 @@ def _audience(e: Env) -> str:
             "CP_TOKEN_INJECT_AUDIENCE", f"{audience!r} is not one audience (no spaces or commas)"
         )
     return audience
+
+
+def _ca_configmap(e: Env) -> str:
+    """A ConfigMap name (DNS subdomain), or "" when unset."""
+    name = e.get("CP_TOKEN_INJECT_CA_CONFIGMAP") or ""
+    if name and (len(name) > 253 or not _DNS_SUBDOMAIN.fullmatch(name)):
+        raise ConfigError(
+            "CP_TOKEN_INJECT_CA_CONFIGMAP", f"{name!r} is not a ConfigMap name (e.g. cp-token-ca)"
+        )
+    return name
 
 
 def _token_expiration(e: Env) -> int:

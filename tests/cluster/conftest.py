@@ -166,9 +166,7 @@ def cp(
     manifests grant."""
     mode: str = request.param
     work = tmp_path_factory.mktemp(f"cp-{mode}")
-    server = CpServer.start(
-        cluster, pki, work, mode=mode, port=cp_port, signing_key=signing_key
-    )
+    server = CpServer.start(cluster, pki, work, mode=mode, port=cp_port, signing_key=signing_key)
     try:
         yield server
     finally:
@@ -178,4 +176,3 @@ def cp(
 def pytest_report_header() -> list[str]:
     """Say which tier this is (CI logs)."""
     return [f"cluster tier: real kube-apiserver (python {sys.version.split()[0]})"]
-

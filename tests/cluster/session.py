@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import ssl
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -91,7 +92,11 @@ class Injector:
                 ops.append({"op": "remove", "path": f"/webhooks/{i}/clientConfig/service"})
             ops.append({"op": "add", "path": f"/webhooks/{i}/clientConfig/url", "value": self.url})
             ops.append(
-                {"op": "add", "path": f"/webhooks/{i}/clientConfig/caBundle", "value": ca_bundle_b64}
+                {
+                    "op": "add",
+                    "path": f"/webhooks/{i}/clientConfig/caBundle",
+                    "value": ca_bundle_b64,
+                }
             )
         self.cluster.kubectl(
             "patch",
@@ -168,7 +173,11 @@ class CpServer:
 
     def client(self) -> httpx.Client:
         """An httpx client that trusts the CP's CA."""
-        return httpx.Client(base_url=self.base, verify=str(self.ca_file), trust_env=False)
+        return httpx.Client(
+            base_url=self.base,
+            verify=ssl.create_default_context(cafile=str(self.ca_file)),
+            trust_env=False,
+        )
 
     def get_token(self, sa_token: str) -> httpx.Response:
         """``GET /token`` with a ServiceAccount token."""

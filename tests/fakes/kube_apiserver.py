@@ -993,11 +993,24 @@ class FakeKubeAPIServer(LoopbackFake):
         early, _, _ = await self._prologue(request, "jwks", "get", "", "/openid/v1/jwks")
         if early is not None:
             return early
+        if not _accepts(request.headers.get("accept", "*/*"), "application/jwk-set+json"):
+            # like go-restful's Produces(): the route serves only its own media type
+            return Response("406: Not Acceptable", status_code=406, media_type="text/plain")
         return Response(
             json.dumps(self.jwks()),
             media_type="application/jwk-set+json",
             headers={"Cache-Control": _DISCOVERY_CACHE_CONTROL},
         )
+
+
+def _accepts(accept: str, media_type: str) -> bool:
+    """Whether an Accept header admits ``media_type`` (exact, ``type/*`` or ``*/*``)."""
+    major = media_type.split("/", 1)[0]
+    for part in accept.split(","):
+        value = part.split(";", 1)[0].strip().lower()
+        if value in (media_type, f"{major}/*", "*/*"):
+            return True
+    return False
 
 
 def _metadata(obj: _Obj) -> dict[str, Any]:

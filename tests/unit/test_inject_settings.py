@@ -51,12 +51,14 @@ def test_everything_set(env: dict[str, str]) -> None:
             "CP_TOKEN_METRICS_ADDR": "127.0.0.1:9191",
             "CP_TOKEN_INJECT_AUDIENCE": "my-cp",
             "CP_TOKEN_INJECT_TOKEN_EXPIRATION": "600",
+            "CP_TOKEN_INJECT_CA_CONFIGMAP": "cp-token-ca",
             "CP_TOKEN_LOG_LEVEL": "debug",
             "CP_TOKEN_LOG_FORMAT": "text",
         }
     )
     assert (s.listen_host, s.listen_port, s.metrics_port) == ("127.0.0.1", 9443, 9191)
     assert (s.audience, s.token_expiration) == ("my-cp", 600)
+    assert s.ca_configmap == "cp-token-ca"
     assert (s.log_level, s.log_format) == ("debug", "text")
 
 
@@ -83,6 +85,8 @@ def test_everything_set(env: dict[str, str]) -> None:
         ({"CP_TOKEN_METRICS_ADDR": "host:99999"}, "CP_TOKEN_METRICS_ADDR"),
         ({"CP_TOKEN_LOG_LEVEL": "loud"}, "CP_TOKEN_LOG_LEVEL"),
         ({"CP_TOKEN_LOG_FORMAT": "xml"}, "CP_TOKEN_LOG_FORMAT"),
+        ({"CP_TOKEN_INJECT_CA_CONFIGMAP": "CP_CA"}, "CP_TOKEN_INJECT_CA_CONFIGMAP"),
+        ({"CP_TOKEN_INJECT_CA_CONFIGMAP": "ca/crt"}, "CP_TOKEN_INJECT_CA_CONFIGMAP"),
     ],
 )
 def test_mistakes_name_the_variable(

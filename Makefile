@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit integration bench clean
+.PHONY: run test test-cluster cluster-tools lint typecheck unit integration bench clean
 
 # Quiet recipes: `make run` prints only what `cp-token dev` prints (the curl lines on stdout).
 $(STAMP): pyproject.toml
@@ -28,6 +28,16 @@ typecheck: $(STAMP)
 
 test: $(STAMP) lint typecheck
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# The cluster tier: a real kube-apiserver, etcd and kubectl built from their Go modules (Go >= 1.26
+# and the Go module proxy; first build several minutes, then cached outside the repository by
+# the hash of tests/cluster/tools: see CONTRIBUTING.md), the project's manifests applied, every
+# flow run against it.
+cluster-tools:
+	@tests/cluster/build.sh >/dev/null
+
+test-cluster: $(STAMP) cluster-tools
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/cluster
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit

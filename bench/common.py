@@ -13,7 +13,7 @@ Run as a script it is one of the two helper processes the benches start:
   server header, same loop and HTTP implementation).
 
 The benches measure the product as a black box, as processes; what they import of it is the
-process helpers (:mod:`cp_token.processes`, shared with the tests and ``cp-token dev``).
+process helpers (:mod:`cp_token.runtime.processes`, shared with the tests and ``cp-token dev``).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from cp_token import processes
-from cp_token.processes import LOOPBACK, clean_env, free_port
+from cp_token.runtime import processes
+from cp_token.runtime.processes import LOOPBACK, clean_env, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cp_token.decision import TokenAsk, TokenDecision, Trace  # noqa: E402
-from cp_token.logs import setup_logging  # noqa: E402
+from cp_token.runtime.logs import setup_logging  # noqa: E402
 from cp_token.settings.cp import load_settings  # noqa: E402
 from cp_token.wiring import build_service  # noqa: E402
 

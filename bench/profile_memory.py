@@ -6,7 +6,7 @@ bound counts, and the memory of every cache full at its default bounds.
 Entries are built the way the service builds them: identities from TokenReview answers
 (``identity_from_user`` over parsed JSON), object entries from parsed API objects, refusals
 from the reviewers' errors, rate buckets through ``RateLimiter.check``. The estimates are
-what ``cp_token.bounded`` counts against ``max_bytes``; an estimate below the real cost
+what ``cp_token.runtime.bounded`` counts against ``max_bytes``; an estimate below the real cost
 would let a cache hold more memory than its bound says.
 """
 
@@ -27,13 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cp_token.authn import cache as review_cache
 from cp_token.authn.tokenreview import identity_from_user
-from cp_token.bounded import BoundedCache
-from cp_token.clock import FakeClock
 from cp_token.errors import Unauthenticated
-from cp_token.objects import MAX_BYTES as OBJECT_BYTES
-from cp_token.objects import MAX_ENTRIES as OBJECT_ENTRIES
-from cp_token.objects import _entry
+from cp_token.kube.objects import MAX_BYTES as OBJECT_BYTES
+from cp_token.kube.objects import MAX_ENTRIES as OBJECT_ENTRIES
+from cp_token.kube.objects import _entry
 from cp_token.ratelimit import MAX_BUCKETS, RateLimiter
+from cp_token.runtime.bounded import BoundedCache
+from cp_token.runtime.clock import FakeClock
 
 EXTRA = "authentication.kubernetes.io/"
 

@@ -35,8 +35,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cp_token.authn import Authenticator
 from cp_token.authn.cache import ANSWER_WITHIN
-from cp_token.bodies import read_body
-from cp_token.clock import Clock, rfc3339
 from cp_token.credential import parse_bearer
 from cp_token.decision import TokenAsk, TokenDecision, Trace
 from cp_token.errors import (
@@ -57,15 +55,17 @@ from cp_token.exchange import (
     parse_exchange,
     parse_form,
 )
-from cp_token.health import Readiness
-from cp_token.health import health_routes as _health_routes
-from cp_token.logs import audit
+from cp_token.http.bodies import read_body
+from cp_token.http.health import Readiness
+from cp_token.http.health import health_routes as _health_routes
+from cp_token.kube.objects import ObjectCache
 from cp_token.metrics import Metrics, RequestMetrics
 from cp_token.minters import IssuedToken, Minter
 from cp_token.minters.jwt import JwtMinter
-from cp_token.objects import ObjectCache
 from cp_token.policy import RunnerPolicy
 from cp_token.ratelimit import RateLimiter
+from cp_token.runtime.clock import Clock, rfc3339
+from cp_token.runtime.logs import audit
 
 __all__ = [
     "CPTokenApp",

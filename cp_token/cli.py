@@ -10,7 +10,7 @@ import sys
 
 from cp_token import __version__
 from cp_token.extras import require_server_extra
-from cp_token.settings.common import ConfigError
+from cp_token.runtime.errors import ConfigError
 
 __all__ = ["main"]
 
@@ -48,37 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from cp_token.logs import setup_logging
-    from cp_token.settings.cp import load_settings
-
-    overrides = {
-        var: getattr(args, dest) for dest, var in SERVE_FLAGS.items() if getattr(args, dest)
-    }
-    settings = load_settings(overrides=overrides)
-    setup_logging(settings.log_level, settings.log_format)
-    from cp_token.serve_cmd import run_service
-    from cp_token.wiring import build_service
-
-    return run_service(build_service(settings))
-
-
-def _inject() -> int:
-    from cp_token.logs import setup_logging
-    from cp_token.settings.inject import load_inject_settings
-
-    settings = load_inject_settings()
-    setup_logging(settings.log_level, settings.log_format)
-    from cp_token.inject.serve_cmd import run_inject
-
-    return run_inject(settings)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cp-token`` console script."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["get"]:  # `get` has its own flags
-        from cp_token.get_cmd import run_get
+        from cp_token.commands.get import run_get
 
         return run_get(argv[1:])
     args = _parser().parse_args(argv)
@@ -88,13 +62,20 @@ def main(argv: list[str] | None = None) -> int:
             return refused
     try:
         if args.command == "serve":
-            return _serve(args)
+            from cp_token.commands.serve import main as serve_main
+
+            overrides = {
+                var: getattr(args, dest) for dest, var in SERVE_FLAGS.items() if getattr(args, dest)
+            }
+            return serve_main(overrides)
         if args.command == "dev":
-            from cp_token.dev import run_dev
+            from cp_token.commands.dev import run_dev
 
             return run_dev()
         if args.command == "inject":
-            return _inject()
+            from cp_token.commands.inject import main as inject_main
+
+            return inject_main()
     except ConfigError as exc:
         print(f"cp-token: {exc}", file=sys.stderr)
         return 2

@@ -16,8 +16,8 @@ from cp_token.authn import Authenticator
 from cp_token.authn.cache import ANSWER_WITHIN
 from cp_token.errors import Forbidden
 from cp_token.identity import Identity
+from cp_token.kube.objects import ObjectCache
 from cp_token.minters import DEFAULT_OPTIONS, IssuedToken, Minter, MintOptions
-from cp_token.objects import ObjectCache
 from cp_token.policy import RunnerPolicy
 from cp_token.ratelimit import RateLimiter
 

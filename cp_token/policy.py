@@ -1,7 +1,7 @@
 """May this identity have a token? Pure decisions over an Identity and labels.
 
 The label lookups themselves (namespace and ServiceAccount, through the Kubernetes API) live
-in :mod:`cp_token.objects`; this module does no I/O.
+in :mod:`cp_token.kube.objects`; this module does no I/O.
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from cp_token.clock import Clock
 from cp_token.errors import RateLimited
 from cp_token.identity import token_hash
+from cp_token.runtime.clock import Clock
 
 __all__ = ["MAX_KEY_CHARS", "RateLimiter"]
 

@@ -4,7 +4,7 @@ background tasks.
 This is where configuration becomes objects; nothing else reads Settings wholesale. Each
 collaborator is built by one small function here, after what it depends on; a file whose
 change it must hear about tells it through a bound method
-(:meth:`~cp_token.filewatch.WatchedFile.subscribe`). The lifespan starts the background
+(:meth:`~cp_token.runtime.filewatch.WatchedFile.subscribe`). The lifespan starts the background
 tasks (file watcher, the oidc minter's refresher, start-up checks) and, if one of them dies,
 calls ``on_fatal`` so the process exits instead of serving half-alive.
 """
@@ -27,19 +27,20 @@ from cp_token.authn.issuer_keys import IssuerKeys, SignatureCheck
 from cp_token.authn.jwks import JwksReviewer
 from cp_token.authn.static import StaticReviewer, parse_identities
 from cp_token.authn.tokenreview import FORBIDDEN_HINT, TokenReviewer
-from cp_token.clock import Clock, SystemClock
-from cp_token.filewatch import FileWatcher, WatchedFile
-from cp_token.kube import KubeClient, KubeConnection, KubeError, load_connection
+from cp_token.http.serving import background
+from cp_token.kube.client import KubeClient, KubeConnection, KubeError, load_connection
+from cp_token.kube.objects import MAX_OBJECT_READS, ObjectCache
 from cp_token.metrics import Metrics
 from cp_token.minters import Minter
 from cp_token.minters.jwt import JwtMinter
 from cp_token.minters.oidc import OidcMinter
 from cp_token.minters.static import StaticMinter, parse_static_token
-from cp_token.objects import MAX_OBJECT_READS, ObjectCache
 from cp_token.policy import RunnerPolicy
 from cp_token.ratelimit import RateLimiter
-from cp_token.serving import background
-from cp_token.settings.common import ConfigError, redacted
+from cp_token.runtime.clock import Clock, SystemClock
+from cp_token.runtime.errors import ConfigError
+from cp_token.runtime.filewatch import FileWatcher, WatchedFile
+from cp_token.settings.common import redacted
 from cp_token.settings.cp import Settings, issuer_from_url
 
 __all__ = [

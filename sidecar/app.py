@@ -18,8 +18,8 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any
 
 from cp_token.client import FetchedToken
-from cp_token.edge import absolute_form
-from cp_token.serving import background
+from cp_token.http.edge import absolute_form
+from cp_token.http.serving import background
 from cp_token.settings.common import is_loopback_host
 
 from .asgi import TEXT, ASGIApp, Receive, Router, Scope, Send, plain_endpoint

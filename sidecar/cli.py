@@ -14,10 +14,11 @@ import sys
 from collections.abc import Sequence
 
 from cp_token.client import TokenError
-from cp_token.clock import SystemClock
-from cp_token.logs import setup_logging
-from cp_token.serving import ServerGroup, api_server, bind_serving, edge_server
-from cp_token.settings.common import ConfigError, redacted
+from cp_token.http.serving import ServerGroup, api_server, bind_serving, edge_server
+from cp_token.runtime.clock import SystemClock
+from cp_token.runtime.errors import ConfigError
+from cp_token.runtime.logs import setup_logging
+from cp_token.settings.common import redacted
 from cp_token.settings.sidecar import SidecarSettings, load_sidecar_settings
 
 from .app import create_app, create_metrics_app

@@ -16,7 +16,7 @@ States (derived from the facts and the clock, never stored)::
     REFRESHING    --succeeded-->        FRESH;    --failed-->      STALE (token still valid)
     FRESH, STALE  --lifetime over-->    EXPIRED   --begin_fetch--> FETCHING
 
-Rules (SPIRE's rotation, the one :class:`~cp_token.backoff.Backoff`): refresh once
+Rules (SPIRE's rotation, the one :class:`~cp_token.runtime.backoff.Backoff`): refresh once
 ``refresh_fraction`` of the lifetime has passed, +-10 % jitter; after a transient failure
 retry with capped exponential backoff and full jitter (capped at 60 s while a token is held,
 at 2 s while none is), at least ``Retry-After`` (itself honoured up to 60 s, or 5 s while
@@ -38,9 +38,9 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cp_token.backoff import Backoff
 from cp_token.client import FetchedToken
-from cp_token.clock import Clock
+from cp_token.runtime.backoff import Backoff
+from cp_token.runtime.clock import Clock
 from cp_token.settings.sidecar import REFRESH_FRACTION
 
 __all__ = [

@@ -2,7 +2,7 @@
 
 "Get a token from the CP" is the client library's (:meth:`TokenSource.afetch_once`, a
 single attempt); the holder owns the backoff; this module only runs the loop, shares one
-fetch between every caller (:class:`~cp_token.singleflight.SharedCall`), writes the token
+fetch between every caller (:class:`~cp_token.runtime.singleflight.SharedCall`), writes the token
 file and removes it when the token expires unrenewed. While the CP refuses the pod it
 watches the SA token file's content, so a rotated token is tried at once.
 """
@@ -13,8 +13,8 @@ import asyncio
 import logging
 
 from cp_token.client import TokenError, TokenRejected, TokenUnavailable
-from cp_token.clock import Clock, sleep_or_wake
-from cp_token.singleflight import SharedCall
+from cp_token.runtime.clock import Clock, sleep_or_wake
+from cp_token.runtime.singleflight import SharedCall
 
 from .holder import TokenHolder
 from .metrics import SidecarMetrics

@@ -26,9 +26,10 @@ from cp_token.client._http import (
     untrusted_certificate,
 )
 from cp_token.client._retry import Retrier, RetryPolicy
-from cp_token.clock import Clock, SystemClock
+from cp_token.runtime.clock import Clock, SystemClock
+from cp_token.runtime.errors import ConfigError
 from cp_token.settings.client import TIMEOUT
-from cp_token.settings.common import ConfigError, parse_url
+from cp_token.settings.common import parse_url
 
 __all__ = ["TokenFetcher", "UpstreamSource"]
 

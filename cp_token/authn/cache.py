@@ -30,12 +30,12 @@ from cp_token.authn import DecodedReviewer, ReadyReviewer, Reviewer
 from cp_token.authn.fairness import FairSlots
 from cp_token.authn.issuer_keys import SignatureCheck
 from cp_token.authn.precheck import MAX_TOKEN_BYTES, UnverifiedJWT, precheck
-from cp_token.bounded import BoundedCache, bounded_tlru, bounded_ttl, text_bytes
-from cp_token.clock import Clock
 from cp_token.errors import InternalError, Unauthenticated, Unavailable
 from cp_token.identity import SHARED_EXTRA, Identity, token_hash
 from cp_token.metrics import NO_METRICS, ReviewMetrics
-from cp_token.singleflight import Singleflight
+from cp_token.runtime.bounded import BoundedCache, bounded_tlru, bounded_ttl, text_bytes
+from cp_token.runtime.clock import Clock
+from cp_token.runtime.singleflight import Singleflight
 
 __all__ = ["ANSWER_WITHIN", "CachedAuthenticator", "Refusal"]
 

@@ -6,7 +6,7 @@ server nothing). The keys are read from the API server's own ``/openid/v1/jwks``
 Kubernetes client only, never from a ``jwks_uri`` elsewhere, so cluster credentials go
 nowhere else.
 
-- One fetch at a time, shared by every caller (:class:`~cp_token.singleflight.SharedCall`).
+- One fetch at a time, shared by every caller (:class:`~cp_token.runtime.singleflight.SharedCall`).
 - An unknown ``kid`` triggers a re-fetch (key rotation on the API server), at most one per
   ``refetch_interval`` however many unknown kids arrive.
 - The set is re-read every ``max_age`` seconds in the background even when every kid is known.
@@ -25,10 +25,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from cp_token.authn.precheck import UnverifiedJWT, b64url_bytes
-from cp_token.clock import Clock
 from cp_token.errors import Unauthenticated
-from cp_token.kube import KubeClient, KubeError, KubeUnavailable
-from cp_token.singleflight import SharedCall
+from cp_token.kube.client import KubeClient, KubeError, KubeUnavailable
+from cp_token.runtime.clock import Clock
+from cp_token.runtime.singleflight import SharedCall
 
 __all__ = [
     "ALGORITHMS",

@@ -18,7 +18,6 @@ from typing import Any
 
 from cp_token.authn.issuer_keys import ALGORITHMS, IssuerKeys, verifies
 from cp_token.authn.precheck import UnverifiedJWT, decode_unverified, numeric_date
-from cp_token.clock import Clock
 from cp_token.errors import Unauthenticated, Unavailable
 from cp_token.identity import (
     CREDENTIAL_ID_KEY,
@@ -28,9 +27,10 @@ from cp_token.identity import (
     POD_UID_KEY,
     Identity,
 )
-from cp_token.kube import KubeClient, KubeError, KubeForbidden, KubeUnavailable
-from cp_token.objects import Cached, ObjectCache
-from cp_token.singleflight import SharedCall
+from cp_token.kube.client import KubeClient, KubeError, KubeForbidden, KubeUnavailable
+from cp_token.kube.objects import Cached, ObjectCache
+from cp_token.runtime.clock import Clock
+from cp_token.runtime.singleflight import SharedCall
 
 __all__ = ["JwksReviewer"]
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 
 from cp_token.errors import Unauthenticated
-from cp_token.filewatch import WatchedFile
 from cp_token.identity import Identity, token_hash
+from cp_token.runtime.filewatch import WatchedFile
 
 __all__ = ["StaticReviewer", "parse_identities"]
 

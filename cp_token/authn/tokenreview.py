@@ -9,7 +9,7 @@ from typing import Any
 from cp_token.authn.precheck import UnverifiedJWT, decode_unverified
 from cp_token.errors import Unauthenticated, Unavailable
 from cp_token.identity import SHARED_EXTRA, Identity
-from cp_token.kube import KubeClient, KubeForbidden, KubeUnavailable
+from cp_token.kube.client import KubeClient, KubeForbidden, KubeUnavailable
 
 __all__ = ["TokenReviewer", "identity_from_user"]
 

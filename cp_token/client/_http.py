@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from cp_token.clock import rfc3339
+from cp_token.runtime.clock import rfc3339
 
 from ._errors import TokenError, TokenRejected, TokenUnavailable
 from ._retry import parse_retry_after

@@ -1,5 +1,5 @@
 """Retries the stamina way: named transient errors only, capped exponential backoff with
-full jitter (the one :class:`~cp_token.backoff.Backoff`), ``Retry-After`` honoured, and a
+full jitter (the one :class:`~cp_token.runtime.backoff.Backoff`), ``Retry-After`` honoured, and a
 total deadline that no wait may overrun.
 
 Waits go through an injected sleep (the clock's), so tests with a fake clock are instant.
@@ -11,8 +11,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from cp_token.backoff import Backoff, parse_retry_after
-from cp_token.clock import Clock
+from cp_token.runtime.backoff import Backoff, parse_retry_after
+from cp_token.runtime.clock import Clock
 
 from ._errors import TokenUnavailable
 

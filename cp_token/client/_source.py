@@ -25,15 +25,16 @@ from typing import Any, Literal, TypedDict, Unpack
 
 import httpx
 
-from cp_token.clock import Clock, SystemClock
+from cp_token.runtime.clock import Clock, SystemClock
+from cp_token.runtime.errors import ConfigError
+from cp_token.runtime.singleflight import SharedCall
 from cp_token.settings.client import (
     DEFAULT_SA_TOKEN_FILE,
     TIMEOUT,
     ClientSettings,
     load_client_settings,
 )
-from cp_token.settings.common import ConfigError, parse_url
-from cp_token.singleflight import SharedCall
+from cp_token.settings.common import parse_url
 
 from ._errors import TokenError, TokenRejected
 from ._http import (

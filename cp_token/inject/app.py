@@ -23,9 +23,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from cp_token.bodies import read_body
 from cp_token.errors import CPTokenError, MethodNotAllowed, error_response
-from cp_token.health import Readiness, probe_app
+from cp_token.http.bodies import read_body
+from cp_token.http.health import Readiness, probe_app
 from cp_token.inject.errors import InvalidReview
 from cp_token.inject.metrics import InjectMetrics
 from cp_token.inject.patch import Decision, decide

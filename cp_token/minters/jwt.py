@@ -21,11 +21,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from joserfc.jwk import ECKey, RSAKey
 
-from cp_token.clock import Clock
 from cp_token.errors import Unavailable
 from cp_token.identity import Identity, session_id_of
 from cp_token.minters import DEFAULT_OPTIONS, IssuedToken, MintOptions
 from cp_token.minters.signer import JwsSigner
+from cp_token.runtime.clock import Clock
 
 __all__ = ["JwtMinter", "KeyRing", "load_keyring", "session_id_of"]
 

@@ -7,7 +7,7 @@ token with less than ``CP_TOKEN_MIN_TTL`` left. Every session receives the same 
 minter has no per-session scope and no per-pod revocation (the ``jwt`` minter has).
 
 While the IdP fails, every call to it (a request's or the refresher's) is paced by one
-:class:`~cp_token.backoff.Pacer`: a request finding no usable token during the backoff gets
+:class:`~cp_token.runtime.backoff.Pacer`: a request finding no usable token during the backoff gets
 503 with ``Retry-After`` at once, from that state. Tokens that live less than
 ``CP_TOKEN_MIN_TTL`` count as a failure (logged once). A request waits for a call in flight
 at most :data:`REQUEST_WAIT` seconds. Readiness (:attr:`OidcMinter.problem`) turns off only
@@ -30,13 +30,13 @@ from typing import Any
 import httpx
 
 from cp_token.authn.precheck import decode_unverified
-from cp_token.backoff import Backoff, Pacer, parse_retry_after
-from cp_token.clock import MAX_SECONDS, Clock, sleep_or_wake
 from cp_token.errors import Unauthenticated, Unavailable
 from cp_token.identity import Identity
 from cp_token.metrics import NO_METRICS, IdPMetrics
 from cp_token.minters import DEFAULT_OPTIONS, IssuedToken, MintOptions
-from cp_token.singleflight import SharedCall
+from cp_token.runtime.backoff import Backoff, Pacer, parse_retry_after
+from cp_token.runtime.clock import MAX_SECONDS, Clock, sleep_or_wake
+from cp_token.runtime.singleflight import SharedCall
 
 __all__ = ["IDP_BACKOFF", "REQUEST_WAIT", "IdPError", "IdPMetrics", "OidcMinter", "UpstreamToken"]
 

@@ -12,11 +12,11 @@ import functools
 import logging
 
 from cp_token.authn.precheck import decode_unverified
-from cp_token.clock import Clock, SystemClock
 from cp_token.errors import Unauthenticated, Unavailable
-from cp_token.filewatch import WatchedFile
 from cp_token.identity import Identity, token_hash
 from cp_token.minters import DEFAULT_OPTIONS, IssuedToken, MintOptions
+from cp_token.runtime.clock import Clock, SystemClock
+from cp_token.runtime.filewatch import WatchedFile
 
 __all__ = ["StaticMinter", "parse_static_token"]
 

@@ -15,7 +15,8 @@ from dataclasses import fields
 from typing import Any
 from urllib.parse import urlsplit
 
-from cp_token.clock import MAX_SECONDS
+from cp_token.runtime.clock import MAX_SECONDS
+from cp_token.runtime.errors import ConfigError
 
 __all__ = [
     "ALL_INTERFACES",
@@ -26,7 +27,6 @@ __all__ = [
     "LOG_LEVEL",
     "LOG_LEVELS",
     "SECRET_FIELDS",
-    "ConfigError",
     "Env",
     "check_readable",
     "choice",
@@ -54,15 +54,6 @@ CP_AUDIENCE = "ambient-cp"
 DEFAULT_MAX_CONNECTIONS = 4096
 # Fields that never appear in a log line, whichever component's settings they belong to.
 SECRET_FIELDS = frozenset({"oidc_client_secret", "static_token", "bot_token"})
-
-
-class ConfigError(Exception):
-    """A configuration mistake: names the variable and the problem in one line."""
-
-    def __init__(self, variable: str, problem: str) -> None:
-        super().__init__(f"{variable}: {problem}")
-        self.variable = variable
-        self.problem = problem
 
 
 # --- parsers: (variable name, text) -> value, or ConfigError naming the variable -------------

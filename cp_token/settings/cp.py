@@ -14,13 +14,14 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from cp_token.runtime.errors import ConfigError
+
 from .common import (
     ALL_INTERFACES,
     CP_AUDIENCE,
     DEFAULT_MAX_CONNECTIONS,
     LOG_FORMAT,
     LOG_LEVEL,
-    ConfigError,
     Env,
     check_readable,
     parse_list,

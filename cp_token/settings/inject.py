@@ -13,12 +13,13 @@ import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from cp_token.runtime.errors import ConfigError
+
 from .common import (
     ALL_INTERFACES,
     CP_AUDIENCE,
     LOG_FORMAT,
     LOG_LEVEL,
-    ConfigError,
     Env,
     check_readable,
     parse_url,

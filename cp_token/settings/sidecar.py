@@ -11,16 +11,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from cp_token.runtime.errors import ConfigError
+
 from .client import DEFAULT_SA_TOKEN_FILE, TIMEOUT, upstream_fields
-from .common import (
-    LOG_FORMAT,
-    LOG_LEVEL,
-    ConfigError,
-    Env,
-    is_loopback_host,
-    parse_addr,
-    parse_url,
-)
+from .common import LOG_FORMAT, LOG_LEVEL, Env, is_loopback_host, parse_addr, parse_url
 
 __all__ = [
     "LISTEN_ADDR",

@@ -24,7 +24,7 @@ import trustme
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from cp_token.processes import Proc, free_port
+from cp_token.runtime.processes import Proc, free_port
 
 __all__ = ["ISSUER", "Cluster", "ClusterError", "build_tools"]
 

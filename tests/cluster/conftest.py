@@ -18,7 +18,7 @@ import trustme
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from cp_token.processes import free_port
+from cp_token.runtime.processes import free_port
 
 from .cluster import ROOT, Cluster, build_tools
 from .session import CONTROL_PLANE, CP_NAMESPACE, CpServer, Injector

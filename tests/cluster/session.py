@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import trustme
 
-from cp_token.processes import Proc, free_port
+from cp_token.runtime.processes import Proc, free_port
 
 from .cluster import ROOT, Cluster
 

@@ -24,7 +24,7 @@ from google.auth.transport.urllib3 import Request as GoogleRequest
 from joserfc import jwt
 from joserfc.jwk import KeySet
 
-from cp_token.processes import Proc, clean_env, free_port
+from cp_token.runtime.processes import Proc, clean_env, free_port
 
 from .cluster import ROOT, Cluster
 from .session import CP_AUDIENCE, CpServer, Injector, Session, make_session, sidecar_env

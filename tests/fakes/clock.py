@@ -1,15 +1,15 @@
 """A fake clock whose ``sleep`` ends only when the test moves time past it.
 
-:class:`cp_token.clock.FakeClock` advances itself on ``sleep``, so a background loop on it runs
-ahead of the test; on :class:`SteppedClock` the test owns time: background loops and requests
-then share one timeline that moves only by ``advance``.
+:class:`cp_token.runtime.clock.FakeClock` advances itself on ``sleep``, so a background loop
+on it runs ahead of the test; on :class:`SteppedClock` the test owns time: background loops
+and requests then share one timeline that moves only by ``advance``.
 """
 
 from __future__ import annotations
 
 import asyncio
 
-from cp_token.clock import FakeClock
+from cp_token.runtime.clock import FakeClock
 
 __all__ = ["SteppedClock"]
 

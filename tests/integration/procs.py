@@ -1,6 +1,6 @@
 """Start the product's commands as real processes on loopback; stop them by pid.
 
-The helpers are :mod:`cp_token.processes` (shared with ``cp-token dev`` and the benches);
+The helpers are :mod:`cp_token.runtime.processes` (shared with ``cp-token dev`` and the benches);
 this module adds the repository root and the commands the tests start.
 """
 
@@ -12,8 +12,8 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from cp_token import processes
-from cp_token.processes import clean_env, free_port
+from cp_token.runtime import processes
+from cp_token.runtime.processes import clean_env, free_port
 
 __all__ = [
     "ROOT",

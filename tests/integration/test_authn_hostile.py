@@ -21,9 +21,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cp_token.authn.cache import CachedAuthenticator
-from cp_token.clock import FakeClock
-from cp_token.config import load_settings
-from cp_token.service import build_service
+from cp_token.runtime.clock import FakeClock
+from cp_token.settings.cp import load_settings
+from cp_token.wiring import build_service
 from tests.fakes.fixtures import (
     MANAGED_BY_LABEL,
     SESSION_NS,

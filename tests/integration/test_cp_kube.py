@@ -15,9 +15,9 @@ from typing import Any
 import httpx
 import pytest
 
-from cp_token.clock import FakeClock
-from cp_token.config import load_settings
-from cp_token.service import Service, build_service
+from cp_token.runtime.clock import FakeClock
+from cp_token.settings.cp import load_settings
+from cp_token.wiring import Service, build_service
 from tests.fakes.fixtures import SESSION_NS, SESSION_POD, SESSION_SA
 from tests.fakes.kube_apiserver import FakeKubeAPIServer
 

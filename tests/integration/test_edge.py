@@ -17,8 +17,8 @@ import pytest
 import trustme
 from starlette.types import Receive, Scope, Send
 
-from cp_token.edge import EdgeLimits, EdgeListener, HttpImplementation, absolute_form
-from cp_token.serving import bind_listener, edge_server
+from cp_token.http.edge import EdgeLimits, EdgeListener, HttpImplementation, absolute_form
+from cp_token.http.serving import bind_listener, edge_server
 
 IMPLEMENTATIONS: list[HttpImplementation] = ["httptools", "h11"]
 REQUEST = b"GET /x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"

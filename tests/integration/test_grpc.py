@@ -16,8 +16,8 @@ from cp_token.client import (
     grpc_channel_credentials,
     grpc_credentials,
 )
-from cp_token.clock import FakeClock
-from tests.unit.client_fakes import Script, ok, options, refused
+from cp_token.runtime.clock import FakeClock
+from tests.fakes.client import Script, ok, options, refused
 
 METHOD = "/cp.test.Echo/WhoAmI"
 

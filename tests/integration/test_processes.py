@@ -1,4 +1,4 @@
-"""`cp_token.processes`, the helpers `cp-token dev`, the tests and the benches share: real
+"""`cp_token.runtime.processes`, the helpers `cp-token dev`, the tests and the benches share: real
 child processes on loopback, always stopped by pid."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cp_token.processes import Proc, ProcessFailed, clean_env, free_port, stop_all
+from cp_token.runtime.processes import Proc, ProcessFailed, clean_env, free_port, stop_all
 
 SERVE = "import http.server as s; s.test(s.SimpleHTTPRequestHandler, port={port}, bind='127.0.0.1')"
 # Ignores SIGTERM, says so once it is set up, then waits to be killed.

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 import pytest
 from starlette.applications import Starlette
 
-from cp_token.serving import EdgeServer, ServerGroup, bind_listener, edge_server
+from cp_token.http.serving import EdgeServer, ServerGroup, bind_listener, edge_server
 
 
 class Lifespan:

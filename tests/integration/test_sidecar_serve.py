@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from cp_token.client import TokenSource
-from cp_token.config import SidecarSettings
+from cp_token.settings.sidecar import SidecarSettings
 from sidecar.cli import serve
 from tests.integration.procs import free_port
 

@@ -16,12 +16,12 @@ from joserfc.jwk import KeySet
 
 from cp_token.app import create_app
 from cp_token.authn.cache import CachedAuthenticator
-from cp_token.clock import FakeClock
 from cp_token.errors import Unauthenticated, Unavailable
 from cp_token.identity import POD_NAME_KEY, POD_UID_KEY, Identity, token_hash
 from cp_token.minters.jwt import JwtMinter
 from cp_token.policy import RunnerPolicy
 from cp_token.ratelimit import RateLimiter
+from cp_token.runtime.clock import FakeClock
 
 RUNNER = "system:serviceaccount:session-a:session-abc-sa"
 BOUND = {POD_NAME_KEY: ("runner-abc",), POD_UID_KEY: ("uid-1",)}

@@ -19,11 +19,11 @@ from hypothesis import strategies as st
 from cp_token.authn.cache import CachedAuthenticator, Refusal
 from cp_token.authn.fairness import FairSlots
 from cp_token.authn.precheck import MAX_TOKEN_BYTES, decode_unverified, precheck
-from cp_token.bounded import bounded_ttl
-from cp_token.clock import FakeClock
 from cp_token.errors import Forbidden, Unauthenticated, Unavailable
 from cp_token.identity import POD_NAME_KEY, POD_UID_KEY, Identity
 from cp_token.policy import RunnerPolicy, glob_match
+from cp_token.runtime.bounded import bounded_ttl
+from cp_token.runtime.clock import FakeClock
 from tests.unit.test_app import DictReviewer, build
 
 NOW = 1_800_000_000.0

@@ -18,16 +18,16 @@ from hypothesis import strategies as st
 from cp_token.app import create_app, create_metrics_app, token_body
 from cp_token.authn.cache import CachedAuthenticator
 from cp_token.authn.precheck import b64url_bytes
-from cp_token.bounded import BoundedCache, bounded_ttl
-from cp_token.clock import FakeClock
 from cp_token.errors import RateLimited
 from cp_token.identity import POD_NAME_KEY, POD_UID_KEY, Identity
-from cp_token.logs import AUDIT_FIELDS, JsonFormatter, audit, audit_json
 from cp_token.metrics import NO_METRICS, Metrics
 from cp_token.minters import IssuedToken, MintOptions
 from cp_token.minters.jwt import JwtMinter, new_jti
 from cp_token.policy import RunnerPolicy
 from cp_token.ratelimit import RateLimiter
+from cp_token.runtime.bounded import BoundedCache, bounded_ttl
+from cp_token.runtime.clock import FakeClock
+from cp_token.runtime.logs import AUDIT_FIELDS, JsonFormatter, audit, audit_json
 
 RUNNER = "system:serviceaccount:session-a:session-abc-sa"
 BOUND = {POD_NAME_KEY: ("runner-abc",), POD_UID_KEY: ("uid-1",)}

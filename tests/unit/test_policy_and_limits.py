@@ -9,11 +9,11 @@ import pytest
 
 from cp_token.app import parse_bearer, rfc3339
 from cp_token.authn.precheck import precheck
-from cp_token.clock import FakeClock
 from cp_token.errors import Forbidden, RateLimited, Unauthenticated
 from cp_token.identity import POD_NAME_KEY, POD_UID_KEY, Identity
 from cp_token.policy import RunnerPolicy
 from cp_token.ratelimit import RateLimiter
+from cp_token.runtime.clock import FakeClock
 
 BOUND = {POD_NAME_KEY: ("runner",), POD_UID_KEY: ("uid-1",)}
 MANAGED = ("ambient-code.io/managed-by", "ambient-control-plane")

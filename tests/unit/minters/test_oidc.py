@@ -1,0 +1,288 @@
+"""The oidc minter while the IdP misbehaves: one backoff paces every call (requests and the
+refresher alike), short-lived upstream tokens cause no hot loop, a mid-run invalid_client
+leaves readiness alone, a slow IdP gives a prompt 503, a garbage 200 counts as a failure."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from cp_token.errors import Unavailable
+from cp_token.identity import Identity
+from cp_token.minters.oidc import IDP_BACKOFF, OidcMinter
+from cp_token.runtime.clock import FakeClock
+from tests.fakes.clock import SteppedClock
+from tests.fakes.idp import FakeIdP
+
+WHO = Identity("system:serviceaccount:ns:session-1-sa")
+SEED = 4
+
+
+class RecordingMetrics:
+    """The minter's metrics, kept in lists."""
+
+    def __init__(self) -> None:
+        self.results: list[str] = []
+        self.up: list[bool] = []
+
+    def idp_call(self, result: str, seconds: float) -> None:
+        self.results.append(result)
+
+    def dependency(self, name: str, up: bool) -> None:
+        assert name == "idp"
+        self.up.append(up)
+
+
+def minter(
+    clock: FakeClock, idp: FakeIdP | None = None, min_ttl: float = 300, **kw: object
+) -> OidcMinter:
+    return OidcMinter(
+        token_url=idp.token_url if idp else "https://idp.example/oauth/token",
+        client_id=idp.client_id if idp else "cp-token",
+        client_secret=lambda: idp.client_secret if idp else "s3cret",
+        min_ttl=min_ttl,
+        clock=clock,
+        rng=random.Random(SEED),
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def calls_allowed_within(seconds: float) -> int:
+    """How many calls the shared backoff (same seed) allows in ``seconds`` of failures."""
+    rand = random.Random(SEED).random
+    elapsed = 0.0
+    for n in itertools.count(1):
+        elapsed += IDP_BACKOFF.delay(n, rand)
+        if elapsed > seconds:
+            return n  # the first call, then one after each delay that fits
+    raise AssertionError("unreachable")
+
+
+async def until(predicate: Callable[[], bool], what: str, deadline: float = 10.0) -> None:
+    """Let the loop (and the IdP's thread) run until ``predicate()``, bounded in real time."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline
+    while not predicate():
+        if loop.time() > end:
+            raise AssertionError(f"not within {deadline}s: {what}")
+        await asyncio.sleep(0.005)
+
+
+async def test_idp_down_calls_are_paced_by_one_backoff_whatever_the_load(idp: FakeIdP) -> None:
+    clock = SteppedClock()
+    m = minter(clock, idp)
+    idp.fail("500")
+    refresher = asyncio.create_task(m.run())
+    outcomes: list[object] = []
+    try:
+        for _ in range(280):  # 28 s, 20 requests every 100 ms, the refresher running too
+            clock.advance(0.1)
+            batch = await asyncio.gather(*(m.mint(WHO) for _ in range(20)), return_exceptions=True)
+            outcomes.extend(batch)
+    finally:
+        refresher.cancel()
+        await m.aclose()
+    assert len(outcomes) == 5600
+    assert all(isinstance(r, Unavailable) and r.reason == "idp_unavailable" for r in outcomes)
+    allowed = calls_allowed_within(28)
+    # before: every request that found no usable token started a call (143-166 in 28 s)
+    assert allowed - 1 <= idp.calls() <= allowed
+    assert allowed <= 12
+    waits = {r.headers()["Retry-After"] for r in outcomes if isinstance(r, Unavailable)}
+    assert all(1 <= int(w) <= 30 for w in waits) and len(waits) > 3
+
+
+async def test_during_the_backoff_a_request_gets_503_at_once_from_the_state(
+    idp: FakeIdP,
+) -> None:
+    clock = FakeClock()
+    m = minter(clock, idp)
+    idp.fail("500")
+    try:
+        with pytest.raises(Unavailable):
+            await m.mint(WHO)
+        assert idp.calls() == 1
+        wait = m.next_refresh_in()
+        assert 0.5 <= wait <= 1.0
+        for _ in range(100):
+            with pytest.raises(Unavailable) as info:
+                await m.mint(WHO)
+            assert info.value.headers() == {"Retry-After": "1"}
+        assert idp.calls() == 1  # no IdP call for any of them
+        clock.advance(wait)
+        idp.fail(None)
+        assert idp.is_issued((await m.mint(WHO)).token)
+        assert idp.calls() == 2
+    finally:
+        await m.aclose()
+
+
+async def test_short_lived_idp_tokens_cause_no_hot_loop_and_one_log_line(
+    idp: FakeIdP, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="cp_token.minters.oidc")
+    idp.set_expires_in(200)  # shorter than CP_TOKEN_MIN_TTL
+    clock = FakeClock()  # the refresher's sleeps move this clock: it runs as fast as it can
+    m = minter(clock, idp, min_ttl=300)
+    start = clock.monotonic()
+    refresher = asyncio.create_task(m.run())
+    try:
+        await until(lambda: clock.monotonic() >= start + 60, "a fake minute")
+        refresher.cancel()
+        elapsed = clock.monotonic() - start  # the refresher may have run a little past 60 s
+        await until(lambda: not m.calling, "the last call to end")
+        calls = idp.calls()
+        # before: the refresher looped with no wait (about 23 calls per real second)
+        assert calls <= calls_allowed_within(elapsed + 1e-6)
+        assert calls >= 3  # it does keep trying
+        for _ in range(50):
+            with pytest.raises(Unavailable) as info:
+                await m.mint(WHO)
+            assert info.value.reason == "idp_short_lived"
+        assert idp.calls() <= calls + 1  # not one call per request
+    finally:
+        refresher.cancel()
+        await m.aclose()
+    lines = [r for r in caplog.records if "CP_TOKEN_MIN_TTL" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelno == logging.ERROR
+    assert not any(tok in caplog.text for tok in idp.issued_tokens)
+
+
+async def test_invalid_client_mid_run_keeps_readiness_and_the_cached_token(
+    idp: FakeIdP, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = SteppedClock()
+    metrics = RecordingMetrics()
+    m = minter(clock, idp, metrics=metrics)
+    refresher = asyncio.create_task(m.run())
+    try:
+        await until(lambda: metrics.results == ["200"], "the first token")
+        first = await m.mint(WHO)
+        idp.fail("invalid_client")
+        await until(lambda: clock.sleepers > 0, "the refresher asleep until the refresh")
+        clock.advance(1650)  # the background refresh is due
+        await until(lambda: len(metrics.results) == 2, "the refresh")
+        assert metrics.results == ["200", "401"] and metrics.up == [True, False]
+        assert m.problem is None  # readiness unchanged: not a misconfiguration at start
+        assert (await m.mint(WHO)).token == first.token  # still qualifies: served
+        errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(errors) == 1 and "invalid_client" in errors[0].getMessage()
+        clock.advance(3600 - 1650 - 299)  # 299 s left: no longer qualifies
+        with pytest.raises(Unavailable) as info:
+            await m.mint(WHO)
+        assert info.value.reason == "idp_rejected"
+        assert m.problem is None
+    finally:
+        refresher.cancel()
+        await m.aclose()
+
+
+async def test_a_new_secret_is_tried_at_once_whatever_the_backoff(idp: FakeIdP) -> None:
+    clock = FakeClock()
+    secret = ["wrong"]
+    m = OidcMinter(
+        token_url=idp.token_url,
+        client_id=idp.client_id,
+        client_secret=lambda: secret[0],
+        min_ttl=300,
+        clock=clock,
+        rng=random.Random(SEED),
+    )
+    try:
+        for _ in range(5):
+            clock.advance(m.next_refresh_in())
+            with pytest.raises(Unavailable):
+                await m.mint(WHO)
+        assert m.problem is not None and "invalid_client" in m.problem
+        assert m.next_refresh_in() > 0
+        secret[0] = idp.client_secret
+        m.credentials_changed()
+        assert m.next_refresh_in() == 0
+        assert idp.is_issued((await m.mint(WHO)).token)
+        assert m.problem is None
+    finally:
+        await m.aclose()
+
+
+async def test_a_slow_idp_gives_a_503_promptly_and_the_call_goes_on(idp: FakeIdP) -> None:
+    idp.fail("hang")
+    m = minter(FakeClock(), idp, request_wait=0.3)
+    loop = asyncio.get_running_loop()
+    try:
+        started = loop.time()
+        with pytest.raises(Unavailable) as info:
+            await m.mint(WHO)
+        assert 0.3 <= loop.time() - started < 3
+        assert info.value.reason == "idp_timeout"
+        assert info.value.headers() == {"Retry-After": "1"}
+        idp.fail(None)  # the held call is answered now, for whoever waits next
+        token = None
+        while token is None:
+            assert loop.time() - started < 10
+            try:
+                token = (await m.mint(WHO)).token
+            except Unavailable as exc:
+                assert exc.reason == "idp_timeout"
+        assert idp.is_issued(token)
+        assert idp.calls() == 1  # the slow call served everyone: no second one
+    finally:
+        await m.aclose()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"<html>maintenance</html>",
+        b'{"token_type": "Bearer"}',
+        b'{"access_token": 5, "expires_in": 3600}',
+        b'{"access_token": "", "expires_in": 3600}',
+        b'{"access_token": "x", "expires_in": "soon"}',
+        b'{"access_token": "x", "expires_in": 1e999}',
+        b'{"access_token": "x", "expires_in": NaN}',
+    ],
+    ids=["html", "no-token", "number", "empty", "words", "infinite", "nan"],
+)
+async def test_a_garbage_200_is_a_failed_call_in_the_metric(body: bytes) -> None:
+    metrics = RecordingMetrics()
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, content=body))
+    m = minter(FakeClock(), transport=transport, metrics=metrics)
+    try:
+        with pytest.raises(Unavailable) as info:
+            await m.mint(WHO)
+        assert info.value.reason == "idp_unavailable"
+        assert metrics.results == ["bad_answer"] and metrics.up == [False]
+    finally:
+        await m.aclose()
+
+
+async def test_the_idps_retry_after_is_a_minimum_of_the_backoff() -> None:
+    answers = 0
+
+    def busy(request: httpx.Request) -> httpx.Response:
+        nonlocal answers
+        answers += 1
+        return httpx.Response(
+            503, json={"error": "temporarily_unavailable"}, headers={"Retry-After": "20"}
+        )
+
+    clock = FakeClock()
+    m = minter(clock, transport=httpx.MockTransport(busy))
+    try:
+        with pytest.raises(Unavailable):
+            await m.mint(WHO)
+        clock.advance(19.5)
+        with pytest.raises(Unavailable) as info:
+            await m.mint(WHO)
+        assert info.value.headers() == {"Retry-After": "1"} and answers == 1
+        clock.advance(0.5)
+        with pytest.raises(Unavailable):
+            await m.mint(WHO)
+        assert answers == 2
+    finally:
+        await m.aclose()

@@ -1,0 +1,297 @@
+"""The sidecar's HTTP contract over ASGI, with a scripted CP and a fake clock."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import pytest
+
+from cp_token.client import TokenRejected, TokenSource, TokenUnavailable
+from sidecar.app import create_metrics_app
+from tests.fakes.client import Script, ok, refused, unavailable
+from tests.fakes.sidecar_rig import HEADER, Rig
+
+# --- the request guard ------------------------------------------------------------------------
+
+
+async def test_the_header_is_required(tmp_path: Path) -> None:
+    rig = Rig(Script(ok("t1")), tmp_path)
+    for headers in ({}, {"Ambient-Token-Request": "false"}, {"Ambient-Token-Request": ""}):
+        response = await rig.client.get("/token", headers=headers)
+        assert response.status_code == 403
+        assert response.json()["error"] == "access_denied"
+        assert "Ambient-Token-Request" in response.json()["error_description"]
+    assert rig.cp.count == 0  # refused before any fetch
+
+
+@pytest.mark.parametrize(
+    ("header", "value", "fragment"),
+    [
+        ("Origin", "http://evil.example", "Origin"),
+        ("Origin", "null", "Origin"),
+        ("X-Forwarded-For", "10.0.0.1", "X-Forwarded-For"),
+        ("Host", "evil.example", "loopback"),
+        ("Host", "127.0.0.1.nip.io:8099", "loopback"),
+        ("Host", "10.1.2.3:8099", "loopback"),
+    ],
+)
+async def test_browser_proxy_and_rebinding_requests_are_refused(
+    tmp_path: Path, header: str, value: str, fragment: str
+) -> None:
+    rig = Rig(Script(ok("t1")), tmp_path)
+    for method in (rig.get, rig.post):
+        response = await method(headers={header: value})
+        assert response.status_code == 403
+        assert fragment in response.json()["error_description"]
+    assert rig.cp.count == 0
+
+
+@pytest.mark.parametrize("host", ["localhost", "localhost:8099", "127.0.0.5:1", "[::1]:8099"])
+async def test_loopback_hosts_are_accepted(tmp_path: Path, host: str) -> None:
+    rig = Rig(Script(ok("t1")), tmp_path)
+    response = await rig.get(headers={"Host": host})
+    assert response.status_code == 200
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"])
+async def test_other_methods_get_405(tmp_path: Path, method: str) -> None:
+    rig = Rig(Script(ok("t1")), tmp_path)
+    response = await rig.client.request(method, "/token", headers=HEADER)
+    assert response.status_code == 405
+    assert response.headers["Allow"] == "GET, POST"
+    assert rig.cp.count == 0
+
+
+async def test_probes_need_no_header(tmp_path: Path) -> None:
+    rig = Rig(Script(ok("tok-secret-xyz")), tmp_path)
+    assert (await rig.client.get("/healthz")).text == "ok"
+    not_ready = await rig.client.get("/readyz")
+    assert not_ready.status_code == 503
+    await rig.get()
+    assert (await rig.client.get("/readyz")).status_code == 200
+    metrics = await rig.client.get("/metrics")
+    assert metrics.status_code == 200
+    assert "\ncp_token_sidecar_ready 1.0" in metrics.text
+    assert "tok-secret-xyz" not in metrics.text
+
+
+# --- GET ------------------------------------------------------------------------------------
+
+
+async def test_get_serves_the_cp_json_with_an_honest_expires_in(tmp_path: Path) -> None:
+    rig = Rig(Script(ok("t1", 900)), tmp_path)
+    first = await rig.get()
+    assert first.status_code == 200
+    assert first.headers["Cache-Control"] == "no-store"
+    assert first.headers["Content-Type"] == "application/json"
+    assert first.json() == {
+        "token": "t1",
+        "token_type": "Bearer",
+        "expires_at": "2027-01-15T08:15:00Z",
+        "expires_in": 900,
+    }
+    rig.clock.advance(100.6)
+    assert (await rig.get()).json()["expires_in"] == 799  # floored: never overstated
+    assert rig.cp.count == 1
+    assert rig.cp.requests[0].headers["Authorization"] == "Bearer sa-token"
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "nan", "inf", "1e9", ""])
+async def test_bad_min_ttl_is_a_400_with_the_reason(tmp_path: Path, value: str) -> None:
+    rig = Rig(Script(ok("t1")), tmp_path)
+    response = await rig.get(params={"min_ttl": value})
+    assert response.status_code == 400
+    assert response.json()["error"] == "invalid_request"
+    assert "min_ttl" in response.json()["error_description"]
+
+
+async def test_min_ttl_is_percent_decoded_and_given_once(tmp_path: Path) -> None:
+    rig = Rig(Script(ok("t1", 900), ok("t2", 900)), tmp_path)
+    await rig.get()
+    rig.clock.advance(400)  # 500 s left
+    encoded = await rig.get(path="/token?min%5Fttl=%36%30%30")  # min_ttl=600
+    assert encoded.status_code == 200 and encoded.json()["token"] == "t2"
+    twice = await rig.get(path="/token?min_ttl=99999&min_ttl=1")
+    assert twice.status_code == 400
+    assert "more than once" in twice.json()["error_description"]
+    assert rig.cp.count == 2
+
+
+async def test_min_ttl_fetches_first_when_needed(tmp_path: Path) -> None:
+    rig = Rig(Script(ok("t1", 900), ok("t2", 900)), tmp_path)
+    await rig.get()
+    rig.clock.advance(400)  # 500 s left
+    assert (await rig.get(params={"min_ttl": "100"})).json()["token"] == "t1"
+    assert rig.cp.count == 1
+    fresh = await rig.get(params={"min_ttl": "600"})
+    assert fresh.json()["token"] == "t2"
+    assert fresh.json()["expires_in"] == 900
+    assert rig.cp.count == 2
+
+
+async def test_default_min_ttl_is_sidecar_min_ttl(tmp_path: Path) -> None:
+    rig = Rig(Script(ok("t1", 900), ok("t2", 900)), tmp_path)
+    await rig.get()
+    rig.clock.advance(839)  # 61 s left
+    assert (await rig.get()).json()["token"] == "t1"
+    rig.clock.advance(2)  # 59 s left: below SIDECAR_MIN_TTL (60)
+    assert (await rig.get()).json()["token"] == "t2"
+
+
+async def test_if_the_min_ttl_fetch_fails_the_held_token_is_served(tmp_path: Path) -> None:
+    rig = Rig(Script(ok("t1", 900), unavailable()), tmp_path)
+    await rig.get()
+    rig.clock.advance(880)
+    response = await rig.get(params={"min_ttl": "300"})
+    assert response.status_code == 200
+    assert response.json()["token"] == "t1"
+    assert response.json()["expires_in"] == 20
+    assert rig.cp.count == 2
+
+
+async def test_concurrent_cold_start_gets_share_one_fetch(tmp_path: Path) -> None:
+    cp = Script(ok("t1"))
+    cp.gate = asyncio.Event()
+    rig = Rig(cp, tmp_path)
+    requests = [asyncio.create_task(rig.get()) for _ in range(25)]
+    for _ in range(20):
+        await asyncio.sleep(0)
+    cp.gate.set()
+    responses = await asyncio.gather(*requests)
+    assert {r.json()["token"] for r in responses} == {"t1"}
+    assert cp.count == 1
+
+
+# --- POST -----------------------------------------------------------------------------------
+
+
+async def test_post_forces_a_fresh_token_but_not_within_5_seconds(tmp_path: Path) -> None:
+    rig = Rig(Script(ok("t1"), ok("t2"), ok("t3")), tmp_path)
+    await rig.get()
+    rig.clock.advance(4)
+    assert (await rig.post()).json()["token"] == "t1"  # fetched 4 s ago: held token
+    assert rig.cp.count == 1
+    rig.clock.advance(1)
+    assert (await rig.post()).json()["token"] == "t2"
+    assert rig.cp.count == 2
+
+
+async def test_concurrent_posts_share_one_fetch(tmp_path: Path) -> None:
+    cp = Script(ok("t1"), ok("t2"))
+    rig = Rig(cp, tmp_path)
+    await rig.get()
+    rig.clock.advance(10)
+    cp.gate = asyncio.Event()
+    posts = [asyncio.create_task(rig.post()) for _ in range(10)]
+    gets = [asyncio.create_task(rig.get(params={"min_ttl": "895"})) for _ in range(10)]
+    for _ in range(20):
+        await asyncio.sleep(0)
+    cp.gate.set()
+    responses = await asyncio.gather(*posts, *gets)
+    assert {r.json()["token"] for r in responses} == {"t2"}
+    assert cp.count == 2
+
+
+async def test_a_refusal_while_holding_a_token_keeps_serving_it(tmp_path: Path) -> None:
+    rig = Rig(Script(ok("t1"), refused(403, "no longer a runner")), tmp_path)
+    await rig.get()
+    rig.clock.advance(6)
+    response = await rig.post()
+    assert response.status_code == 200
+    assert response.json()["token"] == "t1"
+
+
+# --- nothing held ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("status", "error"), [(401, "invalid_token"), (403, "access_denied")])
+async def test_cp_refusals_are_relayed_while_nothing_is_held(
+    tmp_path: Path, status: int, error: str
+) -> None:
+    rig = Rig(Script(refused(status, "serviceaccount default is not a session runner")), tmp_path)
+    response = await rig.get()
+    assert response.status_code == status
+    assert response.json() == {
+        "error": error,
+        "error_description": "serviceaccount default is not a session runner",
+    }
+    assert (await rig.get()).status_code == status  # still relayed, without a new fetch
+    assert rig.cp.count == 1
+
+
+async def test_a_client_through_the_sidecar_raises_token_rejected(tmp_path: Path) -> None:
+    rig = Rig(Script(refused(403, "namespace is not managed")), tmp_path)
+    client = TokenSource(
+        sidecar_url="http://127.0.0.1:8099/token",
+        clock=rig.clock,
+        async_transport=httpx.ASGITransport(app=rig.app),
+    )
+    with pytest.raises(TokenRejected) as err:
+        await client.atoken()
+    assert err.value.status == 403
+    assert err.value.description == "namespace is not managed"
+
+
+async def test_503_with_retry_after_when_nothing_is_held_and_the_cp_is_down(
+    tmp_path: Path,
+) -> None:
+    rig = Rig(Script(unavailable(503, retry_after="4")), tmp_path)
+    response = await rig.get()
+    assert response.status_code == 503
+    assert response.json()["error"] == "temporarily_unavailable"
+    assert "no unexpired token" in response.json()["error_description"]
+    assert int(response.headers["Retry-After"]) >= 4
+    again = await rig.get()  # backing off: no new fetch, same answer
+    assert again.status_code == 503
+    assert rig.cp.count == 1
+
+
+async def test_an_absurd_retry_after_does_not_leave_the_pod_dark(tmp_path: Path) -> None:
+    rig = Rig(Script(unavailable(503, retry_after="100000"), ok("t1")), tmp_path)
+    response = await rig.get()
+    assert response.status_code == 503
+    assert int(response.headers["Retry-After"]) <= 5  # not 100000
+    rig.clock.advance(5)
+    recovered = await rig.get()  # the CP is back: the next request gets a token
+    assert recovered.status_code == 200 and recovered.json()["token"] == "t1"
+
+
+async def test_an_expired_token_is_never_served(tmp_path: Path) -> None:
+    rig = Rig(Script(ok("t1", 100), httpx.ConnectError("refused")), tmp_path)
+    await rig.get()
+    rig.clock.advance(100)
+    response = await rig.get()
+    assert response.status_code == 503
+    assert (await rig.client.get("/readyz")).status_code == 503
+
+
+async def test_a_client_through_the_sidecar_gives_up_after_its_deadline(tmp_path: Path) -> None:
+    rig = Rig(Script(httpx.ConnectError("refused")), tmp_path)
+    client = TokenSource(
+        sidecar_url="http://127.0.0.1:8099/token",
+        clock=rig.clock,
+        deadline=60,
+        async_transport=httpx.ASGITransport(app=rig.app),
+    )
+    with pytest.raises(TokenUnavailable):
+        await client.atoken()
+
+
+# --- metrics address --------------------------------------------------------------------------
+
+
+async def test_the_metrics_app_never_serves_tokens(tmp_path: Path) -> None:
+    rig = Rig(Script(ok("t1")), tmp_path)
+    await rig.get()
+    app = create_metrics_app(rig.holder, rig.metrics)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1:9099"
+    ) as metrics:
+        assert (await metrics.get("/token", headers=HEADER)).status_code == 404
+        assert (await metrics.post("/token", headers=HEADER)).status_code == 404
+        assert (await metrics.get("/readyz")).status_code == 200
+        text = (await metrics.get("/metrics")).text
+        assert 'cp_token_sidecar_token_requests_total{method="GET",outcome="ok"} 1.0' in text
+        assert 'cp_token_sidecar_upstream_fetches_total{outcome="ok"} 1.0' in text

@@ -1,0 +1,145 @@
+"""The refresh loop and the app's lifespan: background fetches, the token file's life,
+logging discipline, and a dying loop reported as fatal."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from cp_token.runtime.clock import FakeClock
+from tests.fakes.client import Script, ok, refused, unavailable
+from tests.fakes.sidecar_rig import ManualClock, Rig
+
+
+async def settle(predicate: object, rounds: int = 5000) -> None:
+    """Let the event loop run until ``predicate()`` holds (bounded, no wall-clock waits)."""
+    for _ in range(rounds):
+        if predicate():  # type: ignore[operator]
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition not reached")
+
+
+async def test_the_lifespan_fetches_before_any_request(tmp_path: Path) -> None:
+    rig = Rig(Script(ok("t1")), tmp_path, clock=ManualClock())
+    async with rig.app.lifespan_context():
+        await settle(lambda: rig.holder.ready)
+        assert (await rig.client.get("/readyz")).status_code == 200
+        assert rig.cp.count == 1
+    assert rig.cp.count == 1
+
+
+async def test_a_dying_loop_is_reported_as_fatal(tmp_path: Path) -> None:
+    def explode(request: httpx.Request) -> httpx.Response:
+        raise RuntimeError("bug")
+
+    fatal: list[BaseException] = []
+    rig = Rig(Script(explode), tmp_path, clock=ManualClock(), fatal=fatal)
+    async with rig.app.lifespan_context():
+        await settle(lambda: fatal)
+    assert isinstance(fatal[0], RuntimeError)
+
+
+async def test_the_loop_refreshes_at_half_life_and_rewrites_the_file(tmp_path: Path) -> None:
+    clock = FakeClock()
+    token_file = tmp_path / "token"
+    asked_at: list[float] = []
+
+    def issue(token: str) -> Callable[[httpx.Request], httpx.Response]:
+        def answer(request: httpx.Request) -> httpx.Response:
+            asked_at.append(clock.monotonic())
+            return ok(token, 100)
+
+        return answer
+
+    file_at_third_fetch: list[str] = []
+
+    def third(request: httpx.Request) -> httpx.Response:
+        # read here: on the fake clock the loop runs on to the token's expiry (file removed)
+        # before the test can look
+        file_at_third_fetch.append(token_file.read_text())
+        return unavailable()
+
+    rig = Rig(
+        Script(issue("t1"), issue("t2"), third),
+        tmp_path,
+        clock=clock,
+        token_file=token_file,
+    )
+    task = asyncio.create_task(rig.refresher.run())
+    await settle(lambda: rig.cp.count >= 3)
+    task.cancel()
+    assert 45 <= asked_at[1] - asked_at[0] <= 55  # half of 100 s, +-10 %
+    assert file_at_third_fetch == ["t2"]
+
+
+async def test_outage_keeps_the_token_then_removes_the_file_at_expiry(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    cp = Script(ok("t1", 100), unavailable())
+    rig = Rig(cp, tmp_path, token_file=token_file)
+    task = asyncio.create_task(rig.refresher.run())
+    await settle(lambda: token_file.exists() and rig.holder.ready)
+    expiry = rig.holder.current().expiry  # type: ignore[union-attr]
+    observed_before_expiry = []
+
+    def gone() -> bool:
+        if token_file.exists():
+            # never past expiry (the loop wakes at the expiry instant to remove it)
+            assert rig.clock.monotonic() <= expiry
+            observed_before_expiry.append(rig.clock.monotonic())
+            return False
+        return True
+
+    await settle(gone)
+    task.cancel()
+    assert rig.clock.monotonic() >= expiry
+    assert not rig.holder.ready
+    assert cp.count > 3  # it kept retrying through the outage
+    retries_before = [r for r in observed_before_expiry if r > expiry - 2]
+    assert retries_before  # and was still holding the token right up to the end
+
+
+async def test_refusals_are_logged_once_per_description(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="sidecar")
+    cp = Script(
+        refused(403, "not managed"),
+        refused(403, "not managed"),
+        refused(403, "not pod-bound"),
+        refused(403, "not managed"),
+        ok("secret-token-value"),
+        unavailable(),
+    )
+    rig = Rig(cp, tmp_path)
+    for _ in range(6):
+        await rig.refresher.fetch()
+    refusals = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert [r.fields["description"] for r in refusals] == [  # type: ignore[attr-defined]
+        "not managed",
+        "not pod-bound",
+    ]
+    assert "secret-token-value" not in caplog.text
+    assert "sa-token" not in caplog.text
+
+
+async def test_the_file_is_written_before_the_token_is_served(tmp_path: Path) -> None:
+    """Ready means the file is there: a consumer started by /readyz reads it at once."""
+    token_file = tmp_path / "token"
+    rig = Rig(Script(ok("t1", 100)), tmp_path, clock=FakeClock(), token_file=token_file)
+    seen: list[bool] = []
+    served = rig.holder.succeeded
+
+    def succeeded(token: object) -> None:
+        seen.append(token_file.exists())
+        served(token)  # type: ignore[arg-type]
+
+    rig.holder.succeeded = succeeded  # type: ignore[method-assign]
+    await rig.refresher.fetch()
+    assert seen == [True]
+    assert rig.holder.ready and token_file.read_text() == "t1"

@@ -8,11 +8,10 @@
 - :mod:`.inject`: the sidecar injector (``cp-token inject``).
 
 Each loader takes the environment as a mapping (tests pass a dict, only entry points pass
-``os.environ``), and a mistake raises ``ConfigError``, which the entry points turn into exit
-code 2 and one line naming the variable. Every default is a named constant of the module
-that owns it; other modules import it from there.
+``os.environ``), and a mistake raises ``ConfigError`` (:mod:`cp_token.runtime.errors`),
+which the entry points turn into exit code 2 and one line naming the variable. Every default
+is a named constant of the module that owns it; other modules import it from there.
 
 This ``__init__`` imports nothing on purpose: the sidecar and the client load only
 ``common`` and their own module (the sidecar's memory, the client's server-free install).
-``cp_token.config`` re-exports everything for older imports.
 """

@@ -4,7 +4,6 @@ child processes on loopback, always stopped by pid."""
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cp_token.runtime.processes import Proc, ProcessFailed, clean_env, free_port, stop_all
+from cp_token.runtime.processes import Proc, ProcessFailed, free_port, stop_all
 
 SERVE = "import http.server as s; s.test(s.SimpleHTTPRequestHandler, port={port}, bind='127.0.0.1')"
 # Ignores SIGTERM, says so once it is set up, then waits to be killed.
@@ -28,23 +27,6 @@ def wait_for(proc: Proc, text: str, deadline: float = 20.0) -> None:
         assert time.monotonic() < end, proc.output()
         assert proc.popen.poll() is None, proc.output()
         time.sleep(0.02)
-
-
-def test_free_port_prefers_the_asked_one_when_free() -> None:
-    port = free_port()
-    assert free_port(port) == port
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", port))
-        assert free_port(port) != port
-
-
-def test_clean_env_drops_every_product_variable(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("CP_TOKEN_URL", "SIDECAR_LISTEN_ADDR", "AMBIENT_X", "OIDC_Y", "KUBECONFIG"):
-        monkeypatch.setenv(name, "leak")
-    monkeypatch.setenv("BOT_TOKEN", "leak")
-    env = clean_env({"CP_TOKEN_AUTHN": "static"})
-    assert "leak" not in env.values()
-    assert env["CP_TOKEN_AUTHN"] == "static" and env["PATH"]
 
 
 def test_ready_then_terminated(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 LOCK_VENV ?= .venv-lock
 
-.PHONY: run test lint typecheck unit integration bench lock clean
+.PHONY: run test lint typecheck unit integration bench lock promtool clean
 
 # Quiet recipes: `make run` prints only what `cp-token dev` prints (the curl lines on stdout).
 $(STAMP): pyproject.toml cp_token/__init__.py
@@ -28,10 +28,16 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: $(STAMP) lint typecheck
+# promtool checks and unit-tests the alerts and parses the dashboard's expressions
+# (tests/unit/test_observability.py): from Debian's prometheus package, as curl and wrk are.
+promtool:
+	@command -v promtool >/dev/null || (apt-get update -qq \
+	  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus) >&2
+
+test: $(STAMP) promtool lint typecheck
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-unit: $(STAMP)
+unit: $(STAMP) promtool
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit
 
 integration: $(STAMP)

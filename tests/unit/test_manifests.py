@@ -36,8 +36,9 @@ BASE = K8S / "base"
 EXAMPLE = K8S / "example-session"
 INJECTOR = K8S / "injector"
 TRUST = K8S / "trust"
-DIRECTORIES = [TRUST, BASE, EXAMPLE, INJECTOR]
-DIRECTORY_IDS = ["trust", "base", "example-session", "injector"]
+OBSERVABILITY = K8S / "observability"
+DIRECTORIES = [TRUST, BASE, EXAMPLE, INJECTOR, OBSERVABILITY]
+DIRECTORY_IDS = ["trust", "base", "example-session", "injector", "observability"]
 
 CP_NAMESPACE = "ambient-code"
 # cert-manager's cluster resource namespace and trust-manager's trust namespace (defaults)
@@ -248,6 +249,9 @@ def validate(obj: Obj, version: str) -> None:
     if obj["apiVersion"].startswith("trust.cert-manager.io/"):
         check_bundle(obj)
         return
+    if obj["apiVersion"].startswith("monitoring.coreos.com/"):
+        check_monitoring_object(obj)
+        return
     first = FIRST_RELEASE.get((obj["apiVersion"], obj["kind"]))
     if first and tuple(map(int, version.split(".")[:2])) < tuple(map(int, first.split("."))):
         version = first
@@ -357,6 +361,50 @@ def check_bundle(obj: Obj) -> None:
     assert set(spec["target"]) <= {"configMap", "secret", "additionalFormats", "namespaceSelector"}
     assert set(spec["target"]["configMap"]) == {"key"}
     assert set(spec["target"].get("namespaceSelector", {})) <= {"matchLabels"}
+
+
+# monitoring.coreos.com/v1 (Prometheus Operator API reference): the fields these manifests
+# may use. Unknown fields fail, as `kubectl apply --server-side` (strict) does.
+_ENDPOINT_FIELDS = {
+    "port", "targetPort", "path", "scheme", "params", "interval", "scrapeTimeout",
+    "honorLabels", "honorTimestamps", "relabelings", "metricRelabelings", "tlsConfig",
+    "followRedirects", "enableHttp2", "filterRunning", "proxyUrl",
+}  # fmt: skip
+_RELABEL_FIELDS = {
+    "sourceLabels", "separator", "targetLabel", "regex", "modulus", "replacement", "action",
+}  # fmt: skip
+_RULE_FIELDS = {"alert", "record", "expr", "for", "keep_firing_for", "labels", "annotations"}
+
+
+def check_monitoring_object(obj: Obj) -> None:
+    """A structural check of a ServiceMonitor, PodMonitor or PrometheusRule."""
+    assert obj["apiVersion"] == "monitoring.coreos.com/v1", obj["apiVersion"]
+    assert set(obj) <= {"apiVersion", "kind", "metadata", "spec"}
+    spec, kind = obj["spec"], obj["kind"]
+    if kind == "PrometheusRule":
+        assert set(spec) == {"groups"}
+        for group in spec["groups"]:
+            assert set(group) <= {"name", "interval", "rules", "limit"} and group["name"]
+            for rule in group["rules"]:
+                assert set(rule) <= _RULE_FIELDS, rule
+                assert ("alert" in rule) != ("record" in rule) and isinstance(rule["expr"], str)
+                for key in ("labels", "annotations"):
+                    assert all(isinstance(v, str) for v in rule.get(key, {}).values())
+                if "for" in rule:
+                    go_duration(rule["for"])
+        return
+    endpoints_key = {"ServiceMonitor": "endpoints", "PodMonitor": "podMetricsEndpoints"}[kind]
+    assert set(spec) <= {endpoints_key, "selector", "namespaceSelector", "jobLabel"}
+    assert set(spec["selector"]) <= {"matchLabels", "matchExpressions"}
+    assert set(spec.get("namespaceSelector", {})) <= {"any", "matchNames"}
+    for endpoint in spec[endpoints_key]:
+        assert set(endpoint) <= _ENDPOINT_FIELDS, endpoint
+        assert isinstance(endpoint["port"], str)
+        for relabel in endpoint.get("relabelings", []):
+            assert set(relabel) <= _RELABEL_FIELDS, relabel
+        for key in ("interval", "scrapeTimeout"):
+            if key in endpoint:
+                go_duration(endpoint[key])
 
 
 def test_there_are_manifests() -> None:

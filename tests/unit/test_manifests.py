@@ -53,7 +53,8 @@ VERSIONS = (OLDEST_VERSION, NEWEST_VERSION)
 
 # (apiVersion, kind) -> the first release that serves it. ValidatingAdmissionPolicy is GA
 # (admissionregistration.k8s.io/v1) from 1.30; 1.29 has only v1beta1, off by default. These
-# objects are validated against that release instead of an older one (see k8s/README.md).
+# objects are validated against that release instead of an older one (see docs/operating.md,
+# "What the manifests cannot express").
 FIRST_RELEASE = {
     ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicy"): "1.30",
     ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicyBinding"): "1.30",
@@ -451,7 +452,7 @@ def test_no_private_key_is_committed() -> None:
     for path in K8S.rglob("*"):
         if path.is_file():
             assert "PRIVATE KEY" not in path.read_text(errors="replace"), path
-    assert not find("Secret"), "Secrets are created by the operator (k8s/README.md)"
+    assert not find("Secret"), "Secrets are created by the operator (docs/operating.md)"
 
 
 # --------------------------------------------------------------------------- CP Deployment
@@ -565,6 +566,28 @@ def test_pod_disruption_budget() -> None:
     assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
     labels = cp_deployment()["spec"]["template"]["metadata"]["labels"]
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
+def test_cp_autoscaler() -> None:
+    """autoscaling/v2 on CPU, from the Deployment's 2 replicas up; the container requests CPU
+    (a Utilization target is a share of the request)."""
+    hpa = one("HorizontalPodAutoscaler", "cp-token", BASE)
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    deploy = cp_deployment()
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": deploy["metadata"]["name"],
+    }
+    assert hpa["spec"]["minReplicas"] == deploy["spec"]["replicas"] == 2
+    assert hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"]
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "Resource" and metric["resource"]["name"] == "cpu"
+    assert metric["resource"]["target"]["type"] == "Utilization"
+    assert 0 < metric["resource"]["target"]["averageUtilization"] <= 100
+    assert "cpu" in cp_container()["resources"]["requests"]
+    # the PodDisruptionBudget still lets a drain take one pod at a time at any size
+    assert one("PodDisruptionBudget", directory=BASE)["spec"]["maxUnavailable"] == 1
 
 
 # --------------------------------------------------------------------------- RBAC

@@ -1,6 +1,6 @@
 # One image for both commands: `cp-token serve` (the default) and `cp-token-sidecar`.
 #
-#   docker build -t cp-token:dev .
+#   docker build -t cp-token:0.1.0 .      # the tag is cp_token.__version__ (k8s/ pins it)
 #
 # Pin the base image by digest in production (PYTHON_IMAGE=python:3.11-slim@sha256:...).
 ARG PYTHON_IMAGE=python:3.11-slim
@@ -12,18 +12,31 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/venv
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# The image serves (`serve`, `dev`, `inject`, the sidecar): the `server` extra, installed
+# from requirements.lock, where every distribution is pinned with its hashes (`make lock`
+# regenerates it): two builds of one version install the same packages, and a tampered
+# download fails the build. A runner that only needs the client library installs plain
+# `cp-token` (httpx alone) instead.
+COPY requirements.lock ./
+RUN /opt/venv/bin/pip install --require-hashes --no-deps --only-binary=:all: -r requirements.lock
+COPY pyproject.toml README.md LICENSE ./
 COPY cp_token ./cp_token
 COPY sidecar ./sidecar
-# The image serves (`serve`, `dev`, `inject`, the sidecar): the `server` extra. A runner that
-# only needs the client library installs plain `cp-token` (httpx alone) instead.
-# The runtime needs neither pip nor setuptools: less to patch, less to abuse.
+# Then the project itself, without resolving anything again (--no-deps): its dependencies
+# are exactly the lock's. The runtime needs neither pip nor setuptools: less to patch, less
+# to abuse.
 RUN /opt/venv/bin/pip wheel --no-deps --wheel-dir /dist . \
- && /opt/venv/bin/pip install "$(echo /dist/*.whl)[server]" \
+ && /opt/venv/bin/pip install --no-deps /dist/*.whl \
+ && /opt/venv/bin/pip check \
  && /opt/venv/bin/pip uninstall --yes pip setuptools
 
 # ---- runtime: the interpreter and /opt/venv, nothing else (no compilers, no pip) ----
 FROM ${PYTHON_IMAGE}
+# The package's version (cp_token.__version__); k8s/ pins the image tag to the same value.
+ARG VERSION=0.1.0
+LABEL org.opencontainers.image.title="cp-token" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.licenses="MIT"
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1

@@ -4,10 +4,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-cluster cluster-tools lint typecheck unit integration bench clean
+LOCK_VENV ?= .venv-lock
+
+.PHONY: run test test-cluster cluster-tools lint typecheck unit integration bench lock promtool clean
 
 # Quiet recipes: `make run` prints only what `cp-token dev` prints (the curl lines on stdout).
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml cp_token/__init__.py
 	@echo "setting up $(VENV) (once)" >&2
 	@# the dev test pastes the printed curl lines into a shell, as a user would
 	@command -v curl >/dev/null || (apt-get update -qq && apt-get install -y -qq curl) >&2
@@ -27,7 +29,13 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: $(STAMP) lint typecheck
+# promtool checks and unit-tests the alerts and parses the dashboard's expressions
+# (tests/unit/test_observability.py): from Debian's prometheus package, as curl and wrk are.
+promtool:
+	@command -v promtool >/dev/null || (apt-get update -qq \
+	  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus) >&2
+
+test: $(STAMP) promtool lint typecheck
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 # The cluster tier: a real kube-apiserver, etcd and kubectl built from their Go modules (Go >= 1.26
@@ -40,7 +48,7 @@ cluster-tools:
 test-cluster: $(STAMP) cluster-tools
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/cluster
 
-unit: $(STAMP)
+unit: $(STAMP) promtool
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit
 
 integration: $(STAMP)
@@ -56,5 +64,16 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_inject.py
 	$(BIN)/python bench/bench_hostile.py
 
+# requirements.lock: every distribution the `server` extra needs, pinned with the hashes of
+# all its files on PyPI (the Dockerfile installs it with --require-hashes). Keeps existing
+# pins; `make lock LOCK_ARGS=--upgrade` moves everything to the newest allowed versions.
+# pip-tools lives in its own venv: it is a tool of this target, not a dependency.
+lock:
+	@test -x $(LOCK_VENV)/bin/pip-compile || ($(PYTHON) -m venv $(LOCK_VENV) \
+	  && $(LOCK_VENV)/bin/python -m pip install -q pip-tools) >&2
+	$(LOCK_VENV)/bin/pip-compile --quiet --extra server --generate-hashes --allow-unsafe \
+	  --strip-extras --no-emit-index-url --no-emit-find-links $(LOCK_ARGS) \
+	  --output-file requirements.lock pyproject.toml
+
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LOCK_VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
             "CP_TOKEN_INJECT_TLS_CERT_FILE": str(cert),
             "CP_TOKEN_INJECT_TLS_KEY_FILE": str(key),
             "CP_TOKEN_INJECT_IMAGE": "registry.example.com/ambient/cp-token:1.0",
-            "CP_TOKEN_INJECT_CP_URL": "http://cp-token.ambient-code.svc:8080/token",
+            "CP_TOKEN_INJECT_CP_URL": "https://cp-token.ambient-code.svc:8080/token",
         }
         common = str(Path(__file__).with_name("common.py"))
         bare_cmd = [PYTHON, common, "bare", "--port", str(bare_port)]

@@ -24,11 +24,17 @@ from prometheus_client import (
     Gauge,
     Histogram,
     Info,
+    ProcessCollector,
     generate_latest,
     make_asgi_app,
 )
 from prometheus_client.metrics import MetricWrapperBase
-from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 from starlette.types import ASGIApp
@@ -46,6 +52,7 @@ __all__ = [
     "NullMetrics",
     "RequestMetrics",
     "ReviewMetrics",
+    "ServiceState",
 ]
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -226,12 +233,62 @@ class LoopHistogram:
         return [family]
 
 
-class Metrics:
-    """Every metric the CP exports."""
+class ServiceState:
+    """Gauges read when scraped, from callbacks the service hands over once built
+    (:meth:`Metrics.watch`): readiness, ``CP_TOKEN_MIN_TTL``, and the expiry of the upstream
+    token the ``oidc`` minter holds. The alerts compare them (docs/operating.md)."""
 
-    def __init__(self, *, authn: str = "", minter: str = "") -> None:
+    def __init__(self, registry: CollectorRegistry, min_ttl: float | None) -> None:
+        self.min_ttl = min_ttl
+        self.ready: Callable[[], bool] = lambda: True
+        self.idp_token_expiry: Callable[[], float | None] | None = None
+        registry.register(self)
+
+    def _families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
+        return (
+            GaugeMetricFamily(
+                "cp_token_ready", "1 while this replica is ready (/readyz answers 200)"
+            ),
+            GaugeMetricFamily(
+                "cp_token_min_ttl_seconds",
+                "CP_TOKEN_MIN_TTL: no token is handed out with less lifetime left",
+            ),
+            GaugeMetricFamily(
+                "cp_token_idp_token_expiry_timestamp_seconds",
+                "Unix time the upstream token the oidc minter holds expires (oidc minter, "
+                "after its first success)",
+            ),
+        )
+
+    def describe(self) -> list[Metric]:
+        """The families, without samples."""
+        return list(self._families())
+
+    def collect(self) -> list[Metric]:
+        """Read the callbacks now."""
+        ready, min_ttl, expiry = self._families()
+        ready.add_metric([], 1.0 if self.ready() else 0.0)
+        out: list[Metric] = [ready]
+        if self.min_ttl is not None:
+            min_ttl.add_metric([], self.min_ttl)
+            out.append(min_ttl)
+        expires = None if self.idp_token_expiry is None else self.idp_token_expiry()
+        if expires is not None:
+            expiry.add_metric([], expires)
+            out.append(expiry)
+        return out
+
+
+class Metrics:
+    """Every metric the CP exports, ``process_*`` (open file descriptors and their limit,
+    memory, CPU) included."""
+
+    def __init__(self, *, authn: str = "", minter: str = "", min_ttl: float | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # process_open_fds / process_max_fds and the rest, read from /proc at each scrape
+        ProcessCollector(registry=r)
+        self.state = ServiceState(r, min_ttl)
         self.requests = LoopCounter(
             "cp_token_requests", "Token requests by outcome and reason", ("outcome", "reason"), r
         )
@@ -281,6 +338,16 @@ class Metrics:
         info.info({"version": __version__, "authn": authn, "minter": minter})
         self._idp_calls = _children(self.idp_calls)
         self._dependency_up = _children(self.dependency_up)
+
+    def watch(
+        self,
+        *,
+        ready: Callable[[], bool],
+        idp_token_expiry: Callable[[], float | None] | None = None,
+    ) -> None:
+        """Hand over what :class:`ServiceState` reads at scrape time."""
+        self.state.ready = ready
+        self.state.idp_token_expiry = idp_token_expiry
 
     def kube_call(self, call: str, result: str, seconds: float) -> None:
         """Record one Kubernetes API call."""

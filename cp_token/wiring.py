@@ -335,7 +335,7 @@ def build_service(
 ) -> Service:
     """Build every collaborator; raises ConfigError for what cannot work at all."""
     clock = clock or SystemClock()
-    metrics = Metrics(authn=s.authn, minter=s.minter)
+    metrics = Metrics(authn=s.authn, minter=s.minter, min_ttl=s.min_ttl)
     watcher = FileWatcher()
     kube = _kube_client(s, metrics, kube_connection)
     # One object cache for label checks and jwks liveness checks: each object read once;
@@ -356,6 +356,11 @@ def build_service(
         watcher=watcher,
         kube=kube,
         objects=objects,
+    )
+    oidc = service.minter if isinstance(service.minter, OidcMinter) else None
+    metrics.watch(
+        ready=lambda: service.readiness() is None,
+        idp_token_expiry=None if oidc is None else (lambda: oidc.held_until),
     )
     log.info("cp-token %s configured", __version__, extra={"fields": {"config": redacted(s)}})
     return service

@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Hold the pod's API token, refresh it before expiry and serve it on "
-        "loopback (configuration from the environment: see the README).",
+        "loopback (configuration from the environment: see docs/reference.md).",
     )
     parser.add_argument(
         "--once",

@@ -9,15 +9,32 @@ Both ports have the edge limits of :mod:`cp_token.http.serving` (head size and t
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections.abc import Mapping
 
 from cp_token.http.serving import ServerGroup, TlsFiles, api_server, bind_serving, edge_server
 from cp_token.runtime.logs import setup_logging
-from cp_token.settings.cp import load_settings
+from cp_token.settings.common import is_loopback_host
+from cp_token.settings.cp import Settings, load_settings
 from cp_token.wiring import Service, build_service
 
-__all__ = ["main", "run_service", "serve"]
+__all__ = ["main", "plaintext_warning", "run_service", "serve"]
+
+log = logging.getLogger("cp_token.serve")
+
+
+def plaintext_warning(s: Settings) -> str | None:
+    """The start-up warning for an API port serving plain HTTP beyond loopback, else None."""
+    if (s.tls_cert_file and s.tls_key_file) or is_loopback_host(s.listen_host):
+        return None
+    return (
+        f"serving plain HTTP on {s.listen_host}:{s.listen_port}: ServiceAccount tokens and "
+        "minted API tokens cross the network in clear text, readable by anyone on the path; "
+        "set CP_TOKEN_TLS_CERT_FILE and CP_TOKEN_TLS_KEY_FILE (k8s/base does), or keep it to a "
+        "network that encrypts pod traffic (a mesh)"
+    )
+
 
 GRACEFUL_SECONDS = 20
 
@@ -25,6 +42,9 @@ GRACEFUL_SECONDS = 20
 async def serve(service: Service, api_sock: socket.socket, metrics_sock: socket.socket) -> int:
     """Run both servers until a signal (exit 0) or a fatal background failure (exit 1)."""
     s = service.settings
+    warning = plaintext_warning(s)
+    if warning is not None:
+        log.warning(warning)
     tls = None
     if s.tls_cert_file and s.tls_key_file:
         tls = TlsFiles(

@@ -5,7 +5,14 @@ Labels carry only the result, never a pod, namespace or user.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    Info,
+    ProcessCollector,
+    generate_latest,
+)
 
 from cp_token import __version__
 from cp_token.metrics import LATENCY_BUCKETS
@@ -22,6 +29,8 @@ class InjectMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        # process_open_fds / process_max_fds and the rest (the file-descriptor alert)
+        ProcessCollector(registry=self.registry)
         self.requests = Counter(
             "cp_token_inject_requests",
             "Admission requests to /mutate by result",

@@ -46,8 +46,6 @@ FILE_VOLUME = "cp-token-file"
 TMP_VOLUME = "cp-token-tmp"
 CA_VOLUME = "cp-token-ca"  # only with CP_TOKEN_INJECT_CA_CONFIGMAP
 VOLUME_NAMES = (SA_VOLUME, FILE_VOLUME, TMP_VOLUME)
-CA_DIR = "/var/run/ambient-ca"
-CA_FILE = f"{CA_DIR}/ca.crt"  # the key trust-manager's Bundle writes
 
 SA_TOKEN_PATH = CP_AUDIENCE  # the file the sidecar reads by default (AMBIENT_SA_TOKEN_FILE)
 TOKEN_DIR = "/var/run/ambient"
@@ -55,6 +53,8 @@ TOKEN_FILE = f"{TOKEN_DIR}/token"
 SIDECAR_ADDR = LISTEN_ADDR
 SIDECAR_URL = f"http://{SIDECAR_ADDR}/token"
 METRICS_PORT = 9099
+CA_DIR = "/var/run/ambient-ca"
+CA_FILE = f"{CA_DIR}/ca.crt"  # the key the trust-manager Bundle writes
 
 Op = dict[str, Any]
 Action = Literal["mutated", "skipped", "refused"]
@@ -90,9 +90,25 @@ def pointer(*parts: str | int) -> str:
 # --------------------------------------------------------------------------- what is added
 
 
+def volume_names(settings: InjectSettings) -> tuple[str, ...]:
+    """The volumes the patch adds (the CA's only with ``CP_TOKEN_INJECT_CA_CONFIGMAP``)."""
+    return (*VOLUME_NAMES, CA_VOLUME) if settings.ca_configmap else VOLUME_NAMES
+
+
+def _trust_env(settings: InjectSettings) -> list[dict[str, Any]]:
+    """The sidecar's CA file and plaintext permission, as the injector is configured."""
+    env: list[dict[str, Any]] = []
+    if settings.ca_configmap:
+        env.append({"name": "AMBIENT_CP_CA_FILE", "value": CA_FILE})
+    if settings.allow_plaintext:
+        env.append({"name": "AMBIENT_CP_ALLOW_PLAINTEXT", "value": "true"})
+    return env
+
+
 def sidecar_container(settings: InjectSettings) -> dict[str, Any]:
     """The native sidecar: an init container with ``restartPolicy: Always``."""
     probe_port = METRICS_PORT
+    ca_mount = [{"name": CA_VOLUME, "mountPath": CA_DIR, "readOnly": True}]
     return {
         "name": SIDECAR_NAME,
         "image": settings.image,
@@ -104,7 +120,7 @@ def sidecar_container(settings: InjectSettings) -> dict[str, Any]:
             {"name": "AMBIENT_SA_TOKEN_FILE", "value": f"{SA_TOKEN_DIR}/{SA_TOKEN_PATH}"},
             {"name": "SIDECAR_TOKEN_FILE", "value": TOKEN_FILE},
             {"name": "SIDECAR_METRICS_ADDR", "value": f"0.0.0.0:{METRICS_PORT}"},
-            *([{"name": "AMBIENT_CP_CA_FILE", "value": CA_FILE}] if settings.ca_configmap else []),
+            *_trust_env(settings),
         ],
         "ports": [{"name": "cpt-metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
         # The kubelet starts the app containers once this succeeds: once a token is held.
@@ -137,29 +153,23 @@ def sidecar_container(settings: InjectSettings) -> dict[str, Any]:
             {"name": SA_VOLUME, "mountPath": SA_TOKEN_DIR, "readOnly": True},
             {"name": FILE_VOLUME, "mountPath": TOKEN_DIR},
             {"name": TMP_VOLUME, "mountPath": "/tmp"},  # noqa: S108 (its own emptyDir)
-            *(
-                [{"name": CA_VOLUME, "mountPath": CA_DIR, "readOnly": True}]
-                if settings.ca_configmap
-                else []
-            ),
+            *(ca_mount if settings.ca_configmap else []),
         ],
     }
 
 
-def volume_names(settings: InjectSettings) -> tuple[str, ...]:
-    """The names of the volumes the patch adds (the CA's only when configured)."""
-    return (*VOLUME_NAMES, CA_VOLUME) if settings.ca_configmap else VOLUME_NAMES
-
-
 def volumes(settings: InjectSettings) -> list[dict[str, Any]]:
-    """The volumes: the projected SA token, the token file's emptyDir, the sidecar's /tmp, and
-    with CP_TOKEN_INJECT_CA_CONFIGMAP the CP's CA (the ConfigMap a trust-manager Bundle
-    writes into every managed namespace)."""
-    ca = (
-        [{"name": CA_VOLUME, "configMap": {"name": settings.ca_configmap}}]
-        if settings.ca_configmap
-        else []
-    )
+    """The projected SA token, the token file's emptyDir, the sidecar's /tmp, and with
+    ``CP_TOKEN_INJECT_CA_CONFIGMAP`` the CP's CA (a ConfigMap a trust-manager Bundle writes)."""
+    ca = [
+        {
+            "name": CA_VOLUME,
+            "configMap": {
+                "name": settings.ca_configmap,
+                "items": [{"key": "ca.crt", "path": "ca.crt"}],
+            },
+        }
+    ]
     return [
         {
             "name": SA_VOLUME,
@@ -178,7 +188,7 @@ def volumes(settings: InjectSettings) -> list[dict[str, Any]]:
         # An emptyDir, not a subPath: the sidecar replaces the file atomically (rename).
         {"name": FILE_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
         {"name": TMP_VOLUME, "emptyDir": {"sizeLimit": "16Mi"}},
-        *ca,
+        *(ca if settings.ca_configmap else []),
     ]
 
 

@@ -119,7 +119,7 @@ def _aud_claim(audiences: tuple[str, ...] | None) -> str | list[str] | None:
 
 
 class JwtMinter:
-    """Signs a JWT per caller with the claims of SPEC.md."""
+    """Signs a JWT per caller with the claims docs/reference.md lists."""
 
     def __init__(
         self,

@@ -131,6 +131,13 @@ class OidcMinter:
         self.fetches = 0  # upstream calls made, for tests and metrics
 
     @property
+    def held_until(self) -> float | None:
+        """Unix time the held upstream token expires (None before the first success): the
+        metric the "IdP failing while the token runs out" alert reads."""
+        tok = self._current
+        return None if tok is None else tok.expires_wall
+
+    @property
     def problem(self) -> str | None:
         """Set while the IdP rejects the client credentials and never accepted them (a
         misconfiguration found at start)."""

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .common import CP_AUDIENCE, Env
+from .common import ALLOW_PLAINTEXT, CP_AUDIENCE, Env
 
 __all__ = [
     "DEFAULT_SA_TOKEN_FILE",
@@ -39,6 +39,8 @@ class ClientSettings:
     sa_token_file: str = DEFAULT_SA_TOKEN_FILE
     ca_file: str | None = None
     timeout: float = TIMEOUT
+    # AMBIENT_CP_ALLOW_PLAINTEXT: an http:// AMBIENT_CP_TOKEN_URL to a non-loopback host
+    allow_plaintext: bool = False
 
     @property
     def source(self) -> str:
@@ -66,9 +68,11 @@ def load_client_settings(env: Mapping[str, str] | None = None) -> ClientSettings
     """Read the client library's variables (default: ``os.environ``); raises
     :class:`~cp_token.settings.common.ConfigError`."""
     e = Env(env)
+    allow = e.flag(ALLOW_PLAINTEXT, ClientSettings.allow_plaintext)
     return ClientSettings(
         sidecar_url=e.url("AMBIENT_TOKEN_SIDECAR_URL"),
-        cp_token_url=e.url("AMBIENT_CP_TOKEN_URL"),
+        cp_token_url=e.cp_url("AMBIENT_CP_TOKEN_URL", allow),
         bot_token=e.get("BOT_TOKEN"),
+        allow_plaintext=allow,
         **upstream_fields(e),
     )

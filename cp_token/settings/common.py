@@ -19,6 +19,7 @@ from cp_token.runtime.clock import MAX_SECONDS
 from cp_token.runtime.errors import ConfigError
 
 __all__ = [
+    "ALLOW_PLAINTEXT",
     "ALL_INTERFACES",
     "CP_AUDIENCE",
     "DEFAULT_MAX_CONNECTIONS",
@@ -37,6 +38,7 @@ __all__ = [
     "parse_list",
     "parse_number",
     "parse_url",
+    "plaintext_refusal",
     "redacted",
 ]
 
@@ -111,6 +113,29 @@ def parse_url(name: str, value: str) -> str:
     if any(c.isspace() for c in value):
         raise ConfigError(name, "URL contains whitespace")
     return value
+
+
+# SPEC "Transport security": the variable that allows an http:// CP URL to a non-loopback host.
+ALLOW_PLAINTEXT = "AMBIENT_CP_ALLOW_PLAINTEXT"
+
+
+def plaintext_refusal(name: str, url: str, allow: bool) -> ConfigError | None:
+    """The error for an ``http://`` URL ``url`` (read from ``name``) whose host is not a
+    loopback address, unless ``allow`` (``AMBIENT_CP_ALLOW_PLAINTEXT=true``); else None.
+
+    A ServiceAccount token goes to that URL, and a minted token comes back: on a network they
+    travel over TLS. ``http://`` to loopback (the sidecar, ``cp-token dev``) never leaves the
+    pod or the machine.
+    """
+    parts = urlsplit(url)
+    if allow or parts.scheme != "http" or is_loopback_host(parts.hostname or ""):
+        return None
+    return ConfigError(
+        name,
+        f"http:// to {parts.hostname!r}, not a loopback address, would send credentials in "
+        f"clear text; use https:// (with AMBIENT_CP_CA_FILE for a private CA), or set "
+        f"{ALLOW_PLAINTEXT}=true when the network encrypts pod traffic (a mesh) or in local dev",
+    )
 
 
 def parse_bool(name: str, value: str | None, default: bool) -> bool:
@@ -220,6 +245,15 @@ class Env:
         """An http(s) URL without user-info, or None."""
         value = self.get(name)
         return None if value is None else parse_url(name, value)
+
+    def cp_url(self, name: str, allow_plaintext: bool) -> str | None:
+        """A URL credentials are sent to: as :meth:`url`, and ``http://`` only to a loopback
+        host unless ``allow_plaintext`` (:func:`plaintext_refusal`)."""
+        value = self.url(name)
+        refusal = None if value is None else plaintext_refusal(name, value, allow_plaintext)
+        if refusal is not None:
+            raise refusal
+        return value
 
     def file(self, name: str) -> str | None:
         """The path of a file that can be read now, or None."""

@@ -117,7 +117,14 @@ def load_settings(
     """
     e = Env(env, overrides)
     serving = _serving(e)
+    tls = _tls(e)
     url = e.url("CP_TOKEN_URL")
+    if url is not None and tls["tls_cert_file"] and url.lower().startswith("http://"):
+        # SPEC "Transport security": with TLS on, what is advertised says https.
+        raise ConfigError(
+            "CP_TOKEN_URL",
+            "is http:// but the CP serves HTTPS (CP_TOKEN_TLS_CERT_FILE): advertise https://",
+        )
     authn = e.choice("CP_TOKEN_AUTHN", Settings.authn, AUTHN_MODES)
     minter = e.choice("CP_TOKEN_MINTER", Settings.minter, MINTERS)
     return Settings(
@@ -129,7 +136,7 @@ def load_settings(
         **_policy(e),
         **_minting(e, minter, url),
         **_limits(e),
-        **_tls(e),
+        **tls,
         **_runtime(e),
     )
 

@@ -17,12 +17,12 @@ from cp_token.runtime.errors import ConfigError
 
 from .common import (
     ALL_INTERFACES,
+    ALLOW_PLAINTEXT,
     CP_AUDIENCE,
     LOG_FORMAT,
     LOG_LEVEL,
     Env,
     check_readable,
-    parse_url,
 )
 from .cp import METRICS_PORT
 
@@ -38,8 +38,8 @@ MAX_TOKEN_EXPIRATION = 2**32
 _IMAGE = re.compile(r"[a-z0-9][A-Za-z0-9._\-/:@]*")
 # An audience is an opaque string, but one with whitespace or a comma is a mistake.
 _AUDIENCE = re.compile(r"[^\s,]+")
-# A Kubernetes object name (RFC 1123 subdomain).
-_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+# A ConfigMap name: an RFC 1123 DNS subdomain.
+_CONFIGMAP = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
 
 @dataclass(frozen=True)
@@ -52,13 +52,18 @@ class InjectSettings:
     tls_key_file: str = ""
     audience: str = CP_AUDIENCE
     token_expiration: int = 3600
-    ca_configmap: str = ""
     listen_host: str = ALL_INTERFACES
     listen_port: int = 8443
     metrics_host: str = ALL_INTERFACES
     metrics_port: int = METRICS_PORT
     log_level: str = LOG_LEVEL
     log_format: str = LOG_FORMAT
+    # CP_TOKEN_INJECT_CA_CONFIGMAP: the ConfigMap (in the pod's namespace) holding the CP's CA
+    # as ca.crt; injected sidecars mount it and get AMBIENT_CP_CA_FILE
+    ca_configmap: str | None = None
+    # AMBIENT_CP_ALLOW_PLAINTEXT: allows an http:// cp_url to a non-loopback host, and is then
+    # passed on to the injected sidecars
+    allow_plaintext: bool = False
 
 
 def load_inject_settings(env: Mapping[str, str] | None = None) -> InjectSettings:
@@ -68,17 +73,17 @@ def load_inject_settings(env: Mapping[str, str] | None = None) -> InjectSettings
     host, port = e.addr("CP_TOKEN_INJECT_LISTEN_ADDR", f":{InjectSettings.listen_port}")
     m_host, m_port = e.addr("CP_TOKEN_METRICS_ADDR", f":{METRICS_PORT}")
     cert, key = _serving_pair(e)
+    e.required("CP_TOKEN_INJECT_CP_URL", "required: the CP token service's /token URL")
+    allow = e.flag(ALLOW_PLAINTEXT, InjectSettings.allow_plaintext)
     return InjectSettings(
         image=_image(e),
-        cp_url=parse_url(
-            "CP_TOKEN_INJECT_CP_URL",
-            e.required("CP_TOKEN_INJECT_CP_URL", "required: the CP token service's /token URL"),
-        ),
+        cp_url=str(e.cp_url("CP_TOKEN_INJECT_CP_URL", allow)),
+        ca_configmap=_ca_configmap(e),
+        allow_plaintext=allow,
         tls_cert_file=cert,
         tls_key_file=key,
         audience=_audience(e),
         token_expiration=_token_expiration(e),
-        ca_configmap=_ca_configmap(e),
         listen_host=host,
         listen_port=port,
         metrics_host=m_host,
@@ -114,6 +119,16 @@ def _image(e: Env) -> str:
     return image
 
 
+def _ca_configmap(e: Env) -> str | None:
+    name = e.get("CP_TOKEN_INJECT_CA_CONFIGMAP")
+    if name is not None and (len(name) > 253 or not _CONFIGMAP.fullmatch(name)):
+        raise ConfigError(
+            "CP_TOKEN_INJECT_CA_CONFIGMAP",
+            f"{name!r} is not a ConfigMap name (lower-case DNS subdomain, e.g. cp-token-ca)",
+        )
+    return name
+
+
 def _audience(e: Env) -> str:
     audience = e.get("CP_TOKEN_INJECT_AUDIENCE") or CP_AUDIENCE
     if not _AUDIENCE.fullmatch(audience):
@@ -121,16 +136,6 @@ def _audience(e: Env) -> str:
             "CP_TOKEN_INJECT_AUDIENCE", f"{audience!r} is not one audience (no spaces or commas)"
         )
     return audience
-
-
-def _ca_configmap(e: Env) -> str:
-    """A ConfigMap name (DNS subdomain), or "" when unset."""
-    name = e.get("CP_TOKEN_INJECT_CA_CONFIGMAP") or ""
-    if name and (len(name) > 253 or not _DNS_SUBDOMAIN.fullmatch(name)):
-        raise ConfigError(
-            "CP_TOKEN_INJECT_CA_CONFIGMAP", f"{name!r} is not a ConfigMap name (e.g. cp-token-ca)"
-        )
-    return name
 
 
 def _token_expiration(e: Env) -> int:

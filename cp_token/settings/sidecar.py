@@ -14,7 +14,16 @@ from typing import Any
 from cp_token.runtime.errors import ConfigError
 
 from .client import DEFAULT_SA_TOKEN_FILE, TIMEOUT, upstream_fields
-from .common import LOG_FORMAT, LOG_LEVEL, Env, is_loopback_host, parse_addr, parse_url
+from .common import (
+    ALLOW_PLAINTEXT,
+    LOG_FORMAT,
+    LOG_LEVEL,
+    Env,
+    is_loopback_host,
+    parse_addr,
+    parse_url,
+    plaintext_refusal,
+)
 
 __all__ = [
     "LISTEN_ADDR",
@@ -48,6 +57,8 @@ class SidecarSettings:
     metrics_port: int | None = None
     log_level: str = LOG_LEVEL
     log_format: str = LOG_FORMAT
+    # AMBIENT_CP_ALLOW_PLAINTEXT: an http:// AMBIENT_CP_TOKEN_URL to a non-loopback host
+    allow_plaintext: bool = False
 
 
 # The default address as one value: what injected sidecars are configured with.
@@ -59,8 +70,14 @@ def load_sidecar_settings(env: Mapping[str, str] | None = None) -> SidecarSettin
     :class:`ConfigError`."""
     e = Env(env)
     url = e.required("AMBIENT_CP_TOKEN_URL", "required: the CP token service's /token URL")
+    parse_url("AMBIENT_CP_TOKEN_URL", url)
+    allow = e.flag(ALLOW_PLAINTEXT, SidecarSettings.allow_plaintext)
+    refusal = plaintext_refusal("AMBIENT_CP_TOKEN_URL", url, allow)
+    if refusal is not None:
+        raise refusal
     return SidecarSettings(
-        cp_token_url=parse_url("AMBIENT_CP_TOKEN_URL", url),
+        cp_token_url=url,
+        allow_plaintext=allow,
         **_listeners(e),
         **_token_file(e),
         min_ttl=e.number("SIDECAR_MIN_TTL", SidecarSettings.min_ttl),

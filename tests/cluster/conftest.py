@@ -26,7 +26,7 @@ from .session import CONTROL_PLANE, CP_NAMESPACE, CpServer, Injector
 AUTHN_MODES = ("tokenreview", "jwks")
 
 
-def _kustomizations() -> list[Path]:
+def kustomizations() -> list[Path]:
     """Every folder under k8s/ with a kustomization, the example session last (it needs the
     injector's webhook to be running)."""
     dirs = sorted(p.parent for p in (ROOT / "k8s").glob("*/kustomization.yaml"))
@@ -39,6 +39,8 @@ def install_control_plane(cluster: Cluster) -> None:
     cluster.apply_objects(
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": CP_NAMESPACE}},
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "monitoring"}},
+        # cert-manager and trust-manager run there (the operator's prerequisites)
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "cert-manager"}},
         {
             "apiVersion": "v1",
             "kind": "ServiceAccount",
@@ -82,7 +84,7 @@ def applied(cluster: Cluster) -> dict[str, str]:
     """Every kustomization under k8s/ but the example session, applied as it ships:
     kubectl's output per folder."""
     out: dict[str, str] = {}
-    for d in _kustomizations():
+    for d in kustomizations():
         if d.name != "example-session":
             out[d.name] = cluster.apply("-k", str(d))
     return out

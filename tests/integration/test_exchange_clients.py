@@ -3,7 +3,7 @@
 google-auth's identity-pool credentials (loaded from a credential-config file whose
 ``credential_source`` is the pod's SA token file, as a consumer configures it), authlib's
 ``OAuth2Session`` as a public client (it sends ``client_id=None``), and a plain ``curl -d``
-as the README shows it. Each issued JWT is verified against the CP's JWKS. The CP reaches the
+as docs/reference.md shows it. Each issued JWT is verified against the CP's JWKS. The CP reaches the
 fake kube-apiserver through a kubeconfig (TokenReview authn, jwt minter).
 """
 
@@ -120,8 +120,8 @@ def test_authlib_public_client_token_exchange(cp: RunningCP) -> None:
     assert claims["session_id"] == "abc" and claims["namespace"] == SESSION_NS
 
 
-def test_plain_curl_as_the_readme_shows_it(cp: RunningCP) -> None:
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+def test_plain_curl_as_the_reference_shows_it(cp: RunningCP) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "docs" / "reference.md").read_text()
     assert "--data-urlencode subject_token@/var/run/secrets/tokens/ambient-cp" in readme
     done = subprocess.run(
         [

@@ -28,7 +28,7 @@ from tests.integration.procs import run_cmd
 
 VERSIONS = ("1.29", kubernetes_validate.latest_version())
 IMAGE = "registry.example.com/ambient/cp-token:1.0"
-CP_URL = "http://cp-token.ambient-code.svc:8080/token"
+CP_URL = "https://cp-token.ambient-code.svc:8080/token"
 SIDECAR = "cp-token-sidecar"
 APP_ENV = {
     "AMBIENT_TOKEN_SIDECAR_URL": "http://127.0.0.1:8099/token",

@@ -260,16 +260,16 @@ def test_once_gives_up_after_its_deadline_when_the_cp_is_down(
         ({"AMBIENT_CP_TOKEN_URL": "http://u:p@cp.example/token"}, [], "AMBIENT_CP_TOKEN_URL"),
         ({"AMBIENT_CP_TOKEN_URL": "cp.example/token"}, [], "AMBIENT_CP_TOKEN_URL"),
         (
-            {"AMBIENT_CP_TOKEN_URL": "http://cp/token", "SIDECAR_LISTEN_ADDR": "0.0.0.0:8099"},
+            {"AMBIENT_CP_TOKEN_URL": "https://cp/token", "SIDECAR_LISTEN_ADDR": "0.0.0.0:8099"},
             [],
             "SIDECAR_LISTEN_ADDR",
         ),
         (
-            {"AMBIENT_CP_TOKEN_URL": "http://cp/token", "SIDECAR_TOKEN_FILE_MODE": "rw"},
+            {"AMBIENT_CP_TOKEN_URL": "https://cp/token", "SIDECAR_TOKEN_FILE_MODE": "rw"},
             [],
             "SIDECAR_TOKEN_FILE_MODE",
         ),
-        ({"AMBIENT_CP_TOKEN_URL": "http://cp/token"}, ["--once"], "SIDECAR_TOKEN_FILE"),
+        ({"AMBIENT_CP_TOKEN_URL": "https://cp/token"}, ["--once"], "SIDECAR_TOKEN_FILE"),
     ],
     ids=["missing-url", "user-info", "no-scheme", "non-loopback", "bad-mode", "once-no-file"],
 )

@@ -1,4 +1,4 @@
-"""The /token route in-process: every status of SPEC.md's table, headers, bodies, audit."""
+"""The /token route in-process: every status of docs/reference.md, headers, bodies, audit."""
 
 from __future__ import annotations
 

@@ -148,37 +148,6 @@ def test_the_three_volumes() -> None:
     assert env(sidecar(out))["AMBIENT_CP_TOKEN_URL"] == "https://cp/token"
 
 
-def test_the_ca_configmap_is_mounted_in_the_sidecar_only_when_configured() -> None:
-    with_ca = InjectSettings(image="i", cp_url="https://cp/token", ca_configmap="cp-token-ca")
-    review = admission_review(opted_in_pod())
-    out = apply_review_patch(
-        opted_in_pod(), review_response("u", decide(review["request"], with_ca))
-    )
-    for version in VERSIONS:
-        kubernetes_validate.validate(out, version, strict=True)
-    volumes = {v["name"]: v for v in out["spec"]["volumes"]}
-    assert volumes["cp-token-ca"] == {"name": "cp-token-ca", "configMap": {"name": "cp-token-ca"}}
-    side = sidecar(out)
-    assert env(side)["AMBIENT_CP_CA_FILE"] == "/var/run/ambient-ca/ca.crt"
-    assert {"name": "cp-token-ca", "mountPath": "/var/run/ambient-ca", "readOnly": True} in side[
-        "volumeMounts"
-    ]
-    for c in out["spec"]["containers"]:  # the app containers get nothing of it
-        assert all(m["name"] != "cp-token-ca" for m in c.get("volumeMounts", []))
-    # without the setting: no volume, no mount, no variable
-    plain = mutate(opted_in_pod())
-    assert "cp-token-ca" not in {v["name"] for v in plain["spec"]["volumes"]}
-    assert "AMBIENT_CP_CA_FILE" not in env(sidecar(plain))
-
-
-def test_a_pod_with_a_cp_token_ca_volume_is_refused_only_when_the_ca_is_injected() -> None:
-    pod = opted_in_pod(volumes=[{"name": "cp-token-ca", "emptyDir": {}}])
-    with_ca = InjectSettings(image="i", cp_url="https://cp/token", ca_configmap="cp-token-ca")
-    decision = decide(admission_review(pod)["request"], with_ca)
-    assert decision.action == "refused" and "cp-token-ca" in decision.message
-    assert decide(admission_review(pod)["request"], SETTINGS).action == "mutated"
-
-
 # --------------------------------------------------------------------------- ordering, keeping
 
 

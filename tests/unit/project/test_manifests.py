@@ -35,10 +35,14 @@ K8S = ROOT / "k8s"
 BASE = K8S / "base"
 EXAMPLE = K8S / "example-session"
 INJECTOR = K8S / "injector"
-DIRECTORIES = [BASE, EXAMPLE, INJECTOR]
-DIRECTORY_IDS = ["base", "example-session", "injector"]
+TRUST = K8S / "trust"
+OBSERVABILITY = K8S / "observability"
+DIRECTORIES = [TRUST, BASE, EXAMPLE, INJECTOR, OBSERVABILITY]
+DIRECTORY_IDS = ["trust", "base", "example-session", "injector", "observability"]
 
 CP_NAMESPACE = "ambient-code"
+# cert-manager's cluster resource namespace and trust-manager's trust namespace (defaults)
+TRUST_NAMESPACE = "cert-manager"
 SESSION_NAMESPACE = "session-demo"
 MANAGED_LABEL = "ambient-code.io/managed-by"
 CONTROL_PLANE_USERNAME = "system:serviceaccount:ambient-code:ambient-control-plane"
@@ -49,7 +53,8 @@ VERSIONS = (OLDEST_VERSION, NEWEST_VERSION)
 
 # (apiVersion, kind) -> the first release that serves it. ValidatingAdmissionPolicy is GA
 # (admissionregistration.k8s.io/v1) from 1.30; 1.29 has only v1beta1, off by default. These
-# objects are validated against that release instead of an older one (see k8s/README.md).
+# objects are validated against that release instead of an older one (see docs/operating.md,
+# "What the manifests cannot express").
 FIRST_RELEASE = {
     ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicy"): "1.30",
     ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicyBinding"): "1.30",
@@ -92,6 +97,8 @@ CLUSTER_SCOPED = {
     "ValidatingAdmissionPolicy",
     "ValidatingAdmissionPolicyBinding",
     "MutatingWebhookConfiguration",
+    "ClusterIssuer",
+    "Bundle",
 }
 
 
@@ -234,10 +241,17 @@ def workload_objects() -> list[Obj]:
 def validate(obj: Obj, version: str) -> None:
     """Validate ``obj`` strictly for ``version`` (or the first release that serves it).
 
-    cert-manager's kinds are CRDs, absent from the Kubernetes schemas: checked by hand.
+    cert-manager's and trust-manager's kinds are CRDs, absent from the Kubernetes schemas:
+    checked by hand (the cluster tier applies them against the real CRDs).
     """
     if obj["apiVersion"].startswith("cert-manager.io/"):
         check_cert_manager_object(obj)
+        return
+    if obj["apiVersion"].startswith("trust.cert-manager.io/"):
+        check_bundle(obj)
+        return
+    if obj["apiVersion"].startswith("monitoring.coreos.com/"):
+        check_monitoring_object(obj)
         return
     first = FIRST_RELEASE.get((obj["apiVersion"], obj["kind"]))
     if first and tuple(map(int, version.split(".")[:2])) < tuple(map(int, first.split("."))):
@@ -291,13 +305,15 @@ def go_duration(value: str) -> float:
 
 
 def check_cert_manager_object(obj: Obj) -> None:
-    """A structural check of a cert-manager.io/v1 Issuer or Certificate."""
+    """A structural check of a cert-manager.io/v1 Issuer, ClusterIssuer or Certificate."""
     assert obj["apiVersion"] == "cert-manager.io/v1", obj["apiVersion"]
     assert set(obj) <= {"apiVersion", "kind", "metadata", "spec"}
     name = obj["metadata"]["name"]
     assert _DNS_SUBDOMAIN.fullmatch(name) and len(name) <= 253, name
     spec = obj["spec"]
-    if obj["kind"] == "Issuer":
+    if obj["kind"] == "ClusterIssuer":
+        assert "namespace" not in obj["metadata"], f"ClusterIssuer {name} is cluster-scoped"
+    if obj["kind"] in ("Issuer", "ClusterIssuer"):
         kinds = set(spec) & _ISSUER_TYPES
         assert len(kinds) == 1 and set(spec) == kinds, f"Issuer {name}: one issuer type"
         if "ca" in spec:
@@ -331,6 +347,67 @@ def check_cert_manager_object(obj: Obj) -> None:
         assert _DNS_SUBDOMAIN.fullmatch(dns), dns
 
 
+def check_bundle(obj: Obj) -> None:
+    """A structural check of a trust.cert-manager.io/v1alpha1 Bundle (cluster-scoped)."""
+    assert (obj["apiVersion"], obj["kind"]) == ("trust.cert-manager.io/v1alpha1", "Bundle")
+    assert set(obj) <= {"apiVersion", "kind", "metadata", "spec"}
+    assert "namespace" not in obj["metadata"], "a Bundle is cluster-scoped"
+    spec = obj["spec"]
+    assert set(spec) == {"sources", "target"}
+    for source in spec["sources"]:
+        (kind,) = source
+        assert kind in {"configMap", "secret", "inLine", "useDefaultCAs"}
+        if kind in ("configMap", "secret"):
+            assert set(source[kind]) == {"name", "key"}
+    assert set(spec["target"]) <= {"configMap", "secret", "additionalFormats", "namespaceSelector"}
+    assert set(spec["target"]["configMap"]) == {"key"}
+    assert set(spec["target"].get("namespaceSelector", {})) <= {"matchLabels"}
+
+
+# monitoring.coreos.com/v1 (Prometheus Operator API reference): the fields these manifests
+# may use. Unknown fields fail, as `kubectl apply --server-side` (strict) does.
+_ENDPOINT_FIELDS = {
+    "port", "targetPort", "path", "scheme", "params", "interval", "scrapeTimeout",
+    "honorLabels", "honorTimestamps", "relabelings", "metricRelabelings", "tlsConfig",
+    "followRedirects", "enableHttp2", "filterRunning", "proxyUrl",
+}  # fmt: skip
+_RELABEL_FIELDS = {
+    "sourceLabels", "separator", "targetLabel", "regex", "modulus", "replacement", "action",
+}  # fmt: skip
+_RULE_FIELDS = {"alert", "record", "expr", "for", "keep_firing_for", "labels", "annotations"}
+
+
+def check_monitoring_object(obj: Obj) -> None:
+    """A structural check of a ServiceMonitor, PodMonitor or PrometheusRule."""
+    assert obj["apiVersion"] == "monitoring.coreos.com/v1", obj["apiVersion"]
+    assert set(obj) <= {"apiVersion", "kind", "metadata", "spec"}
+    spec, kind = obj["spec"], obj["kind"]
+    if kind == "PrometheusRule":
+        assert set(spec) == {"groups"}
+        for group in spec["groups"]:
+            assert set(group) <= {"name", "interval", "rules", "limit"} and group["name"]
+            for rule in group["rules"]:
+                assert set(rule) <= _RULE_FIELDS, rule
+                assert ("alert" in rule) != ("record" in rule) and isinstance(rule["expr"], str)
+                for key in ("labels", "annotations"):
+                    assert all(isinstance(v, str) for v in rule.get(key, {}).values())
+                if "for" in rule:
+                    go_duration(rule["for"])
+        return
+    endpoints_key = {"ServiceMonitor": "endpoints", "PodMonitor": "podMetricsEndpoints"}[kind]
+    assert set(spec) <= {endpoints_key, "selector", "namespaceSelector", "jobLabel"}
+    assert set(spec["selector"]) <= {"matchLabels", "matchExpressions"}
+    assert set(spec.get("namespaceSelector", {})) <= {"any", "matchNames"}
+    for endpoint in spec[endpoints_key]:
+        assert set(endpoint) <= _ENDPOINT_FIELDS, endpoint
+        assert isinstance(endpoint["port"], str)
+        for relabel in endpoint.get("relabelings", []):
+            assert set(relabel) <= _RELABEL_FIELDS, relabel
+        for key in ("interval", "scrapeTimeout"):
+            if key in endpoint:
+                go_duration(endpoint[key])
+
+
 def test_there_are_manifests() -> None:
     """The directory walk finds both kustomizations' files."""
     kinds = {obj["kind"] for _, obj in committed_objects()}
@@ -354,7 +431,8 @@ def test_rendered_kustomization_validates(directory: Path, version: str) -> None
     """``kubectl kustomize`` output validates too, and lands in the intended namespace."""
     rendered = render(directory)
     assert rendered
-    expected_ns = kustomization(directory)["namespace"]
+    # k8s/trust sets no namespace: its one namespaced object names cert-manager's own
+    expected_ns = kustomization(directory).get("namespace", TRUST_NAMESPACE)
     for obj in rendered:
         validate(obj, version)
         if obj["kind"] not in CLUSTER_SCOPED:
@@ -374,7 +452,7 @@ def test_no_private_key_is_committed() -> None:
     for path in K8S.rglob("*"):
         if path.is_file():
             assert "PRIVATE KEY" not in path.read_text(errors="replace"), path
-    assert not find("Secret"), "Secrets are created by the operator (k8s/README.md)"
+    assert not find("Secret"), "Secrets are created by the operator (docs/operating.md)"
 
 
 # --------------------------------------------------------------------------- CP Deployment
@@ -408,7 +486,7 @@ def test_cp_deployment_shape() -> None:
     c = cp_container()
     assert c["image"].split(":")[0] == "cp-token"
     assert c["command"] == ["cp-token", "serve"]
-    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": 8080, "metrics": 9090}
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"https": 8080, "metrics": 9090}
 
 
 def test_cp_env() -> None:
@@ -420,7 +498,7 @@ def test_cp_env() -> None:
     assert env[ns_index]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     url = env[url_index]["value"]
     assert "$(CP_RUNTIME_NAMESPACE)" in url
-    assert url == "http://cp-token.$(CP_RUNTIME_NAMESPACE).svc:8080/token"
+    assert url == "https://cp-token.$(CP_RUNTIME_NAMESPACE).svc:8080/token"
     values = env_of(cp_container())
     assert values["CP_TOKEN_MINTER"] == "jwt"
     assert values["CP_TOKEN_AUDIENCES"] == "ambient-cp"
@@ -470,10 +548,12 @@ def test_cp_writable_tmp() -> None:
 
 
 def test_cp_service() -> None:
-    """ClusterIP on 8080 (http) and 9090 (metrics), selecting the CP pods."""
+    """ClusterIP on 8080 (https) and 9090 (metrics), selecting the CP pods."""
     svc = one("Service", "cp-token", BASE)
     assert svc["spec"].get("type", "ClusterIP") == "ClusterIP"
-    assert {p["name"]: p["port"] for p in svc["spec"]["ports"]} == {"http": 8080, "metrics": 9090}
+    assert {p["name"]: p["port"] for p in svc["spec"]["ports"]} == {"https": 8080, "metrics": 9090}
+    ports = {p["name"]: p for p in svc["spec"]["ports"]}
+    assert (ports["https"]["appProtocol"], ports["metrics"]["appProtocol"]) == ("https", "http")
     labels = cp_deployment()["spec"]["template"]["metadata"]["labels"]
     assert svc["spec"]["selector"].items() <= labels.items()
 
@@ -486,6 +566,28 @@ def test_pod_disruption_budget() -> None:
     assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
     labels = cp_deployment()["spec"]["template"]["metadata"]["labels"]
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
+def test_cp_autoscaler() -> None:
+    """autoscaling/v2 on CPU, from the Deployment's 2 replicas up; the container requests CPU
+    (a Utilization target is a share of the request)."""
+    hpa = one("HorizontalPodAutoscaler", "cp-token", BASE)
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    deploy = cp_deployment()
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": deploy["metadata"]["name"],
+    }
+    assert hpa["spec"]["minReplicas"] == deploy["spec"]["replicas"] == 2
+    assert hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"]
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "Resource" and metric["resource"]["name"] == "cpu"
+    assert metric["resource"]["target"]["type"] == "Utilization"
+    assert 0 < metric["resource"]["target"]["averageUtilization"] <= 100
+    assert "cpu" in cp_container()["resources"]["requests"]
+    # the PodDisruptionBudget still lets a drain take one pod at a time at any size
+    assert one("PodDisruptionBudget", directory=BASE)["spec"]["maxUnavailable"] == 1
 
 
 # --------------------------------------------------------------------------- RBAC
@@ -673,7 +775,9 @@ def test_native_sidecar() -> None:
     sidecar = sidecar_container()
     assert sidecar["restartPolicy"] == "Always"
     env = env_of(sidecar)
-    assert env["AMBIENT_CP_TOKEN_URL"] == "http://cp-token.ambient-code.svc:8080/token"
+    assert env["AMBIENT_CP_TOKEN_URL"] == "https://cp-token.ambient-code.svc:8080/token"
+    assert env["AMBIENT_CP_CA_FILE"] == "/var/run/ambient-ca/ca.crt"
+    assert "AMBIENT_CP_ALLOW_PLAINTEXT" not in env
     assert env["SIDECAR_LISTEN_ADDR"] == "127.0.0.1:8099"
     assert env["SIDECAR_METRICS_ADDR"] == "0.0.0.0:9099"
     assert env["SIDECAR_TOKEN_FILE"] == "/var/run/ambient/token"
@@ -769,8 +873,10 @@ def test_injector_configuration_loads() -> None:
     assert env["CP_TOKEN_INJECT_LISTEN_ADDR"] == ":8443"
     assert env["CP_TOKEN_METRICS_ADDR"] == ":9090"
     cp_svc = one("Service", "cp-token", BASE)
-    http = next(p["port"] for p in cp_svc["spec"]["ports"] if p["name"] == "http")
-    assert env["CP_TOKEN_INJECT_CP_URL"] == f"http://cp-token.{CP_NAMESPACE}.svc:{http}/token"
+    https = next(p["port"] for p in cp_svc["spec"]["ports"] if p["name"] == "https")
+    assert env["CP_TOKEN_INJECT_CP_URL"] == f"https://cp-token.{CP_NAMESPACE}.svc:{https}/token"
+    assert env["CP_TOKEN_INJECT_CA_CONFIGMAP"] == one("Bundle", directory=TRUST)["metadata"]["name"]
+    assert "AMBIENT_CP_ALLOW_PLAINTEXT" not in env
     assert env["CP_TOKEN_INJECT_IMAGE"] == c["image"]
     assert env["CP_TOKEN_INJECT_AUDIENCE"] in env_of(cp_container())["CP_TOKEN_AUDIENCES"].split(
         ","
@@ -839,19 +945,85 @@ def test_mutating_webhook_configuration() -> None:
 
 
 def test_cert_manager_chain() -> None:
-    """selfSigned Issuer -> CA Certificate -> CA Issuer -> serving Certificate for the
-    Service's in-cluster names; the webhook trusts the CA, so a renewal keeps the caBundle."""
-    issuers = {o["metadata"]["name"]: o["spec"] for o in find("Issuer", directory=INJECTOR)}
-    certs = {o["metadata"]["name"]: o["spec"] for o in find("Certificate", directory=INJECTOR)}
-    ca, serving = certs["cp-token-inject-ca"], certs["cp-token-inject"]
+    """One private CA (k8s/trust) signs both serving certificates: a self-signed
+    ClusterIssuer -> the CA Certificate in cert-manager's namespace -> a CA ClusterIssuer ->
+    the CP's and the injector's Certificates for their Services' in-cluster names. The
+    webhook trusts the CA, so a renewal keeps the caBundle."""
+    issuers = {o["metadata"]["name"]: o["spec"] for o in find("ClusterIssuer", directory=TRUST)}
+    (ca_obj,) = find("Certificate", directory=TRUST)
+    ca = ca_obj["spec"]
+    assert ca_obj["metadata"]["namespace"] == TRUST_NAMESPACE
     assert "selfSigned" in issuers[ca["issuerRef"]["name"]]
+    assert ca["issuerRef"]["kind"] == "ClusterIssuer"
     assert ca["isCA"] is True
-    assert issuers[serving["issuerRef"]["name"]] == {"ca": {"secretName": ca["secretName"]}}
-    assert not serving.get("isCA")
-    svc = f"cp-token-inject.{kustomization(INJECTOR)['namespace']}.svc"
-    assert svc in serving["dnsNames"]
-    assert "server auth" in serving["usages"]
-    assert go_duration(serving["duration"]) < go_duration(ca["duration"])
+    # renewing the CA keeps its key, so every pod's trusted ca.crt still verifies
+    assert ca["privateKey"]["rotationPolicy"] == "Never"
+    signer = next(name for name, spec in issuers.items() if "ca" in spec)
+    assert issuers[signer] == {"ca": {"secretName": ca["secretName"]}}
+    assert not find("Issuer"), "one CA for everything: ClusterIssuers only"
+    for directory, service in ((BASE, "cp-token"), (INJECTOR, "cp-token-inject")):
+        serving = one("Certificate", directory=directory)["spec"]
+        assert serving["issuerRef"] == {
+            "group": "cert-manager.io",
+            "kind": "ClusterIssuer",
+            "name": signer,
+        }
+        assert not serving.get("isCA")
+        svc = f"{service}.{kustomization(directory)['namespace']}.svc"
+        assert svc in serving["dnsNames"]
+        assert "server auth" in serving["usages"]
+        assert serving["privateKey"]["rotationPolicy"] == "Always"
+        assert go_duration(serving["duration"]) < go_duration(ca["duration"])
+
+
+def test_the_bundle_distributes_the_ca_to_session_namespaces() -> None:
+    """trust-manager copies the CA's ca.crt (never its key) into a ConfigMap, key ca.crt, in
+    every namespace the CP serves; the injector mounts that ConfigMap."""
+    bundle = one("Bundle", directory=TRUST)
+    (ca_obj,) = find("Certificate", directory=TRUST)
+    assert bundle["spec"]["sources"] == [
+        {"secret": {"name": ca_obj["spec"]["secretName"], "key": "ca.crt"}}
+    ]
+    assert bundle["spec"]["target"]["configMap"] == {"key": "ca.crt"}
+    selector = bundle["spec"]["target"]["namespaceSelector"]["matchLabels"]
+    assert selector == {"ambient-code.io/managed": "true"}
+    ns = one("Namespace", SESSION_NAMESPACE, EXAMPLE)
+    assert selector.items() <= ns["metadata"]["labels"].items()
+    webhook = one("MutatingWebhookConfiguration", directory=INJECTOR)["webhooks"][0]
+    assert webhook["namespaceSelector"]["matchLabels"] == selector  # same namespaces
+    # the injected sidecar reads the ConfigMap trust-manager writes
+    spec = pod_spec(runner_pod())
+    (volume,) = [v for v in spec["volumes"] if "configMap" in v]
+    assert volume["configMap"]["name"] == bundle["metadata"]["name"]
+    assert volume["configMap"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]
+    sidecar = sidecar_container()
+    (mount,) = [m for m in sidecar["volumeMounts"] if m["name"] == volume["name"]]
+    assert mount["readOnly"] is True and "subPath" not in mount
+    assert env_of(sidecar)["AMBIENT_CP_CA_FILE"] == f"{mount['mountPath']}/ca.crt"
+    runner = container(spec, "runner")
+    assert all(m["name"] != volume["name"] for m in runner.get("volumeMounts", []))
+
+
+def test_cp_serves_https_with_the_certificate_secret() -> None:
+    """The API port's certificate comes from the Certificate's Secret, mounted as a
+    directory (renewals); the probes stay on the plain-HTTP metrics port."""
+    spec = pod_spec(cp_deployment())
+    env = env_of(cp_container())
+    cert_dir = str(Path(env["CP_TOKEN_TLS_CERT_FILE"]).parent)
+    assert Path(env["CP_TOKEN_TLS_CERT_FILE"]).name == "tls.crt"
+    assert env["CP_TOKEN_TLS_KEY_FILE"] == f"{cert_dir}/tls.key"
+    mount = next(m for m in cp_container()["volumeMounts"] if m["mountPath"] == cert_dir)
+    assert mount.get("readOnly") is True and "subPath" not in mount
+    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+    assert (
+        volume["secret"]["secretName"] == one("Certificate", "cp-token", BASE)["spec"]["secretName"]
+    )
+    assert env["CP_TOKEN_URL"].startswith("https://")
+    assert "AMBIENT_CP_ALLOW_PLAINTEXT" not in env
+    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+        get = cp_container()[probe]["httpGet"]
+        assert get.get("scheme", "HTTP") == "HTTP"
+        assert port_number(cp_container(), get["port"]) == 9090
 
 
 def test_an_overlay_image_moves_the_injected_sidecar_too(tmp_path: Path) -> None:
@@ -954,6 +1126,9 @@ def test_docker_compose() -> None:
     assert (ROOT / cp["CP_TOKEN_STATIC_IDENTITIES_FILE"]).is_file()
     sidecar = services["sidecar"]["environment"]
     assert sidecar["SIDECAR_LISTEN_ADDR"].startswith("127.0.0.1:")
+    # plain HTTP to the CP on compose's network: opted in explicitly (SPEC)
+    assert sidecar["AMBIENT_CP_TOKEN_URL"].startswith("http://cp:")
+    assert sidecar["AMBIENT_CP_ALLOW_PLAINTEXT"] == "true"
     sa_token = (ROOT / sidecar["AMBIENT_SA_TOKEN_FILE"]).read_text().strip()
     identities = json.loads((ROOT / cp["CP_TOKEN_STATIC_IDENTITIES_FILE"]).read_text())
     assert sa_token in {i["token"] for i in identities["identities"]}

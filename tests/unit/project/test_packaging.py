@@ -172,3 +172,115 @@ def test_the_sidecar_loads_neither_httpx_nor_the_cp() -> None:
     allowed = re.compile(r"cp_token(\.(client|settings|runtime|http)(\..+)?|\.extras)?")
     assert {m for m in ours if not allowed.fullmatch(m)} == set(), ours
     assert "cp_token.http.serving" in ours  # the pattern is live: the sidecar serves through it
+
+
+# --------------------------------------------------------------------------- releases
+
+
+def lock_pins() -> dict[str, tuple[str, list[str]]]:
+    """requirements.lock as {canonical name: (pinned version, its sha256 hashes)}."""
+    text = (ROOT / "requirements.lock").read_text().replace("\\\n", " ")
+    pins: dict[str, tuple[str, list[str]]] = {}
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        m = re.fullmatch(r"([A-Za-z0-9._-]+)==(\S+)((?:\s+--hash=sha256:[0-9a-f]{64})+)", line)
+        assert m, f"requirements.lock: not a hashed pin: {line[:80]}"
+        hashes = re.findall(r"sha256:([0-9a-f]{64})", m.group(3))
+        pins[canonical(m.group(1))] = (m.group(2), hashes)
+    return pins
+
+
+def canonical(name: str) -> str:
+    """PEP 503 normalised distribution name."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def server_closure() -> dict[str, list[str]]:
+    """Every distribution ``cp-token[server]`` needs on this interpreter, with the
+    requirement strings that ask for it (read from the installed distributions' metadata)."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    from packaging.markers import default_environment
+    from packaging.requirements import Requirement
+
+    wanted: dict[str, list[str]] = {}
+    todo = [(Requirement("cp-token[server]"), "")]
+    while todo:
+        req, asked_by = todo.pop()
+        name = canonical(req.name)
+        first = name not in wanted
+        wanted.setdefault(name, []).append(f"{asked_by}: {req}" if asked_by else str(req))
+        if not first:
+            continue
+        try:
+            dist = distribution(name)
+        except PackageNotFoundError:
+            pytest.fail(f"{name} is required but not installed ({req})")
+        for raw in dist.requires or []:
+            child = Requirement(raw)
+            extras = ["", *sorted(req.extras)]
+            env = default_environment()
+            if child.marker is None or any(
+                child.marker.evaluate({**env, "extra": e}) for e in extras
+            ):
+                todo.append((child, name))
+    del wanted["cp-token"]
+    return wanted
+
+
+def test_the_lock_pins_everything_the_server_extra_needs_with_hashes() -> None:
+    """The image installs requirements.lock with --require-hashes and nothing else: every
+    distribution of the `server` extra's closure is pinned, with hashes, at a version every
+    requirement on it accepts."""
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    pins = lock_pins()
+    closure = server_closure()
+    assert {"starlette", "uvicorn", "kubernetes", "httpx", "h11"} <= set(closure)
+    missing = sorted(set(closure) - set(pins))
+    assert not missing, f"requirements.lock lacks {missing}: run `make lock`"
+    for name, asks in closure.items():
+        version, hashes = pins[name]
+        assert hashes, name
+        for ask in asks:
+            req = Requirement(ask.rsplit(": ", 1)[-1])
+            assert req.specifier.contains(Version(version), prereleases=True), (name, ask)
+    # nothing of the test and lint tools goes into the image
+    assert not {"pytest", "mypy", "ruff", "hypothesis", "pip-tools"} & set(pins)
+
+
+def test_the_dockerfile_installs_the_lock_with_hashes() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "COPY requirements.lock" in dockerfile
+    assert re.search(r"pip install --require-hashes\b.*-r requirements\.lock", dockerfile)
+    # the project itself adds no dependency the lock did not decide
+    assert re.search(r"pip install --no-deps /dist/\*\.whl", dockerfile)
+    assert "pip check" in dockerfile
+    assert "lock:" in (ROOT / "Makefile").read_text()
+
+
+def test_package_metadata() -> None:
+    """License, classifiers, project URLs, and the PEP 561 marker of both typed packages."""
+    from importlib.metadata import metadata
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert project["project"]["license"] == "MIT"
+    assert project["project"]["license-files"] == ["LICENSE"]
+    assert (ROOT / "LICENSE").read_text().startswith("MIT License\n")
+    classifiers = project["project"]["classifiers"]
+    assert "Typing :: Typed" in classifiers
+    assert "Programming Language :: Python :: 3.11" in classifiers
+    assert not [c for c in classifiers if c.startswith("License ::")]  # PEP 639: the expression
+    urls = project["project"]["urls"]
+    assert {"Homepage", "Documentation", "Changelog", "Issues"} <= set(urls)
+    assert all(u.startswith("https://") for u in urls.values())
+    package_data = project["tool"]["setuptools"]["package-data"]
+    for package in ("cp_token", "sidecar"):
+        assert (ROOT / package / "py.typed").is_file()
+        assert package_data[package] == ["py.typed"]
+    installed = metadata("cp-token")  # as built from pyproject.toml
+    assert installed["License-Expression"] == "MIT"
+    assert "Typing :: Typed" in installed.get_all("Classifier")

@@ -79,7 +79,7 @@ def test_the_loaders_defaults_are_the_dataclasses() -> None:
         oidc_client_id="cp",
         oidc_client_secret="s3cret",
     )
-    url = "http://cp:8080/token"
+    url = "https://cp:8080/token"
     assert load_sidecar_settings({"AMBIENT_CP_TOKEN_URL": url}) == SidecarSettings(url)
     assert load_client_settings({}) == ClientSettings()
 

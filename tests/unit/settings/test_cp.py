@@ -123,7 +123,7 @@ def test_redacted_hides_secrets() -> None:
 
 
 def test_sidecar_requires_loopback() -> None:
-    base = {"AMBIENT_CP_TOKEN_URL": "http://cp:8080/token"}
+    base = {"AMBIENT_CP_TOKEN_URL": "https://cp:8080/token"}
     assert load_sidecar_settings(base).listen_host == "127.0.0.1"
     with pytest.raises(ConfigError) as info:
         load_sidecar_settings({**base, "SIDECAR_LISTEN_ADDR": "0.0.0.0:8099"})
@@ -143,7 +143,7 @@ def test_sidecar_requires_loopback() -> None:
 def test_client_resolution_order() -> None:
     both = {
         "AMBIENT_TOKEN_SIDECAR_URL": "http://127.0.0.1:8099/token",
-        "AMBIENT_CP_TOKEN_URL": "http://cp/token",
+        "AMBIENT_CP_TOKEN_URL": "https://cp/token",
         "BOT_TOKEN": "b",
     }
     assert load_client_settings(both).source == "sidecar"

@@ -21,7 +21,7 @@ def env(tmp_path: Path) -> dict[str, str]:
         "CP_TOKEN_INJECT_TLS_CERT_FILE": str(cert),
         "CP_TOKEN_INJECT_TLS_KEY_FILE": str(key),
         "CP_TOKEN_INJECT_IMAGE": "registry.example.com/ambient/cp-token@sha256:" + "a" * 64,
-        "CP_TOKEN_INJECT_CP_URL": "http://cp-token.ambient-code.svc:8080/token",
+        "CP_TOKEN_INJECT_CP_URL": "https://cp-token.ambient-code.svc:8080/token",
     }
 
 

@@ -81,6 +81,13 @@ class Refresher:
             self._metrics.fetches[kind].inc()
             self._log_failure(str(exc))
             return
+        except Exception as exc:  # the fetcher maps every answer to TokenError; defence in
+            # depth: an unforeseen one is still a failed fetch with backoff, not a dead loop.
+            # Its message is not logged: it might quote the answer.
+            self.holder.failed(f"the fetch failed unexpectedly ({type(exc).__name__})")
+            self._metrics.fetches["error"].inc()
+            self._log_failure(f"unexpected {type(exc).__name__}")
+            return
         except BaseException:
             self.holder.failed("fetch interrupted")
             raise

@@ -35,11 +35,14 @@ async def test_the_lifespan_fetches_before_any_request(tmp_path: Path) -> None:
 
 
 async def test_a_dying_loop_is_reported_as_fatal(tmp_path: Path) -> None:
-    def explode(request: httpx.Request) -> httpx.Response:
+    """A bug in the loop itself (not an answer: any answer is a failed fetch) ends it."""
+
+    def explode() -> float:
         raise RuntimeError("bug")
 
     fatal: list[BaseException] = []
-    rig = Rig(Script(explode), tmp_path, clock=ManualClock(), fatal=fatal)
+    rig = Rig(Script(ok("t")), tmp_path, clock=ManualClock(), fatal=fatal)
+    rig.holder.next_fetch_at = explode  # type: ignore[method-assign]
     async with rig.app.lifespan_context():
         await settle(lambda: fatal)
     assert isinstance(fatal[0], RuntimeError)

@@ -125,6 +125,7 @@ class TokenHolder:
         self._not_before = -math.inf  # the CP's Retry-After, which requests respect too
         self._rejection: Rejection | None = None
         self._last_error: str | None = None
+        self._last_kind: str | None = None  # the reason class of the last failure
 
     # --- what happened --------------------------------------------------------------------
 
@@ -147,6 +148,7 @@ class TokenHolder:
         self._backoff_due = -math.inf
         self._rejection = None
         self._last_error = None
+        self._last_kind = None
         if token.expires_in is None:
             interval = p.unknown_expiry_refresh
         else:
@@ -157,14 +159,20 @@ class TokenHolder:
             refresh_at = min(refresh_at, token.expiry - p.expiry_margin)
         self._refresh_at = max(refresh_at, now + p.min_refresh_interval)
 
-    def failed(self, reason: str, retry_after: float | None = None) -> None:
-        """A fetch failed transiently (connect error, timeout, 429, 5xx, ...)."""
+    def failed(
+        self, reason: str, retry_after: float | None = None, *, kind: str = "cp_unavailable"
+    ) -> None:
+        """A fetch failed transiently (connect error, timeout, 429, 5xx, a bad answer, ...).
+
+        ``kind`` is the reason class ``/readyz`` may show (``cp_unavailable``, ``cp_error``):
+        never the reason itself, which may name the pod's identity or the CP's policy."""
         now = self._clock.monotonic()
         p = self.policy
         on_schedule = self._on_schedule
         self._end_attempt(now)
         self._rejection = None
         self._last_error = reason
+        self._last_kind = kind
         empty = self.current() is None  # nothing to serve: stay close to the CP
         if retry_after is not None:
             retry_after = min(retry_after, p.empty_max_retry_after if empty else p.max_retry_after)
@@ -188,6 +196,7 @@ class TokenHolder:
         self._failures += 1
         self._rejection = Rejection(status, description)
         self._last_error = f"the CP refused the pod ({status}): {description}"
+        self._last_kind = "refused"
         delay = p.rejected_min + self._rand() * (p.rejected_max - p.rejected_min)
         self._backoff_due = now + delay
         self._retry_at = self._before_expiry(now, now + delay)
@@ -264,6 +273,18 @@ class TokenHolder:
     def last_error(self) -> str | None:
         """Why the last attempt failed (None after a success)."""
         return self._last_error
+
+    def unready_class(self) -> str | None:
+        """None while ready, else why not, as a class only (what a probe port reachable
+        from the network may say): ``refused`` (the CP refused the pod), ``cp_unavailable``
+        (the CP could not be reached or answered badly), ``cp_error`` (an error retrying
+        may not fix, e.g. an untrusted certificate), ``expired`` (the token ran out before
+        a refresh was tried), ``starting`` (no token fetched yet)."""
+        if self.current() is not None:
+            return None
+        if self._last_kind is not None:
+            return self._last_kind
+        return "expired" if self._token is not None else "starting"
 
     @property
     def failures(self) -> int:

@@ -75,16 +75,20 @@ class Refresher:
                 )
             return
         except TokenError as exc:
+            transient = isinstance(exc, TokenUnavailable)
             retry_after = exc.retry_after if isinstance(exc, TokenUnavailable) else None
-            self.holder.failed(str(exc), retry_after)
-            kind = "transient" if isinstance(exc, TokenUnavailable) else "error"
-            self._metrics.fetches[kind].inc()
+            self.holder.failed(
+                str(exc), retry_after, kind="cp_unavailable" if transient else "cp_error"
+            )
+            self._metrics.fetches["transient" if transient else "error"].inc()
             self._log_failure(str(exc))
             return
         except Exception as exc:  # the fetcher maps every answer to TokenError; defence in
             # depth: an unforeseen one is still a failed fetch with backoff, not a dead loop.
             # Its message is not logged: it might quote the answer.
-            self.holder.failed(f"the fetch failed unexpectedly ({type(exc).__name__})")
+            self.holder.failed(
+                f"the fetch failed unexpectedly ({type(exc).__name__})", kind="cp_error"
+            )
             self._metrics.fetches["error"].inc()
             self._log_failure(f"unexpected {type(exc).__name__}")
             return

@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 from client_fakes import Script, ok, refused, unavailable
-from sidecar_rig import HEADER, Rig
+from sidecar_rig import HEADER, ManualClock, Rig
 
 from cp_token.client import TokenRejected, TokenSource, TokenUnavailable
 from sidecar.app import create_metrics_app
@@ -295,3 +295,50 @@ async def test_the_metrics_app_never_serves_tokens(tmp_path: Path) -> None:
         text = (await metrics.get("/metrics")).text
         assert 'cp_token_sidecar_token_requests_total{method="GET",outcome="ok"} 1.0' in text
         assert 'cp_token_sidecar_upstream_fetches_total{outcome="ok"} 1.0' in text
+
+
+# --- what the probe port says -----------------------------------------------------------------
+
+POLICY_WORDS = (
+    "system:serviceaccount:team-a:default is not an allowed session runner "
+    "(CP_TOKEN_ALLOWED_SA system:serviceaccount:*:session-*-sa)"
+)
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason"),
+    [
+        (refused(403, POLICY_WORDS), "refused"),
+        (refused(401, POLICY_WORDS), "refused"),
+        (unavailable(503), "cp_unavailable"),
+        (httpx.ConnectError("refused by cp.example.svc:8080"), "cp_unavailable"),
+        (httpx.Response(404, json={"error_description": POLICY_WORDS}), "cp_error"),
+    ],
+)
+async def test_readyz_names_a_reason_class_only(
+    tmp_path: Path, answer: httpx.Response | Exception, reason: str
+) -> None:
+    """SIDECAR_METRICS_ADDR is reachable from the network (before: /readyz showed the
+    pod's ServiceAccount username and the CP's policy glob after a refusal)."""
+    rig = Rig(Script(answer), tmp_path)
+    app = create_metrics_app(rig.holder, rig.metrics)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://10.0.0.7:9099"
+    ) as probes:
+        assert (await probes.get("/readyz")).text == "not ready: starting"
+        await rig.get()  # the sidecar asks the CP
+        for client in (probes, rig.client):
+            ready = await client.get("/readyz")
+            assert ready.status_code == 503
+            assert ready.text == f"not ready: {reason}"
+            metrics = (await client.get("/metrics")).text
+            for words in ("serviceaccount", "session-*", "team-a", "cp.example", "8080"):
+                assert words not in ready.text and words not in metrics
+
+
+async def test_readyz_says_ready_and_then_expired(tmp_path: Path) -> None:
+    rig = Rig(Script(ok("t1", 100)), tmp_path, clock=ManualClock())
+    await rig.get()
+    assert (await rig.client.get("/readyz")).text == "ready"
+    rig.clock.advance(100)  # no refresh was tried (its loop is not running here)
+    assert (await rig.client.get("/readyz")).text == "not ready: expired"

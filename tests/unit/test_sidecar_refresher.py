@@ -16,13 +16,16 @@ from sidecar_rig import ManualClock, Rig
 from cp_token.clock import FakeClock
 
 
-async def settle(predicate: object, rounds: int = 5000) -> None:
-    """Let the event loop run until ``predicate()`` holds (bounded, no wall-clock waits)."""
-    for _ in range(rounds):
-        if predicate():  # type: ignore[operator]
-            return
+async def settle(predicate: object, deadline: float = 10.0) -> None:
+    """Let the event loop run until ``predicate()`` holds. Bounded in real time, not in
+    rounds: the token file is written in a worker thread, which a loaded machine may
+    schedule after thousands of rounds (time itself moves only on the fake clock)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline
+    while not predicate():  # type: ignore[operator]
+        if loop.time() > end:
+            raise AssertionError("condition not reached")
         await asyncio.sleep(0)
-    raise AssertionError("condition not reached")
 
 
 async def test_the_lifespan_fetches_before_any_request(tmp_path: Path) -> None:

@@ -179,7 +179,7 @@ class TokenEndpoint:
             return rejection.status, [], _error(error, rejection.description)
         self._metrics.request(method, "unavailable")
         why = holder.last_error or "no token fetched yet"
-        retry_after = str(holder.retry_after()).encode()
+        retry_after = str(holder.advertised_retry_after()).encode()
         body = _error("temporarily_unavailable", f"no unexpired token held: {why}")
         return 503, [(b"retry-after", retry_after)], body
 

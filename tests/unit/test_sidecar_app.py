@@ -252,7 +252,7 @@ async def test_an_absurd_retry_after_does_not_leave_the_pod_dark(tmp_path: Path)
     rig = Rig(Script(unavailable(503, retry_after="100000"), ok("t1")), tmp_path)
     response = await rig.get()
     assert response.status_code == 503
-    assert int(response.headers["Retry-After"]) <= 5  # not 100000
+    assert int(response.headers["Retry-After"]) <= 10  # not 100000 (5 s, jittered to 2N)
     rig.clock.advance(5)
     recovered = await rig.get()  # the CP is back: the next request gets a token
     assert recovered.status_code == 200 and recovered.json()["token"] == "t1"
@@ -342,3 +342,28 @@ async def test_readyz_says_ready_and_then_expired(tmp_path: Path) -> None:
     assert (await rig.client.get("/readyz")).text == "ready"
     rig.clock.advance(100)  # no refresh was tried (its loop is not running here)
     assert (await rig.client.get("/readyz")).text == "not ready: expired"
+
+
+async def test_the_503s_retry_after_is_spread_over_n_to_2n(tmp_path: Path) -> None:
+    """Consumers told to come back do not all come back in the same second (before: every
+    503 said exactly the CP's 5)."""
+    rig = Rig(Script(unavailable(503, retry_after="5")), tmp_path)
+    values = set()
+    for _ in range(60):
+        response = await rig.get()
+        assert response.status_code == 503
+        values.add(int(response.headers["Retry-After"]))
+    assert rig.cp.count == 1  # the requests wait the CP's 5 s out
+    assert values <= set(range(5, 11)) and len(values) >= 4
+
+
+async def test_after_a_refusal_a_request_5_s_later_asks_the_cp_again(tmp_path: Path) -> None:
+    rig = Rig(Script(refused(403, "not managed"), ok("t1")), tmp_path)
+    assert (await rig.get()).status_code == 403
+    rig.clock.advance(4.9)
+    assert (await rig.get()).status_code == 403
+    assert rig.cp.count == 1  # at most one ask per 5 s
+    rig.clock.advance(0.1)
+    labelled = await rig.get()  # the ServiceAccount was labelled meanwhile
+    assert labelled.status_code == 200 and labelled.json()["token"] == "t1"
+    assert rig.cp.count == 2

@@ -74,9 +74,9 @@ class TokenFileSink:
 
     def left_over(self, now: float) -> tuple[str, float] | None:
         """What an earlier run left in the file, if it may be kept: ``(token, exp)`` for a
-        JWT whose ``exp`` is after ``now`` (wall clock; and within ten years of it). Anything else there (expired, not a
-        JWT, garbage, unreadable) is removed at once: a token file never outlives its
-        token."""
+        JWT whose ``exp`` is after ``now`` (wall clock) and within ten years of it.
+        Anything else there (expired, not a JWT, garbage, unreadable) is removed at once:
+        a token file never outlives its token."""
         try:
             with open(self.path, "rb") as fh:
                 raw = fh.read(MAX_TOKEN + 1)

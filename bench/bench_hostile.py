@@ -15,6 +15,11 @@ Each row is a function (``ROWS``) that runs one hostile scenario against a real
 - The sidecar after a 12 s CP outage longer than its 5 s tokens (``bench_recovery``): seconds
   from the CP healed to a token served to a consumer asking every 100 ms, and to the token
   file back for a consumer that only reads it (no request). Goal <= 2.5 s each.
+- The sidecar holding a token while the CP answers malformed bytes (a raw TCP server,
+  ``tests/fakes/hostile_upstream.py``: chunk size -1, superscript digits, 400-digit
+  numbers, JSON 200,000 deep, bad token characters, 60 KB error text, ...), one sidecar
+  process per answer: how many kept serving their token (goal: all; before the fix about
+  twelve exited 1), and the largest resident memory among them (goal <= 30 MiB).
 
 The fake kube-apiserver runs in its own process (``bench_cp.FakeKube``), the load comes from
 a third (``common.run_loadgen``: raw asyncio keep-alive HTTP/1.1), memory is read from /proc.
@@ -262,6 +267,51 @@ def sidecar_file_recovery(bench: Bench) -> Row:
     )
 
 
+def sidecar_hostile_answers(bench: Bench) -> Row:
+    """One sidecar per malformed CP answer: it holds a token, is made to fetch, gets the
+    bad answer, and must keep serving its token (and not exit). (tests/ is on sys.path:
+    bench_recovery put it there.)"""
+    from tests.fakes.hostile_upstream import GOOD_TOKEN, HOSTILE_ANSWERS, RawUpstream
+    from tests.integration.procs import sidecar_serve
+
+    sa = bench.workdir / "sidecar-sa"
+    sa.write_text("sa.jwt.token")
+    kept, peak, failed = 0, 0, []
+    headers = {"Ambient-Token-Request": "true"}
+    with RawUpstream() as upstream:
+        for case in sorted(HOSTILE_ANSWERS):
+            proc, base = sidecar_serve(
+                upstream.url(f"good-then/{case}"), sa, bench.workdir / f"sidecar-{case}.log"
+            )
+            try:
+                proc.wait_http(f"{base}/readyz")
+                with httpx.Client(base_url=base, trust_env=False, timeout=10) as http:
+                    asked = http.get("/token", params={"min_ttl": 3600}, headers=headers)
+                    time.sleep(0.2)
+                    again = http.get("/token", headers=headers)
+                alive = proc.popen.poll() is None
+                if (
+                    alive
+                    and asked.status_code == again.status_code == 200
+                    and (again.json()["token"] == GOOD_TOKEN)
+                ):
+                    kept += 1
+                else:
+                    failed.append(case)
+                peak = max(peak, rss(proc.pid) if alive else 0)
+            finally:
+                proc.stop()
+    total = len(HOSTILE_ANSWERS)
+    if failed:
+        print(f"  sidecar: did not keep serving after {', '.join(failed)}")
+    return Row(
+        f"sidecar: kept serving its token after a malformed CP answer ({total} kinds)",
+        f"{kept}/{total}, {peak / MiB:.1f} MiB",
+        "all, <= 30 MiB",
+        kept == total and peak <= 30 * MiB,
+    )
+
+
 # Rows run in order; each starts its own processes.
 ROWS: list[Callable[[Bench], Row]] = [
     replay_growth_keys_readable,
@@ -270,6 +320,7 @@ ROWS: list[Callable[[Bench], Row]] = [
     flood_fairness,
     sidecar_recovery,
     sidecar_file_recovery,
+    sidecar_hostile_answers,
 ]
 
 

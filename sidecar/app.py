@@ -179,7 +179,7 @@ class TokenEndpoint:
             return rejection.status, [], _error(error, rejection.description)
         self._metrics.request(method, "unavailable")
         why = holder.last_error or "no token fetched yet"
-        retry_after = str(holder.retry_after()).encode()
+        retry_after = str(holder.advertised_retry_after()).encode()
         body = _error("temporarily_unavailable", f"no unexpired token held: {why}")
         return 503, [(b"retry-after", retry_after)], body
 
@@ -195,16 +195,19 @@ class TokenEndpoint:
 
 
 def probe_routes(holder: TokenHolder, metrics: SidecarMetrics) -> dict[str, ASGIApp]:
-    """``/healthz``, ``/readyz`` and ``/metrics``: no secret, no header required."""
+    """``/healthz``, ``/readyz`` and ``/metrics``: no secret, no identity, no configuration,
+    no header required."""
 
     def healthz() -> tuple[int, bytes, bytes]:
         return 200, b"ok", TEXT
 
     def readyz() -> tuple[int, bytes, bytes]:
-        if holder.ready:
-            return 200, b"ok", TEXT
-        why = holder.last_error or "no token fetched yet"
-        return 503, f"not ready: no unexpired token held ({why})".encode(), TEXT
+        # SIDECAR_METRICS_ADDR is reachable from the network: a reason class only, never
+        # the CP's words (they name the pod's identity and the CP's policy)
+        why = holder.unready_class()
+        if why is None:
+            return 200, b"ready", TEXT
+        return 503, f"not ready: {why}".encode(), TEXT
 
     def metrics_page() -> tuple[int, bytes, bytes]:
         return 200, metrics.render(), CONTENT_TYPE

@@ -92,6 +92,9 @@ async def run_once(settings: SidecarSettings, source: UpstreamSource) -> int:
     except TokenError as exc:
         print(f"{PROG}: cannot get a token: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:  # defence in depth: one line, never the answer's text
+        print(f"{PROG}: cannot get a token: unexpected {type(exc).__name__}", file=sys.stderr)
+        return 1
     finally:
         await source.aclose()
     try:

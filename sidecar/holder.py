@@ -20,9 +20,10 @@ Rules (SPIRE's rotation, the one :class:`~cp_token.runtime.backoff.Backoff`): re
 ``refresh_fraction`` of the lifetime has passed, +-10 % jitter; after a transient failure
 retry with capped exponential backoff and full jitter (capped at 60 s while a token is held,
 at 2 s while none is), at least ``Retry-After`` (itself honoured up to 60 s, or 5 s while
-no token is held); after a
+no token is held), with jitter on top of it up to the backoff's cap; after a
 401/403 retry slowly (30-60 s), or at once when the SA token file changes
-(:meth:`~TokenHolder.credentials_changed`); and while a token is held, never schedule a
+(:meth:`~TokenHolder.credentials_changed`), or at a consumer's request once 5 s have passed
+since the last ask; and while a token is held, never schedule a
 retry past its expiry. Only attempts made on the backoff schedule raise the backoff's
 exponent: the last-chance retries just before expiry and the attempts requests make early
 (with nothing held a request fetches at once, at most once a second, whatever the
@@ -39,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from cp_token.client import FetchedToken
-from cp_token.runtime.backoff import Backoff
+from cp_token.client._retry import jitter_retry_after
 from cp_token.runtime.clock import Clock
 from cp_token.settings.sidecar import REFRESH_FRACTION
 
@@ -125,6 +126,7 @@ class TokenHolder:
         self._not_before = -math.inf  # the CP's Retry-After, which requests respect too
         self._rejection: Rejection | None = None
         self._last_error: str | None = None
+        self._last_kind: str | None = None  # the reason class of the last failure
 
     # --- what happened --------------------------------------------------------------------
 
@@ -147,6 +149,7 @@ class TokenHolder:
         self._backoff_due = -math.inf
         self._rejection = None
         self._last_error = None
+        self._last_kind = None
         if token.expires_in is None:
             interval = p.unknown_expiry_refresh
         else:
@@ -157,25 +160,33 @@ class TokenHolder:
             refresh_at = min(refresh_at, token.expiry - p.expiry_margin)
         self._refresh_at = max(refresh_at, now + p.min_refresh_interval)
 
-    def failed(self, reason: str, retry_after: float | None = None) -> None:
-        """A fetch failed transiently (connect error, timeout, 429, 5xx, ...)."""
+    def failed(
+        self, reason: str, retry_after: float | None = None, *, kind: str = "cp_unavailable"
+    ) -> None:
+        """A fetch failed transiently (connect error, timeout, 429, 5xx, a bad answer, ...).
+
+        ``kind`` is the reason class ``/readyz`` may show (``cp_unavailable``, ``cp_error``):
+        never the reason itself, which may name the pod's identity or the CP's policy."""
         now = self._clock.monotonic()
         p = self.policy
         on_schedule = self._on_schedule
         self._end_attempt(now)
         self._rejection = None
         self._last_error = reason
+        self._last_kind = kind
         empty = self.current() is None  # nothing to serve: stay close to the CP
+        backoff = p.empty_backoff if empty else p.backoff
+        hint: float | None = None  # the CP's Retry-After, jittered: when this sidecar retries
         if retry_after is not None:
             retry_after = min(retry_after, p.empty_max_retry_after if empty else p.max_retry_after)
+            hint = jitter_retry_after(retry_after, backoff.cap, self._rand)
         if on_schedule or self._failures == 0:
             self._failures += 1
-            backoff = p.empty_backoff if empty else p.backoff
-            due = now + backoff.delay(self._failures, self._rand, retry_after)
+            due = now + backoff.delay(self._failures, self._rand, hint)
         else:  # an extra attempt failed: the schedule it jumped stands
-            due = max(self._backoff_due, now + p.backoff.floor, now + (retry_after or 0.0))
+            due = max(self._backoff_due, now + p.backoff.floor, now + (hint or 0.0))
             if empty:  # ... unless it was drawn while a token was held
-                due = min(due, now + p.empty_backoff.delay(self._failures, self._rand, retry_after))
+                due = min(due, now + p.empty_backoff.delay(self._failures, self._rand, hint))
         self._backoff_due = due
         self._not_before = now + (retry_after or 0.0)
         self._retry_at = self._before_expiry(now, due)
@@ -188,9 +199,17 @@ class TokenHolder:
         self._failures += 1
         self._rejection = Rejection(status, description)
         self._last_error = f"the CP refused the pod ({status}): {description}"
+        self._last_kind = "refused"
         delay = p.rejected_min + self._rand() * (p.rejected_max - p.rejected_min)
         self._backoff_due = now + delay
         self._retry_at = self._before_expiry(now, now + delay)
+
+    def adopt(self, token: FetchedToken) -> None:
+        """Hold ``token``, found at start (the token file an earlier run left, still
+        unexpired): it is served while unexpired, and a fetch is due at once (its backoff,
+        should the CP be down, is the one of a held token)."""
+        self._token = token
+        self._refresh_at = self._clock.monotonic()
 
     def credentials_changed(self) -> None:
         """The SA token file changed: after a refusal, try the new one at once."""
@@ -265,19 +284,38 @@ class TokenHolder:
         """Why the last attempt failed (None after a success)."""
         return self._last_error
 
+    def unready_class(self) -> str | None:
+        """None while ready, else why not, as a class only (what a probe port reachable
+        from the network may say): ``refused`` (the CP refused the pod), ``cp_unavailable``
+        (the CP could not be reached or answered badly), ``cp_error`` (an error retrying
+        may not fix, e.g. an untrusted certificate), ``expired`` (the token ran out before
+        a refresh was tried), ``starting`` (no token fetched yet)."""
+        if self.current() is not None:
+            return None
+        if self._last_kind is not None:
+            return self._last_kind
+        return "expired" if self._token is not None else "starting"
+
     @property
     def failures(self) -> int:
         """Consecutive failed attempts."""
         return self._failures
 
     def retry_after(self) -> int:
-        """Whole seconds (>= 1) until the next attempt, for a 503's ``Retry-After``."""
+        """Whole seconds (>= 1) until the next attempt (N)."""
         due = self.next_fetch_at()
         if due is None:
             return 1
         if self.current() is None and self._rejection is None:
             due = min(due, self._empty_fetch_at())  # a request would fetch then
         return max(1, math.ceil(max(0.0, due - self._clock.monotonic())))
+
+    def advertised_retry_after(self) -> int:
+        """A 503's ``Retry-After``: :meth:`retry_after` N with jitter, a whole number of
+        seconds drawn from N..2N, so the pod's consumers told to come back do not all come
+        back in the same second (SPEC "Riding out faults")."""
+        wait = self.retry_after()
+        return wait + min(wait, math.floor(self._rand() * (wait + 1)))
 
     # --- what to do next --------------------------------------------------------------------
 
@@ -296,9 +334,11 @@ class TokenHolder:
 
         Not when the held token has enough left; join a fetch in progress. With nothing
         held: fetch at once (at most once per ``empty_fetch_interval``) whatever the
-        backoff, unless the CP refused the pod (its answer is relayed; the SA token file
-        changing brings a fetch). With a token held: not while retries are backing off, and
-        within ``recent_window`` of the last fetch only when that fetch's token lived at
+        backoff. After the CP refused the pod: once ``recent_window`` has passed since the
+        last ask (a ServiceAccount labelled a moment too late is let in at the next
+        request, not at the slow retry), else its answer is relayed (the SA token file
+        changing brings a fetch too). With a token held: not while retries are backing off,
+        and within ``recent_window`` of the last fetch only when that fetch's token lived at
         least ``min_ttl`` (otherwise another fetch would return the same lifetime).
         """
         token = self.current()
@@ -311,6 +351,8 @@ class TokenHolder:
             return True
         if token is None:
             return self._may_fetch_empty(now)
+        if self._rejection is not None and now - self._last_attempt >= self.policy.recent_window:
+            return True
         if self._retry_at is not None:
             return now >= self._retry_at
         if now - self._last_attempt >= self.policy.recent_window:
@@ -329,8 +371,12 @@ class TokenHolder:
         return now - self._last_attempt >= self.policy.recent_window
 
     def _may_fetch_empty(self, now: float) -> bool:
-        if self._rejection is not None:
-            return self._retry_at is None or now >= self._retry_at
+        if self._rejection is not None:  # refused: ask again at most once per recent_window
+            return (
+                self._retry_at is None
+                or now >= self._retry_at
+                or now - self._last_attempt >= self.policy.recent_window
+            )
         return now >= self._empty_fetch_at()
 
     def _empty_fetch_at(self) -> float:

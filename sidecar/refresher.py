@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from cp_token.client import TokenError, TokenRejected, TokenUnavailable
-from cp_token.runtime.clock import Clock, sleep_or_wake
+from cp_token.client import FetchedToken, TokenError, TokenRejected, TokenUnavailable
+from cp_token.runtime.clock import Clock, rfc3339, sleep_or_wake
 from cp_token.runtime.singleflight import SharedCall
 
 from .holder import TokenHolder
@@ -75,11 +75,22 @@ class Refresher:
                 )
             return
         except TokenError as exc:
+            transient = isinstance(exc, TokenUnavailable)
             retry_after = exc.retry_after if isinstance(exc, TokenUnavailable) else None
-            self.holder.failed(str(exc), retry_after)
-            kind = "transient" if isinstance(exc, TokenUnavailable) else "error"
-            self._metrics.fetches[kind].inc()
+            self.holder.failed(
+                str(exc), retry_after, kind="cp_unavailable" if transient else "cp_error"
+            )
+            self._metrics.fetches["transient" if transient else "error"].inc()
             self._log_failure(str(exc))
+            return
+        except Exception as exc:  # the fetcher maps every answer to TokenError; defence in
+            # depth: an unforeseen one is still a failed fetch with backoff, not a dead loop.
+            # Its message is not logged: it might quote the answer.
+            self.holder.failed(
+                f"the fetch failed unexpectedly ({type(exc).__name__})", kind="cp_error"
+            )
+            self._metrics.fetches["error"].inc()
+            self._log_failure(f"unexpected {type(exc).__name__}")
             return
         except BaseException:
             self.holder.failed("fetch interrupted")
@@ -139,9 +150,35 @@ class Refresher:
         self._metrics.file_writes["removed"].inc()
         log.warning("the token expired unrenewed; token file removed")
 
+    async def adopt_left_over(self) -> None:
+        """At start: hold the token an earlier run left in the token file while it is a
+        JWT whose ``exp`` is in the future (a sidecar restarted during a CP outage serves
+        it, and removes the file when it expires); anything else there is removed now."""
+        if self._sink is None:
+            return
+        now = self._clock.time()
+        try:
+            found = await asyncio.to_thread(self._sink.left_over, now)
+        except OSError as exc:
+            log.error("cannot clear the token file", extra={"fields": {"error": str(exc)}})
+            return
+        if found is None:
+            return
+        token, exp = found
+        # on the monotonic clock from here: the wall clock only told how much is left
+        held = FetchedToken(token, int(exp - now), rfc3339(exp), self._clock.monotonic())
+        self.holder.adopt(held)
+        self._sink_expiry = held.expiry
+        log.info(
+            "kept the token file an earlier run left until it expires; fetching a new token",
+            extra={"fields": {"expires_in": held.expires_in}},
+        )
+
     async def run(self) -> None:
-        """The refresh loop: forever fetch when due, remove the file at expiry, and while
-        the CP refuses the pod, try again as soon as the SA token file changes."""
+        """The refresh loop: first :meth:`adopt_left_over`, then forever fetch when due,
+        remove the file at expiry, and while the CP refuses the pod, try again as soon as
+        the SA token file changes."""
+        await self.adopt_left_over()
         while True:
             self._wake.clear()
             await self._expire_sink()

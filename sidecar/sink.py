@@ -6,11 +6,39 @@ token or the new one, never a torn write, and never a file wider than the config
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
+import math
 import os
 import secrets
 
-__all__ = ["TokenFileSink"]
+from cp_token.client._http import MAX_LIFETIME, MAX_TOKEN, decode_json, token_problem
+
+__all__ = ["TokenFileSink", "unverified_exp"]
+
+
+def unverified_exp(token: str) -> float | None:
+    """The ``exp`` claim of a compact JWT, read without verifying it (the sidecar wrote the
+    file itself; only the token's lifetime is wanted), or None when ``token`` is no JWT
+    or has no finite numeric ``exp``."""
+    parts = token.split(".")
+    if len(parts) != 3 or not all(parts):
+        return None
+    payload = parts[1]
+    try:
+        raw = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
+        claims = decode_json(raw)
+    except (ValueError, binascii.Error):
+        return None
+    exp = claims.get("exp") if isinstance(claims, dict) else None
+    if isinstance(exp, bool) or not isinstance(exp, int | float):
+        return None
+    try:
+        value = float(exp)
+    except OverflowError:  # an int of hundreds of digits
+        return None
+    return value if math.isfinite(value) else None
 
 
 class TokenFileSink:
@@ -43,6 +71,28 @@ class TokenFileSink:
                 os.unlink(tmp)
             raise
         self._sync_dir()
+
+    def left_over(self, now: float) -> tuple[str, float] | None:
+        """What an earlier run left in the file, if it may be kept: ``(token, exp)`` for a
+        JWT whose ``exp`` is after ``now`` (wall clock) and within ten years of it.
+        Anything else there (expired, not a JWT, garbage, unreadable) is removed at once:
+        a token file never outlives its token."""
+        try:
+            with open(self.path, "rb") as fh:
+                raw = fh.read(MAX_TOKEN + 1)
+        except FileNotFoundError:
+            return None
+        except OSError:
+            raw = b""
+        try:
+            token = raw.decode("ascii")
+        except UnicodeDecodeError:
+            token = ""
+        exp = unverified_exp(token) if token_problem(token) is None else None
+        if exp is not None and now < exp <= now + MAX_LIFETIME:
+            return token, exp
+        self.remove()
+        return None
 
     def remove(self) -> None:
         """Delete the file (the token expired unrenewed); a missing file is fine."""

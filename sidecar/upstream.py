@@ -1,28 +1,37 @@
-"""The sidecar's request to the CP: one HTTP/1.1 exchange over asyncio streams.
+"""The sidecar's request to the CP: one HTTP/1.1 exchange, parsed by ``h11``.
 
 What to send and what the answer means are the client library's (``read_sa_token``,
 ``parse_token_response``, the errors, the retry policy): only the transport differs. httpx
-and its dependencies (httpcore, anyio, h11, idna, cookie and multipart support) cost every
+and its dependencies (httpcore, anyio, idna, cookie and multipart support) cost every
 session pod about 5 MiB of resident memory for a request made once every few minutes, so
-the sidecar speaks the one exchange it needs itself: ``GET`` with the pod's ServiceAccount
-token, ``Connection: close``, no proxy (none is ever consulted), no redirect, a timeout on
-the whole exchange, bounded head and body.
+the sidecar drives the one exchange it needs itself: ``GET`` with the pod's ServiceAccount
+token, ``Connection: close``, no proxy (none is ever consulted), no redirect. The bytes of
+the answer are parsed by ``h11`` (the maintained HTTP/1.1 parser under httpx and uvicorn:
+ARCHITECTURE's "Trust boundaries"), TLS is the ``ssl`` module's through asyncio streams,
+and every size and time is bounded: the head (and each chunk-size line, trailer included)
+at :data:`MAX_HEAD`, the body at :data:`MAX_BODY` (a ``Content-Length`` over it is refused
+before any body is read), informational answers at a handful, the whole exchange at the
+timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import ssl
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Protocol
+from collections.abc import Callable, Iterable
+from typing import Protocol
 from urllib.parse import urlsplit
+
+import h11
 
 from cp_token.client import FetchedToken, TokenError, TokenUnavailable
 from cp_token.client._http import (
+    MAX_BODY,
+    RawAnswer,
     ServiceAccountTokenFile,
     parse_token_response,
+    printable,
     untrusted_certificate,
 )
 from cp_token.client._retry import Retrier, RetryPolicy
@@ -31,10 +40,11 @@ from cp_token.runtime.errors import ConfigError
 from cp_token.settings.client import TIMEOUT
 from cp_token.settings.common import parse_url
 
-__all__ = ["TokenFetcher", "UpstreamSource"]
+__all__ = ["MAX_BODY", "MAX_HEAD", "TokenFetcher", "UpstreamSource"]
 
 MAX_HEAD = 64 * 1024
-MAX_BODY = 1024 * 1024
+MAX_INFORMATIONAL = 8  # 1xx answers skipped before the real one; more is a malformed answer
+READ_SIZE = 64 * 1024
 _HEADER_VALUE_OK = frozenset(range(0x21, 0x7F))  # visible ASCII: no CR/LF, no spaces
 
 
@@ -55,99 +65,74 @@ class TokenFetcher(Protocol):
         """Whether the SA token file holds another token than the one last sent."""
 
 
-class _Headers(Mapping[str, str]):
-    """Response headers with case-insensitive lookup."""
-
-    def __init__(self, items: dict[str, str]) -> None:
-        self._items = items
-
-    def __getitem__(self, name: str) -> str:
-        return self._items[name.lower()]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._items)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-
-class _Answer:
-    """A parsed response, read the way ``parse_token_response`` reads an httpx one."""
-
-    def __init__(self, status: int, reason: str, headers: dict[str, str], body: bytes) -> None:
-        self.status_code = status
-        self.reason_phrase = reason
-        self.headers = _Headers(headers)
-        self._body = body
-
-    def json(self) -> Any:
-        return json.loads(self._body)
-
-
 class _Malformed(Exception):
-    """The bytes received are not an HTTP/1.1 response we accept."""
+    """The bytes received are not an HTTP/1.1 answer we accept (a fixed message: never
+    the answer's own bytes)."""
 
 
-async def _read_head(reader: asyncio.StreamReader) -> tuple[int, str, dict[str, str]]:
-    try:
-        raw = await reader.readuntil(b"\r\n\r\n")
-    except asyncio.LimitOverrunError:
-        raise _Malformed(f"response head over {MAX_HEAD} bytes") from None
-    except asyncio.IncompleteReadError:
-        raise _Malformed("connection closed before a complete response head") from None
-    lines = raw.decode("latin-1").split("\r\n")
-    version, _, rest = lines[0].partition(" ")
-    code, _, reason = rest.partition(" ")
-    if not version.startswith("HTTP/1.") or len(code) != 3 or not code.isdigit():
-        raise _Malformed(f"not an HTTP/1.x status line: {lines[0][:60]!r}")
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        if not line:
-            continue
-        name, sep, value = line.partition(":")
-        if not sep or not name or name != name.strip():
-            raise _Malformed("malformed header line")
-        headers[name.lower()] = value.strip()
-    return int(code), reason, headers
+def _protocol_error(exc: h11.ProtocolError) -> _Malformed:
+    # h11's messages quote the offending bytes after a colon; keep only what went wrong.
+    what = str(exc).partition(":")[0].strip()[:80] or type(exc).__name__
+    return _Malformed(f"malformed HTTP answer ({what})")
 
 
-async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+def _content_length(headers: Iterable[tuple[bytes, bytes]]) -> int | None:
+    """The declared body length (h11 has checked it is ASCII digits and consistent)."""
+    for name, value in headers:
+        if name == b"content-length":
+            if len(value) > 12:  # over a terabyte: no need to convert it to know
+                raise _Malformed(f"response body over {MAX_BODY} bytes (Content-Length)")
+            return int(value)
+    return None
+
+
+async def _read_answer(reader: asyncio.StreamReader, conn: h11.Connection) -> RawAnswer:
+    """Feed ``conn`` from ``reader`` until one whole response has arrived, bounded."""
+    response: h11.Response | None = None
     body = bytearray()
+    informational = 0
+    received = 0  # bytes fed to h11 so far
     while True:
-        size_line = await reader.readuntil(b"\r\n")
         try:
-            size = int(size_line.split(b";", 1)[0].strip(), 16)
-        except ValueError:
-            raise _Malformed("bad chunk size") from None
-        if size == 0:
-            while (await reader.readuntil(b"\r\n")) != b"\r\n":  # trailers
-                pass
-            return bytes(body)
-        if len(body) + size > MAX_BODY:
-            raise _Malformed(f"response body over {MAX_BODY} bytes")
-        body += await reader.readexactly(size)
-        if await reader.readexactly(2) != b"\r\n":
-            raise _Malformed("bad chunk terminator")
-
-
-async def _read_body(reader: asyncio.StreamReader, headers: Mapping[str, str]) -> bytes:
-    try:
-        if "chunked" in headers.get("transfer-encoding", "").lower():
-            return await _read_chunked(reader)
-        length = headers.get("content-length")
-        if length is not None:
-            if not length.isdigit() or int(length) > MAX_BODY:
-                raise _Malformed(f"unacceptable Content-Length {length[:20]!r}")
-            return await reader.readexactly(int(length))
-        body = await reader.read(MAX_BODY + 1)  # Connection: close delimits the body
-        while len(body) <= MAX_BODY:
-            more = await reader.read(MAX_BODY + 1 - len(body))
-            if not more:
-                return body
-            body += more
-        raise _Malformed(f"response body over {MAX_BODY} bytes")
-    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-        raise _Malformed("connection closed in the middle of the body") from None
+            event = conn.next_event()
+        except h11.ProtocolError as exc:
+            raise _protocol_error(exc) from None
+        if event is h11.NEED_DATA:
+            data = await reader.read(READ_SIZE)
+            if not data and response is None:
+                raise _Malformed("connection closed before a complete response head")
+            received += len(data)
+            try:
+                conn.receive_data(data)  # b"": the peer closed (h11 then decides)
+            except h11.ProtocolError as exc:
+                raise _protocol_error(exc) from None
+            continue
+        if isinstance(event, h11.InformationalResponse | h11.Response) and (
+            received - len(conn.trailing_data[0]) > MAX_HEAD
+        ):  # h11 bounds a head still incomplete; this bounds one that came whole
+            raise _Malformed(f"response head over {MAX_HEAD} bytes")
+        if isinstance(event, h11.InformationalResponse):
+            informational += 1
+            if informational > MAX_INFORMATIONAL:
+                raise _Malformed("too many informational (1xx) answers")
+        elif isinstance(event, h11.Response):
+            length = _content_length(event.headers)
+            if length is not None and length > MAX_BODY:
+                raise _Malformed(f"response body over {MAX_BODY} bytes (Content-Length)")
+            response = event
+        elif isinstance(event, h11.Data):
+            body += event.data
+            if len(body) > MAX_BODY:
+                raise _Malformed(f"response body over {MAX_BODY} bytes")
+        elif isinstance(event, h11.EndOfMessage):
+            assert response is not None  # h11 orders the events
+            return RawAnswer.from_h11(
+                response.status_code, response.reason, response.headers, bytes(body)
+            )
+        elif isinstance(event, h11.ConnectionClosed):
+            raise _Malformed("connection closed before a complete response")
+        else:  # PAUSED cannot happen before the response ends; anything else is not ours
+            raise _Malformed(f"unexpected HTTP event {type(event).__name__}")
 
 
 class UpstreamSource:
@@ -196,34 +181,41 @@ class UpstreamSource:
                 raise TokenError(f"cannot load the CA file {self._ca_file!r} ({exc})") from None
         return self._context
 
-    def _request(self) -> bytes:
+    def _request(self) -> h11.Request:
         token = self._sa_file.read_for_sending()
         if not set(token.encode("utf-8", "replace")) <= _HEADER_VALUE_OK:
             raise TokenError(
                 f"the ServiceAccount token file {self._sa_file.path!r} holds characters a "
                 "bearer token cannot have"
             )
-        return (
-            f"GET {self._target} HTTP/1.1\r\nHost: {self._host_header}\r\n"
-            f"Authorization: Bearer {token}\r\nAccept: application/json\r\n"
-            "User-Agent: cp-token-sidecar\r\nConnection: close\r\n\r\n"
-        ).encode()
+        return h11.Request(
+            method="GET",
+            target=self._target,
+            headers=[
+                ("Host", self._host_header),
+                ("Authorization", f"Bearer {token}"),
+                ("Accept", "application/json"),
+                ("Accept-Encoding", "identity"),
+                ("User-Agent", "cp-token-sidecar"),
+                ("Connection", "close"),
+            ],
+        )
 
-    async def _exchange(self, request: bytes) -> _Answer:
+    async def _exchange(self, request: h11.Request) -> RawAnswer:
         context = self._ssl()
+        conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
+        data = conn.send(request) or b""
         reader, writer = await asyncio.open_connection(
             self._host,
             self._port,
             ssl=context,
             server_hostname=self._host if context is not None else None,
-            limit=MAX_HEAD,
+            limit=READ_SIZE,
         )
         try:
-            writer.write(request)
+            writer.write(data + (conn.send(h11.EndOfMessage()) or b""))
             await writer.drain()
-            status, reason, headers = await _read_head(reader)
-            body = await _read_body(reader, headers)
-            return _Answer(status, reason, headers, body)
+            return await _read_answer(reader, conn)
         finally:
             writer.close()
 
@@ -246,8 +238,14 @@ class UpstreamSource:
         except _Malformed as exc:
             raise TokenUnavailable(f"{self.url}: {exc}", self.url) from None
         except OSError as exc:
-            detail = exc.strerror or str(exc) or type(exc).__name__
+            detail = printable(exc.strerror or str(exc) or type(exc).__name__)
             raise TokenUnavailable(f"{self.url}: {detail}", self.url) from None
+        except TokenError:
+            raise
+        except Exception as exc:  # nothing the parser should let through; still transient
+            raise TokenUnavailable(
+                f"{self.url}: the answer could not be read ({type(exc).__name__})", self.url
+            ) from None
         return parse_token_response(
             answer, self.url, fetched_at=started, wall_now=self._clock.time()
         )

@@ -10,9 +10,10 @@ and a plain :class:`TokenError` (anything else, e.g. a redirect we refuse to fol
 from __future__ import annotations
 
 import hashlib
-import math
+import json
+import re
 import ssl
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -25,20 +26,36 @@ if TYPE_CHECKING:  # imported where used: the sidecar reads answers without http
     import httpx
 
 __all__ = [
+    "MAX_BODY",
+    "MAX_DESCRIPTION",
+    "MAX_LIFETIME",
+    "MAX_TOKEN",
     "SIDECAR_HEADER",
     "Answer",
     "FetchedToken",
+    "RawAnswer",
     "ServiceAccountTokenFile",
     "client_options",
+    "decode_json",
+    "lifetime",
     "parse_token_response",
+    "printable",
     "read_sa_token",
     "rfc3339",
+    "token_problem",
     "transport_error",
     "untrusted_certificate",
 ]
 
 SIDECAR_HEADER = "Ambient-Token-Request"
-_MAX_DESCRIPTION = 300
+# Bounds on what an upstream may answer (SPEC "Hostile input and overload": every answer
+# from upstream is untrusted input too). Beyond them the answer is a bad one: transient.
+MAX_BODY = 1024 * 1024  # a token answer is a few KiB
+MAX_TOKEN = 16 * 1024  # the CP refuses bearer tokens over 16 KiB unparsed: none is longer
+MAX_LIFETIME = 10 * 365 * 86400  # ten years; 1e308 s would be served as "year 9999"
+MAX_DESCRIPTION = 300  # characters of upstream error text relayed, on every path
+MAX_ERROR_CODE = 64
+_TOKEN = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no space: no CR, LF, NUL
 
 
 @dataclass(frozen=True)
@@ -168,14 +185,19 @@ def transport_error(exc: httpx.HTTPError, url: str) -> TokenError:
         return untrusted_certificate(url, bad_cert)
     if isinstance(exc, httpx.TimeoutException):
         return TokenUnavailable(f"{url}: timed out ({type(exc).__name__})", url)
+    if isinstance(exc, httpx.ProtocolError):
+        # h11's messages quote the offending bytes after a colon: keep what went wrong only
+        what = str(exc).partition(":")[0].strip()
+        return TokenUnavailable(f"{url}: malformed HTTP answer ({printable(what, 80)})", url)
     if isinstance(exc, httpx.TransportError):
-        detail = str(exc) or type(exc).__name__
+        detail = printable(str(exc) or type(exc).__name__)
         return TokenUnavailable(f"{url}: {detail}", url)
-    return TokenError(f"{url}: {type(exc).__name__}: {exc}")
+    return TokenError(f"{url}: {type(exc).__name__}: {printable(str(exc))}")
 
 
 class Answer(Protocol):
-    """What is read of a token endpoint's HTTP answer (an ``httpx.Response`` is one)."""
+    """What is read of a token endpoint's HTTP answer: :class:`RawAnswer` (the client
+    library reads httpx's answers into one, bounded; the sidecar builds one from h11's)."""
 
     @property
     def status_code(self) -> int:
@@ -187,71 +209,144 @@ class Answer(Protocol):
 
     @property
     def headers(self) -> Mapping[str, str]:
-        """Response headers; ``get`` is case-insensitive."""
+        """Response headers, looked up by lower-case name."""
 
-    def json(self) -> Any:
-        """The body parsed as JSON; raises ValueError."""
+    @property
+    def content(self) -> bytes:
+        """The body, at most :data:`MAX_BODY` bytes."""
+
+
+@dataclass(frozen=True)
+class RawAnswer:
+    """An HTTP answer as received: status, reason, headers (lower-case names, repeated
+    ones joined with ``", "`` as httpx does) and the body."""
+
+    status_code: int
+    reason_phrase: str
+    headers: Mapping[str, str]
+    content: bytes = field(repr=False)
+
+    @classmethod
+    def from_h11(
+        cls, status: int, reason: bytes, headers: Iterable[tuple[bytes, bytes]], body: bytes
+    ) -> RawAnswer:
+        """From h11's pieces (bytes; names already lower-case)."""
+        joined: dict[str, str] = {}
+        for raw_name, raw_value in headers:
+            name, value = raw_name.decode("latin-1").lower(), raw_value.decode("latin-1")
+            joined[name] = f"{joined[name]}, {value}" if name in joined else value
+        return cls(status, reason.decode("latin-1"), joined, body)
+
+
+def printable(text: str, limit: int = MAX_DESCRIPTION) -> str:
+    """Upstream text fit to relay: cut to ``limit`` characters, and every character that
+    is not printable (line breaks, NUL, a lone surrogate, bidi controls) replaced by
+    ``?``, so a message stays one line and encodes anywhere."""
+    cut = text[:limit]
+    if cut.isprintable():
+        return cut
+    return "".join(c if c.isprintable() else "?" for c in cut)
+
+
+def token_problem(token: object) -> str | None:
+    """Why ``token`` cannot be a bearer token (None when it can): a non-empty string of
+    printable ASCII without spaces (RFC 6750's b64token is stricter), at most
+    :data:`MAX_TOKEN` characters. The reason never quotes the token."""
+    if not isinstance(token, str) or not token:
+        return "no token"
+    if len(token) > MAX_TOKEN:
+        return f"a token over {MAX_TOKEN} characters"
+    if not _TOKEN.fullmatch(token):
+        return "a token with characters a bearer token cannot have"
+    return None
+
+
+def lifetime(value: object) -> int | None:
+    """``expires_in`` as stated: None (unknown) or whole seconds in 0..:data:`MAX_LIFETIME`;
+    raises ValueError for anything else (a float, a string, 1e308, 400 digits, a bool)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError("expires_in is not a whole number of seconds")
+    if not 0 <= value <= MAX_LIFETIME:
+        raise ValueError(f"expires_in is outside 0..{MAX_LIFETIME}")
+    return value
+
+
+def decode_json(body: bytes) -> Any:
+    """``body`` as JSON; ValueError for anything that is not (too large, not UTF-8, nested
+    deeper than the interpreter's recursion limit, a number of thousands of digits)."""
+    if len(body) > MAX_BODY:
+        raise ValueError(f"body over {MAX_BODY} bytes")
+    try:
+        return json.loads(body)
+    except RecursionError:
+        raise ValueError("JSON nested too deep") from None
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError, an over-long integer
+        raise ValueError("not JSON") from None
 
 
 def _error_fields(response: Answer) -> tuple[str | None, str]:
-    """The RFC 6749 ``error`` and ``error_description`` of a refusal, if it has them."""
+    """The RFC 6749 ``error`` and ``error_description`` of a refusal, if it has them, fit
+    to relay (:func:`printable`): from the body when it is JSON, else the reason phrase."""
     error: str | None = None
     description = response.reason_phrase or f"HTTP {response.status_code}"
     try:
-        body = response.json()
+        body = decode_json(response.content)
     except ValueError:
-        return error, description
+        body = None
     if isinstance(body, dict):
         if isinstance(body.get("error"), str):
-            error = body["error"]
+            error = printable(body["error"], MAX_ERROR_CODE)
         if isinstance(body.get("error_description"), str) and body["error_description"]:
             description = body["error_description"]
-    return error, description[:_MAX_DESCRIPTION]
+    return error, printable(description)
 
 
-def _lifetime(value: object) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError("expires_in is not a number")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError("expires_in is negative or not finite")
-    return int(value)
+def _expires_at(value: object, expires_in: int | None, wall_now: float) -> str | None:
+    """The server's RFC 3339 expiry when it looks like one (passed on for display), else
+    one computed from ``expires_in``."""
+    if isinstance(value, str) and len(value) <= 40 and value.isascii() and value.isprintable():
+        return value
+    return None if expires_in is None else rfc3339(wall_now + expires_in)
 
 
 def parse_token_response(
     response: Answer, url: str, *, fetched_at: float, wall_now: float
 ) -> FetchedToken:
-    """Turn a token endpoint's answer into a :class:`FetchedToken` or raise."""
+    """Turn a token endpoint's answer into a :class:`FetchedToken` or raise one of the
+    client's errors: the one reading of a token answer, for the client library and the
+    sidecar alike. Whatever the bytes, nothing else is raised, and no message quotes the
+    token or more than :data:`MAX_DESCRIPTION` characters of upstream text."""
     status = response.status_code
+    if not 100 <= status <= 599:
+        raise TokenUnavailable(f"{url}: answered status {status}, which HTTP does not have", url)
     if status == 200:
         try:
-            body = response.json()
+            body = decode_json(response.content)
             if not isinstance(body, dict):
                 raise ValueError("not an object")
-            token = body.get("token")
-            if not isinstance(token, str) or not token:
-                raise ValueError("no token")
-            expires_in = _lifetime(body.get("expires_in"))
-            expires_at = body.get("expires_at")
-            if not isinstance(expires_at, str):
-                expires_at = None if expires_in is None else rfc3339(wall_now + expires_in)
+            problem = token_problem(body.get("token"))
+            if problem is not None:
+                raise ValueError(problem)
+            expires_in = lifetime(body.get("expires_in"))
+            expires_at = _expires_at(body.get("expires_at"), expires_in, wall_now)
         except ValueError as exc:
             # The CP never answers 200 without a token: something in the path (an ingress,
             # a half-deployed server) misbehaves. Treated as transient, bounded by the deadline.
             raise TokenUnavailable(
-                f"{url}: answered 200 without a token JSON body ({exc})", url
+                f"{url}: answered 200 without a usable token JSON body ({exc})", url
             ) from None
-        return FetchedToken(token, expires_in, expires_at, fetched_at)
+        return FetchedToken(body["token"], expires_in, expires_at, fetched_at)
     error, description = _error_fields(response)
     if status in (401, 403):
         raise TokenRejected(status, description, url)
     if status == 429 or status >= 500:
-        retry_after = parse_retry_after(response.headers.get("Retry-After"), wall_now)
-        label = f"{error}: {description}" if error else description
+        retry_after = parse_retry_after(response.headers.get("retry-after"), wall_now)
+        label = printable(f"{error}: {description}" if error else description)
         raise TokenUnavailable(f"{url}: HTTP {status} ({label})", url, retry_after=retry_after)
     if 300 <= status < 400:
-        location = response.headers.get("Location", "?")
+        location = printable(response.headers.get("location", "?"))
         raise TokenError(
             f"{url} redirected ({status}) to {location}; not followed: the credential is only "
             "sent to the configured URL (configure the final URL)"

@@ -1,6 +1,6 @@
 """Retries the stamina way: named transient errors only, capped exponential backoff with
-full jitter (the one :class:`~cp_token.runtime.backoff.Backoff`), ``Retry-After`` honoured, and a
-total deadline that no wait may overrun.
+full jitter (the one :class:`~cp_token.runtime.backoff.Backoff`), ``Retry-After`` honoured as a
+minimum with jitter on top, and a total deadline that no wait may overrun.
 
 Waits go through an injected sleep (the clock's), so tests with a fake clock are instant.
 """
@@ -16,9 +16,17 @@ from cp_token.runtime.clock import Clock
 
 from ._errors import TokenUnavailable
 
-__all__ = ["Retrier", "RetryPolicy", "parse_retry_after"]
+__all__ = ["Retrier", "RetryPolicy", "jitter_retry_after", "parse_retry_after"]
 
 T = TypeVar("T")
+
+
+def jitter_retry_after(retry_after: float, spread: float, rand: Callable[[], float]) -> float:
+    """A server's ``Retry-After`` as a minimum with jitter on top: a uniform draw in
+    ``[retry_after, retry_after + min(retry_after, spread)]``, so the many callers one server
+    told "come back in N s" do not all come back in the same second (SPEC "Riding out
+    faults"). ``spread`` is the retry loop's own cap (its backoff's)."""
+    return retry_after + rand() * min(retry_after, spread)
 
 
 @dataclass(frozen=True)
@@ -34,7 +42,9 @@ class RetryPolicy:
         self, failures: int, rand: Callable[[], float], retry_after: float | None = None
     ) -> float:
         """The wait after the ``failures``-th consecutive failure (1-based), at least
-        ``retry_after``."""
+        ``retry_after``, with jitter on top of it (:func:`jitter_retry_after`)."""
+        if retry_after is not None:
+            retry_after = jitter_retry_after(retry_after, self.cap, rand)
         return Backoff(base=self.initial, cap=self.cap).delay(failures, rand, retry_after)
 
 

@@ -36,10 +36,12 @@ from cp_token.settings.client import (
 )
 from cp_token.settings.common import parse_url
 
-from ._errors import TokenError, TokenRejected
+from ._errors import TokenError, TokenRejected, TokenUnavailable
 from ._http import (
+    MAX_BODY,
     SIDECAR_HEADER,
     FetchedToken,
+    RawAnswer,
     ServiceAccountTokenFile,
     client_options,
     parse_token_response,
@@ -67,6 +69,38 @@ def _warn_bot_token_once() -> None:
             "using BOT_TOKEN: a static development token; set AMBIENT_TOKEN_SIDECAR_URL or "
             "AMBIENT_CP_TOKEN_URL in a pod"
         )
+
+
+# The body is read raw (never decompressed: a small gzip bomb cannot grow past the bound)
+_IDENTITY = {"Accept-Encoding": "identity"}
+
+
+def _check_length(response: httpx.Response, url: str) -> None:
+    """A declared body over :data:`MAX_BODY` is refused before any of it is read."""
+    declared = response.headers.get("content-length", "")
+    if (
+        declared.isascii()
+        and declared.isdigit()
+        and (len(declared) > 12 or int(declared) > MAX_BODY)
+    ):
+        raise TokenUnavailable(f"{url}: answer body over {MAX_BODY} bytes", url)
+
+
+def _check_size(body: bytearray, url: str) -> None:
+    if len(body) > MAX_BODY:
+        raise TokenUnavailable(f"{url}: answer body over {MAX_BODY} bytes", url)
+
+
+def _answer(response: httpx.Response, body: bytes) -> RawAnswer:
+    return RawAnswer(
+        response.status_code, response.reason_phrase, dict(response.headers.items()), body
+    )
+
+
+def _unreadable(url: str, exc: Exception) -> TokenUnavailable:
+    """An answer that broke something under the parser (its message is not relayed: it
+    may quote the answer)."""
+    return TokenUnavailable(f"{url}: the answer could not be read ({type(exc).__name__})", url)
 
 
 def _kept(cached: FetchedToken, exc: TokenError) -> FetchedToken:
@@ -296,12 +330,23 @@ class TokenSource:
         if self._static is not None:
             return self._store(FetchedToken(self._static, None, None, self._clock.monotonic()))
         method, params, headers = self._request_parts(min_ttl, force)
+        client = self._sync_client()
         started = self._clock.monotonic()
         try:
-            response = self._sync_client().request(method, self.url, params=params, headers=headers)
+            with client.stream(method, self.url, params=params, headers=headers) as response:
+                _check_length(response, self.url)
+                body = bytearray(response.content if response.is_stream_consumed else b"")
+                for chunk in () if response.is_stream_consumed else response.iter_raw():
+                    body += chunk
+                    _check_size(body, self.url)
+                answer = _answer(response, bytes(body))
         except httpx.HTTPError as exc:
             raise transport_error(exc, self.url) from None
-        return self._store(self._parse(response, started))
+        except TokenError:
+            raise
+        except Exception as exc:  # an answer no parser below us expected: still transient
+            raise _unreadable(self.url, exc) from None
+        return self._store(self._parse(answer, started))
 
     async def afetch_once(
         self, min_ttl: float | None = None, *, force: bool = False
@@ -310,28 +355,38 @@ class TokenSource:
         if self._static is not None:
             return self._store(FetchedToken(self._static, None, None, self._clock.monotonic()))
         method, params, headers = self._request_parts(min_ttl, force)
+        client = self._async_client()
         started = self._clock.monotonic()
         try:
-            response = await self._async_client().request(
-                method, self.url, params=params, headers=headers
-            )
+            async with client.stream(method, self.url, params=params, headers=headers) as response:
+                _check_length(response, self.url)
+                body = bytearray(response.content if response.is_stream_consumed else b"")
+                if not response.is_stream_consumed:  # (an in-process transport's is read)
+                    async for chunk in response.aiter_raw():
+                        body += chunk
+                        _check_size(body, self.url)
+                answer = _answer(response, bytes(body))
         except httpx.HTTPError as exc:
             raise transport_error(exc, self.url) from None
-        return self._store(self._parse(response, started))
+        except TokenError:
+            raise
+        except Exception as exc:  # an answer no parser below us expected: still transient
+            raise _unreadable(self.url, exc) from None
+        return self._store(self._parse(answer, started))
 
     def _request_parts(
         self, min_ttl: float | None, force: bool
     ) -> tuple[str, dict[str, str], dict[str, str]]:
         if self._mode == "direct":
             sa_token = self._sa_file.read_for_sending()
-            return "GET", {}, {"Authorization": f"Bearer {sa_token}"}
+            return "GET", {}, {"Authorization": f"Bearer {sa_token}", **_IDENTITY}
         params = {} if min_ttl is None else {"min_ttl": str(math.ceil(min_ttl))}
         method = "POST" if force or self._force_next else "GET"
-        return method, params, {SIDECAR_HEADER: "true"}
+        return method, params, {SIDECAR_HEADER: "true", **_IDENTITY}
 
-    def _parse(self, response: httpx.Response, started: float) -> FetchedToken:
+    def _parse(self, answer: RawAnswer, started: float) -> FetchedToken:
         return parse_token_response(
-            response, self.url, fetched_at=started, wall_now=self._clock.time()
+            answer, self.url, fetched_at=started, wall_now=self._clock.time()
         )
 
     def _store(self, fetched: FetchedToken) -> FetchedToken:

@@ -55,5 +55,8 @@ def run_get(argv: list[str]) -> int:
     except TokenError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:  # defence in depth: one line, never the answer's text
+        print(f"{PROG}: unexpected {type(exc).__name__}", file=sys.stderr)
+        return 1
     print(token)
     return 0

@@ -18,7 +18,6 @@ start; later, that rejection is logged and counted, and the cached token is stil
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import random
@@ -30,6 +29,9 @@ from typing import Any
 import httpx
 
 from cp_token.authn.precheck import decode_unverified
+from cp_token.runtime.backoff import Backoff, Pacer, parse_retry_after
+from cp_token.client._http import MAX_BODY, decode_json, printable, token_problem
+from cp_token.runtime.clock import MAX_SECONDS, Clock, sleep_or_wake
 from cp_token.errors import Unauthenticated, Unavailable
 from cp_token.identity import Identity
 from cp_token.metrics import NO_METRICS, IdPMetrics
@@ -38,12 +40,25 @@ from cp_token.runtime.backoff import Backoff, Pacer, parse_retry_after
 from cp_token.runtime.clock import MAX_SECONDS, Clock, sleep_or_wake
 from cp_token.runtime.singleflight import SharedCall
 
-__all__ = ["IDP_BACKOFF", "REQUEST_WAIT", "IdPError", "IdPMetrics", "OidcMinter", "UpstreamToken"]
+__all__ = [
+    "IDP_BACKOFF",
+    "IDP_DARK_BACKOFF",
+    "REQUEST_WAIT",
+    "IdPError",
+    "IdPMetrics",
+    "OidcMinter",
+    "UpstreamToken",
+]
 
 log = logging.getLogger(__name__)
 
 PERMANENT_ERRORS = frozenset({"invalid_client", "unauthorized_client"})
 IDP_BACKOFF = Backoff(base=1.0, cap=30.0, floor=0.5)
+# While no upstream token with CP_TOKEN_MIN_TTL left is held, every /token is a 503: the
+# retry interval stays within 2 s (the IdP's Retry-After too), so /token is back within
+# 2.5 s of the IdP healing (SPEC "Riding out faults"). Still one shared pace, whatever the
+# request rate.
+IDP_DARK_BACKOFF = Backoff(base=1.0, cap=2.0, floor=0.5)
 REQUEST_WAIT = 5.0  # a request waits this long for a call in flight, then 503 (sidecars wait 10)
 MIN_REFRESH_GAP = 1.0  # never refresh a good token more often than this, however short
 REPEAT_LOG_EVERY = 300.0  # the same failure reason is logged again at most this often
@@ -225,7 +240,13 @@ class OidcMinter:
         self._metrics.dependency("idp", True)
 
     def _failed(self, exc: IdPError) -> None:
-        delay = self._pacer.failed(exc.retry_after)
+        # The pace depends on what is held: nothing usable, and every /token waits on it.
+        policy = IDP_BACKOFF if self._usable(self._current) else IDP_DARK_BACKOFF
+        self._pacer.policy = policy
+        retry_after = exc.retry_after
+        if retry_after is not None:  # honoured up to the cap: one absurd value cannot stall
+            retry_after = min(retry_after, policy.cap)
+        delay = self._pacer.failed(retry_after)
         self._failure = exc
         if exc.permanent and not self._served:
             self._problem = f"OIDC_CLIENT_ID/OIDC_CLIENT_SECRET: {exc}"
@@ -241,60 +262,82 @@ class OidcMinter:
             log.log(level, "%s", exc, extra={"fields": fields})
 
     async def _fetch(self) -> UpstreamToken:
-        """One call to the IdP; its result goes to the metric whatever happens."""
+        """One call to the IdP; its result goes to the metric whatever happens. Whatever
+        the IdP answers, only :class:`IdPError` comes out (its answer is untrusted input)."""
         self.fetches += 1
         start = time.perf_counter()
         result = "error"
         try:
             try:
-                resp = await self._post()
+                status, headers, body = await self._post()
             except httpx.TimeoutException:
                 result = "timeout"
                 raise IdPError("the IdP timed out") from None
             except httpx.HTTPError as exc:
                 result = "unreachable"
                 raise IdPError(f"the IdP is unreachable ({type(exc).__name__})") from None
-            result = str(resp.status_code)
-            if resp.status_code != 200:
-                raise self._refusal(resp)
+            result = str(status)
+            if status != 200:
+                raise self._refusal(status, headers, body)
             try:
-                return self._parse(resp)
+                return self._parse(body)
             except IdPError:
                 result = "bad_answer"  # a 200 that is no token is no success
                 raise
+        except IdPError:
+            raise
+        except Exception as exc:  # an answer nothing below expected: a failed call all the same
+            result = "bad_answer"
+            raise IdPError(f"the IdP's answer could not be read ({type(exc).__name__})") from None
         finally:
             self._metrics.idp_call(result, time.perf_counter() - start)
 
-    async def _post(self) -> httpx.Response:
+    async def _post(self) -> tuple[int, httpx.Headers, bytes]:
+        """POST the grant; (status, headers, body read raw up to :data:`MAX_BODY` bytes)."""
         form = {"grant_type": "client_credentials"}
         if self._scope:
             form["scope"] = self._scope
         if self._audience:
             form["audience"] = self._audience
-        return await self._client.post(
+        request = self._client.build_request(
+            "POST",
             self._url,
             data=form,
-            auth=httpx.BasicAuth(self._client_id, self._secret()),
-            headers={"Accept": "application/json"},
+            # raw bytes, never decompressed: a small gzip bomb cannot grow past the bound
+            headers={"Accept": "application/json", "Accept-Encoding": "identity"},
         )
-
-    def _refusal(self, resp: httpx.Response) -> IdPError:
+        auth = httpx.BasicAuth(self._client_id, self._secret())
+        resp = await self._client.send(request, auth=auth, stream=True)
         try:
-            body = resp.json()
+            if resp.is_stream_consumed:  # an in-process transport has read it already
+                body = bytearray(resp.content)
+            else:
+                body = bytearray()
+                async for chunk in resp.aiter_raw():
+                    body += chunk
+                    if len(body) > MAX_BODY:
+                        raise IdPError(f"the IdP's answer is over {MAX_BODY} bytes")
+        finally:
+            await resp.aclose()
+        return resp.status_code, resp.headers, bytes(body)
+
+    def _refusal(self, status: int, headers: httpx.Headers, raw: bytes) -> IdPError:
+        try:
+            body = decode_json(raw)
         except ValueError:
             body = None
         error = body.get("error") if isinstance(body, dict) else None
-        error = error[:64] if isinstance(error, str) else None
-        msg = f"the IdP answered {resp.status_code}" + (f" ({error!r})" if error else "")
+        error = printable(error, 64) if isinstance(error, str) else None
+        msg = f"the IdP answered {status}" + (f" ({error!r})" if error else "")
         return IdPError(
             msg,
             reason="idp_rejected" if error in PERMANENT_ERRORS else "idp_unavailable",
-            retry_after=parse_retry_after(resp.headers.get("Retry-After"), self._clock.time()),
+            retry_after=parse_retry_after(headers.get("Retry-After"), self._clock.time()),
         )
 
-    def _parse(self, resp: httpx.Response) -> UpstreamToken:
+    def _parse(self, raw: bytes) -> UpstreamToken:
         try:
-            body = resp.json()
+            body = decode_json(raw)
         except ValueError:
             body = None
         if not isinstance(body, dict) or not isinstance(body.get("access_token"), str):
@@ -302,6 +345,9 @@ class OidcMinter:
         token = body["access_token"]
         if not token:
             raise IdPError("the IdP's answer carries an empty access_token")
+        problem = token_problem(token)
+        if problem is not None:  # it would be handed to every session as a bearer token
+            raise IdPError(f"the IdP's answer carries {problem}")
         now_mono, now_wall = self._clock.monotonic(), self._clock.time()
         lifetime = self._lifetime(token, body.get("expires_in"), now_wall)
         if lifetime is None:
@@ -317,11 +363,17 @@ class OidcMinter:
     def _lifetime(token: str, expires_in: Any, now_wall: float) -> float | None:
         """Seconds the token lives: ``expires_in``, else a JWT's own ``exp``; None if
         neither says (or says something that is not a finite number)."""
-        if isinstance(expires_in, str) and expires_in.isdigit():
+        if isinstance(expires_in, str):  # some IdPs send "3600"; "²" passes str.isdigit()
+            if not (expires_in.isascii() and expires_in.isdigit() and len(expires_in) <= 10):
+                return None
             expires_in = int(expires_in)
         lifetime: float | None = None
-        if isinstance(expires_in, int | float) and not isinstance(expires_in, bool):
+        if isinstance(expires_in, int) and not isinstance(expires_in, bool):
+            if not 0 <= expires_in <= MAX_SECONDS:  # 400 digits would overflow float()
+                return None
             lifetime = float(expires_in)
+        elif isinstance(expires_in, float):
+            lifetime = expires_in
         elif expires_in is None:
             try:  # no expires_in: a JWT access token still tells its own exp
                 exp = decode_unverified(token).exp
@@ -350,12 +402,23 @@ class OidcMinter:
         return max(0.0, refresh_at - self._clock.monotonic())
 
     async def run(self) -> None:
-        """Refresh ahead of expiry forever; failures wait out the shared backoff."""
+        """Refresh ahead of expiry forever; failures wait out the shared backoff. No answer
+        ends this loop (a background job that ends stops the CP): an unforeseen failure is
+        one more failed call, paced like the others."""
         while True:
             self._wake.clear()
             delay = self.next_refresh_in()
             if delay > 0:
                 await sleep_or_wake(self._clock, delay, self._wake)
                 continue  # look again: a request may have called meanwhile
-            with contextlib.suppress(IdPError):
-                await self._flight.do(self._call)
+            await self.refresh_once()
+
+    async def refresh_once(self) -> None:
+        """One background call to the IdP (or join the one in flight); its outcome is
+        recorded, never raised."""
+        try:
+            await self._flight.do(self._call)
+        except IdPError:
+            pass
+        except Exception as exc:  # defence in depth; its message may quote the answer
+            self._failed(IdPError(f"the IdP call failed unexpectedly ({type(exc).__name__})"))

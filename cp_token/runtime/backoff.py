@@ -22,9 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["Backoff", "MonotonicClock", "Pacer", "parse_retry_after"]
+__all__ = ["MAX_RETRY_AFTER_DIGITS", "Backoff", "MonotonicClock", "Pacer", "parse_retry_after"]
 
 _MAX_EXPONENT = 62  # 2.0**62 is finite; the cap applies long before
+MAX_RETRY_AFTER_DIGITS = 9  # over 30 years: no server means it; ignored, not an overflow
 
 
 class MonotonicClock(Protocol):
@@ -113,19 +114,26 @@ class Pacer:
 def parse_retry_after(value: str | None, now: float) -> float | None:
     """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP-date.
 
-    ``now`` is wall-clock time (for the HTTP-date form). Unparseable values are ignored
-    (None), and a date in the past means 0.
+    ``now`` is wall-clock time (for the HTTP-date form). A value that is neither (words,
+    superscript digits, a negative number), a number of more than
+    :data:`MAX_RETRY_AFTER_DIGITS` digits, or a date that does not exist or overflows is
+    ignored (None): it is an upstream's answer, untrusted input, and never raises. A date
+    in the past means 0.
     """
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # str.isdigit() alone accepts "¹"
+        if len(value) > MAX_RETRY_AFTER_DIGITS:
+            return None
         return float(int(value))
+    if len(value) > 64:  # an IMF-fixdate is 29 characters
+        return None
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+        if when.tzinfo is None:  # RFC 9110 dates are GMT; a naive parse means "-0000"
+            return None
+        seconds = when.timestamp() - now
+    except (TypeError, ValueError, IndexError, OverflowError):  # year 99999, 10**30 ...
         return None
-    if when.tzinfo is None:  # RFC 9110 dates are GMT; a naive parse means "-0000"
-        return None
-    seconds = when.timestamp() - now
     return max(0.0, seconds) if math.isfinite(seconds) else None

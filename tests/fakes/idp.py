@@ -12,7 +12,7 @@ import base64
 import binascii
 import secrets
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, unquote_plus
@@ -24,7 +24,13 @@ from starlette.routing import Route
 
 from tests.fakes.servers import BASE_FAULT_MODES, FaultPlan, LoopbackFake, LoopbackServer, gate
 
-__all__ = ["DEFAULT_CLIENT_ID", "DEFAULT_CLIENT_SECRET", "FakeIdP", "TokenRequestRecord"]
+__all__ = [
+    "DEFAULT_CLIENT_ID",
+    "DEFAULT_CLIENT_SECRET",
+    "MALFORMED_MODES",
+    "FakeIdP",
+    "TokenRequestRecord",
+]
 
 DEFAULT_CLIENT_ID = "cp-token"
 DEFAULT_CLIENT_SECRET = "cp-token-secret"
@@ -39,6 +45,41 @@ class TokenRequestRecord:
     form: Mapping[str, str]
     auth_method: str | None  # "client_secret_basic", "client_secret_post" or None
     client_id: str | None
+
+
+def _raw(status: int, body: bytes, headers: Mapping[str, str] | None = None) -> Response:
+    return Response(
+        body,
+        status_code=status,
+        media_type="application/json",
+        headers={**_NO_STORE, **(headers or {})},
+    )
+
+
+_BUSY = b'{"error": "temporarily_unavailable"}'
+
+# Malformed answers an IdP (or a proxy in front of it) can give: the red team's (issue 17)
+# and neighbours. Fault modes of ``FakeIdP.fail``; each token in them contains "SECRET".
+MALFORMED_MODES: dict[str, Callable[[], Response]] = {
+    # Starlette sends "¹" as the Latin-1 byte 0xB9; httpx reads it back as "¹"
+    "retry_after_superscript": lambda: _raw(503, _BUSY, {"Retry-After": "¹"}),
+    "retry_after_400_digits": lambda: _raw(503, _BUSY, {"Retry-After": "9" * 400}),
+    "retry_after_overflowing_date": lambda: _raw(
+        503, _BUSY, {"Retry-After": "Mon, 01 Jan 99999999999999999999 00:00:00 GMT"}
+    ),
+    "expires_in_superscript": lambda: _raw(
+        200, b'{"access_token": "SECRET-a", "token_type": "Bearer", "expires_in": "\xc2\xb2"}'
+    ),
+    "expires_in_400_digits": lambda: _raw(
+        200, b'{"access_token": "SECRET-b", "expires_in": %s}' % (b"9" * 400)
+    ),
+    "expires_in_1e308": lambda: _raw(200, b'{"access_token": "SECRET-c", "expires_in": 1e308}'),
+    "deep_json": lambda: _raw(200, b"[" * 200_000 + b"]" * 200_000),
+    "token_newline": lambda: _raw(
+        200, b'{"access_token": "SECRET\\nX-Injected: 1", "expires_in": 3600}'
+    ),
+    "error_text_60kb": lambda: Response(b"x" * 60_000, status_code=503, media_type="text/plain"),
+}
 
 
 def _same(a: str, b: str) -> bool:
@@ -78,7 +119,8 @@ class FakeIdP(LoopbackFake):
         self._records: list[TokenRequestRecord] = []
         app = Starlette(routes=[Route("/oauth/token", self._ep_token, methods=["POST"])])
         self._server = LoopbackServer(app, tls=tls, name="fake-idp")
-        self._faults = FaultPlan(BASE_FAULT_MODES | {"invalid_client"}, self._server.notify)
+        modes = BASE_FAULT_MODES | {"invalid_client"} | set(MALFORMED_MODES)
+        self._faults = FaultPlan(modes, self._server.notify)
 
     # -- lifecycle and addresses -------------------------------------------------------------
 
@@ -119,7 +161,8 @@ class FakeIdP(LoopbackFake):
     def fail(self, mode: str | None, *, times: int | None = None) -> None:
         """Fail token requests: "500", "hang" (held until the next fault change or stop),
         "reset" (TCP reset, no response), "invalid_client" (401 whatever the credentials),
-        or None to clear. `times`: only the next N requests."""
+        a malformed answer (a key of `MALFORMED_MODES`), or None to clear. `times`: only
+        the next N requests."""
         self._faults.fail(None, mode, times=times)
 
     def calls(self) -> int:
@@ -199,7 +242,7 @@ class FakeIdP(LoopbackFake):
             _ROUTE,
             request,
             error_500=lambda: _oauth_error(500, "server_error", "injected fault"),
-            custom={"invalid_client": invalid_client},
+            custom={"invalid_client": invalid_client, **MALFORMED_MODES},
         )
         if early is not None:
             return early

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import httpx
 
+from tests.fakes.idp import FakeIdP
 from tests.integration.fake_cp import FakeCP
-from tests.integration.procs import Proc, free_port, sidecar_serve, write_identities
+from tests.integration.procs import Proc, cp_serve, free_port, sidecar_serve, write_identities
 
-__all__ = ["RecoveryRun", "poll", "sa_rotation_recovery", "sidecar_recovery"]
+__all__ = ["RecoveryRun", "oidc_recovery", "poll", "sa_rotation_recovery", "sidecar_recovery"]
 
 RUNNER = "system:serviceaccount:session-rec:session-rec-sa"
 SA_TOKEN = "recovery-sa-token"
@@ -45,9 +46,12 @@ class _Consumer:
     ``token_file`` the consumer only reads that file (200: it holds a token, 404: absent or
     empty), as a non-Python consumer does, and makes no request."""
 
-    def __init__(self, url: str, token_file: Path | None = None) -> None:
+    def __init__(
+        self, url: str, token_file: Path | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         self.url = url
         self.token_file = token_file
+        self.headers = HEADER if headers is None else headers
         self.seen: list[tuple[float, int]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -73,7 +77,7 @@ class _Consumer:
             except FileNotFoundError:
                 return 404
         try:
-            return http.get(self.url, headers=HEADER).status_code
+            return http.get(self.url, headers=self.headers).status_code
         except httpx.HTTPError:
             return 0
 
@@ -153,6 +157,40 @@ def sidecar_recovery(
         )
     finally:
         for proc in procs:
+            proc.kill()
+
+
+def oidc_recovery(workdir: Path, *, outage: float = 20.0) -> tuple[float, int]:
+    """A CP (static authn, ``oidc`` minter) whose IdP fails (500) from the start for
+    ``outage`` seconds, with a caller asking ``/token`` every 100 ms; the IdP then heals.
+    Returns (seconds from the heal to the caller's first token, IdP calls during the
+    outage). SPEC: within 2.5 s (before: 19.8 s, the backoff had grown to 30 s)."""
+    write_identities(workdir / "ids.json", SA_TOKEN, RUNNER, "runner-oidc")
+    with FakeIdP() as idp:
+        idp.fail("500")
+        env = {
+            "CP_TOKEN_AUTHN": "static",
+            "CP_TOKEN_STATIC_IDENTITIES_FILE": str(workdir / "ids.json"),
+            "CP_TOKEN_MINTER": "oidc",
+            "OIDC_TOKEN_URL": idp.token_url,
+            "OIDC_CLIENT_ID": idp.client_id,
+            "OIDC_CLIENT_SECRET": idp.client_secret,
+            "CP_TOKEN_RATE_LIMIT": "1000/s,1000",
+        }
+        proc, base, metrics = cp_serve(env, workdir / "cp-oidc.log")
+        try:
+            _wait_ready(f"{metrics}/readyz")  # a transient outage: ready all the same
+            auth = {"Authorization": f"Bearer {SA_TOKEN}"}
+            with _Consumer(f"{base}/token", headers=auth) as consumer:
+                time.sleep(outage)
+                calls = idp.calls()
+                idp.fail(None)
+                healed = time.monotonic()
+                ok_at = consumer.first_ok_after(healed, deadline=60)
+            if proc.popen.poll() is not None:
+                raise AssertionError(f"the CP exited:\n{proc.output()[-3000:]}")
+            return max(0.0, ok_at - healed), calls
+        finally:
             proc.kill()
 
 

@@ -97,9 +97,10 @@ def test_idp_down_under_load_calls_are_paced_by_the_backoff(idp: FakeIdP, tmp_pa
         assert len(responses) > 200
         assert {r.status_code for r in responses} == {503}
         assert all(int(r.headers["Retry-After"]) >= 1 for r in responses)
-        # before: each request finding no token started a call (143-166 in 28 s); the
-        # backoff (1 s doubling to 30 s, full jitter, floor 0.5 s) allows a handful in 8 s
-        assert 1 <= calls <= 10, calls
+        # before: each request finding no token started a call (143-166 in 28 s); with no
+        # usable token the shared backoff (full jitter up to 2 s, floor 0.5 s) allows at
+        # most 17 in 8 s, whatever the request rate
+        assert 1 <= calls <= 17, calls
         assert idp_results(metrics).get("500", 0) >= calls
         assert httpx.get(f"{metrics}/readyz", trust_env=False).status_code == 200
     finally:

@@ -6,26 +6,31 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-import httpx
 import pytest
 
-from cp_token.client import TokenSource
+from cp_token.client import FetchedToken, TokenRejected, TokenSource
 from cp_token.settings.sidecar import SidecarSettings
 from sidecar.cli import serve
 from tests.integration.procs import free_port
 
 
-def broken_source(tmp_path: Path) -> TokenSource:
-    def explode(request: httpx.Request) -> httpx.Response:
-        raise RuntimeError("a bug in the fetch path")
+class BrokenSource(TokenSource):
+    """The CP refuses the pod, and checking the SA token file then hits a bug: the refresh
+    loop itself dies (an answer never kills it: any answer is a failed fetch)."""
 
+    async def afetch_once(
+        self, min_ttl: float | None = None, *, force: bool = False
+    ) -> FetchedToken:
+        raise TokenRejected(403, "not a session pod", self.url)
+
+    def sa_token_changed(self) -> bool:
+        raise RuntimeError("a bug in the refresh loop")
+
+
+def broken_source(tmp_path: Path) -> TokenSource:
     sa = tmp_path / "sa"
     sa.write_text("sa-token")
-    return TokenSource(
-        cp_url="http://127.0.0.1:9/token",
-        sa_token_file=str(sa),
-        async_transport=httpx.MockTransport(explode),
-    )
+    return BrokenSource(cp_url="http://127.0.0.1:9/token", sa_token_file=str(sa))
 
 
 async def test_a_dying_refresh_loop_exits_non_zero(tmp_path: Path) -> None:

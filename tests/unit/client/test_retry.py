@@ -96,3 +96,14 @@ async def test_the_async_retrier_returns_the_first_success() -> None:
     retrier = Retrier(RetryPolicy(deadline=30.0, initial=0.5, cap=5.0), clock, lambda: 0.0)
     assert await retrier.acall(attempt) == "token"
     assert [b - a for a, b in itertools.pairwise(calls)] == [2.0, 2.0]  # Retry-After
+
+
+def test_a_retry_after_is_a_minimum_with_jitter_on_top_within_the_cap() -> None:
+    """Clients told ``Retry-After: 4`` by one server spread over 4-8 s (cap 5 s on top);
+    before, every one of them waited exactly 4 s."""
+    policy = RetryPolicy(initial=0.5, cap=5.0)
+    waits = [policy.backoff(1, random.Random(seed).random, 4.0) for seed in range(200)]
+    assert all(4.0 <= w <= 8.0 for w in waits)
+    assert len({round(w) for w in waits}) >= 4
+    long = [policy.backoff(1, random.Random(seed).random, 20.0) for seed in range(200)]
+    assert all(20.0 <= w <= 25.0 for w in long) and max(long) > 24

@@ -13,12 +13,13 @@ from collections.abc import Callable
 import httpx
 import pytest
 
+from cp_token.runtime.backoff import Backoff
+from cp_token.runtime.clock import FakeClock
 from cp_token.errors import Unavailable
 from cp_token.identity import Identity
-from cp_token.minters.oidc import IDP_BACKOFF, OidcMinter
-from cp_token.runtime.clock import FakeClock
+from cp_token.minters.oidc import IDP_DARK_BACKOFF, OidcMinter
 from tests.fakes.clock import SteppedClock
-from tests.fakes.idp import FakeIdP
+from tests.fakes.idp import MALFORMED_MODES, FakeIdP
 
 WHO = Identity("system:serviceaccount:ns:session-1-sa")
 SEED = 4
@@ -53,12 +54,13 @@ def minter(
     )
 
 
-def calls_allowed_within(seconds: float) -> int:
-    """How many calls the shared backoff (same seed) allows in ``seconds`` of failures."""
+def calls_allowed_within(seconds: float, policy: Backoff = IDP_DARK_BACKOFF) -> int:
+    """How many calls the shared backoff (same seed) allows in ``seconds`` of failures
+    (by default while no usable token is held: the short one)."""
     rand = random.Random(SEED).random
     elapsed = 0.0
     for n in itertools.count(1):
-        elapsed += IDP_BACKOFF.delay(n, rand)
+        elapsed += policy.delay(n, rand)
         if elapsed > seconds:
             return n  # the first call, then one after each delay that fits
     raise AssertionError("unreachable")
@@ -91,11 +93,12 @@ async def test_idp_down_calls_are_paced_by_one_backoff_whatever_the_load(idp: Fa
     assert len(outcomes) == 5600
     assert all(isinstance(r, Unavailable) and r.reason == "idp_unavailable" for r in outcomes)
     allowed = calls_allowed_within(28)
-    # before: every request that found no usable token started a call (143-166 in 28 s)
+    # before the shared backoff: every request that found no usable token started a call
+    # (143-166 in 28 s); with no usable token the pace stays within 2 s (at least 0.5 s)
     assert allowed - 1 <= idp.calls() <= allowed
-    assert allowed <= 12
+    assert 14 <= allowed <= 57
     waits = {r.headers()["Retry-After"] for r in outcomes if isinstance(r, Unavailable)}
-    assert all(1 <= int(w) <= 30 for w in waits) and len(waits) > 3
+    assert all(1 <= int(w) <= 2 for w in waits)
 
 
 async def test_during_the_backoff_a_request_gets_503_at_once_from_the_state(
@@ -261,28 +264,112 @@ async def test_a_garbage_200_is_a_failed_call_in_the_metric(body: bytes) -> None
         await m.aclose()
 
 
-async def test_the_idps_retry_after_is_a_minimum_of_the_backoff() -> None:
-    answers = 0
+async def test_the_idps_retry_after_is_a_minimum_of_the_backoff_within_its_cap() -> None:
+    """While a usable token is held, a refresh that fails with ``Retry-After: 20`` waits
+    20 s; with none held, the wait stays within 2 s whatever the IdP says (the pod is dark:
+    SPEC's recovery bound), and an absurd value never stalls the minter."""
+    answers: list[str] = []
+    busy_after = ["20"]
 
-    def busy(request: httpx.Request) -> httpx.Response:
-        nonlocal answers
-        answers += 1
+    def idp(request: httpx.Request) -> httpx.Response:
+        answers.append("call")
+        if len(answers) == 1:
+            return httpx.Response(200, json={"access_token": "tok-1", "expires_in": 3600})
         return httpx.Response(
-            503, json={"error": "temporarily_unavailable"}, headers={"Retry-After": "20"}
+            503, json={"error": "temporarily_unavailable"}, headers={"Retry-After": busy_after[0]}
         )
 
     clock = FakeClock()
-    m = minter(clock, transport=httpx.MockTransport(busy))
+    start = clock.monotonic()
+    m = minter(clock, transport=httpx.MockTransport(idp))
     try:
-        with pytest.raises(Unavailable):
-            await m.mint(WHO)
-        clock.advance(19.5)
+        assert (await m.mint(WHO)).token == "tok-1"
+        clock.advance(m.next_refresh_in())  # the background refresh is due
+        await m.refresh_once()
+        assert len(answers) == 2 and 20 <= m.next_refresh_in() <= 30
+        clock.advance(start + 3600 - 299 - clock.monotonic())  # no longer usable: dark
+        clock.advance(m.next_refresh_in())
+        busy_after[0] = "86400"
         with pytest.raises(Unavailable) as info:
             await m.mint(WHO)
-        assert info.value.headers() == {"Retry-After": "1"} and answers == 1
-        clock.advance(0.5)
+        assert len(answers) == 3
+        assert m.next_refresh_in() <= 2.0
+        assert info.value.headers()["Retry-After"] in {"1", "2"}
+    finally:
+        await m.aclose()
+
+
+# --- malformed answers and the recovery bound ----------------------------------------------
+
+
+async def next_call(clock: SteppedClock, m: OidcMinter, metrics: RecordingMetrics) -> float:
+    """Wait for the refresher to be asleep, move the clock to its next call, and wait for
+    that call to end; returns the wait it had scheduled."""
+    await until(lambda: clock.sleepers > 0 and not m.calling, "the refresher asleep")
+    wait = m.next_refresh_in()
+    n = len(metrics.results)
+    clock.advance(wait)
+    await until(lambda: len(metrics.results) > n, "the next call")
+    return wait
+
+
+@pytest.mark.parametrize("mode", sorted(MALFORMED_MODES))
+async def test_a_malformed_idp_answer_is_a_failed_call_and_the_refresher_lives_on(
+    idp: FakeIdP, mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: ``Retry-After: ¹``, 400 digits or ``expires_in: "²"`` killed the refresher
+    (the CP exited 1); a token with a newline would have been handed to every session."""
+    caplog.set_level(logging.INFO, logger="cp_token.minters.oidc")
+    clock = SteppedClock()
+    metrics = RecordingMetrics()
+    m = minter(clock, idp, metrics=metrics)
+    idp.fail(mode)
+    refresher = asyncio.create_task(m.run())
+    try:
+        await until(lambda: len(metrics.results) == 1, "the first call")
+        for _ in range(3):  # more calls on the shared backoff: the loop lives on
+            assert await next_call(clock, m, metrics) <= 2.0
+        assert not refresher.done()
+        assert metrics.up == [False] * 4
         with pytest.raises(Unavailable):
             await m.mint(WHO)
-        assert answers == 2
+        idp.fail(None)
+        await next_call(clock, m, metrics)
+        assert metrics.results[-1] == "200"
+        assert idp.is_issued((await m.mint(WHO)).token)
+        assert not refresher.done()
     finally:
+        refresher.cancel()
+        await m.aclose()
+    assert "SECRET" not in caplog.text
+    assert all(len(r.getMessage()) < 400 for r in caplog.records)
+
+
+async def test_without_a_usable_token_the_idp_is_retried_within_2_s(idp: FakeIdP) -> None:
+    """SPEC "Riding out faults": while no upstream token with CP_TOKEN_MIN_TTL left is held,
+    the retry interval stays within 2 s, so /token is back within 2.5 s of the IdP healing
+    (before: the backoff grew to 30 s; 19.8 s measured from heal to token)."""
+    clock = SteppedClock()
+    metrics = RecordingMetrics()
+    m = minter(clock, idp, metrics=metrics)
+    idp.fail("500")
+    refresher = asyncio.create_task(m.run())
+    try:
+        await until(lambda: len(metrics.results) == 1, "the first call")
+        start = clock.monotonic()
+        waits = []
+        while clock.monotonic() - start < 120:  # two minutes of outage
+            waits.append(await next_call(clock, m, metrics))
+        assert max(waits) <= 2.0 and min(waits) >= 0.5
+        idp.fail(None)  # healed: the next call, within 2 s, brings the token
+        assert await next_call(clock, m, metrics) <= 2.0
+        assert metrics.results[-1] == "200"
+        assert idp.is_issued((await m.mint(WHO)).token)
+        # with a usable token held, a failing refresh backs off on the long schedule again
+        idp.fail("500")
+        await next_call(clock, m, metrics)  # the refresh at half-life fails
+        failures = [await next_call(clock, m, metrics) for _ in range(5)]
+        assert max(failures) > 2.0
+    finally:
+        refresher.cancel()
         await m.aclose()

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from tests.fakes.client import Script, ok, refused, unavailable
+from tests.fakes.sidecar_rig import HEADER, ManualClock, Rig
 
 from cp_token.client import TokenRejected, TokenSource, TokenUnavailable
 from sidecar.app import create_metrics_app
@@ -252,7 +254,7 @@ async def test_an_absurd_retry_after_does_not_leave_the_pod_dark(tmp_path: Path)
     rig = Rig(Script(unavailable(503, retry_after="100000"), ok("t1")), tmp_path)
     response = await rig.get()
     assert response.status_code == 503
-    assert int(response.headers["Retry-After"]) <= 5  # not 100000
+    assert int(response.headers["Retry-After"]) <= 10  # not 100000 (5 s, jittered to 2N)
     rig.clock.advance(5)
     recovered = await rig.get()  # the CP is back: the next request gets a token
     assert recovered.status_code == 200 and recovered.json()["token"] == "t1"
@@ -295,3 +297,75 @@ async def test_the_metrics_app_never_serves_tokens(tmp_path: Path) -> None:
         text = (await metrics.get("/metrics")).text
         assert 'cp_token_sidecar_token_requests_total{method="GET",outcome="ok"} 1.0' in text
         assert 'cp_token_sidecar_upstream_fetches_total{outcome="ok"} 1.0' in text
+
+
+# --- what the probe port says -----------------------------------------------------------------
+
+POLICY_WORDS = (
+    "system:serviceaccount:team-a:default is not an allowed session runner "
+    "(CP_TOKEN_ALLOWED_SA system:serviceaccount:*:session-*-sa)"
+)
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason"),
+    [
+        (refused(403, POLICY_WORDS), "refused"),
+        (refused(401, POLICY_WORDS), "refused"),
+        (unavailable(503), "cp_unavailable"),
+        (httpx.ConnectError("refused by cp.example.svc:8080"), "cp_unavailable"),
+        (httpx.Response(404, json={"error_description": POLICY_WORDS}), "cp_error"),
+    ],
+)
+async def test_readyz_names_a_reason_class_only(
+    tmp_path: Path, answer: httpx.Response | Exception, reason: str
+) -> None:
+    """SIDECAR_METRICS_ADDR is reachable from the network (before: /readyz showed the
+    pod's ServiceAccount username and the CP's policy glob after a refusal)."""
+    rig = Rig(Script(answer), tmp_path)
+    app = create_metrics_app(rig.holder, rig.metrics)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://10.0.0.7:9099"
+    ) as probes:
+        assert (await probes.get("/readyz")).text == "not ready: starting"
+        await rig.get()  # the sidecar asks the CP
+        for client in (probes, rig.client):
+            ready = await client.get("/readyz")
+            assert ready.status_code == 503
+            assert ready.text == f"not ready: {reason}"
+            metrics = (await client.get("/metrics")).text
+            for words in ("serviceaccount", "session-*", "team-a", "cp.example", "8080"):
+                assert words not in ready.text and words not in metrics
+
+
+async def test_readyz_says_ready_and_then_expired(tmp_path: Path) -> None:
+    rig = Rig(Script(ok("t1", 100)), tmp_path, clock=ManualClock())
+    await rig.get()
+    assert (await rig.client.get("/readyz")).text == "ready"
+    rig.clock.advance(100)  # no refresh was tried (its loop is not running here)
+    assert (await rig.client.get("/readyz")).text == "not ready: expired"
+
+
+async def test_the_503s_retry_after_is_spread_over_n_to_2n(tmp_path: Path) -> None:
+    """Consumers told to come back do not all come back in the same second (before: every
+    503 said exactly the CP's 5)."""
+    rig = Rig(Script(unavailable(503, retry_after="5")), tmp_path)
+    values = set()
+    for _ in range(60):
+        response = await rig.get()
+        assert response.status_code == 503
+        values.add(int(response.headers["Retry-After"]))
+    assert rig.cp.count == 1  # the requests wait the CP's 5 s out
+    assert values <= set(range(5, 11)) and len(values) >= 4
+
+
+async def test_after_a_refusal_a_request_5_s_later_asks_the_cp_again(tmp_path: Path) -> None:
+    rig = Rig(Script(refused(403, "not managed"), ok("t1")), tmp_path)
+    assert (await rig.get()).status_code == 403
+    rig.clock.advance(4.9)
+    assert (await rig.get()).status_code == 403
+    assert rig.cp.count == 1  # at most one ask per 5 s
+    rig.clock.advance(0.1)
+    labelled = await rig.get()  # the ServiceAccount was labelled meanwhile
+    assert labelled.status_code == 200 and labelled.json()["token"] == "t1"
+    assert rig.cp.count == 2

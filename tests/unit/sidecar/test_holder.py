@@ -130,8 +130,9 @@ def test_with_nothing_held_the_backoff_stops_at_2_seconds(clock: FakeClock) -> N
         clock.advance(delays[-1])
     assert delays == [1, 2, 2, 2, 2, 2]
     assert holder.failures == 6
-    holder.failed("503", retry_after=4)  # the CP's Retry-After still comes first
-    assert holder.next_fetch_at() == clock.monotonic() + 4
+    holder.failed("503", retry_after=4)  # the CP's Retry-After still comes first ...
+    # ... with jitter on top, at most the empty backoff's cap (2 s; this draw is the top)
+    assert holder.next_fetch_at() == clock.monotonic() + 4 + 2
 
 
 @given(st.integers(min_value=1, max_value=30), st.floats(min_value=0.0, max_value=1.0))
@@ -421,3 +422,62 @@ def test_serving_reads_token_and_lifetime_at_one_instant(clock: FakeClock) -> No
     assert holder.serving() == (token, 69.5)
     clock.advance(69.5)
     assert holder.serving() is None
+
+
+# --- jitter on Retry-After (SPEC "Riding out faults") ---------------------------------------
+
+
+@given(st.integers(min_value=0, max_value=2**32), st.floats(min_value=0.0, max_value=30.0))
+def test_the_advertised_retry_after_spreads_over_n_to_2n(seed: int, wait: float) -> None:
+    clock = FakeClock()
+    holder = TokenHolder(clock, HolderPolicy(), rand=random.Random(seed).random)
+    holder.failed("503", retry_after=wait)
+    n = holder.retry_after()
+    assert n <= holder.advertised_retry_after() <= 2 * n
+
+
+def test_pods_told_the_same_retry_after_do_not_come_back_in_the_same_second() -> None:
+    """300 sidecars told ``Retry-After: 10`` (a token held) and their consumers told the
+    sidecars' own N: before, every sidecar retried at exactly 10 s and every 503 said N."""
+    retries, advertised = set(), set()
+    for seed in range(300):
+        clock = FakeClock()
+        held = TokenHolder(clock, HolderPolicy(), rand=random.Random(seed).random)
+        held.succeeded(fetched(clock, 3600))
+        held.failed("503", retry_after=10)
+        due = held.next_fetch_at() - clock.monotonic()  # type: ignore[operator]
+        assert 10 <= due <= 20  # the CP's wait as a minimum, jitter on top
+        retries.add(math.floor(due))
+        dark = TokenHolder(clock, HolderPolicy(), rand=random.Random(seed).random)
+        dark.failed("503", retry_after=4)
+        advertised.add(dark.advertised_retry_after())
+    assert len(retries) >= 8
+    assert advertised == {4, 5, 6, 7, 8}
+
+
+# --- after a refusal -------------------------------------------------------------------------
+
+
+def test_after_a_refusal_a_request_asks_again_once_5_s_have_passed(clock: FakeClock) -> None:
+    """A ServiceAccount labelled a moment too late (before: refused until the 30-60 s
+    retry or a changed SA token file)."""
+    holder = holder_with(clock)
+    holder.begin_fetch()
+    holder.rejected(403, "not managed")
+    clock.advance(4.9)
+    assert not holder.should_fetch(60) and not holder.should_force()
+    clock.advance(0.1)
+    assert holder.should_fetch(60) and holder.should_force()
+    holder.begin_fetch()
+    holder.rejected(403, "not managed")  # asked: the next ask is 5 s later again
+    assert not holder.should_fetch(60)
+    # with a token held that no longer has min_ttl left, the same rule
+    holder.begin_fetch()
+    holder.succeeded(fetched(clock, 100))
+    clock.advance(60)
+    holder.begin_fetch()
+    holder.rejected(403, "not managed")
+    clock.advance(4)
+    assert not holder.should_fetch(60)
+    clock.advance(1)
+    assert holder.should_fetch(60)

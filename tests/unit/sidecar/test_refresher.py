@@ -4,6 +4,8 @@ logging discipline, and a dying loop reported as fatal."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -16,13 +18,16 @@ from tests.fakes.client import Script, ok, refused, unavailable
 from tests.fakes.sidecar_rig import ManualClock, Rig
 
 
-async def settle(predicate: object, rounds: int = 5000) -> None:
-    """Let the event loop run until ``predicate()`` holds (bounded, no wall-clock waits)."""
-    for _ in range(rounds):
-        if predicate():  # type: ignore[operator]
-            return
+async def settle(predicate: object, deadline: float = 10.0) -> None:
+    """Let the event loop run until ``predicate()`` holds. Bounded in real time, not in
+    rounds: the token file is written in a worker thread, which a loaded machine may
+    schedule after thousands of rounds (time itself moves only on the fake clock)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline
+    while not predicate():  # type: ignore[operator]
+        if loop.time() > end:
+            raise AssertionError("condition not reached")
         await asyncio.sleep(0)
-    raise AssertionError("condition not reached")
 
 
 async def test_the_lifespan_fetches_before_any_request(tmp_path: Path) -> None:
@@ -35,11 +40,14 @@ async def test_the_lifespan_fetches_before_any_request(tmp_path: Path) -> None:
 
 
 async def test_a_dying_loop_is_reported_as_fatal(tmp_path: Path) -> None:
-    def explode(request: httpx.Request) -> httpx.Response:
+    """A bug in the loop itself (not an answer: any answer is a failed fetch) ends it."""
+
+    def explode() -> float:
         raise RuntimeError("bug")
 
     fatal: list[BaseException] = []
-    rig = Rig(Script(explode), tmp_path, clock=ManualClock(), fatal=fatal)
+    rig = Rig(Script(ok("t")), tmp_path, clock=ManualClock(), fatal=fatal)
+    rig.holder.next_fetch_at = explode  # type: ignore[method-assign]
     async with rig.app.lifespan_context():
         await settle(lambda: fatal)
     assert isinstance(fatal[0], RuntimeError)
@@ -143,3 +151,69 @@ async def test_the_file_is_written_before_the_token_is_served(tmp_path: Path) ->
     await rig.refresher.fetch()
     assert seen == [True]
     assert rig.holder.ready and token_file.read_text() == "t1"
+
+
+# --- a token file an earlier run left ------------------------------------------------------
+
+
+def jwt(exp: float | str | None) -> str:
+    def part(obj: dict[str, object]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).decode().rstrip("=")
+
+    claims: dict[str, object] = {"sub": "system:serviceaccount:ns:session-1-sa"}
+    if exp is not None:
+        claims["exp"] = exp
+    return f"{part({'alg': 'ES256', 'typ': 'JWT'})}.{part(claims)}.c2ln"
+
+
+async def test_a_left_over_unexpired_jwt_is_served_then_removed_at_its_expiry(
+    tmp_path: Path,
+) -> None:
+    """A sidecar restarted during a CP outage: the token the file holds is served, on the
+    monotonic clock, and the file goes when it expires (before: it stayed there, 21.6 s
+    past expiry in the finding)."""
+    clock = FakeClock()
+    token_file = tmp_path / "token"
+    left = jwt(clock.time() + 100)
+    token_file.write_text(left)
+    cp = Script(httpx.ConnectError("the CP is down"))
+    rig = Rig(cp, tmp_path, clock=clock, token_file=token_file)
+    start = clock.monotonic()
+    await rig.refresher.adopt_left_over()
+    served = await rig.get()
+    assert served.status_code == 200
+    assert served.json()["token"] == left
+    assert 98 <= served.json()["expires_in"] <= 100
+    assert rig.holder.next_fetch_at() <= clock.monotonic()  # type: ignore[operator]
+    task = asyncio.create_task(rig.refresher.run())  # a fetch at once, failing, and on
+    await settle(lambda: not token_file.exists())
+    task.cancel()
+    assert 99 <= clock.monotonic() - start <= 100.5
+    assert cp.count >= 2  # it kept trying the CP meanwhile
+    assert not rig.holder.ready
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["expired", "no-exp", "string-exp", "huge-exp", "not-a-jwt", "garbage", "newline", "empty"],
+)
+async def test_anything_else_left_in_the_token_file_is_removed_at_once(
+    tmp_path: Path, content: str
+) -> None:
+    clock = FakeClock()
+    token_file = tmp_path / "token"
+    data = {
+        "expired": jwt(clock.time() - 1).encode(),
+        "no-exp": jwt(None).encode(),
+        "string-exp": jwt("soon").encode(),
+        "huge-exp": jwt(1e300).encode(),
+        "not-a-jwt": b"opaque-static-token",
+        "garbage": b"\xff\xfe\x00binary",
+        "newline": jwt(clock.time() + 100).encode() + b"\nX",
+        "empty": b"",
+    }[content]
+    token_file.write_bytes(data)
+    rig = Rig(Script(httpx.ConnectError("down")), tmp_path, clock=clock, token_file=token_file)
+    await rig.refresher.adopt_left_over()
+    assert not token_file.exists()
+    assert not rig.holder.ready

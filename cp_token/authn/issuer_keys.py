@@ -10,7 +10,14 @@ nowhere else.
 - An unknown ``kid`` triggers a re-fetch (key rotation on the API server), at most one per
   ``refetch_interval`` however many unknown kids arrive.
 - The set is re-read every ``max_age`` seconds in the background even when every kid is known.
-- Only RS256 and ES256 are accepted: what API servers sign ServiceAccount tokens with.
+- Signatures are verified by ``joserfc`` with an explicit allowlist, :data:`ALGORITHMS`:
+  what the API server signs ServiceAccount tokens with (k8s.io/kubernetes
+  pkg/serviceaccount/jwt.go: RS256 for any RSA key, ES256/ES384/ES512 for P-256/P-384/P-521
+  keys; the external signer of externaljwt/plugin accepts the same four). PS*, HS* and
+  ``none`` are never accepted, and a key is used only with the algorithm of its type and curve.
+- The key set is an answer from upstream, so untrusted: a key that does not load, or is far
+  larger than any signing key (its verification would cost the event loop), is skipped; a
+  document that is not a key set is a failed fetch, never an exception in a caller.
 """
 
 from __future__ import annotations
@@ -19,12 +26,11 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from joserfc import jws
+from joserfc.errors import JoseError
+from joserfc.jwk import ECKey, RSAKey
 
-from cp_token.authn.precheck import UnverifiedJWT, b64url_bytes
+from cp_token.authn.precheck import UnverifiedJWT
 from cp_token.clock import Clock
 from cp_token.errors import Unauthenticated
 from cp_token.kube import KubeClient, KubeError, KubeUnavailable
@@ -42,26 +48,43 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ALGORITHMS = frozenset({"RS256", "ES256"})
-KEY_TYPES = {"RS256": "RSA", "ES256": "EC"}
+# The key type (and curve) each accepted algorithm verifies with.
+KEY_TYPES: dict[str, tuple[str, str | None]] = {
+    "RS256": ("RSA", None),
+    "ES256": ("EC", "P-256"),
+    "ES384": ("EC", "P-384"),
+    "ES512": ("EC", "P-521"),
+}
+ALGORITHMS = frozenset(KEY_TYPES)
+ALGORITHM_NAMES = ", ".join(sorted(ALGORITHMS))
 REFETCH_INTERVAL = 10.0  # at most one fetch per window for unknown kids
 KEYS_MAX_AGE = 300.0  # re-read the key set this often even when every kid is known
 RETRY_INTERVAL = 1.0  # while no key set was ever loaded, retry a failed fetch this often
 KEY_WAIT = 1.0  # the pre-check waits at most this long for the keys, then TokenReview decides
+MAX_RSA_BITS = 16384  # far past any signing key; bounds what one verification costs
+MAX_RSA_EXPONENT = 2**32  # real keys use 65537; a huge exponent makes verification slow
+MAX_KEYS = 64  # an API server publishes a handful (more during rotations)
 
-ES256_SIGNATURE_BYTES = 64  # r || s, 32 bytes each (RFC 7518 §3.4)
-_PKCS1 = padding.PKCS1v15()
-_SHA256 = hashes.SHA256()
-_ECDSA = ec.ECDSA(hashes.SHA256())
+# joserfc with exactly our algorithms; sizes as large as the tokens the precheck lets through
+# (its defaults would refuse the signature of an RSA key over 6,144 bits)
+_REGISTRY = jws.JWSRegistry(algorithms=sorted(ALGORITHMS))
+_REGISTRY.max_header_length = 4096
+_REGISTRY.max_payload_length = 16 * 1024
+_REGISTRY.max_signature_length = 4 * MAX_RSA_BITS // 8 // 3 + 4
 
 
 @dataclass(frozen=True, slots=True)
 class Key:
-    """One usable public key of the API server's set: its JWK ``kty`` and the key object
-    (imported once, when the set is fetched)."""
+    """One usable public key of the API server's set: its JWK ``kty``, its curve (EC), and
+    the key (imported once, when the set is fetched)."""
 
-    key_type: str  # "RSA" or "EC" (P-256)
-    public: rsa.RSAPublicKey | ec.EllipticCurvePublicKey
+    key_type: str  # "RSA" or "EC"
+    curve: str | None  # "P-256", "P-384" or "P-521" for EC
+    public: RSAKey | ECKey
+
+    def fits(self, alg: str) -> bool:
+        """Whether this key verifies signatures of ``alg``."""
+        return KEY_TYPES.get(alg) == (self.key_type, self.curve)
 
 
 @dataclass(frozen=True)
@@ -70,7 +93,7 @@ class KeySet:
 
     by_kid: dict[str, Key] = field(default_factory=dict)
     unnamed: tuple[Key, ...] = ()
-    # Keys of another type or curve (e.g. P-384) that this service cannot verify with.
+    # Keys of another type or curve that this service cannot verify with.
     unusable_kids: frozenset[str] = frozenset()
     unusable_unnamed: int = 0
 
@@ -84,23 +107,22 @@ class KeySet:
 
     def candidates(self, kid: str | None, alg: str) -> list[Key]:
         """The keys that could have signed a token with this ``kid`` and ``alg``."""
-        kty = KEY_TYPES.get(alg)
-        if kty is None:
+        if alg not in ALGORITHMS:
             return []
         if kid is not None:
             key = self.by_kid.get(kid)
-            return [key] if key is not None and key.key_type == kty else []
-        return [k for k in [*self.by_kid.values(), *self.unnamed] if k.key_type == kty]
+            return [key] if key is not None and key.fits(alg) else []
+        return [k for k in [*self.by_kid.values(), *self.unnamed] if k.fits(alg)]
 
 
 def parse_key_set(doc: dict[str, object]) -> KeySet:
-    """The usable RS256/ES256 keys of a JWKS document (RSA, or EC on P-256)."""
+    """The usable keys of a JWKS document (RSA, or EC on P-256, P-384, P-521); never raises."""
     by_kid: dict[str, Key] = {}
     unnamed: list[Key] = []
     unusable_kids: set[str] = set()
     unusable_unnamed = 0
     raw_keys = doc.get("keys")
-    for raw in raw_keys if isinstance(raw_keys, list) else []:
+    for raw in raw_keys[:MAX_KEYS] if isinstance(raw_keys, list) else []:
         if not isinstance(raw, dict):
             continue
         kid = raw.get("kid") if isinstance(raw.get("kid"), str) and raw.get("kid") else None
@@ -109,11 +131,11 @@ def parse_key_set(doc: dict[str, object]) -> KeySet:
             if kid is None:
                 unusable_unnamed += 1
             else:
-                unusable_kids.add(kid)
+                unusable_kids.add(str(kid))
         elif kid is None:
             unnamed.append(key)
         else:
-            by_kid[kid] = key
+            by_kid[str(kid)] = key
     return KeySet(
         by_kid=by_kid,
         unnamed=tuple(unnamed),
@@ -123,58 +145,61 @@ def parse_key_set(doc: dict[str, object]) -> KeySet:
 
 
 def _import(raw: dict[str, object]) -> Key | None:
-    """An RSA or P-256 EC public key, or None for anything this service cannot verify with."""
+    """A public RSA or EC key through joserfc, or None for anything this service cannot or
+    will not verify with: another type or curve, a key for encryption, a malformed or
+    oversized one. Only the public members are handed over (never ``d`` or ``alg``)."""
+    use = raw.get("use")
+    if use is not None and use != "sig":
+        return None
     try:
-        if raw.get("kty") == "RSA":
-            n, e = _jwk_int(raw, "n"), _jwk_int(raw, "e")
-            return Key("RSA", rsa.RSAPublicNumbers(e, n).public_key())
-        if raw.get("kty") == "EC" and raw.get("crv") == "P-256":
-            x, y = _jwk_int(raw, "x"), _jwk_int(raw, "y")
-            return Key("EC", ec.EllipticCurvePublicNumbers(x, y, ec.SECP256R1()).public_key())
-    except (ValueError, TypeError):  # a malformed key in the API server's set: skip it
+        kty = raw.get("kty")
+        if kty == "RSA":
+            rsa = RSAKey.import_key({"kty": "RSA", "n": _member(raw, "n"), "e": _member(raw, "e")})
+            numbers = rsa.public_key.public_numbers()
+            if numbers.n.bit_length() > MAX_RSA_BITS or numbers.e > MAX_RSA_EXPONENT:
+                raise ValueError("an RSA key larger than any signing key")
+            return Key("RSA", None, rsa)
+        crv = raw.get("crv")
+        if kty == "EC" and crv in ("P-256", "P-384", "P-521"):
+            members: dict[str, str | list[str]] = {
+                "kty": "EC",
+                "crv": str(crv),
+                "x": _member(raw, "x"),
+                "y": _member(raw, "y"),
+            }
+            return Key("EC", str(crv), ECKey.import_key(members))
+    except Exception:  # untrusted bytes in a library: any failure means "skip this key"
         log.warning("skipping a key of the API server's JWKS that does not load")
     return None
 
 
-def _jwk_int(raw: dict[str, object], name: str) -> int:
-    """A JWK's base64url-encoded unsigned integer member (RFC 7518 §6); ValueError if not."""
+def _member(raw: dict[str, object], name: str) -> str:
+    """A JWK's base64url member (RFC 7518 §6) as a string; ValueError when absent or not one."""
     value = raw.get(name)
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"{name} is missing")
-    return int.from_bytes(b64url_bytes(value), "big")
+    if not isinstance(value, str) or not value or len(value) > MAX_RSA_BITS // 4:
+        raise ValueError(f"{name} is missing or too long")
+    return value
 
 
 def verifies(token: str, keys: list[Key], alg: str) -> bool:
-    """True when one of ``keys`` verifies the compact JWS ``token`` under ``alg``
-    (``cryptography`` directly, with key objects imported once per key set)."""
-    signing_input, _, encoded = token.rpartition(".")
-    try:
-        signature = b64url_bytes(encoded)
-    except ValueError:
+    """True when one of ``keys`` verifies the compact JWS ``token`` under ``alg``, through
+    joserfc with the :data:`ALGORITHMS` allowlist (a key of another type never checks)."""
+    usable = [key for key in keys if key.fits(alg)]
+    if not usable:
         return False
-    data = signing_input.encode("ascii", "replace")
-    if alg == "ES256":
-        if len(signature) != ES256_SIGNATURE_BYTES:
-            return False
-        half = ES256_SIGNATURE_BYTES // 2
-        signature = encode_dss_signature(
-            int.from_bytes(signature[:half], "big"), int.from_bytes(signature[half:], "big")
-        )
-    return any(_verifies_with(key, signature, data, alg) for key in keys)
-
-
-def _verifies_with(key: Key, signature: bytes, data: bytes, alg: str) -> bool:
-    public = key.public
     try:
-        if alg == "RS256" and isinstance(public, rsa.RSAPublicKey):
-            public.verify(signature, data, _PKCS1, _SHA256)
-        elif alg == "ES256" and isinstance(public, ec.EllipticCurvePublicKey):
-            public.verify(signature, data, _ECDSA)
-        else:
+        obj = jws.extract_compact(token.encode("ascii"), registry=_REGISTRY)
+        if obj.headers().get("alg") != alg:
             return False
-    except (InvalidSignature, ValueError):
+    except (JoseError, ValueError, TypeError):  # UnicodeError is a ValueError
         return False
-    return True
+    for key in usable:
+        try:
+            if jws.validate_compact(obj, key.public, registry=_REGISTRY):
+                return True
+        except (JoseError, ValueError, TypeError):
+            continue
+    return False
 
 
 class IssuerKeys:
@@ -263,10 +288,14 @@ class IssuerKeys:
             doc = await self._kube.get_json("jwks", "/openid/v1/jwks")
             keys = parse_key_set(doc)
             if not keys.by_kid and not keys.unnamed:
-                raise KubeUnavailable("jwks: the API server's key set holds no RS256/ES256 key")
+                raise KubeUnavailable("jwks: the API server's key set holds no usable key")
         except KubeError as exc:
             self._failure = (type(exc), exc.reason)
             raise
+        except Exception as exc:  # an answer nothing above foresaw: a failed read, not a crash
+            reason = f"jwks: the API server's key set could not be read ({type(exc).__name__})"
+            self._failure = (KubeUnavailable, reason)
+            raise KubeUnavailable(reason) from None
         self._keys, self._loaded_at, self._failure = keys, started, None
         return keys
 
@@ -350,7 +379,8 @@ class SignatureCheck:
         self._recovered()
         if alg not in ALGORITHMS:
             raise Unauthenticated(
-                "token algorithm is not accepted (RS256 or ES256 only)", reason="bad_algorithm"
+                f"token algorithm is not accepted ({ALGORITHM_NAMES} only)",
+                reason="bad_algorithm",
             )
         if not verifies(token, keys, alg):
             raise Unauthenticated(

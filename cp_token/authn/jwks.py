@@ -16,8 +16,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from cp_token.authn.issuer_keys import ALGORITHMS, IssuerKeys, verifies
-from cp_token.authn.precheck import UnverifiedJWT, decode_unverified, numeric_date
+from cp_token.authn.issuer_keys import ALGORITHM_NAMES, ALGORITHMS, IssuerKeys, verifies
+from cp_token.authn.precheck import EXP_LEEWAY, UnverifiedJWT, decode_unverified, numeric_date
 from cp_token.clock import Clock
 from cp_token.errors import Unauthenticated, Unavailable
 from cp_token.identity import (
@@ -36,7 +36,11 @@ __all__ = ["JwksReviewer"]
 
 log = logging.getLogger(__name__)
 
-LEEWAY = 60.0  # clock skew allowance for exp/nbf, as the API server's own validator allows
+# Clock-skew allowance for exp/nbf, as the API server's own: k8s.io/kubernetes
+# pkg/serviceaccount/claims.go validates with go-jose's Claims.Validate, which applies
+# jwt.DefaultLeeway (1 minute), so kube-apiserver accepts a ServiceAccount token up to 60 s
+# past its exp. The precheck uses the same allowance.
+LEEWAY = EXP_LEEWAY
 
 
 def _bad(description: str, reason: str = "not_authenticated") -> Unauthenticated:
@@ -232,7 +236,7 @@ class _Bound:
 def _algorithm(unverified: UnverifiedJWT) -> tuple[str, str | None]:
     alg = unverified.alg
     if alg not in ALGORITHMS:
-        raise _bad("token algorithm is not accepted (RS256 or ES256 only)", "bad_algorithm")
+        raise _bad(f"token algorithm is not accepted ({ALGORITHM_NAMES} only)", "bad_algorithm")
     return alg, unverified.kid
 
 

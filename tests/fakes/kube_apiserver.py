@@ -252,12 +252,13 @@ class FakeKubeAPIServer(LoopbackFake):
     @staticmethod
     def _new_key(alg: str) -> _SigningKey:
         key: RSAKey | ECKey
+        curves = {"ES256": "P-256", "ES384": "P-384", "ES512": "P-521"}  # as kube-apiserver
         if alg == "RS256":
             key = RSAKey.generate_key(2048, private=True)
-        elif alg == "ES256":
-            key = ECKey.generate_key("P-256", private=True)
+        elif alg in curves:
+            key = ECKey.generate_key(curves[alg], private=True)
         else:
-            raise ValueError(f"unsupported signing algorithm {alg!r} (RS256 or ES256)")
+            raise ValueError(f"unsupported signing algorithm {alg!r} (RS256, ES256/384/512)")
         return _SigningKey(key=key, alg=alg, kid=key.thumbprint())
 
     def rotate_signing_key(self, alg: str = "RS256") -> str:

@@ -7,9 +7,12 @@ Kubernetes client only, never from a ``jwks_uri`` elsewhere, so cluster credenti
 nowhere else.
 
 - One fetch at a time, shared by every caller (:class:`~cp_token.singleflight.SharedCall`).
-- An unknown ``kid`` triggers a re-fetch (key rotation on the API server), at most one per
-  ``refetch_interval`` however many unknown kids arrive.
-- The set is re-read every ``max_age`` seconds in the background even when every kid is known.
+- An unknown ``kid`` triggers a re-read at once (key rotation on the API server), at most one
+  a second however many unknown kids arrive; the token waits for it instead of being
+  refused, and only a kid still unknown after a read that started after the token arrived
+  is refused (that refusal is not remembered: the next read may publish the key).
+- The set is re-read every ``max_age`` seconds in the background even when every kid is
+  known; a failed read backs off (1 s doubling to 10 s).
 - Signatures are verified by ``joserfc`` with an explicit allowlist, :data:`ALGORITHMS`:
   what the API server signs ServiceAccount tokens with (k8s.io/kubernetes
   pkg/serviceaccount/jwt.go: RS256 for any RSA key, ES256/ES384/ES512 for P-256/P-384/P-521
@@ -23,7 +26,10 @@ nowhere else.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from joserfc import jws
@@ -31,6 +37,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, RSAKey
 
 from cp_token.authn.precheck import UnverifiedJWT
+from cp_token.backoff import Backoff, Pacer
 from cp_token.clock import Clock
 from cp_token.errors import Unauthenticated
 from cp_token.kube import KubeClient, KubeError, KubeUnavailable
@@ -38,11 +45,13 @@ from cp_token.singleflight import SharedCall
 
 __all__ = [
     "ALGORITHMS",
+    "UNKNOWN_KEY",
     "IssuerKeys",
     "Key",
     "KeySet",
     "SignatureCheck",
     "parse_key_set",
+    "unknown_key",
     "verifies",
 ]
 
@@ -57,10 +66,10 @@ KEY_TYPES: dict[str, tuple[str, str | None]] = {
 }
 ALGORITHMS = frozenset(KEY_TYPES)
 ALGORITHM_NAMES = ", ".join(sorted(ALGORITHMS))
-REFETCH_INTERVAL = 10.0  # at most one fetch per window for unknown kids
+MIN_READ_INTERVAL = 1.0  # SPEC: an unknown kid re-reads the keys at most once a second
 KEYS_MAX_AGE = 300.0  # re-read the key set this often even when every kid is known
-RETRY_INTERVAL = 1.0  # while no key set was ever loaded, retry a failed fetch this often
-KEY_WAIT = 1.0  # the pre-check waits at most this long for the keys, then TokenReview decides
+# after a failed read (the API server down, a malformed set): 1 s, doubling up to 10 s
+READ_BACKOFF = Backoff(base=1.0, cap=10.0, floor=1.0)
 MAX_RSA_BITS = 16384  # far past any signing key; bounds what one verification costs
 MAX_RSA_EXPONENT = 2**32  # real keys use 65537; a huge exponent makes verification slow
 MAX_KEYS = 64  # an API server publishes a handful (more during rotations)
@@ -181,6 +190,16 @@ def _member(raw: dict[str, object], name: str) -> str:
     return value
 
 
+UNKNOWN_KEY = "unknown_key"  # a refusal with this reason is never remembered
+
+
+def unknown_key() -> Unauthenticated:
+    """The refusal of a token whose ``kid`` is not in a key set read after it arrived."""
+    return Unauthenticated(
+        "token was signed by a key the cluster does not publish", reason=UNKNOWN_KEY
+    )
+
+
 def verifies(token: str, keys: list[Key], alg: str) -> bool:
     """True when one of ``keys`` verifies the compact JWS ``token`` under ``alg``, through
     joserfc with the :data:`ALGORITHMS` allowlist (a key of another type never checks)."""
@@ -203,31 +222,42 @@ def verifies(token: str, keys: list[Key], alg: str) -> bool:
 
 
 class IssuerKeys:
-    """The API server's issuer key set: fetched once, shared, refreshed, re-read on rotation."""
+    """The API server's issuer key set: fetched once, shared, refreshed, re-read on rotation.
+
+    - A token whose ``kid`` is not in the set makes it re-read at once (the API server may
+      have rotated its key): one read in flight, shared by every caller, at most one per
+      ``min_interval``. The token waits for a read that started after it arrived; only a
+      ``kid`` still unknown after such a fresh read is refused.
+    - The set is re-read in the background every ``max_age`` seconds.
+    - A failed read (the API server down, a malformed set) is a failure with backoff: while
+      the backoff holds reads back, a caller that needs a read gets the failure at once
+      (the known set still answers for known kids).
+    """
 
     def __init__(
         self,
         kube: KubeClient,
         clock: Clock,
         *,
-        refetch_interval: float = REFETCH_INTERVAL,
+        min_interval: float = MIN_READ_INTERVAL,
         max_age: float = KEYS_MAX_AGE,
-        retry_interval: float = RETRY_INTERVAL,
+        backoff: Backoff = READ_BACKOFF,
+        rand: Callable[[], float] = random.random,
     ) -> None:
         self._kube = kube
         self._clock = clock
-        self._refetch_interval = refetch_interval
+        self._min_interval = min_interval
         self._max_age = max_age
-        self._retry_interval = retry_interval
         self._keys: KeySet | None = None
-        self._loaded_at = float("-inf")  # monotonic time the current set's fetch started
-        self._attempt_at = float("-inf")  # monotonic time of the last fetch attempt
-        # Why the last fetch failed, as (type, reason): a fresh exception is raised each time,
+        self._loaded_at = float("-inf")  # monotonic time the current set's read started
+        self._read_at = float("-inf")  # monotonic time the last read started
+        self._reads = 0  # reads started: a read is fresh for a token if it started after it
+        self._pacer = Pacer(backoff, clock, rand)
+        # Why the last read failed, as (type, reason): a fresh exception is raised each time,
         # so no caller's frames pile up on one shared traceback.
         self._failure: tuple[type[KubeError], str] | None = None
         self._fetch: SharedCall[KeySet] = SharedCall()
         self._background: set[asyncio.Task[None]] = set()
-        self.fetches = 0  # for tests and benchmarks
 
     @property
     def keys(self) -> KeySet | None:
@@ -236,44 +266,57 @@ class IssuerKeys:
 
     @property
     def failure(self) -> str | None:
-        """Why the last fetch failed (None after a success or before any attempt)."""
+        """Why the last read failed (None after a success or before any attempt)."""
         return None if self._failure is None else self._failure[1]
 
     @property
     def fetching(self) -> bool:
-        """True while a fetch is in flight."""
+        """True while a read is in flight."""
         return self._fetch.running
+
+    @property
+    def fetches(self) -> int:
+        """Reads started so far (tests and benchmarks)."""
+        return self._reads
 
     def _failed(self) -> KubeError:
         kind, reason = self._failure or (KubeUnavailable, "jwks: the key set is not loaded yet")
         return kind(reason)
 
-    async def _refresh(self) -> KeySet | None:
-        """Start or join a fetch when one is allowed now; None when it is too soon.
-
-        Raises :class:`KubeError` when the fetch fails. A new fetch is allowed every
-        ``refetch_interval`` once a set is loaded, every ``retry_interval`` before that; one
-        already in flight is always joined.
-        """
-        if not self.fetching:
-            interval = self._refetch_interval if self._keys is not None else self._retry_interval
-            now = self._clock.monotonic()
-            if now - self._attempt_at < interval:
-                return None
-            self._attempt_at = now
-        return await self._fetch.do(self._load)
+    async def _read_after(self, seen: int) -> KeySet:
+        """The set from a read started after the ``seen``-th one: the one in flight when it
+        did, else a new one as soon as ``min_interval`` allows. Raises :class:`KubeError`
+        when that read fails, or at once while the failure backoff holds reads back."""
+        while True:
+            if self._reads > seen:
+                if self.fetching:
+                    return await self._fetch.do(self._load)
+                if self._failure is None and self._keys is not None:
+                    return self._keys  # read, and successfully, since the token came
+                raise self._failed()
+            if self.fetching:  # started before the token came: may predate the new key
+                with contextlib.suppress(KubeError):
+                    await self._fetch.do(self._load)
+                continue
+            if self._pacer.wait() > 0:
+                raise self._failed()
+            wait = self._read_at + self._min_interval - self._clock.monotonic()
+            if wait > 0:
+                await self._clock.sleep(wait)
+                continue
+            return await self._fetch.do(self._load)
 
     def _refresh_if_stale(self) -> None:
         """Re-read the set in the background when it is older than ``max_age``."""
         now = self._clock.monotonic()
         if now - self._loaded_at < self._max_age or self.fetching:
             return
-        if now - self._attempt_at < self._refetch_interval:
-            return  # a refresh was tried (and failed) just now: no task per request
+        if self._pacer.wait() > 0 or now - self._read_at < self._min_interval:
+            return  # a read was tried just now (or failed recently): no task per request
 
         async def run() -> None:
             try:
-                await self._refresh()
+                await self._fetch.do(self._load)
             except KubeError as exc:
                 log.warning("JWKS refresh failed, keeping known keys: %s", exc.reason)
 
@@ -282,8 +325,8 @@ class IssuerKeys:
         task.add_done_callback(self._background.discard)
 
     async def _load(self) -> KeySet:
-        self.fetches += 1
-        started = self._clock.monotonic()
+        self._reads += 1
+        started = self._read_at = self._clock.monotonic()
         try:
             doc = await self._kube.get_json("jwks", "/openid/v1/jwks")
             keys = parse_key_set(doc)
@@ -291,51 +334,48 @@ class IssuerKeys:
                 raise KubeUnavailable("jwks: the API server's key set holds no usable key")
         except KubeError as exc:
             self._failure = (type(exc), exc.reason)
+            self._pacer.failed()
             raise
         except Exception as exc:  # an answer nothing above foresaw: a failed read, not a crash
             reason = f"jwks: the API server's key set could not be read ({type(exc).__name__})"
             self._failure = (KubeUnavailable, reason)
+            self._pacer.failed()
             raise KubeUnavailable(reason) from None
         self._keys, self._loaded_at, self._failure = keys, started, None
+        self._pacer.succeeded()
         return keys
 
     def known(self, kid: str | None, alg: str) -> list[Key] | None:
-        """The answer of :meth:`lookup` when it needs no fetch, else None."""
+        """The answer of :meth:`lookup` when it needs no read, else None."""
         keys = self._keys
         if keys is None:
             return None
         self._refresh_if_stale()
         found = keys.candidates(kid, alg)
-        if found or kid is None or kid in keys.by_kid:
+        if found or kid is None or kid in keys.by_kid or alg not in ALGORITHMS:
             return found
         return None
 
     async def lookup(self, kid: str | None, alg: str) -> list[Key]:
         """The keys that may have signed a token with this ``kid`` and ``alg``.
 
-        An empty list means: certainly none (the kid is not in a set fetched successfully
-        within ``refetch_interval``, or the alg does not fit). Raises :class:`KubeError` when
-        it cannot tell: no set could be loaded, or the kid is unknown and the re-fetch failed.
+        An empty list means: certainly none (the kid is not in a set read after the token
+        arrived, or the alg does not fit). Raises :class:`KubeError` when it cannot tell: the
+        set could not be read (or the backoff after a failed read holds reads back).
         """
         found = self.known(kid, alg)
         if found is not None:
             return found
-        if self._keys is None:
-            keys = await self._refresh()
-            if keys is None:
-                raise self._failed()
-            found = self.known(kid, alg)
-            if found is not None:
-                return found
-        fresh = await self._refresh()  # an unseen kid: the API server may have rotated keys
-        if fresh is None:  # fetched (or tried) within the window: the last answer stands
-            if self._failure is not None:
-                raise self._failed()
-            return []
-        return fresh.candidates(kid, alg)
+        return (await self._read_after(self._reads)).candidates(kid, alg)
+
+    def unknown(self, kid: str | None) -> bool:
+        """Whether ``kid`` names no key of the current set (so a refusal for it is not
+        remembered: the next read may publish it)."""
+        keys = self._keys
+        return kid is not None and (keys is None or kid not in keys.by_kid)
 
     async def aclose(self) -> None:
-        """Cancel the fetch in flight and background refreshes."""
+        """Cancel the read in flight and background refreshes."""
         self._fetch.cancel()
         for task in list(self._background):
             task.cancel()
@@ -347,12 +387,12 @@ class SignatureCheck:
 
     Whenever the keys cannot be read (403, 404, the API server down or slow) the check is
     skipped and TokenReview decides; that is logged once per outage, not per request.
-    Waiting for the keys is bounded by the caller's deadline and by ``max_wait``.
+    Waiting for the keys (a token of a key published a moment ago waits for the re-read) is
+    bounded by the caller's deadline.
     """
 
-    def __init__(self, keys: IssuerKeys, *, max_wait: float = KEY_WAIT) -> None:
+    def __init__(self, keys: IssuerKeys) -> None:
         self._keys = keys
-        self._max_wait = max_wait
         self._skipping = False
         self.skipped = 0  # checks skipped because the keys could not be read (tests, metrics)
 
@@ -362,11 +402,11 @@ class SignatureCheck:
         ``deadline`` is event-loop time: the keys are waited for until then at the latest.
         """
         alg, kid = jwt.alg, jwt.kid
-        wait = max(0.0, min(deadline - asyncio.get_running_loop().time(), self._max_wait))
         try:
             keys = self._keys.known(kid, alg)
             if keys is None:
-                keys = await asyncio.wait_for(self._keys.lookup(kid, alg), timeout=wait)
+                async with asyncio.timeout_at(deadline):
+                    keys = await self._keys.lookup(kid, alg)
         except TimeoutError:
             self._skip("the API server did not answer in time")
             return
@@ -382,6 +422,8 @@ class SignatureCheck:
                 f"token algorithm is not accepted ({ALGORITHM_NAMES} only)",
                 reason="bad_algorithm",
             )
+        if not keys and self._keys.unknown(kid):
+            raise unknown_key()
         if not verifies(token, keys, alg):
             raise Unauthenticated(
                 "token signature does not verify against the cluster's issuer keys",

@@ -16,7 +16,13 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from cp_token.authn.issuer_keys import ALGORITHM_NAMES, ALGORITHMS, IssuerKeys, verifies
+from cp_token.authn.issuer_keys import (
+    ALGORITHM_NAMES,
+    ALGORITHMS,
+    IssuerKeys,
+    unknown_key,
+    verifies,
+)
 from cp_token.authn.precheck import EXP_LEEWAY, UnverifiedJWT, decode_unverified, numeric_date
 from cp_token.clock import Clock
 from cp_token.errors import Unauthenticated, Unavailable
@@ -124,6 +130,8 @@ class JwksReviewer:
             keys = await self.keys.lookup(kid, alg)
         except KubeError as exc:
             raise _unavailable(exc, "JWKS fetch") from None
+        if not keys and self.keys.unknown(kid):
+            raise unknown_key()  # not in a set read after the token came: not remembered
         if not verifies(token, keys, alg):
             raise _bad("token signature does not verify", reason="bad_signature")
         self._check_claims(unverified, await self._accepted_issuers())

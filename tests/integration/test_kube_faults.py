@@ -49,3 +49,43 @@ async def test_every_key_type_the_api_server_signs_with_is_accepted(
         forged = f"{head}.{payload}.{'A' * (132 if alg == 'ES384' else 176)}"
         assert (await cp.get(forged)).status_code == 401
         assert kube_apiserver.calls("tokenreviews") == 0
+
+
+# --- key rotation: a token of a key published a moment ago is served ----------------------------
+
+
+async def test_a_token_of_a_key_published_a_moment_ago_is_served(
+    kube_apiserver: FakeKubeAPIServer, make_cp: Any, authn: str
+) -> None:
+    """Before: the CP re-read the key set at most once per 10 s and remembered the refusal
+    5 s, so a rotation within 10 s of its last read made new pods dark for 39-57 s."""
+    cp = make_cp(authn)
+    first = kube_apiserver.issue_bound_token(SESSION_NS, SESSION_SA, pod=SESSION_POD)
+    assert (await cp.get(first)).status_code == 200  # the key set is read now
+    kube_apiserver.rotate_signing_key("ES256")
+    token = kube_apiserver.issue_bound_token(SESSION_NS, SESSION_SA, pod=SESSION_POD)
+    started = time.monotonic()
+    resp = await cp.get(token)
+    assert resp.status_code == 200, resp.text
+    assert time.monotonic() - started < 2.0
+    assert kube_apiserver.calls("jwks") == 2  # one re-read, at once
+
+
+async def test_a_key_not_yet_published_is_refused_and_the_refusal_is_not_remembered(
+    kube_apiserver: FakeKubeAPIServer, make_cp: Any, authn: str
+) -> None:
+    cp = make_cp(authn)
+    assert (
+        await cp.get(kube_apiserver.issue_bound_token(SESSION_NS, SESSION_SA, pod=SESSION_POD))
+    ).status_code == 200
+    kube_apiserver.rotate_signing_key("RS256", publish=False)
+    token = kube_apiserver.issue_bound_token(SESSION_NS, SESSION_SA, pod=SESSION_POD)
+    resp = await cp.get(token)
+    assert resp.status_code == 401  # still unknown after a fresh read
+    assert resp.json()["error_description"] == (
+        "token was signed by a key the cluster does not publish"
+    )
+    kube_apiserver.publish_keys()
+    cp.clock.advance(1)  # reads stay one a second
+    resp = await cp.get(token)  # not answered from the failed-review cache
+    assert resp.status_code == 200, resp.text

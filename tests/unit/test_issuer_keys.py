@@ -28,6 +28,7 @@ from cp_token.authn.precheck import EXP_LEEWAY, precheck
 from cp_token.clock import FakeClock
 from cp_token.errors import Unauthenticated
 from cp_token.kube import KubeError, KubeUnavailable
+from tests.fakes.clock import SteppedClock
 
 CLAIMS = {"aud": ["ambient-cp"], "sub": "system:serviceaccount:ns:session-a-sa", "exp": 2e9}
 
@@ -274,4 +275,109 @@ async def test_an_unexpected_error_in_a_background_refresh_is_contained() -> Non
     await settle()
     assert source.calls == 2 and keys.keys is not None and "k1" in keys.keys.by_kid
     assert keys.failure == "jwks: the API server's key set could not be read (RuntimeError)"
+    await keys.aclose()
+
+
+# --- key rotation: an unknown kid re-reads at once, at most once a second ---------------------
+
+
+class KeySource:
+    """The API server's key set, changeable; ``hold`` keeps reads in flight until set."""
+
+    def __init__(self, *keys: RSAKey | ECKey) -> None:
+        self.published: list[dict[str, Any]] = [public_jwk(k, f"k{i}") for i, k in enumerate(keys)]
+        self.calls = 0
+        self.hold: asyncio.Event | None = None
+        self.failing: KubeError | None = None
+
+    def publish(self, key: RSAKey | ECKey, kid: str) -> None:
+        self.published = [*self.published, public_jwk(key, kid)]
+
+    async def get_json(self, call: str, path: str) -> dict[str, Any]:
+        self.calls += 1
+        doc = {"keys": list(self.published)}  # what the server holds as the read starts
+        if self.hold is not None:
+            await self.hold.wait()
+        if self.failing is not None:
+            raise self.failing
+        return doc
+
+
+async def test_an_unknown_kid_waits_for_a_re_read_instead_of_being_refused() -> None:
+    """Before: a kid unseen within 10 s of the last read was refused (bad_signature, then
+    remembered), so pods of a freshly published key were dark for up to a minute."""
+    clock = SteppedClock()
+    source = KeySource(new_key("RS256"))
+    keys = IssuerKeys(source, clock)  # type: ignore[arg-type]
+    assert await keys.lookup("k0", "RS256")
+    rotated = new_key("ES256")
+    source.publish(rotated, "k1")  # the API server rotates: the CP read its set just now
+    lookup = asyncio.create_task(keys.lookup("k1", "ES256"))
+    await settle()
+    assert not lookup.done() and source.calls == 1  # at most one read a second
+    clock.advance(1.0)
+    found = await asyncio.wait_for(lookup, 5)
+    assert len(found) == 1 and source.calls == 2
+    token = signed("ES256", rotated, kid="k1")
+    assert verifies(token, found, "ES256")
+    await keys.aclose()
+
+
+async def test_concurrent_unknown_kids_share_one_read_and_reads_stay_one_a_second() -> None:
+    clock = SteppedClock()
+    source = KeySource(new_key("RS256"))
+    keys = IssuerKeys(source, clock)  # type: ignore[arg-type]
+    await keys.lookup("k0", "RS256")
+    pending = [asyncio.create_task(keys.lookup(f"forged-{i}", "RS256")) for i in range(200)]
+    for _ in range(20):  # five seconds of forged kids arriving, a quarter second apart
+        await settle()
+        pending += [asyncio.create_task(keys.lookup(f"more-{i}", "RS256")) for i in range(10)]
+        clock.advance(0.25)
+    await settle()
+    clock.advance(2)
+    results = await asyncio.wait_for(asyncio.gather(*pending), 5)
+    assert all(found == [] for found in results)  # unknown after a fresh read: refused
+    assert 2 <= source.calls <= 1 + 6, source.calls  # the first load, then <= one a second
+    assert keys.unknown("forged-0") and not keys.unknown("k0")
+    await keys.aclose()
+
+
+async def test_a_read_that_started_before_the_token_came_is_not_enough() -> None:
+    clock = SteppedClock()
+    source = KeySource(new_key("RS256"))
+    keys = IssuerKeys(source, clock)  # type: ignore[arg-type]
+    await keys.lookup("k0", "RS256")
+    clock.advance(1.0)
+    source.hold = asyncio.Event()
+    earlier = asyncio.create_task(keys.lookup("other", "RS256"))  # starts read 2, held
+    await settle()
+    assert source.calls == 2
+    source.publish(new_key("RS256"), "k1")  # published while read 2 is in flight
+    lookup = asyncio.create_task(keys.lookup("k1", "RS256"))
+    await settle()
+    source.hold.set()
+    assert await asyncio.wait_for(earlier, 5) == []
+    await settle()
+    assert not lookup.done()  # read 2 predates its token: it waits for read 3
+    clock.advance(1.0)
+    assert len(await asyncio.wait_for(lookup, 5)) == 1 and source.calls == 3
+    await keys.aclose()
+
+
+async def test_while_reads_fail_a_caller_gets_the_failure_at_once_then_reads_back_off() -> None:
+    clock = SteppedClock()
+    source = KeySource(new_key("RS256"))
+    keys = IssuerKeys(source, clock, rand=lambda: 0.99)  # type: ignore[arg-type]
+    await keys.lookup("k0", "RS256")
+    clock.advance(1.0)
+    source.failing = KubeUnavailable("jwks: Kubernetes API answered 503")
+    with pytest.raises(KubeUnavailable, match="503"):
+        await keys.lookup("k1", "RS256")  # the read it waited for failed
+    with pytest.raises(KubeUnavailable, match="503"):
+        await asyncio.wait_for(keys.lookup("k1", "RS256"), 0.5)  # held back: at once
+    assert source.calls == 2
+    assert keys.known("k0", "RS256")  # known kids are still answered from the held set
+    source.failing = None
+    clock.advance(1.0)  # the backoff after one failure: at most 1 s here
+    assert await keys.lookup("k2", "RS256") == [] and source.calls == 3
     await keys.aclose()

@@ -27,6 +27,8 @@ import asyncio
 import concurrent.futures
 import json
 import logging
+import math
+import random
 import ssl
 import time
 from collections.abc import Callable
@@ -38,13 +40,18 @@ import aiohttp
 import yarl
 
 from cp_token import __version__
+from cp_token.backoff import Backoff, Pacer, parse_retry_after
+from cp_token.clock import Clock, SystemClock
 from cp_token.metrics import NO_METRICS, KubeMetrics
 from cp_token.singleflight import SharedCall
 
 __all__ = [
+    "API_BACKOFF",
     "MAX_BODY_BYTES",
+    "MAX_RETRY_AFTER",
     "KubeClient",
     "KubeConnection",
+    "KubeDown",
     "KubeError",
     "KubeForbidden",
     "KubeUnavailable",
@@ -59,6 +66,10 @@ CONNECT_TIMEOUT = 5.0
 KEEPALIVE = 30.0  # idle connections are kept this long (kube-apiserver keeps them 90 s)
 MAX_BODY_BYTES = 4 * 1024 * 1024  # a Pod with managed fields is tens of KiB
 READ_BUFFER = 64 * 1024  # per connection: aiohttp pauses reading beyond twice this
+# Calls to an API server that is down: one shared backoff (full jitter, 1 s doubling to 5 s,
+# never under 0.5 s), one probe at a time; a 429's Retry-After is waited exactly, up to 30 s.
+API_BACKOFF = Backoff(base=1.0, cap=5.0, floor=0.5)
+MAX_RETRY_AFTER = 30.0
 
 
 class KubeError(Exception):
@@ -71,6 +82,16 @@ class KubeError(Exception):
 
 class KubeUnavailable(KubeError):
     """The API server is unreachable, timed out, or answered 5xx/401."""
+
+
+class KubeDown(KubeUnavailable):
+    """The API server is unreachable, refused, timed out or answered 5xx or 429, or calls to
+    it are held back by the backoff that follows: what the CP read recently may serve
+    (stale-if-error). ``retry_after``: seconds until the next call may go."""
+
+    def __init__(self, reason: str, retry_after: float) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
 
 
 class KubeForbidden(KubeError):
@@ -151,8 +172,17 @@ class KubeClient:
         max_connections: int = 10,
         token_refresh_interval: float = 30.0,
         metrics: KubeMetrics = NO_METRICS,
+        clock: Clock | None = None,
+        backoff: Backoff = API_BACKOFF,
+        rand: Callable[[], float] = random.random,
     ) -> None:
         self._conn = connection
+        self._clock = clock or SystemClock()
+        self._pacer = Pacer(backoff, self._clock, rand)
+        self._hold_until = -math.inf  # a 429's Retry-After: no call before this
+        self._backing_off = False  # after a failure, until a call started since succeeds
+        self._epoch = 0  # failures counted: a call counts only if none was since it started
+        self._probing = False  # while backing off, one call at a time finds out
         self.timeout = timeout
         self.max_connections = max_connections
         self._base = connection.host.rstrip("/")
@@ -228,8 +258,9 @@ class KubeClient:
 
     async def _exchange(
         self, method: str, path: str, body: dict[str, Any] | None
-    ) -> tuple[int, bytes]:
-        """One HTTP exchange within ``timeout``: (status, body); raises KubeUnavailable."""
+    ) -> tuple[int, bytes, str | None]:
+        """One HTTP exchange within ``timeout``: (status, body, Retry-After); raises
+        KubeUnavailable."""
         try:
             async with asyncio.timeout(self.timeout):
                 token = await self._bearer()
@@ -263,7 +294,7 @@ class KubeClient:
 
     async def _send(
         self, method: str, url: yarl.URL, headers: dict[str, str], data: bytes | None
-    ) -> tuple[int, bytes]:
+    ) -> tuple[int, bytes, str | None]:
         async with self._client().request(
             method, url, headers=headers, data=data, allow_redirects=False
         ) as resp:
@@ -278,20 +309,66 @@ class KubeClient:
                     resp.close()  # an endless body ends here, its connection with it
                     raise KubeUnavailable(f"Kubernetes API sent a body over {MAX_BODY_BYTES} bytes")
                 chunks.append(chunk)
-            return resp.status, b"".join(chunks)
+            return resp.status, b"".join(chunks), resp.headers.get("Retry-After")
+
+    def retry_wait(self) -> float:
+        """Seconds until the next call to the API server may go (0: now)."""
+        return max(self._pacer.wait(), self._hold_until - self._clock.monotonic(), 0.0)
+
+    def _admit(self, call: str) -> tuple[int, bool]:
+        """(the failure epoch the call starts in, whether it is the probe); raises KubeDown
+        while the backoff holds calls back, or while another call is the probe."""
+        if not self._backing_off:
+            return self._epoch, False
+        wait = self.retry_wait()
+        if wait > 0:
+            raise KubeDown(
+                f"{call}: the Kubernetes API is down; calls resume in {wait:.1f} s", wait
+            )
+        if self._probing:
+            raise KubeDown(f"{call}: the Kubernetes API is down; a call is finding out", 1.0)
+        self._probing = True
+        return self._epoch, True
+
+    def _failed(self, epoch: int, retry_after: float | None) -> float:
+        """Count a failure, unless one was counted since this call started (concurrent
+        failures count as one); returns the seconds until the next call may go."""
+        if epoch == self._epoch:
+            self._epoch += 1
+            self._backing_off = True
+            if retry_after is not None:  # the server said how long: exactly that
+                self._hold_until = self._clock.monotonic() + retry_after
+            else:
+                self._pacer.failed()
+        return self.retry_wait()
+
+    def _answered(self, epoch: int) -> None:
+        """The API server answered a call made since the last failure: calls go freely."""
+        if epoch == self._epoch and self._backing_off:
+            self._backing_off = False
+            self._pacer.succeeded()
+            self._hold_until = -math.inf
 
     async def _request(
         self, call: str, method: str, path: str, body: dict[str, Any] | None = None
     ) -> tuple[int, dict[str, Any]]:
-        """One API call; returns (status, JSON body) for 2xx/404, raises KubeError otherwise."""
+        """One API call; returns (status, JSON body) for 2xx/404, raises KubeError otherwise:
+        KubeDown when the API server is down (unreachable, timed out, 5xx, 429) or calls are
+        held back after that."""
+        epoch, probe = self._admit(call)
         start = time.perf_counter()
         result = "error"
         try:
             try:
-                status, raw = await self._exchange(method, path, body)
+                status, raw, retry_after = await self._exchange(method, path, body)
             except KubeUnavailable as exc:
-                raise KubeUnavailable(f"{call}: {exc.reason}") from None
+                wait = self._failed(epoch, None)
+                raise KubeDown(f"{call}: {exc.reason}", wait) from None
             result = str(status)
+            if status == 429 or status >= 500:
+                wait = self._failed(epoch, _retry_after(retry_after) if status == 429 else None)
+                raise KubeDown(f"{call}: Kubernetes API answered {status}", wait)
+            self._answered(epoch)
             if status == 403:
                 raise KubeForbidden(f"{call}: {_status_message(raw, status)}")
             if status == 401:
@@ -303,6 +380,8 @@ class KubeClient:
                 return status, _json_object(call, raw)
             raise KubeUnavailable(f"{call}: Kubernetes API answered {status}")
         finally:
+            if probe:
+                self._probing = False
             self._metrics.kube_call(call, result, time.perf_counter() - start)
 
     async def token_review(self, token: str, audiences: tuple[str, ...]) -> dict[str, Any]:
@@ -379,6 +458,18 @@ def _tls_context(configured: ssl.SSLContext | bool) -> ssl.SSLContext:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
     return ctx
+
+
+def _retry_after(value: str | None) -> float | None:
+    """A 429's Retry-After in seconds, at most MAX_RETRY_AFTER; None when absent or not a
+    number or date (superscript digits, 400 digits, an overflowing date included)."""
+    try:
+        seconds = parse_retry_after(value, time.time())
+    except (ValueError, OverflowError):
+        return None
+    if seconds is None or not math.isfinite(seconds):
+        return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
 def _why(exc: BaseException) -> str:

@@ -34,7 +34,7 @@ from cp_token.identity import (
     POD_UID_KEY,
     Identity,
 )
-from cp_token.kube import KubeClient, KubeError, KubeForbidden, KubeUnavailable
+from cp_token.kube import KubeClient, KubeDown, KubeError, KubeForbidden, KubeUnavailable
 from cp_token.objects import Cached, ObjectCache
 from cp_token.singleflight import SharedCall
 
@@ -64,7 +64,10 @@ def _unavailable(exc: KubeError, what: str) -> Unavailable:
             retry_after=30,
         )
     log.warning("%s failed: %s", what, exc.reason)
-    return Unavailable("the Kubernetes API is unavailable", reason="kube_unavailable")
+    retry_after = exc.retry_after if isinstance(exc, KubeDown) else 5.0
+    return Unavailable(
+        "the Kubernetes API is unavailable", reason="kube_unavailable", retry_after=retry_after
+    )
 
 
 class JwksReviewer:

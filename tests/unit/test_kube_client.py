@@ -14,10 +14,13 @@ from typing import Any
 import pytest
 import trustme
 
+from cp_token.clock import FakeClock
 from cp_token.kube import (
     MAX_BODY_BYTES,
     KubeClient,
     KubeConnection,
+    KubeDown,
+    KubeError,
     KubeForbidden,
     KubeUnavailable,
 )
@@ -101,11 +104,14 @@ def client_for(
     tls: ssl.SSLContext | bool = True,
     maxsize: int = 4,
     timeout: float = 5.0,
+    clock: FakeClock | None = None,
 ) -> KubeClient:
     client = KubeClient(
         KubeConnection(host=url, ssl_context=tls, token_provider=lambda: "cp-credential"),
         timeout=timeout,
         max_connections=maxsize,
+        clock=clock or FakeClock(),
+        rand=lambda: 0.5,
     )
     made.append(client)
     return client
@@ -174,13 +180,15 @@ async def test_the_deadline_covers_a_server_that_never_answers(
     clients: list[KubeClient],
 ) -> None:
     async with Server(lambda _: None) as server:
-        client = client_for(clients, server.url, timeout=0.3)
+        clock = FakeClock()
+        client = client_for(clients, server.url, timeout=0.3, clock=clock)
         loop = asyncio.get_running_loop()
         start = loop.time()
         with pytest.raises(KubeUnavailable, match="timed out"):
             await get(client)
         assert loop.time() - start < 1.0
         server.answer = lambda _: ok()
+        clock.advance(1)  # past the backoff the timeout started
         assert await get(client) == {"ok": True}  # the hung connection was dropped
 
 
@@ -402,3 +410,107 @@ async def test_tls_without_verification_when_the_kubeconfig_says_so(
 ) -> None:
     async with Server(lambda _: ok(), tls=server_tls(ca, "other.example")) as server:
         assert await get(client_for(clients, server.url, False)) == {"ok": True}
+
+
+# --- one shared backoff while the API server is down -------------------------------------------
+
+
+def status(code: bytes, extra: bytes = b"") -> bytes:
+    return ok(b'{"kind":"Status"}', extra=extra, status=code)
+
+
+async def test_concurrent_failures_count_as_one_and_hold_calls_back(
+    clients: list[KubeClient],
+) -> None:
+    """Before: every request tried the API server (79 reads in 16 s for one caller)."""
+    async with Server(lambda _: status(b"503 Service Unavailable")) as server:
+        clock = FakeClock()
+        client = client_for(clients, server.url, maxsize=10, clock=clock)
+        results = await asyncio.gather(*(get(client) for _ in range(10)), return_exceptions=True)
+        assert all(isinstance(r, KubeDown) for r in results)
+        assert len(server.requests) == 10 and client._pacer.failures == 1
+        wait = client.retry_wait()
+        assert 0.5 <= wait <= 1.0  # one failure: full jitter over [0, 1 s], floor 0.5 s
+        for _ in range(20):  # held back: answered at once, the API server sees none of them
+            with pytest.raises(KubeDown) as held:
+                await get(client)
+            assert 0 < held.value.retry_after <= wait
+        assert len(server.requests) == 10
+
+
+async def test_after_the_wait_one_probe_finds_out_and_a_success_frees_every_call(
+    clients: list[KubeClient],
+) -> None:
+    async with Server(lambda _: status(b"500 Internal Server Error")) as server:
+        clock = FakeClock()
+        client = client_for(clients, server.url, maxsize=10, clock=clock)
+        with pytest.raises(KubeDown):
+            await get(client)
+        clock.advance(client.retry_wait())
+        server.answer = lambda _: None  # the probe hangs ...
+        probe = asyncio.create_task(get(client))
+        await asyncio.sleep(0.05)  # it is on the wire
+        with pytest.raises(KubeDown, match="finding out"):
+            await get(client)  # ... and nobody else calls meanwhile
+        assert len(server.requests) == 2
+        probe.cancel()
+        server.answer = lambda _: ok()
+        with pytest.raises(KubeDown):
+            await get(client)  # the cancelled probe freed its turn: this one is the next
+        assert len(server.requests) == 2  # ... but the backoff still holds
+        await client.aclose()
+
+
+async def test_a_success_ends_the_backoff(clients: list[KubeClient]) -> None:
+    answers = [status(b"502 Bad Gateway"), ok()]
+    async with Server(lambda _: answers.pop(0) if answers else ok()) as server:
+        clock = FakeClock()
+        client = client_for(clients, server.url, clock=clock)
+        with pytest.raises(KubeDown):
+            await get(client)
+        clock.advance(client.retry_wait())
+        assert await get(client) == {"ok": True}  # the probe succeeded
+        assert client.retry_wait() == 0
+        assert await asyncio.gather(*(get(client) for _ in range(5))) == [{"ok": True}] * 5
+        assert len(server.requests) == 7
+
+
+@pytest.mark.parametrize(
+    ("header", "wait"),
+    [(b"10", 10.0), (b"0", 0.0), (b"300", 30.0), (b"9" * 400, None), ("\u00b9".encode(), None)],
+)
+async def test_a_429_s_retry_after_is_waited_exactly_up_to_30_s(
+    clients: list[KubeClient], header: bytes, wait: float | None
+) -> None:
+    """Before: ignored (a 429 was one more failure; retries came after 5 s whatever it said)."""
+    extra = b"retry-after: " + header + b"\r\n"
+    answers = [status(b"429 Too Many Requests", extra)]
+    async with Server(lambda _: answers.pop(0) if answers else ok()) as server:
+        clock = FakeClock()
+        client = client_for(clients, server.url, clock=clock)
+        with pytest.raises(KubeDown) as first:
+            await get(client)
+        if wait is None:  # not a usable number: the backoff decides (0.5-1 s after one)
+            assert 0.5 <= first.value.retry_after <= 1.0
+            return
+        assert first.value.retry_after == wait
+        if wait:
+            clock.advance(wait - 0.1)
+            with pytest.raises(KubeDown):
+                await get(client)  # not a moment before
+            clock.advance(0.1)
+        assert await get(client) == {"ok": True}  # and no longer
+        assert len(server.requests) == 2
+
+
+async def test_an_answer_is_not_an_outage(clients: list[KubeClient]) -> None:
+    """A 404, a 403 or a 401 is the API server answering: no backoff."""
+    codes = [b"404 Not Found", b"403 Forbidden", b"401 Unauthorized", b"409 Conflict"]
+    async with Server(lambda _: status(codes.pop(0)) if codes else ok()) as server:
+        client = client_for(clients, server.url)
+        assert await client.get_pod("ns", "gone") is None
+        for _ in range(3):
+            with pytest.raises(KubeError) as caught:
+                await get(client)
+            assert not isinstance(caught.value, KubeDown)
+        assert client.retry_wait() == 0 and await get(client) == {"ok": True}

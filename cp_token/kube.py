@@ -311,6 +311,12 @@ class KubeClient:
                 chunks.append(chunk)
             return resp.status, b"".join(chunks), resp.headers.get("Retry-After")
 
+    @property
+    def down(self) -> bool:
+        """Whether the API server is taken for down: a call failed (unreachable, timed out,
+        5xx, 429) and none made since has been answered."""
+        return self._backing_off
+
     def retry_wait(self) -> float:
         """Seconds until the next call to the API server may go (0: now)."""
         return max(self._pacer.wait(), self._hold_until - self._clock.monotonic(), 0.0)

@@ -12,8 +12,9 @@ remembered as None for the same time as a found one.
 - Stale-if-error: an expired entry is kept until ``stale_ttl`` seconds after its read
   (``CP_TOKEN_REVIEW_CACHE_TTL``) and answers in place of a read only while the API server
   is down (unreachable, refused, timed out, 5xx, 429, or calls held back by the backoff that
-  follows), or when the request's budget runs out waiting for the read. A 404 or any real
-  answer always wins.
+  follows), or when the request's budget runs out waiting for the read. While the API
+  server is taken for down, such an entry answers at once and the read goes on without the
+  request (as the backoff's probe). A 404 or any real answer always wins.
 - Label reads (outside a review) have their own bound, ``max_reads``, so they never wait
   behind token reviews, and reviews never wait behind them; the Kubernetes worker pool is
   sized for both (see :mod:`cp_token.wiring`).
@@ -131,6 +132,7 @@ class ObjectCache:
             estimate=lambda v: v.size,
         )
         self._inflight: Singleflight[Key, Cached] = Singleflight()
+        self._background: set[asyncio.Future[Cached]] = set()
         self._reads = asyncio.Semaphore(max_reads)
         self._read_wait = read_wait
         self._metrics = metrics
@@ -227,6 +229,15 @@ class ObjectCache:
         self._metrics.cache(key[0], entry is not None)
         if entry is not None:
             return entry
+        if self._kube.down:
+            # The API server is taken for down: what was read within stale_ttl answers at
+            # once; the read goes on without this request, as the backoff's probe when one
+            # may go now (a real answer then replaces the entry for the next requests).
+            stale = self._stale(key)
+            if stale is not None:
+                if self._kube.retry_wait() == 0 and not self._inflight.running(key):
+                    self._in_background(key, fetch, bounded)
+                return stale
         read = self._inflight.do(key, lambda: self._fetch(key, fetch, bounded))
         if deadline is None:
             return await read
@@ -240,6 +251,19 @@ class ObjectCache:
             raise Unavailable(
                 "the Kubernetes API did not answer in time", reason="kube_timeout"
             ) from None
+
+    def _in_background(self, key: Key, fetch: Callable[[], Awaitable[Obj]], bounded: bool) -> None:
+        """Start the shared read of ``key`` without waiting for it."""
+        task = asyncio.ensure_future(
+            self._inflight.do(key, lambda: self._fetch(key, fetch, bounded))
+        )
+        self._background.add(task)
+        task.add_done_callback(self._read_done)
+
+    def _read_done(self, task: asyncio.Future[Cached]) -> None:
+        self._background.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: whoever needs the answer asks again
 
     async def _fetch(self, key: Key, fetch: Callable[[], Awaitable[Obj]], bounded: bool) -> Cached:
         if not bounded:

@@ -317,6 +317,11 @@ class KubeClient:
         5xx, 429) and none made since has been answered."""
         return self._backing_off
 
+    @property
+    def may_call(self) -> bool:
+        """Whether a call made now would go to the API server (not held back)."""
+        return not (self._backing_off and (self._probing or self.retry_wait() > 0))
+
     def retry_wait(self) -> float:
         """Seconds until the next call to the API server may go (0: now)."""
         return max(self._pacer.wait(), self._hold_until - self._clock.monotonic(), 0.0)
@@ -342,7 +347,8 @@ class KubeClient:
         if epoch == self._epoch:
             self._epoch += 1
             self._backing_off = True
-            if retry_after is not None:  # the server said how long: exactly that
+            if retry_after is not None:  # the server said how long: exactly that, no longer
+                self._pacer.reset()
                 self._hold_until = self._clock.monotonic() + retry_after
             else:
                 self._pacer.failed()

@@ -235,7 +235,7 @@ class ObjectCache:
             # may go now (a real answer then replaces the entry for the next requests).
             stale = self._stale(key)
             if stale is not None:
-                if self._kube.retry_wait() == 0 and not self._inflight.running(key):
+                if self._kube.may_call and not self._inflight.running(key):
                     self._in_background(key, fetch, bounded)
                 return stale
         read = self._inflight.do(key, lambda: self._fetch(key, fetch, bounded))

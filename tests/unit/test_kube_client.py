@@ -503,6 +503,26 @@ async def test_a_429_s_retry_after_is_waited_exactly_up_to_30_s(
         assert len(server.requests) == 2
 
 
+async def test_a_retry_after_is_no_longer_than_it_says_after_earlier_failures(
+    clients: list[KubeClient],
+) -> None:
+    answers = [status(b"503 Service Unavailable")] * 3
+    answers.append(status(b"429 Too Many Requests", b"retry-after: 1\r\n"))
+    async with Server(lambda _: answers.pop(0) if answers else ok()) as server:
+        clock = FakeClock()
+        client = client_for(clients, server.url, clock=clock)
+        for _ in range(3):  # the backoff grows: 0.5, 1, 2 s (draws at the middle)
+            with pytest.raises(KubeDown):
+                await get(client)
+            clock.advance(client.retry_wait())
+        with pytest.raises(KubeDown) as caught:
+            await get(client)
+        assert caught.value.retry_after == 1.0  # not the 4 s the backoff would draw next
+        clock.advance(1.0)
+        assert await get(client) == {"ok": True}
+        assert len(server.requests) == 5
+
+
 async def test_an_answer_is_not_an_outage(clients: list[KubeClient]) -> None:
     """A 404, a 403 or a 401 is the API server answering: no backoff."""
     codes = [b"404 Not Found", b"403 Forbidden", b"401 Unauthorized", b"409 Conflict"]

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/profile_cold.py [--authn tokenreview|jwks] [--requests 2000]
                                            [--latency 0.005] [--profile]
+    .venv/bin/python bench/profile_cold.py --storm 1000 [--authn ...] [--conns 100]
 
 The fake kube-apiserver runs in its own process (``bench_cp.FakeKube``); this process builds
 the service with ``build_service`` (as ``cp-token serve`` does), then authenticates and
@@ -9,6 +10,12 @@ authorizes distinct valid tokens (spread over ``bench_cp.SPREAD_PODS`` pods) 32 
 through ``TokenDecision.decide`` and reports this process's CPU time per request (every
 thread: the event loop and the Kubernetes workers). ``--profile`` adds cProfile's view of
 the event loop thread.
+
+``--storm N`` measures end to end instead: N new session pods (a new ServiceAccount and pod
+each, so every request misses every cache but the namespace's) ask a ``cp-token serve``
+process for their first token over HTTP, ``--conns`` at a time, against the fake API server
+over HTTPS; reported: the time until all are served, the CP process's CPU per request, its
+resident memory after the storm and the API calls per pod.
 """
 
 from __future__ import annotations
@@ -23,7 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_cp import FakeKube
+from bench_cp import FakeKube, start_cp
+from common import rss_kib, run_loadgen
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -54,7 +62,11 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--latency", type=float, default=0.005)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--storm", type=int, default=0, help="N new pods end to end")
+    parser.add_argument("--conns", type=int, default=100, help="storm: requests at a time")
     args = parser.parse_args()
+    if args.storm:
+        return storm(args)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         kube = FakeKube(workdir)
@@ -72,6 +84,38 @@ def main() -> int:
     )
     if stats is not None:
         stats.sort_stats("tottime").print_stats(35)
+    return 0
+
+
+def storm(args: argparse.Namespace) -> int:
+    """``args.storm`` new pods ask a CP process for their first token, end to end."""
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        kube = FakeKube(workdir)
+        try:
+            warm = kube.tokens(workdir / "warm.txt", 64)
+            pods = kube.sessions(workdir / "storm.txt", args.storm, "storm")
+            kube.call("latency", args.latency)
+            cp, port = start_cp(workdir, "cp-storm", kube, args.authn, "info")
+            try:
+                run_loadgen(port, warm, conns=min(args.conns, 64), each=True)
+                kube.call("reset")
+                r = run_loadgen(port, pods, conns=args.conns, each=True, watch=[cp.pid])
+                calls = kube.call("calls")
+                rss = rss_kib(cp.pid)
+            finally:
+                cp.stop()
+        finally:
+            kube.stop()
+    cpu = r["cpu"][str(cp.pid)]
+    n = r["requests"]
+    per_pod = {k: round(v / n, 2) for k, v in calls.items() if v}
+    print(
+        f"{args.authn} storm: {n} new pods served in {r['elapsed']:.2f} s "
+        f"({args.conns} at a time, API latency {args.latency * 1000:g} ms), statuses "
+        f"{r['statuses']}, CP CPU {cpu / n * 1e6:.0f} us per pod, p99 {r['p99'] * 1000:.0f} ms, "
+        f"RSS after {rss / 1024:.1f} MiB, API calls per pod {per_pod}"
+    )
     return 0
 
 

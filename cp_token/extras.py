@@ -30,6 +30,7 @@ SERVER_MODULES = {
     "uvicorn": "uvicorn",
     "httptools": "httptools",
     "kubernetes": "kubernetes",
+    "aiohttp": "aiohttp",
     "prometheus-client": "prometheus_client",
     "joserfc": "joserfc",
     "cryptography": "cryptography",

@@ -309,7 +309,7 @@ def build_policy(s: Settings) -> RunnerPolicy:
 
 
 def _kube_client(
-    s: Settings, metrics: Metrics, connection: KubeConnection | None
+    s: Settings, metrics: Metrics, connection: KubeConnection | None, clock: Clock
 ) -> KubeClient | None:
     """The Kubernetes client (None with static authn); ConfigError when it cannot load."""
     if s.authn == "static":
@@ -324,7 +324,9 @@ def _kube_client(
                 # the loader indexes what it parsed: the file is YAML, but not a kubeconfig
                 why = "not a kubeconfig: expected a YAML mapping of clusters, users and contexts"
             raise ConfigError(variable, f"no usable Kubernetes configuration ({why})") from None
-    return KubeClient(connection, max_connections=kube_pool_size(s.max_reviews), metrics=metrics)
+    return KubeClient(
+        connection, max_connections=kube_pool_size(s.max_reviews), metrics=metrics, clock=clock
+    )
 
 
 def build_service(
@@ -337,12 +339,20 @@ def build_service(
     clock = clock or SystemClock()
     metrics = Metrics(authn=s.authn, minter=s.minter, min_ttl=s.min_ttl)
     watcher = FileWatcher()
-    kube = _kube_client(s, metrics, kube_connection)
+    kube = _kube_client(s, metrics, kube_connection, clock)
     # One object cache for label checks and jwks liveness checks: each object read once;
     # the issuer keys serve the jwks authenticator and the signature pre-check.
     objects = None
     if kube is not None:
-        objects = ObjectCache(kube, clock, ttl=s.liveness_cache_ttl, metrics=metrics)
+        # reads answer for CP_TOKEN_LIVENESS_CACHE_TTL, and while the API server is down for
+        # up to CP_TOKEN_REVIEW_CACHE_TTL (stale-if-error)
+        objects = ObjectCache(
+            kube,
+            clock,
+            ttl=s.liveness_cache_ttl,
+            stale_ttl=s.review_cache_ttl,
+            metrics=metrics,
+        )
     issuer_keys = None if kube is None else IssuerKeys(kube, clock)
     reviewer = build_reviewer(s, kube, objects, clock, watcher, issuer_keys)
     service = Service(

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 from cp_token.client import FetchedToken
 from cp_token.client._retry import jitter_retry_after
+from cp_token.runtime.backoff import Backoff
 from cp_token.runtime.clock import Clock
 from cp_token.settings.sidecar import REFRESH_FRACTION
 

@@ -7,7 +7,8 @@
 - Successful reviews are reused for ``ttl`` seconds from the review's start, never past the
   token's own ``exp`` nor past the reads the review rests on (``Identity.cache_until``).
 - Failed reviews are remembered for a few seconds as a :class:`Refusal` (plain values: no
-  exception, traceback, request or token), and each replay raises a fresh exception.
+  exception, traceback, request or token), and each replay raises a fresh exception; a
+  token refused only because its key is not (yet) published is not remembered.
 - Concurrent requests with the same token share one review (singleflight).
 - Reviews in flight are capped (``max_in_flight``), and no single caller (source address, or
   unverified ``sub``) holds more than a small share of the slots; a request waits at most
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 
 from cp_token.authn import DecodedReviewer, ReadyReviewer, Reviewer
 from cp_token.authn.fairness import FairSlots
-from cp_token.authn.issuer_keys import SignatureCheck
+from cp_token.authn.issuer_keys import UNKNOWN_KEY, SignatureCheck
 from cp_token.authn.precheck import MAX_TOKEN_BYTES, UnverifiedJWT, precheck
 from cp_token.errors import InternalError, Unauthenticated, Unavailable
 from cp_token.identity import SHARED_EXTRA, Identity, token_hash
@@ -234,7 +235,8 @@ class CachedAuthenticator:
                 identity = await self._reviewed(token, jwt)
         except Unauthenticated as exc:
             refusal = Refusal.of(exc)
-            self._bad[key] = refusal
+            if exc.reason != UNKNOWN_KEY:  # the next key read may publish it: not remembered
+                self._bad[key] = refusal
             return refusal
         except Unavailable as exc:
             return Refusal.of(exc)

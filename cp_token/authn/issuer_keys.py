@@ -7,63 +7,95 @@ Kubernetes client only, never from a ``jwks_uri`` elsewhere, so cluster credenti
 nowhere else.
 
 - One fetch at a time, shared by every caller (:class:`~cp_token.runtime.singleflight.SharedCall`).
-- An unknown ``kid`` triggers a re-fetch (key rotation on the API server), at most one per
-  ``refetch_interval`` however many unknown kids arrive.
-- The set is re-read every ``max_age`` seconds in the background even when every kid is known.
-- Only RS256 and ES256 are accepted: what API servers sign ServiceAccount tokens with.
+- An unknown ``kid`` triggers a re-read at once (key rotation on the API server), at most one
+  a second however many unknown kids arrive; the token waits for it instead of being
+  refused, and only a kid still unknown after a read that started after the token arrived
+  is refused (that refusal is not remembered: the next read may publish the key).
+- The set is re-read every ``max_age`` seconds in the background even when every kid is
+  known; a failed read backs off (1 s doubling to 10 s).
+- Signatures are verified by ``joserfc`` with an explicit allowlist, :data:`ALGORITHMS`:
+  what the API server signs ServiceAccount tokens with (k8s.io/kubernetes
+  pkg/serviceaccount/jwt.go: RS256 for any RSA key, ES256/ES384/ES512 for P-256/P-384/P-521
+  keys; the external signer of externaljwt/plugin accepts the same four). PS*, HS* and
+  ``none`` are never accepted, and a key is used only with the algorithm of its type and curve.
+- The key set is an answer from upstream, so untrusted: a key that does not load, or is far
+  larger than any signing key (its verification would cost the event loop), is skipped; a
+  document that is not a key set is a failed fetch, never an exception in a caller.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from joserfc import jws
+from joserfc.errors import JoseError
+from joserfc.jwk import ECKey, RSAKey
 
-from cp_token.authn.precheck import UnverifiedJWT, b64url_bytes
+from cp_token.authn.precheck import UnverifiedJWT
 from cp_token.errors import Unauthenticated
 from cp_token.kube.client import KubeClient, KubeError, KubeUnavailable
+from cp_token.runtime.backoff import Backoff, Pacer
 from cp_token.runtime.clock import Clock
 from cp_token.runtime.singleflight import SharedCall
 
 __all__ = [
     "ALGORITHMS",
+    "UNKNOWN_KEY",
     "IssuerKeys",
     "Key",
     "KeySet",
     "SignatureCheck",
     "parse_key_set",
+    "unknown_key",
     "verifies",
 ]
 
 log = logging.getLogger(__name__)
-
 # What the API server's /openid/v1/jwks produces (it answers 406 to Accept: application/json).
 JWKS_MEDIA_TYPE = "application/jwk-set+json"
-ALGORITHMS = frozenset({"RS256", "ES256"})
-KEY_TYPES = {"RS256": "RSA", "ES256": "EC"}
-REFETCH_INTERVAL = 10.0  # at most one fetch per window for unknown kids
-KEYS_MAX_AGE = 300.0  # re-read the key set this often even when every kid is known
-RETRY_INTERVAL = 1.0  # while no key set was ever loaded, retry a failed fetch this often
-KEY_WAIT = 1.0  # the pre-check waits at most this long for the keys, then TokenReview decides
 
-ES256_SIGNATURE_BYTES = 64  # r || s, 32 bytes each (RFC 7518 §3.4)
-_PKCS1 = padding.PKCS1v15()
-_SHA256 = hashes.SHA256()
-_ECDSA = ec.ECDSA(hashes.SHA256())
+# The key type (and curve) each accepted algorithm verifies with.
+KEY_TYPES: dict[str, tuple[str, str | None]] = {
+    "RS256": ("RSA", None),
+    "ES256": ("EC", "P-256"),
+    "ES384": ("EC", "P-384"),
+    "ES512": ("EC", "P-521"),
+}
+ALGORITHMS = frozenset(KEY_TYPES)
+ALGORITHM_NAMES = ", ".join(sorted(ALGORITHMS))
+MIN_READ_INTERVAL = 1.0  # SPEC: an unknown kid re-reads the keys at most once a second
+KEYS_MAX_AGE = 300.0  # re-read the key set this often even when every kid is known
+# after a failed read (the API server down, a malformed set): 1 s, doubling up to 10 s
+READ_BACKOFF = Backoff(base=1.0, cap=10.0, floor=1.0)
+MAX_RSA_BITS = 16384  # far past any signing key; bounds what one verification costs
+MAX_RSA_EXPONENT = 2**32  # real keys use 65537; a huge exponent makes verification slow
+MAX_KEYS = 64  # an API server publishes a handful (more during rotations)
+
+# joserfc with exactly our algorithms; sizes as large as the tokens the precheck lets through
+# (its defaults would refuse the signature of an RSA key over 6,144 bits)
+_REGISTRY = jws.JWSRegistry(algorithms=sorted(ALGORITHMS))
+_REGISTRY.max_header_length = 4096
+_REGISTRY.max_payload_length = 16 * 1024
+_REGISTRY.max_signature_length = 4 * MAX_RSA_BITS // 8 // 3 + 4
 
 
 @dataclass(frozen=True, slots=True)
 class Key:
-    """One usable public key of the API server's set: its JWK ``kty`` and the key object
-    (imported once, when the set is fetched)."""
+    """One usable public key of the API server's set: its JWK ``kty``, its curve (EC), and
+    the key (imported once, when the set is fetched)."""
 
-    key_type: str  # "RSA" or "EC" (P-256)
-    public: rsa.RSAPublicKey | ec.EllipticCurvePublicKey
+    key_type: str  # "RSA" or "EC"
+    curve: str | None  # "P-256", "P-384" or "P-521" for EC
+    public: RSAKey | ECKey
+
+    def fits(self, alg: str) -> bool:
+        """Whether this key verifies signatures of ``alg``."""
+        return KEY_TYPES.get(alg) == (self.key_type, self.curve)
 
 
 @dataclass(frozen=True)
@@ -72,7 +104,7 @@ class KeySet:
 
     by_kid: dict[str, Key] = field(default_factory=dict)
     unnamed: tuple[Key, ...] = ()
-    # Keys of another type or curve (e.g. P-384) that this service cannot verify with.
+    # Keys of another type or curve that this service cannot verify with.
     unusable_kids: frozenset[str] = frozenset()
     unusable_unnamed: int = 0
 
@@ -86,23 +118,22 @@ class KeySet:
 
     def candidates(self, kid: str | None, alg: str) -> list[Key]:
         """The keys that could have signed a token with this ``kid`` and ``alg``."""
-        kty = KEY_TYPES.get(alg)
-        if kty is None:
+        if alg not in ALGORITHMS:
             return []
         if kid is not None:
             key = self.by_kid.get(kid)
-            return [key] if key is not None and key.key_type == kty else []
-        return [k for k in [*self.by_kid.values(), *self.unnamed] if k.key_type == kty]
+            return [key] if key is not None and key.fits(alg) else []
+        return [k for k in [*self.by_kid.values(), *self.unnamed] if k.fits(alg)]
 
 
 def parse_key_set(doc: dict[str, object]) -> KeySet:
-    """The usable RS256/ES256 keys of a JWKS document (RSA, or EC on P-256)."""
+    """The usable keys of a JWKS document (RSA, or EC on P-256, P-384, P-521); never raises."""
     by_kid: dict[str, Key] = {}
     unnamed: list[Key] = []
     unusable_kids: set[str] = set()
     unusable_unnamed = 0
     raw_keys = doc.get("keys")
-    for raw in raw_keys if isinstance(raw_keys, list) else []:
+    for raw in raw_keys[:MAX_KEYS] if isinstance(raw_keys, list) else []:
         if not isinstance(raw, dict):
             continue
         kid = raw.get("kid") if isinstance(raw.get("kid"), str) and raw.get("kid") else None
@@ -111,11 +142,11 @@ def parse_key_set(doc: dict[str, object]) -> KeySet:
             if kid is None:
                 unusable_unnamed += 1
             else:
-                unusable_kids.add(kid)
+                unusable_kids.add(str(kid))
         elif kid is None:
             unnamed.append(key)
         else:
-            by_kid[kid] = key
+            by_kid[str(kid)] = key
     return KeySet(
         by_kid=by_kid,
         unnamed=tuple(unnamed),
@@ -125,86 +156,110 @@ def parse_key_set(doc: dict[str, object]) -> KeySet:
 
 
 def _import(raw: dict[str, object]) -> Key | None:
-    """An RSA or P-256 EC public key, or None for anything this service cannot verify with."""
+    """A public RSA or EC key through joserfc, or None for anything this service cannot or
+    will not verify with: another type or curve, a key for encryption, a malformed or
+    oversized one. Only the public members are handed over (never ``d`` or ``alg``)."""
+    use = raw.get("use")
+    if use is not None and use != "sig":
+        return None
     try:
-        if raw.get("kty") == "RSA":
-            n, e = _jwk_int(raw, "n"), _jwk_int(raw, "e")
-            return Key("RSA", rsa.RSAPublicNumbers(e, n).public_key())
-        if raw.get("kty") == "EC" and raw.get("crv") == "P-256":
-            x, y = _jwk_int(raw, "x"), _jwk_int(raw, "y")
-            return Key("EC", ec.EllipticCurvePublicNumbers(x, y, ec.SECP256R1()).public_key())
-    except (ValueError, TypeError):  # a malformed key in the API server's set: skip it
+        kty = raw.get("kty")
+        if kty == "RSA":
+            rsa = RSAKey.import_key({"kty": "RSA", "n": _member(raw, "n"), "e": _member(raw, "e")})
+            numbers = rsa.public_key.public_numbers()
+            if numbers.n.bit_length() > MAX_RSA_BITS or numbers.e > MAX_RSA_EXPONENT:
+                raise ValueError("an RSA key larger than any signing key")
+            return Key("RSA", None, rsa)
+        crv = raw.get("crv")
+        if kty == "EC" and crv in ("P-256", "P-384", "P-521"):
+            members: dict[str, str | list[str]] = {
+                "kty": "EC",
+                "crv": str(crv),
+                "x": _member(raw, "x"),
+                "y": _member(raw, "y"),
+            }
+            return Key("EC", str(crv), ECKey.import_key(members))
+    except Exception:  # untrusted bytes in a library: any failure means "skip this key"
         log.warning("skipping a key of the API server's JWKS that does not load")
     return None
 
 
-def _jwk_int(raw: dict[str, object], name: str) -> int:
-    """A JWK's base64url-encoded unsigned integer member (RFC 7518 §6); ValueError if not."""
+def _member(raw: dict[str, object], name: str) -> str:
+    """A JWK's base64url member (RFC 7518 §6) as a string; ValueError when absent or not one."""
     value = raw.get(name)
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"{name} is missing")
-    return int.from_bytes(b64url_bytes(value), "big")
+    if not isinstance(value, str) or not value or len(value) > MAX_RSA_BITS // 4:
+        raise ValueError(f"{name} is missing or too long")
+    return value
+
+
+UNKNOWN_KEY = "unknown_key"  # a refusal with this reason is never remembered
+
+
+def unknown_key() -> Unauthenticated:
+    """The refusal of a token whose ``kid`` is not in a key set read after it arrived."""
+    return Unauthenticated(
+        "token was signed by a key the cluster does not publish", reason=UNKNOWN_KEY
+    )
 
 
 def verifies(token: str, keys: list[Key], alg: str) -> bool:
-    """True when one of ``keys`` verifies the compact JWS ``token`` under ``alg``
-    (``cryptography`` directly, with key objects imported once per key set)."""
-    signing_input, _, encoded = token.rpartition(".")
-    try:
-        signature = b64url_bytes(encoded)
-    except ValueError:
+    """True when one of ``keys`` verifies the compact JWS ``token`` under ``alg``, through
+    joserfc with the :data:`ALGORITHMS` allowlist (a key of another type never checks)."""
+    usable = [key for key in keys if key.fits(alg)]
+    if not usable:
         return False
-    data = signing_input.encode("ascii", "replace")
-    if alg == "ES256":
-        if len(signature) != ES256_SIGNATURE_BYTES:
-            return False
-        half = ES256_SIGNATURE_BYTES // 2
-        signature = encode_dss_signature(
-            int.from_bytes(signature[:half], "big"), int.from_bytes(signature[half:], "big")
-        )
-    return any(_verifies_with(key, signature, data, alg) for key in keys)
-
-
-def _verifies_with(key: Key, signature: bytes, data: bytes, alg: str) -> bool:
-    public = key.public
     try:
-        if alg == "RS256" and isinstance(public, rsa.RSAPublicKey):
-            public.verify(signature, data, _PKCS1, _SHA256)
-        elif alg == "ES256" and isinstance(public, ec.EllipticCurvePublicKey):
-            public.verify(signature, data, _ECDSA)
-        else:
+        obj = jws.extract_compact(token.encode("ascii"), registry=_REGISTRY)
+        if obj.headers().get("alg") != alg:
             return False
-    except (InvalidSignature, ValueError):
+    except (JoseError, ValueError, TypeError):  # UnicodeError is a ValueError
         return False
-    return True
+    for key in usable:
+        try:
+            if jws.validate_compact(obj, key.public, registry=_REGISTRY):
+                return True
+        except (JoseError, ValueError, TypeError):
+            continue
+    return False
 
 
 class IssuerKeys:
-    """The API server's issuer key set: fetched once, shared, refreshed, re-read on rotation."""
+    """The API server's issuer key set: fetched once, shared, refreshed, re-read on rotation.
+
+    - A token whose ``kid`` is not in the set makes it re-read at once (the API server may
+      have rotated its key): one read in flight, shared by every caller, at most one per
+      ``min_interval``. The token waits for a read that started after it arrived; only a
+      ``kid`` still unknown after such a fresh read is refused.
+    - The set is re-read in the background every ``max_age`` seconds.
+    - A failed read (the API server down, a malformed set) is a failure with backoff: while
+      the backoff holds reads back, a caller that needs a read gets the failure at once
+      (the known set still answers for known kids).
+    """
 
     def __init__(
         self,
         kube: KubeClient,
         clock: Clock,
         *,
-        refetch_interval: float = REFETCH_INTERVAL,
+        min_interval: float = MIN_READ_INTERVAL,
         max_age: float = KEYS_MAX_AGE,
-        retry_interval: float = RETRY_INTERVAL,
+        backoff: Backoff = READ_BACKOFF,
+        rand: Callable[[], float] = random.random,
     ) -> None:
         self._kube = kube
         self._clock = clock
-        self._refetch_interval = refetch_interval
+        self._min_interval = min_interval
         self._max_age = max_age
-        self._retry_interval = retry_interval
         self._keys: KeySet | None = None
-        self._loaded_at = float("-inf")  # monotonic time the current set's fetch started
-        self._attempt_at = float("-inf")  # monotonic time of the last fetch attempt
-        # Why the last fetch failed, as (type, reason): a fresh exception is raised each time,
+        self._loaded_at = float("-inf")  # monotonic time the current set's read started
+        self._read_at = float("-inf")  # monotonic time the last read started
+        self._reads = 0  # reads started: a read is fresh for a token if it started after it
+        self._pacer = Pacer(backoff, clock, rand)
+        # Why the last read failed, as (type, reason): a fresh exception is raised each time,
         # so no caller's frames pile up on one shared traceback.
         self._failure: tuple[type[KubeError], str] | None = None
         self._fetch: SharedCall[KeySet] = SharedCall()
         self._background: set[asyncio.Task[None]] = set()
-        self.fetches = 0  # for tests and benchmarks
 
     @property
     def keys(self) -> KeySet | None:
@@ -213,44 +268,57 @@ class IssuerKeys:
 
     @property
     def failure(self) -> str | None:
-        """Why the last fetch failed (None after a success or before any attempt)."""
+        """Why the last read failed (None after a success or before any attempt)."""
         return None if self._failure is None else self._failure[1]
 
     @property
     def fetching(self) -> bool:
-        """True while a fetch is in flight."""
+        """True while a read is in flight."""
         return self._fetch.running
+
+    @property
+    def fetches(self) -> int:
+        """Reads started so far (tests and benchmarks)."""
+        return self._reads
 
     def _failed(self) -> KubeError:
         kind, reason = self._failure or (KubeUnavailable, "jwks: the key set is not loaded yet")
         return kind(reason)
 
-    async def _refresh(self) -> KeySet | None:
-        """Start or join a fetch when one is allowed now; None when it is too soon.
-
-        Raises :class:`KubeError` when the fetch fails. A new fetch is allowed every
-        ``refetch_interval`` once a set is loaded, every ``retry_interval`` before that; one
-        already in flight is always joined.
-        """
-        if not self.fetching:
-            interval = self._refetch_interval if self._keys is not None else self._retry_interval
-            now = self._clock.monotonic()
-            if now - self._attempt_at < interval:
-                return None
-            self._attempt_at = now
-        return await self._fetch.do(self._load)
+    async def _read_after(self, seen: int) -> KeySet:
+        """The set from a read started after the ``seen``-th one: the one in flight when it
+        did, else a new one as soon as ``min_interval`` allows. Raises :class:`KubeError`
+        when that read fails, or at once while the failure backoff holds reads back."""
+        while True:
+            if self._reads > seen:
+                if self.fetching:
+                    return await self._fetch.do(self._load)
+                if self._failure is None and self._keys is not None:
+                    return self._keys  # read, and successfully, since the token came
+                raise self._failed()
+            if self.fetching:  # started before the token came: may predate the new key
+                with contextlib.suppress(KubeError):
+                    await self._fetch.do(self._load)
+                continue
+            if self._pacer.wait() > 0:
+                raise self._failed()
+            wait = self._read_at + self._min_interval - self._clock.monotonic()
+            if wait > 0:
+                await self._clock.sleep(wait)
+                continue
+            return await self._fetch.do(self._load)
 
     def _refresh_if_stale(self) -> None:
         """Re-read the set in the background when it is older than ``max_age``."""
         now = self._clock.monotonic()
         if now - self._loaded_at < self._max_age or self.fetching:
             return
-        if now - self._attempt_at < self._refetch_interval:
-            return  # a refresh was tried (and failed) just now: no task per request
+        if self._pacer.wait() > 0 or now - self._read_at < self._min_interval:
+            return  # a read was tried just now (or failed recently): no task per request
 
         async def run() -> None:
             try:
-                await self._refresh()
+                await self._fetch.do(self._load)
             except KubeError as exc:
                 log.warning("JWKS refresh failed, keeping known keys: %s", exc.reason)
 
@@ -259,56 +327,57 @@ class IssuerKeys:
         task.add_done_callback(self._background.discard)
 
     async def _load(self) -> KeySet:
-        self.fetches += 1
-        started = self._clock.monotonic()
+        self._reads += 1
+        started = self._read_at = self._clock.monotonic()
         try:
             doc = await self._kube.get_json("jwks", "/openid/v1/jwks", accept=JWKS_MEDIA_TYPE)
             keys = parse_key_set(doc)
             if not keys.by_kid and not keys.unnamed:
-                raise KubeUnavailable("jwks: the API server's key set holds no RS256/ES256 key")
+                raise KubeUnavailable("jwks: the API server's key set holds no usable key")
         except KubeError as exc:
             self._failure = (type(exc), exc.reason)
+            self._pacer.failed()
             raise
+        except Exception as exc:  # an answer nothing above foresaw: a failed read, not a crash
+            reason = f"jwks: the API server's key set could not be read ({type(exc).__name__})"
+            self._failure = (KubeUnavailable, reason)
+            self._pacer.failed()
+            raise KubeUnavailable(reason) from None
         self._keys, self._loaded_at, self._failure = keys, started, None
+        self._pacer.succeeded()
         return keys
 
     def known(self, kid: str | None, alg: str) -> list[Key] | None:
-        """The answer of :meth:`lookup` when it needs no fetch, else None."""
+        """The answer of :meth:`lookup` when it needs no read, else None."""
         keys = self._keys
         if keys is None:
             return None
         self._refresh_if_stale()
         found = keys.candidates(kid, alg)
-        if found or kid is None or kid in keys.by_kid:
+        if found or kid is None or kid in keys.by_kid or alg not in ALGORITHMS:
             return found
         return None
 
     async def lookup(self, kid: str | None, alg: str) -> list[Key]:
         """The keys that may have signed a token with this ``kid`` and ``alg``.
 
-        An empty list means: certainly none (the kid is not in a set fetched successfully
-        within ``refetch_interval``, or the alg does not fit). Raises :class:`KubeError` when
-        it cannot tell: no set could be loaded, or the kid is unknown and the re-fetch failed.
+        An empty list means: certainly none (the kid is not in a set read after the token
+        arrived, or the alg does not fit). Raises :class:`KubeError` when it cannot tell: the
+        set could not be read (or the backoff after a failed read holds reads back).
         """
         found = self.known(kid, alg)
         if found is not None:
             return found
-        if self._keys is None:
-            keys = await self._refresh()
-            if keys is None:
-                raise self._failed()
-            found = self.known(kid, alg)
-            if found is not None:
-                return found
-        fresh = await self._refresh()  # an unseen kid: the API server may have rotated keys
-        if fresh is None:  # fetched (or tried) within the window: the last answer stands
-            if self._failure is not None:
-                raise self._failed()
-            return []
-        return fresh.candidates(kid, alg)
+        return (await self._read_after(self._reads)).candidates(kid, alg)
+
+    def unknown(self, kid: str | None) -> bool:
+        """Whether ``kid`` names no key of the current set (so a refusal for it is not
+        remembered: the next read may publish it)."""
+        keys = self._keys
+        return kid is not None and (keys is None or kid not in keys.by_kid)
 
     async def aclose(self) -> None:
-        """Cancel the fetch in flight and background refreshes."""
+        """Cancel the read in flight and background refreshes."""
         self._fetch.cancel()
         for task in list(self._background):
             task.cancel()
@@ -320,12 +389,12 @@ class SignatureCheck:
 
     Whenever the keys cannot be read (403, 404, the API server down or slow) the check is
     skipped and TokenReview decides; that is logged once per outage, not per request.
-    Waiting for the keys is bounded by the caller's deadline and by ``max_wait``.
+    Waiting for the keys (a token of a key published a moment ago waits for the re-read) is
+    bounded by the caller's deadline.
     """
 
-    def __init__(self, keys: IssuerKeys, *, max_wait: float = KEY_WAIT) -> None:
+    def __init__(self, keys: IssuerKeys) -> None:
         self._keys = keys
-        self._max_wait = max_wait
         self._skipping = False
         self.skipped = 0  # checks skipped because the keys could not be read (tests, metrics)
 
@@ -335,11 +404,11 @@ class SignatureCheck:
         ``deadline`` is event-loop time: the keys are waited for until then at the latest.
         """
         alg, kid = jwt.alg, jwt.kid
-        wait = max(0.0, min(deadline - asyncio.get_running_loop().time(), self._max_wait))
         try:
             keys = self._keys.known(kid, alg)
             if keys is None:
-                keys = await asyncio.wait_for(self._keys.lookup(kid, alg), timeout=wait)
+                async with asyncio.timeout_at(deadline):
+                    keys = await self._keys.lookup(kid, alg)
         except TimeoutError:
             self._skip("the API server did not answer in time")
             return
@@ -352,8 +421,11 @@ class SignatureCheck:
         self._recovered()
         if alg not in ALGORITHMS:
             raise Unauthenticated(
-                "token algorithm is not accepted (RS256 or ES256 only)", reason="bad_algorithm"
+                f"token algorithm is not accepted ({ALGORITHM_NAMES} only)",
+                reason="bad_algorithm",
             )
+        if not keys and self._keys.unknown(kid):
+            raise unknown_key()
         if not verifies(token, keys, alg):
             raise Unauthenticated(
                 "token signature does not verify against the cluster's issuer keys",

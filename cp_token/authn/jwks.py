@@ -16,8 +16,14 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from cp_token.authn.issuer_keys import ALGORITHMS, IssuerKeys, verifies
-from cp_token.authn.precheck import UnverifiedJWT, decode_unverified, numeric_date
+from cp_token.authn.issuer_keys import (
+    ALGORITHM_NAMES,
+    ALGORITHMS,
+    IssuerKeys,
+    unknown_key,
+    verifies,
+)
+from cp_token.authn.precheck import EXP_LEEWAY, UnverifiedJWT, decode_unverified, numeric_date
 from cp_token.errors import Unauthenticated, Unavailable
 from cp_token.identity import (
     CREDENTIAL_ID_KEY,
@@ -27,7 +33,7 @@ from cp_token.identity import (
     POD_UID_KEY,
     Identity,
 )
-from cp_token.kube.client import KubeClient, KubeError, KubeForbidden, KubeUnavailable
+from cp_token.kube.client import KubeClient, KubeDown, KubeError, KubeForbidden, KubeUnavailable
 from cp_token.kube.objects import Cached, ObjectCache
 from cp_token.runtime.clock import Clock
 from cp_token.runtime.singleflight import SharedCall
@@ -36,7 +42,11 @@ __all__ = ["JwksReviewer"]
 
 log = logging.getLogger(__name__)
 
-LEEWAY = 60.0  # clock skew allowance for exp/nbf, as the API server's own validator allows
+# Clock-skew allowance for exp/nbf, as the API server's own: k8s.io/kubernetes
+# pkg/serviceaccount/claims.go validates with go-jose's Claims.Validate, which applies
+# jwt.DefaultLeeway (1 minute), so kube-apiserver accepts a ServiceAccount token up to 60 s
+# past its exp. The precheck uses the same allowance.
+LEEWAY = EXP_LEEWAY
 
 
 def _bad(description: str, reason: str = "not_authenticated") -> Unauthenticated:
@@ -54,7 +64,10 @@ def _unavailable(exc: KubeError, what: str) -> Unavailable:
             retry_after=30,
         )
     log.warning("%s failed: %s", what, exc.reason)
-    return Unavailable("the Kubernetes API is unavailable", reason="kube_unavailable")
+    retry_after = exc.retry_after if isinstance(exc, KubeDown) else 5.0
+    return Unavailable(
+        "the Kubernetes API is unavailable", reason="kube_unavailable", retry_after=retry_after
+    )
 
 
 class JwksReviewer:
@@ -120,6 +133,8 @@ class JwksReviewer:
             keys = await self.keys.lookup(kid, alg)
         except KubeError as exc:
             raise _unavailable(exc, "JWKS fetch") from None
+        if not keys and self.keys.unknown(kid):
+            raise unknown_key()  # not in a set read after the token came: not remembered
         if not verifies(token, keys, alg):
             raise _bad("token signature does not verify", reason="bad_signature")
         self._check_claims(unverified, await self._accepted_issuers())
@@ -232,7 +247,7 @@ class _Bound:
 def _algorithm(unverified: UnverifiedJWT) -> tuple[str, str | None]:
     alg = unverified.alg
     if alg not in ALGORITHMS:
-        raise _bad("token algorithm is not accepted (RS256 or ES256 only)", "bad_algorithm")
+        raise _bad(f"token algorithm is not accepted ({ALGORITHM_NAMES} only)", "bad_algorithm")
     return alg, unverified.kid
 
 

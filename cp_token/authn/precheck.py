@@ -22,6 +22,7 @@ from typing import Any
 from cp_token.errors import Unauthenticated
 
 __all__ = [
+    "EXP_LEEWAY",
     "MAX_TOKEN_BYTES",
     "UnverifiedJWT",
     "b64url_bytes",
@@ -33,7 +34,11 @@ __all__ = [
 
 _B64URL = re.compile(r"[A-Za-z0-9_-]+")
 MAX_TOKEN_BYTES = 16 * 1024  # SPEC: a bearer token over 16 KiB is refused unparsed
-LEEWAY = 30.0  # for `exp`: a token about to expire is the API server's call
+# For `exp`: kube-apiserver accepts a ServiceAccount token up to 60 s past its exp
+# (k8s.io/kubernetes pkg/serviceaccount/claims.go: go-jose's Claims.Validate applies
+# jwt.DefaultLeeway, 1 minute); a token it would still accept is not refused here either.
+EXP_LEEWAY = 60.0
+LEEWAY = EXP_LEEWAY
 FUTURE_LEEWAY = 60.0  # for `nbf`/`iat`: the API server's own clock-skew allowance
 MAX_CONTAINERS = 64  # a ServiceAccount token's header and claims hold about 8 objects/arrays
 MAX_NUMERIC_DATE = 2.0**53  # exact in a float, far past any real date, far from overflow

@@ -9,7 +9,7 @@ from typing import Any
 from cp_token.authn.precheck import UnverifiedJWT, decode_unverified
 from cp_token.errors import Unauthenticated, Unavailable
 from cp_token.identity import SHARED_EXTRA, Identity
-from cp_token.kube.client import KubeClient, KubeForbidden, KubeUnavailable
+from cp_token.kube.client import KubeClient, KubeDown, KubeForbidden, KubeUnavailable
 
 __all__ = ["TokenReviewer", "identity_from_user"]
 
@@ -88,7 +88,9 @@ class TokenReviewer:
         except KubeUnavailable as exc:
             log.warning("TokenReview failed: %s", exc.reason)
             raise Unavailable(
-                "the Kubernetes API is unavailable", reason="kube_unavailable", retry_after=5
+                "the Kubernetes API is unavailable",
+                reason="kube_unavailable",
+                retry_after=exc.retry_after if isinstance(exc, KubeDown) else 5,
             ) from None
         if not status.get("authenticated"):
             if status.get("error"):

@@ -9,6 +9,12 @@ remembered as None for the same time as a found one.
 - An entry expires ``ttl`` seconds after its read *started* (the state it reflects may be
   that old), and callers that cache decisions built on it learn that moment
   (:attr:`Cached.valid_until`), so caches never stack.
+- Stale-if-error: an expired entry is kept until ``stale_ttl`` seconds after its read
+  (``CP_TOKEN_REVIEW_CACHE_TTL``) and answers in place of a read only while the API server
+  is down (unreachable, refused, timed out, 5xx, 429, or calls held back by the backoff that
+  follows), or when the request's budget runs out waiting for the read. While the API
+  server is taken for down, such an entry answers at once and the read goes on without the
+  request (as the backoff's probe). A 404 or any real answer always wins.
 - Label reads (outside a review) have their own bound, ``max_reads``, so they never wait
   behind token reviews, and reviews never wait behind them; the Kubernetes worker pool is
   sized for both (see :mod:`cp_token.wiring`).
@@ -23,7 +29,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from cp_token.errors import Unavailable
-from cp_token.kube.client import KubeClient, KubeForbidden, KubeUnavailable, labels_of, uid_of
+from cp_token.kube.client import (
+    KubeClient,
+    KubeDown,
+    KubeForbidden,
+    KubeUnavailable,
+    labels_of,
+    uid_of,
+)
 from cp_token.metrics import NO_METRICS, CacheMetrics
 from cp_token.runtime.bounded import BoundedCache, bounded_tlru, text_bytes
 from cp_token.runtime.clock import Clock
@@ -99,6 +112,7 @@ class ObjectCache:
         clock: Clock,
         *,
         ttl: float = 10.0,
+        stale_ttl: float | None = None,
         max_reads: int = MAX_OBJECT_READS,
         read_wait: float = READ_WAIT,
         max_entries: int = MAX_ENTRIES,
@@ -108,14 +122,17 @@ class ObjectCache:
         self._kube = kube
         self._clock = clock
         self.ttl = ttl
+        self.stale_ttl = max(ttl, ttl if stale_ttl is None else stale_ttl)
+        # entries are kept until they may no longer answer even in an outage
         self._cache: BoundedCache[Key, Cached] = bounded_tlru(
             max_entries=max_entries,
             max_bytes=max_bytes,
-            ttu=lambda _k, v, _now: v.valid_until,
+            ttu=lambda _k, v, _now: v.fetched_at + self.stale_ttl,
             timer=clock.monotonic,
             estimate=lambda v: v.size,
         )
         self._inflight: Singleflight[Key, Cached] = Singleflight()
+        self._background: set[asyncio.Future[Cached]] = set()
         self._reads = asyncio.Semaphore(max_reads)
         self._read_wait = read_wait
         self._metrics = metrics
@@ -179,11 +196,25 @@ class ObjectCache:
             ("pods", namespace, name), lambda: self._kube.get_pod(namespace, name), bounded=bounded
         )
 
-    def _hit(self, key: Key) -> Cached | None:
-        """The cached entry, counted as a hit; None (nothing counted) when there is none."""
+    def _fresh(self, key: Key) -> Cached | None:
+        """The cached entry while it is within ``ttl`` of its read, else None."""
         entry = self._cache.get(key)
+        if entry is not None and entry.valid_until > self._clock.monotonic():
+            return entry
+        return None
+
+    def _hit(self, key: Key) -> Cached | None:
+        """The fresh entry, counted as a hit; None (nothing counted) when there is none."""
+        entry = self._fresh(key)
         if entry is not None:
             self._metrics.cache(key[0], True)
+        return entry
+
+    def _stale(self, key: Key) -> Cached | None:
+        """The entry within ``stale_ttl`` of its read, for when the API server is down."""
+        entry = self._cache.get(key)
+        if entry is not None:
+            self._metrics.cache(f"{key[0]}_stale", True)
         return entry
 
     async def _get(
@@ -194,10 +225,19 @@ class ObjectCache:
         bounded: bool,
         deadline: float | None = None,
     ) -> Cached:
-        entry = self._cache.get(key)
+        entry = self._fresh(key)
         self._metrics.cache(key[0], entry is not None)
         if entry is not None:
             return entry
+        if self._kube.down:
+            # The API server is taken for down: what was read within stale_ttl answers at
+            # once; the read goes on without this request, as the backoff's probe when one
+            # may go now (a real answer then replaces the entry for the next requests).
+            stale = self._stale(key)
+            if stale is not None:
+                if self._kube.may_call and not self._inflight.running(key):
+                    self._in_background(key, fetch, bounded)
+                return stale
         read = self._inflight.do(key, lambda: self._fetch(key, fetch, bounded))
         if deadline is None:
             return await read
@@ -205,9 +245,25 @@ class ObjectCache:
             async with asyncio.timeout_at(deadline):
                 return await read
         except TimeoutError:
+            stale = self._stale(key)  # the read goes on for whoever shares it
+            if stale is not None:
+                return stale
             raise Unavailable(
                 "the Kubernetes API did not answer in time", reason="kube_timeout"
             ) from None
+
+    def _in_background(self, key: Key, fetch: Callable[[], Awaitable[Obj]], bounded: bool) -> None:
+        """Start the shared read of ``key`` without waiting for it."""
+        task = asyncio.ensure_future(
+            self._inflight.do(key, lambda: self._fetch(key, fetch, bounded))
+        )
+        self._background.add(task)
+        task.add_done_callback(self._read_done)
+
+    def _read_done(self, task: asyncio.Future[Cached]) -> None:
+        self._background.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: whoever needs the answer asks again
 
     async def _fetch(self, key: Key, fetch: Callable[[], Awaitable[Obj]], bounded: bool) -> Cached:
         if not bounded:
@@ -238,6 +294,17 @@ class ObjectCache:
                 f"the token service cannot read {kind} (missing permission)",
                 reason="kube_forbidden",
                 retry_after=30,
+            ) from None
+        except KubeDown as exc:
+            stale = self._stale(key)
+            if stale is not None:
+                log.warning("reading %s failed, answering from the last read: %s", kind, exc.reason)
+                return stale
+            log.warning("reading %s failed: %s", kind, exc.reason)
+            raise Unavailable(
+                "the Kubernetes API is unavailable",
+                reason="kube_unavailable",
+                retry_after=exc.retry_after,
             ) from None
         except KubeUnavailable as exc:
             log.warning("reading %s failed: %s", kind, exc.reason)

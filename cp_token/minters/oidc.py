@@ -29,9 +29,7 @@ from typing import Any
 import httpx
 
 from cp_token.authn.precheck import decode_unverified
-from cp_token.runtime.backoff import Backoff, Pacer, parse_retry_after
 from cp_token.client._http import MAX_BODY, decode_json, printable, token_problem
-from cp_token.runtime.clock import MAX_SECONDS, Clock, sleep_or_wake
 from cp_token.errors import Unauthenticated, Unavailable
 from cp_token.identity import Identity
 from cp_token.metrics import NO_METRICS, IdPMetrics

@@ -117,6 +117,7 @@ class _SigningKey:
     key: RSAKey | ECKey
     alg: str
     kid: str
+    published: bool = True  # served at /openid/v1/jwks (it verifies tokens either way)
 
 
 @dataclass
@@ -178,7 +179,8 @@ class FakeKubeAPIServer(LoopbackFake):
         self._requests: dict[str, list[RecordedRequest]] = {}
         self._app = self._build_app()
         self._server = LoopbackServer(self._app, tls=True, name="fake-kube-apiserver")
-        self._faults = FaultPlan(BASE_FAULT_MODES, on_change=self._server.notify)
+        self._faults = FaultPlan(BASE_FAULT_MODES | {"429"}, on_change=self._server.notify)
+        self._retry_after: str | None = "1"  # the Retry-After of a "429" fault
 
     # -- lifecycle and addresses -------------------------------------------------------------
 
@@ -252,20 +254,32 @@ class FakeKubeAPIServer(LoopbackFake):
     @staticmethod
     def _new_key(alg: str) -> _SigningKey:
         key: RSAKey | ECKey
+        curves = {"ES256": "P-256", "ES384": "P-384", "ES512": "P-521"}  # as kube-apiserver
         if alg == "RS256":
             key = RSAKey.generate_key(2048, private=True)
-        elif alg == "ES256":
-            key = ECKey.generate_key("P-256", private=True)
+        elif alg in curves:
+            key = ECKey.generate_key(curves[alg], private=True)
         else:
-            raise ValueError(f"unsupported signing algorithm {alg!r} (RS256 or ES256)")
+            raise ValueError(f"unsupported signing algorithm {alg!r} (RS256, ES256/384/512)")
         return _SigningKey(key=key, alg=alg, kid=key.thumbprint())
 
-    def rotate_signing_key(self, alg: str = "RS256") -> str:
-        """Add a key that signs from now on; older keys keep verifying. Returns its kid."""
+    def rotate_signing_key(self, alg: str = "RS256", *, publish: bool = True) -> str:
+        """Add a key that signs from now on; older keys keep verifying. Returns its kid.
+
+        ``publish=False``: the key signs (and TokenReview accepts its tokens) but is not yet
+        served at /openid/v1/jwks, until :meth:`publish_keys`.
+        """
         new = self._new_key(alg)
+        new.published = publish
         with self._lock:
             self._keys.append(new)
         return new.kid
+
+    def publish_keys(self) -> None:
+        """Serve every key at /openid/v1/jwks (see ``rotate_signing_key(publish=False)``)."""
+        with self._lock:
+            for key in self._keys:
+                key.published = True
 
     def drop_old_keys(self) -> None:
         """Forget every key but the current signing key (tokens they signed stop verifying)."""
@@ -275,7 +289,7 @@ class FakeKubeAPIServer(LoopbackFake):
     def jwks(self) -> dict[str, Any]:
         """The public JWK set, as served at /openid/v1/jwks."""
         with self._lock:
-            keys = list(self._keys)
+            keys = [k for k in self._keys if k.published]
         out = []
         for k in keys:
             pub = dict(k.key.as_dict(private=False))
@@ -583,10 +597,21 @@ class FakeKubeAPIServer(LoopbackFake):
         self._check_route(route)
         self._faults.set_latency(seconds, route)
 
-    def fail(self, route: str | None, mode: str | None, *, times: int | None = None) -> None:
+    def fail(
+        self,
+        route: str | None,
+        mode: str | None,
+        *,
+        times: int | None = None,
+        retry_after: int | str | None = 1,
+    ) -> None:
         """Fail `route` (None: all): "500", "hang" (held until the next fault change or stop),
-        "reset" (TCP reset, no response), or None to clear. `times`: only the next N calls."""
+        "reset" (TCP reset, no response), "429" (API Priority and Fairness refusing, with
+        ``Retry-After: retry_after``; None sends none), or None to clear. `times`: only the
+        next N calls. A server that refuses connections: :meth:`stop` (then :meth:`start`)."""
         self._check_route(route)
+        with self._lock:
+            self._retry_after = None if retry_after is None else str(retry_after)
         self._faults.fail(route, mode, times=times)
 
     def clear_faults(self) -> None:
@@ -831,7 +856,14 @@ class FakeKubeAPIServer(LoopbackFake):
                     json=body,
                 )
             )
-        early = await gate(self._server, self._faults, route, request, error_500=_internal_error)
+        early = await gate(
+            self._server,
+            self._faults,
+            route,
+            request,
+            error_500=_internal_error,
+            custom={"429": self._too_many_requests},
+        )
         if early is not None:
             return early, None, body
         auth = request.headers.get("authorization", "")
@@ -1001,6 +1033,20 @@ class FakeKubeAPIServer(LoopbackFake):
             media_type="application/jwk-set+json",
             headers={"Cache-Control": _DISCOVERY_CACHE_CONTROL},
         )
+
+    def _too_many_requests(self) -> Response:
+        """What kube-apiserver's API Priority and Fairness answers when a flow is full."""
+        with self._lock:
+            retry_after = self._retry_after
+        details: dict[str, Any] = {}
+        if retry_after is not None and retry_after.isdecimal():
+            details["retryAfterSeconds"] = int(retry_after)
+        response = _status(
+            429, "TooManyRequests", "Too many requests, please try again later.", details
+        )
+        if retry_after is not None:
+            response.headers["Retry-After"] = retry_after
+        return response
 
 
 def _accepts(accept: str, media_type: str) -> bool:

@@ -342,8 +342,9 @@ async def test_kube_pool_is_as_large_as_the_slots(make_cp: Any) -> None:
     cp = make_cp("tokenreview", CP_TOKEN_MAX_REVIEWS="40")
     kube = cp.service.kube
     assert kube is not None
-    assert kube._executor._max_workers == 40 + 16 + 4  # reviews + label reads + shared calls
-    assert kube._pool.pool.maxsize == kube._executor._max_workers
+    assert kube.max_connections == 40 + 16 + 4  # reviews + label reads + shared calls
+    connector = kube._client().connector
+    assert connector is not None and connector.limit == kube.max_connections
 
 
 async def test_label_reads_do_not_wait_behind_hung_reviews(

@@ -120,9 +120,12 @@ async def test_key_rotation_on_the_api_server(
     assert resp.status_code == 200, resp.text
 
 
-async def test_unknown_kid_flood_costs_one_fetch_per_window(
+async def test_unknown_kid_flood_costs_at_most_one_fetch_a_second(
     kube_apiserver: FakeKubeAPIServer, cp: JwksCP
 ) -> None:
+    """Every unknown kid waits for a key read that started after it came (a rotation must
+    not be refused), but reads stay at most one per second of the CP's clock, however many
+    kids arrive (before: one per 10 s window, and a new key was refused meanwhile)."""
     assert (await cp.get(good(kube_apiserver))).status_code == 200
     kube_apiserver.reset_counts()
     cp.clock.advance(11)
@@ -131,16 +134,14 @@ async def test_unknown_kid_flood_costs_one_fetch_per_window(
         kube_apiserver.sign_claims({**claims, "jti": str(i)}, header={"kid": f"forged-{i}"})
         for i in range(200)
     ]
+    start = cp.clock.monotonic()
     results = await asyncio.gather(*(cp.get(t) for t in forged))
     assert {r.status_code for r in results} == {401}
-    assert kube_apiserver.calls("jwks") == 1
-    cp.clock.advance(3)  # still inside the window: no fetch at all
-    more = [
-        kube_apiserver.sign_claims({**claims, "jti": f"m{i}"}, header={"kid": f"m{i}"})
-        for i in range(20)
-    ]
-    await asyncio.gather(*(cp.get(t) for t in more))
-    assert kube_apiserver.calls("jwks") == 1
+    assert {r.json()["error_description"] for r in results} == {
+        "token was signed by a key the cluster does not publish"
+    }
+    elapsed = cp.clock.monotonic() - start  # the fake clock: every wait moved it
+    assert 1 <= kube_apiserver.calls("jwks") <= 1 + elapsed
     assert kube_apiserver.calls("tokenreviews") == 0
 
 

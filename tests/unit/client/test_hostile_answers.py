@@ -15,12 +15,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from tests.fakes.client import Script
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tests.fakes.sidecar_rig import Rig
 
-from cp_token.runtime.backoff import parse_retry_after
 from cp_token.client import TokenError, TokenRejected, TokenSource, TokenUnavailable
 from cp_token.client._http import (
     MAX_DESCRIPTION,
@@ -31,9 +28,12 @@ from cp_token.client._http import (
     printable,
     token_problem,
 )
+from cp_token.runtime.backoff import parse_retry_after
 from cp_token.runtime.clock import FakeClock
 from sidecar.upstream import UpstreamSource
+from tests.fakes.client import Script
 from tests.fakes.hostile_upstream import HOSTILE_ANSWERS, SECRET, RawUpstream
+from tests.fakes.sidecar_rig import Rig
 
 CASES = sorted(HOSTILE_ANSWERS)
 REFUSALS = {"error-text-60kb", "error-json-200000-deep"}  # 403s: TokenRejected, not retried

@@ -505,6 +505,32 @@ def test_hang_times_out_is_released_on_clear_and_reset_on_stop(
     assert isinstance(out[0], httpx.RemoteProtocolError | httpx.ReadError)
 
 
+def test_fail_429_answers_like_priority_and_fairness(
+    kube_apiserver: FakeKubeAPIServer, http: httpx.Client
+) -> None:
+    kube_apiserver.fail("namespaces", "429", retry_after=10, times=1)
+    r = http.get(f"/api/v1/namespaces/{SESSION_NS}")
+    assert r.status_code == 429 and r.headers["retry-after"] == "10"
+    assert r.json()["reason"] == "TooManyRequests"
+    assert r.json()["details"] == {"retryAfterSeconds": 10}
+    assert http.get(f"/api/v1/namespaces/{SESSION_NS}").status_code == 200
+    kube_apiserver.fail(None, "429", retry_after=None)
+    r = http.get(f"/api/v1/namespaces/{SESSION_NS}/pods/{SESSION_POD}")
+    assert r.status_code == 429 and "retry-after" not in r.headers
+
+
+def test_a_key_can_sign_before_it_is_published(
+    kube_apiserver: FakeKubeAPIServer, http: httpx.Client
+) -> None:
+    old_kid = kube_apiserver.signing_kid
+    new_kid = kube_apiserver.rotate_signing_key("ES256", publish=False)
+    token = kube_apiserver.issue_bound_token(SESSION_NS, SESSION_SA, SESSION_POD)
+    assert [k["kid"] for k in http.get("/openid/v1/jwks").json()["keys"]] == [old_kid]
+    assert kube_apiserver.review(token, ["ambient-cp"])["authenticated"] is True
+    kube_apiserver.publish_keys()
+    assert [k["kid"] for k in http.get("/openid/v1/jwks").json()["keys"]] == [old_kid, new_kid]
+
+
 def test_latency_applies_per_route(kube_apiserver: FakeKubeAPIServer, http: httpx.Client) -> None:
     kube_apiserver.set_latency(0.3, "namespaces")
     started = time.monotonic()

@@ -13,11 +13,11 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from cp_token.runtime.backoff import Backoff
-from cp_token.runtime.clock import FakeClock
 from cp_token.errors import Unavailable
 from cp_token.identity import Identity
 from cp_token.minters.oidc import IDP_DARK_BACKOFF, OidcMinter
+from cp_token.runtime.backoff import Backoff
+from cp_token.runtime.clock import FakeClock
 from tests.fakes.clock import SteppedClock
 from tests.fakes.idp import MALFORMED_MODES, FakeIdP
 

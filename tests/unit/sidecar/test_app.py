@@ -7,13 +7,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from tests.fakes.client import Script, ok, refused, unavailable
-from tests.fakes.sidecar_rig import HEADER, ManualClock, Rig
 
 from cp_token.client import TokenRejected, TokenSource, TokenUnavailable
 from sidecar.app import create_metrics_app
 from tests.fakes.client import Script, ok, refused, unavailable
-from tests.fakes.sidecar_rig import HEADER, Rig
+from tests.fakes.sidecar_rig import HEADER, ManualClock, Rig
 
 # --- the request guard ------------------------------------------------------------------------
 

@@ -22,7 +22,14 @@ import pytest
 import trustme
 from cryptography import x509
 
-from tests.fakes.admission import opted_in_pod, patch_of
+from tests.fakes.admission import admission_review, opted_in_pod, patch_of
+from tests.integration.hostile_rig import (
+    chunked_head,
+    idle_sockets,
+    peak_growth_kib,
+    stalled_bodies,
+    stream_after,
+)
 from tests.integration.inject_rig import Injector, start_injector, tls_files
 from tests.integration.procs import run_cmd
 
@@ -312,3 +319,58 @@ def test_config_errors_exit_2_with_one_line(
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     assert variable in lines[0] and "Traceback" not in result.stderr
+
+
+# --------------------------------------------------------------------------- hostile peers
+
+
+def test_hostile_connections_cannot_grow_it_or_shut_out_the_api_server(tmp_path: Path) -> None:
+    """What took the injector to 284 MiB (an endless trailer) and 407 MiB (100 bodies of
+    3.1 MB stalled one byte short), and 4,096 idle sockets from one address that failed 36 of
+    51 reviews: bounded, and reviews from another address are answered throughout."""
+    ca = trustme.CA()
+    cert, key = tls_files(tmp_path, ca)
+    running = start_injector(cert, key, tmp_path / "inject.log", ca, IMAGE, CP_URL)
+    port = int(running.url.rsplit(":", 1)[1])
+    pid = running.proc.pid
+    try:
+        running.review(opted_in_pod())  # warm
+        with peak_growth_kib(pid) as growth:
+            trailer = stream_after(
+                port, chunked_head(b"/mutate") + b"0\r\nX-Endless: ", seconds=10, tls=running.ca
+            )
+            extension = stream_after(
+                port, chunked_head(b"/mutate") + b"1;", seconds=10, tls=running.ca
+            )
+        print(
+            f"trailer cut after {trailer.sent >> 10} KiB, "
+            f"extension after {extension.sent >> 10} KiB"
+        )
+        assert trailer.closed_after is not None and trailer.sent < 16 << 20
+        assert extension.closed_after is not None and extension.sent < 16 << 20
+        assert growth[0] < 24 * 1024
+        with peak_growth_kib(pid) as growth:
+            stalled = stalled_bodies(
+                port,
+                100,
+                3_100_000,
+                path=b"/mutate",
+                content_type=b"application/json",
+                tls=running.ca,
+            )
+            answer, _ = running.review(opted_in_pod())  # a review of a few KB still fits
+            assert answer["allowed"] is True
+        for sock in stalled:
+            sock.close()
+        print(f"100 x 3.1 MB stalled bodies: peak RSS growth {growth[0] >> 10} MiB")
+        assert growth[0] < 96 * 1024  # 276 MiB before the bound
+        hog = idle_sockets(port, 4096, "127.0.0.2")
+        answered = sum(
+            running.post(admission_review(opted_in_pod())).status_code == 200 for _ in range(51)
+        )
+        for sock in hog:
+            sock.close()
+        print(f"{len(hog)} idle sockets from 127.0.0.2: {answered}/51 reviews answered")
+        assert answered == 51
+    finally:
+        assert running.proc.terminate() == 0, running.proc.output()[-2000:]

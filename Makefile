@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit integration bench clean
+.PHONY: run test lint typecheck unit integration edge-uvicorn bench clean
 
 # Quiet recipes: `make run` prints only what `cp-token dev` prints (the curl lines on stdout).
 $(STAMP): pyproject.toml
@@ -26,8 +26,25 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: $(STAMP) lint typecheck
+test: $(STAMP) lint typecheck edge-uvicorn
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# cp_token/edge.py subclasses uvicorn's HTTP protocol classes: its tests run again on the
+# oldest and the newest uvicorn that pyproject's pin allows, each installed alone (no deps)
+# into a directory that shadows the venv's copy (tests/integration/test_edge.py checks which
+# version it ran on).
+UVICORN_PIN := $(shell sed -n 's/^ *"\(uvicorn[^"]*\)",.*/\1/p' pyproject.toml)
+UVICORN_OLDEST := $(shell echo '$(UVICORN_PIN)' | sed -n 's/.*>=\([0-9.]*\).*/\1/p')
+EDGE_TESTS := tests/integration/test_edge.py tests/unit/test_framing.py
+edge-uvicorn: $(STAMP)
+	@for spec in 'uvicorn==$(UVICORN_OLDEST)' '$(UVICORN_PIN)'; do \
+	  dir=$(VENV)/uvicorn-edge; rm -rf $$dir; \
+	  $(BIN)/python -m pip install -q --no-deps --target $$dir "$$spec" >&2 || exit 1; \
+	  version=$$(PYTHONPATH=$$dir $(BIN)/python -c 'import uvicorn; print(uvicorn.__version__)'); \
+	  echo "edge tests on $$spec: uvicorn $$version"; \
+	  PYTHONPATH=$$dir EDGE_TEST_UVICORN=$$version \
+	    $(BIN)/python -m pytest -q -p no:cacheprovider $(EDGE_TESTS) || exit 1; \
+	done
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit

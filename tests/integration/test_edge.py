@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import trustme
+import uvicorn
 from starlette.types import Receive, Scope, Send
 
 from cp_token.edge import (
@@ -23,6 +25,7 @@ from cp_token.edge import (
     HttpImplementation,
     absolute_form,
     buffered_request_bytes,
+    edge_protocol,
 )
 from cp_token.serving import bind_listener, edge_server
 
@@ -113,6 +116,17 @@ async def response(reader: asyncio.StreamReader) -> bytes:
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
     return head + await asyncio.wait_for(reader.readexactly(length), 5)
+
+
+def test_the_uvicorn_under_test() -> None:
+    """``make edge-uvicorn`` runs this module on the oldest and newest uvicorn the pin allows,
+    each shadowing the venv's copy; it names the version it meant to load."""
+    expected = os.environ.get("EDGE_TEST_UVICORN")
+    if expected is not None:
+        assert uvicorn.__version__ == expected
+    for implementation in IMPLEMENTATIONS:  # both protocol classes build on this uvicorn
+        protocol = edge_protocol(EdgeLimits(), implementation)
+        assert any(c.__module__.startswith("uvicorn.protocols.http.") for c in protocol.__mro__)
 
 
 @pytest.mark.parametrize("http", IMPLEMENTATIONS)

@@ -203,6 +203,30 @@ def test_malformed_bodies(injector: Injector, body: bytes | str, status: int) ->
     assert resp.json()["error_description"]
 
 
+def test_deep_or_huge_reviews_are_answered_with_json_and_logged_in_bounded_lines(
+    injector: Injector,
+) -> None:
+    """An ``operation`` nested 962-966 deep was a 500 (text/plain); a 3 MiB ``operation``
+    was logged whole, in one 3 MiB line."""
+    review = json.dumps(injector_review())
+    for depth in range(900, 1000, 2):
+        deep = "[" * depth + "]" * depth
+        resp = injector.post(
+            review.replace('"operation": "CREATE"', f'"operation": {deep}').encode()
+        )
+        assert resp.status_code == 400, (depth, resp.status_code, resp.text[:200])
+        assert "nested" in resp.json()["error_description"]
+    huge = '"operation": "' + "C" * (3 * 1024 * 1024 - 10_000) + '"'
+    resp = injector.post(review.replace('"operation": "CREATE"', huge).encode())
+    assert resp.status_code == 200 and resp.json()["response"]["uid"] == "huge-1"
+    longest = max(len(line) for line in injector.proc.output().splitlines())
+    assert longest < 4096, longest
+
+
+def injector_review() -> dict[str, Any]:
+    return admission_review(opted_in_pod(), uid="huge-1")
+
+
 def test_method_probes_and_metrics(injector: Injector) -> None:
     with httpx.Client(verify=injector.ca, trust_env=False) as client:
         resp = client.get(f"{injector.url}/mutate")

@@ -28,10 +28,11 @@ IDLE, HEAD, BODY = 0, 1, 2  # between requests (no byte of the next yet), in a h
 _SIZE, _DATA, _DATA_END, _TRAILER = range(4)  # where in a chunked body
 
 _HEAD_END = re.compile(rb"\n\r?\n")
+# One pass over a head that arrived whole: its framing headers, then its end.
+_HEAD_SCAN = re.compile(
+    rb"\n(?:(content-length|transfer-encoding):([^\n]*)|\r?\n)", re.IGNORECASE
+)
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
-_CONTENT_LENGTH = b"\ncontent-length:"
-_TRANSFER_ENCODING = b"\ntransfer-encoding:"
-_CRLF = b"\r\n"
 
 
 class Violation(enum.Enum):
@@ -43,36 +44,37 @@ class Violation(enum.Enum):
     BAD_FRAMING = "the request body's framing is malformed"
 
 
-def _values(head: bytes, name: bytes) -> list[bytes]:
-    """The values of header ``name`` (``b"\\nname:"``, lower case) in the lower-cased
-    ``head``, each with its obsolete line folding joined."""
-    out = []
-    at = head.find(name)
-    while at >= 0:
-        start = at + len(name)
-        end = head.find(b"\n", start)
-        value = head[start:end].rstrip(b"\r")
-        while end >= 0 and head[end + 1 : end + 2] in (b" ", b"\t"):  # obs-fold
-            nxt = head.find(b"\n", end + 1)
-            value += b" " + head[end + 1 : nxt].rstrip(b"\r")
-            end = nxt
-        out.append(value.strip(b" \t\r"))
-        at = head.find(name, start)
-    return out
+# The two headers that frame a request body, with their values (names in any case).
+_FRAMING_HEADER = re.compile(rb"\n(content-length|transfer-encoding):([^\n]*)", re.IGNORECASE)
 
 
-def body_framing(head: bytes) -> int | None:
+def _framing_values(head: bytes, start: int, end: int) -> tuple[list[bytes], list[bytes]]:
+    """The ``Transfer-Encoding`` and ``Content-Length`` values of the head in
+    ``head[start:end]``, in order."""
+    codings: list[bytes] = []
+    lengths: list[bytes] = []
+    for match in _FRAMING_HEADER.finditer(head, start, end):
+        name, value = match.groups()
+        if head[match.end() + 1 : match.end() + 2] in (b" ", b"\t"):  # obsolete line folding
+            return _framing_values(re.sub(rb"\r?\n[ \t]+", b" ", head[start:end]), 0, end)
+        (codings if name[0] in b"tT" else lengths).append(value.strip(b" \t\r"))
+    return codings, lengths
+
+
+def body_framing(head: bytes, start: int = 0, end: int | None = None) -> int | None:
     """The body a request head announces: its length, ``-1`` for chunked, or ``None`` for
-    framing no parser accepts. ``head`` is lower-cased, from the request line to its end."""
-    codings = _values(head, _TRANSFER_ENCODING)
+    framing no parser accepts. The head (from its request line to its empty line) is
+    ``head[start:end]``."""
+    return _framing_of(*_framing_values(head, start, len(head) if end is None else end))
+
+
+def _framing_of(codings: list[bytes], values: list[bytes]) -> int | None:
     if codings:
         last = b",".join(codings).rsplit(b",", 1)[-1].strip(b" \t")
-        return -1 if last == b"chunked" else None
-    lengths = {
-        v.strip(b" \t") for value in _values(head, _CONTENT_LENGTH) for v in value.split(b",")
-    }
-    if not lengths:
+        return -1 if last.lower() == b"chunked" else None
+    if not values:
         return 0
+    lengths = {v.strip(b" \t") for value in values for v in value.split(b",")}
     if len(lengths) != 1:
         return None
     (length,) = lengths
@@ -112,7 +114,16 @@ class RequestFraming:
         """Follow ``data``; the first rule it breaks (nothing after it is followed)."""
         self.body_bytes = 0
         self.bodies_started = 0
-        pos, size = 0, len(data)
+        size = len(data)
+        if self.phase == IDLE and size <= self.max_head and data[:1] not in b"\r\n":
+            # The usual read: one whole head without a body (a GET), nothing after it.
+            match = _HEAD_SCAN.search(data)
+            if match is not None and match.group(1) is None and match.end() == size:
+                self.messages += 1
+                self.changes += 2  # a head started, and the stream is idle again
+                self.head_bytes = size
+                return None
+        pos = 0
         while pos < size:
             if self.phase == BODY:
                 end = self._chunk(data, pos) if self._chunked else self._length(data, pos)
@@ -150,12 +161,20 @@ class RequestFraming:
             pos = skip
             self._in_line = True
         held = len(self._head)
-        if held:
+        if held:  # the head began in an earlier read
             self._head += data[pos:]
             match = _HEAD_END.search(self._head, max(0, held - 2))
             end = size if match is None else pos + match.end() - held
-        else:
-            match = _HEAD_END.search(data, pos)
+        else:  # the usual case: one pass finds the framing headers and the end
+            codings: list[bytes] = []
+            lengths: list[bytes] = []
+            folded = False
+            match = _HEAD_SCAN.search(data, pos)
+            while match is not None and match.group(1) is not None:
+                name, value = match.groups()
+                (codings if name[0] in b"tT" else lengths).append(value.strip(b" \t\r"))
+                folded = folded or data[match.end() + 1 : match.end() + 2] in (b" ", b"\t")
+                match = _HEAD_SCAN.search(data, match.end())
             end = size if match is None else match.end()
         self.head_bytes += end - pos
         if self.head_bytes > self.max_head:
@@ -165,15 +184,16 @@ class RequestFraming:
                 self._head += data[pos:]
             return size
         if held:
-            head = bytes(self._head[: match.end()])
+            framing = body_framing(bytes(self._head), 0, match.end())
             self._head.clear()
+        elif folded:  # obsolete line folding: the values span lines
+            framing = body_framing(data, pos, end)
         else:
-            head = data[pos:end]
-        return self._head_done(head.lower(), end)
+            framing = _framing_of(codings, lengths)
+        return self._head_done(framing, end)
 
-    def _head_done(self, head: bytes, end: int) -> int | Violation:
+    def _head_done(self, framing: int | None, end: int) -> int | Violation:
         self.messages += 1
-        framing = body_framing(head)
         if framing is None:
             return Violation.BAD_FRAMING
         if framing == 0:

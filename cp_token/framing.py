@@ -29,9 +29,7 @@ _SIZE, _DATA, _DATA_END, _TRAILER = range(4)  # where in a chunked body
 
 _HEAD_END = re.compile(rb"\n\r?\n")
 # One pass over a head that arrived whole: its framing headers, then its end.
-_HEAD_SCAN = re.compile(
-    rb"\n(?:(content-length|transfer-encoding):([^\n]*)|\r?\n)", re.IGNORECASE
-)
+_HEAD_SCAN = re.compile(rb"\n(?:(content-length|transfer-encoding):([^\n]*)|\r?\n)", re.IGNORECASE)
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
 

@@ -270,7 +270,7 @@ class RequestFraming:
             # a chunk-size line, or the CRLF after a chunk's data
             nl = data.find(b"\n", pos)
             end = size if nl < 0 else nl + 1
-            if len(self._line) + (end - pos) > self.max_chunk_line:
+            if len(self._line) + (end - pos) > self.max_chunk_line + 2:  # CRLF not counted
                 return self._fail(Violation.CHUNK_LINE_TOO_LONG)
             self._line += data[pos:end]
             pos = end

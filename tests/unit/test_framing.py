@@ -97,8 +97,12 @@ def test_a_long_chunk_size_line_ends_it() -> None:
     assert feed_all(long_ext)[1] is Violation.CHUNK_LINE_TOO_LONG
     endless = chunked([])[:-5] + b"1;" + b"e" * 10_000
     assert feed_all(endless, [90, 200])[1] is Violation.CHUNK_LINE_TOO_LONG
-    zeros = chunked([])[:-5] + b"0" * (MAX_LINE + 1)
+    zeros = chunked([])[:-5] + b"0" * (MAX_LINE + 3)
     assert feed_all(zeros)[1] is Violation.CHUNK_LINE_TOO_LONG
+    exact = chunked([b"hello"], ext=b";" + b"n" * (MAX_LINE - 2))  # "5;nnn..." is MAX_LINE long
+    assert feed_all(exact)[1] is None
+    over = chunked([b"hello"], ext=b";" + b"n" * (MAX_LINE - 1))
+    assert feed_all(over, [100, 130])[1] is Violation.CHUNK_LINE_TOO_LONG
 
 
 def test_framing_no_parser_accepts_is_reported() -> None:

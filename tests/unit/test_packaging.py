@@ -190,6 +190,7 @@ def test_the_sidecar_loads_neither_httpx_nor_the_cp() -> None:
         "cp_token.settings.common",
         "cp_token.settings.sidecar",
         "cp_token.edge",  # the HTTP limits every server applies (SPEC: the sidecar too)
+        "cp_token.framing",  # the edge's request framing (stdlib only)
         "cp_token.extras",
         "cp_token.logs",
         "cp_token.serving",

@@ -249,6 +249,9 @@ async def test_metrics_app_probes_and_series() -> None:
     async with httpx.AsyncClient(transport=transport, base_url="http://m") as c:
         assert (await c.get("/healthz")).status_code == 200
         assert (await c.get("/readyz")).status_code == 503
+        ready[0] = "invalid_client: " + "the IdP says " * 1000
+        long = await c.get("/readyz")
+        assert long.status_code == 503 and len(long.text) <= len("not ready: ") + 300
         ready[0] = None
         assert (await c.get("/readyz")).status_code == 200
         text = (await c.get("/metrics")).text

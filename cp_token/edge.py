@@ -461,8 +461,10 @@ class _EdgeProtocol(asyncio.Protocol):
         if body or framing.bodies_started:
             total = _buffered.total
             limit = self.limits.max_buffered_bytes
-            # a body that cannot fit is refused as soon as its Content-Length says so
-            if total + body + framing.expected > limit or (
+            # A body that cannot fit now is refused as soon as its Content-Length says so;
+            # one that could never fit is the route's to refuse (413), its bytes counted.
+            expected = framing.expected
+            if total + body + (expected if expected <= limit else 0) > limit or (
                 framing.bodies_started and total >= limit
             ):
                 log.warning(

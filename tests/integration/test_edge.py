@@ -514,6 +514,9 @@ async def test_the_bytes_of_bodies_in_progress_are_bounded(http: HttpImplementat
         reader, writer = await connect(sock)
         writer.write(REQUEST)  # no body: served
         assert (await response(reader)).startswith(b"HTTP/1.1 200")
+        huge_r, huge_w = await connect(sock)  # more than could ever fit: the app's to refuse
+        huge_w.write(head(1 << 30).replace(b"/whole-body", b"/early"))
+        assert (await asyncio.wait_for(huge_r.readline(), 5)).startswith(b"HTTP/1.1 200")
         third_w.close()  # gone: its bytes are released
         await wait_for(lambda: buffered_request_bytes() == 49_999, "the third released")
         first_w.write(b"a")  # whole: answered, and its bytes are released

@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 LOCK_VENV ?= .venv-lock
 
-.PHONY: run test test-cluster cluster-tools lint typecheck unit integration bench lock promtool clean
+.PHONY: run test test-cluster cluster-tools lint typecheck unit integration edge-uvicorn bench lock promtool clean
 
 # Quiet recipes: `make run` prints only what `cp-token dev` prints (the curl lines on stdout).
 $(STAMP): pyproject.toml cp_token/__init__.py
@@ -35,7 +35,7 @@ promtool:
 	@command -v promtool >/dev/null || (apt-get update -qq \
 	  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus) >&2
 
-test: $(STAMP) promtool lint typecheck
+test: $(STAMP) promtool lint typecheck edge-uvicorn
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 # The cluster tier: a real kube-apiserver, etcd and kubectl built from their Go modules (Go >= 1.26
@@ -47,6 +47,23 @@ cluster-tools:
 
 test-cluster: $(STAMP) cluster-tools
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/cluster
+
+# cp_token/http/edge.py subclasses uvicorn's HTTP protocol classes: its tests run again on the
+# oldest and the newest uvicorn that pyproject's pin allows, each installed alone (no deps)
+# into a directory that shadows the venv's copy (tests/integration/test_edge.py checks which
+# version it ran on).
+UVICORN_PIN := $(shell sed -n 's/^ *"\(uvicorn[^"]*\)",.*/\1/p' pyproject.toml)
+UVICORN_OLDEST := $(shell echo '$(UVICORN_PIN)' | sed -n 's/.*>=\([0-9.]*\).*/\1/p')
+EDGE_TESTS := tests/integration/test_edge.py tests/unit/http/test_framing.py
+edge-uvicorn: $(STAMP)
+	@for spec in 'uvicorn==$(UVICORN_OLDEST)' '$(UVICORN_PIN)'; do \
+	  dir=$(VENV)/uvicorn-edge; rm -rf $$dir; \
+	  $(BIN)/python -m pip install -q --no-deps --target $$dir "$$spec" >&2 || exit 1; \
+	  version=$$(PYTHONPATH=$$dir $(BIN)/python -c 'import uvicorn; print(uvicorn.__version__)'); \
+	  echo "edge tests on $$spec: uvicorn $$version"; \
+	  PYTHONPATH=$$dir EDGE_TEST_UVICORN=$$version \
+	    $(BIN)/python -m pytest -q -p no:cacheprovider $(EDGE_TESTS) || exit 1; \
+	done
 
 unit: $(STAMP) promtool
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit

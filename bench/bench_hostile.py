@@ -20,6 +20,13 @@ Each row is a function (``ROWS``) that runs one hostile scenario against a real
   numbers, JSON 200,000 deep, bad token characters, 60 KB error text, ...), one sidecar
   process per answer: how many kept serving their token (goal: all; before the fix about
   twelve exited 1), and the largest resident memory among them (goal <= 30 MiB).
+- Memory under one hostile connection and under stalled bodies, for the CP and the injector
+  (raw sockets, ``tests/integration/hostile_rig.py``): peak RSS growth while one connection
+  streams a chunked body's endless trailer for 10 s (before the edge bounded it: CP +414 MiB
+  in 45 s, injector +284 MiB), and while bodies stall one byte short (CP 4,000 x 64 KB,
+  injector 100 x 3.1 MB; before: 372 and 407 MiB resident). Goals <= 24 MiB and <= 96 MiB.
+- Fairness: legitimate requests (from 127.0.0.1) served while one address (127.0.0.2) holds
+  4,096 idle sockets (before: 11 of 64 to the CP, 15 of 51 to the injector). Goal: all.
 
 The fake kube-apiserver runs in its own process (``bench_cp.FakeKube``), the load comes from
 a third (``common.run_loadgen``: raw asyncio keep-alive HTTP/1.1), memory is read from /proc.
@@ -30,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import os
 import platform
@@ -44,9 +52,21 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import trustme
 from bench_cp import FakeKube, start_cp
 from bench_recovery import measure_sidecar_recovery
-from common import Proc, rss_kib, run_loadgen
+from common import ROOT, Proc, rss_kib, run_loadgen
+
+sys.path.insert(0, str(ROOT))
+from tests.fakes.admission import admission_review, opted_in_pod
+from tests.integration.hostile_rig import (
+    chunked_head,
+    idle_sockets,
+    peak_growth_kib,
+    stalled_bodies,
+    stream_after,
+)
+from tests.integration.inject_rig import Injector, start_injector, tls_files
 
 MiB = 1024 * 1024
 TOKEN_SIZE = 16_000  # just under the 16 KiB bearer limit
@@ -70,10 +90,24 @@ class Bench:
     kube: FakeKube
     started: int = 0
 
-    def cp(self, name: str) -> tuple[Proc, int]:
+    def cp(self, name: str, extra: dict[str, str] | None = None) -> tuple[Proc, int]:
         """A fresh CP (tokenreview authn, jwt minter) against the fake."""
         self.started += 1
-        return start_cp(self.workdir, f"{name}-{self.started}", self.kube, "tokenreview", "info")
+        return start_cp(
+            self.workdir, f"{name}-{self.started}", self.kube, "tokenreview", "info", extra
+        )
+
+    def injector(self) -> Injector:
+        """A fresh ``cp-token inject`` over HTTPS (trustme certificates); stop it with
+        ``.proc.terminate()``."""
+        self.started += 1
+        directory = self.workdir / f"inject-{self.started}"
+        directory.mkdir()
+        ca = trustme.CA()
+        cert, key = tls_files(directory, ca)
+        return start_injector(
+            cert, key, directory / "inject.log", ca, "cp-token:bench", "http://cp:8080/token"
+        )
 
     def good_token(self) -> str:
         """One valid pod-bound token of the fake's session."""
@@ -312,6 +346,152 @@ def sidecar_hostile_answers(bench: Bench) -> Row:
     )
 
 
+# --- memory and fairness at the edge (raw sockets) ---------------------------------------
+
+TRAILER_SECONDS = 10.0
+
+
+def _trailer_row(who: str, pid: int, port: int, path: bytes, tls: Any = None) -> Row:
+    with peak_growth_kib(pid) as growth:
+        attack = stream_after(
+            port, chunked_head(path) + b"0\r\nX-Endless: ", seconds=TRAILER_SECONDS, tls=tls
+        )
+    cut = "never cut" if attack.closed_after is None else f"cut after {attack.sent >> 10} KiB"
+    return Row(
+        f"{who} peak RSS growth, one connection streaming an endless trailer 10 s ({cut})",
+        f"{growth[0] / 1024:+.1f} MiB",
+        "<= 24 MiB",
+        growth[0] <= 24 * 1024 and attack.closed_after is not None,
+    )
+
+
+def cp_trailer_growth(bench: Bench) -> Row:
+    """The CP under one endless trailer (before: 65 -> 414 MiB in 45 s, a core pinned)."""
+    proc, port = bench.cp("cp-trailer")
+    try:
+        return _trailer_row("CP", proc.pid, port, b"/token")
+    finally:
+        proc.stop()
+
+
+def inject_trailer_growth(bench: Bench) -> Row:
+    """The injector under one endless trailer (before: to 284 MiB)."""
+    running = bench.injector()
+    try:
+        port = int(running.url.rsplit(":", 1)[1])
+        return _trailer_row("injector", running.proc.pid, port, b"/mutate", running.ca)
+    finally:
+        running.proc.terminate()
+
+
+def cp_stalled_growth(bench: Bench) -> Row:
+    """4,000 form bodies of 64 KB, each one byte short (before: the CP at 372 MiB). No
+    per-client cap, so the bound on bytes held is what is measured."""
+    proc, port = bench.cp("cp-stalled", {"CP_TOKEN_MAX_CONNECTIONS_PER_CLIENT": "0"})
+    form = b"application/x-www-form-urlencoded"
+    try:
+        with peak_growth_kib(proc.pid) as growth:
+            socks = stalled_bodies(port, 4000, 64 * 1024, path=b"/oauth2/token", content_type=form)
+            time.sleep(1.0)  # the CP reads what the kernel buffered
+        for sock in socks:
+            sock.close()
+    finally:
+        proc.stop()
+    return Row(
+        "CP peak RSS growth, 4,000 form bodies of 64 KB stalled one byte short",
+        f"{growth[0] / 1024:+.1f} MiB",
+        "<= 96 MiB",
+        growth[0] <= 96 * 1024,
+    )
+
+
+def inject_stalled_growth(bench: Bench) -> Row:
+    """100 reviews of 3.1 MB, each one byte short (before: the injector at 407 MiB, never
+    given back)."""
+    running = bench.injector()
+    try:
+        port = int(running.url.rsplit(":", 1)[1])
+        with peak_growth_kib(running.proc.pid) as growth:
+            socks = stalled_bodies(
+                port,
+                100,
+                3_100_000,
+                path=b"/mutate",
+                content_type=b"application/json",
+                tls=running.ca,
+            )
+            time.sleep(1.0)
+            review = admission_review(opted_in_pod())
+            answer: dict[str, Any] = {}
+            with contextlib.suppress(httpx.HTTPError):  # a small review still fits
+                answer = running.post(review).json().get("response", {})
+        for sock in socks:
+            sock.close()
+    finally:
+        running.proc.terminate()
+    return Row(
+        "injector peak RSS growth, 100 reviews of 3.1 MB stalled one byte short "
+        f"(a small review meanwhile: {'answered' if answer.get('uid') else 'not answered'})",
+        f"{growth[0] / 1024:+.1f} MiB",
+        "<= 96 MiB",
+        growth[0] <= 96 * 1024 and bool(answer.get("uid")),
+    )
+
+
+HOG = "127.0.0.2"
+
+
+def succeeded(call: Callable[[], int], want: int = 200) -> bool:
+    """Whether ``call`` returned ``want``; a refused or reset connection is a failure."""
+    try:
+        return call() == want
+    except httpx.HTTPError:
+        return False
+
+
+def cp_fairness(bench: Bench) -> Row:
+    """64 new pods' requests while one address holds 4,096 idle sockets (before: 53 of 64
+    failed)."""
+    good = bench.good_token()
+    proc, port = bench.cp("cp-fairness")
+    try:
+        if get(port, good) != 200:
+            raise RuntimeError("the good token was refused")
+        hog = idle_sockets(port, 4096, HOG)
+        served = sum(succeeded(lambda: get(port, good)) for _ in range(64))
+        for sock in hog:
+            sock.close()
+    finally:
+        proc.stop()
+    return Row(
+        f"CP: legitimate requests served while {HOG} holds {len(hog):,} idle sockets",
+        f"{served}/64",
+        "all",
+        served == 64,
+    )
+
+
+def inject_fairness(bench: Bench) -> Row:
+    """51 reviews while one address holds 4,096 idle sockets (before: 36 of 51 failed, and
+    failurePolicy: Fail blocks pod creation)."""
+    running = bench.injector()
+    try:
+        port = int(running.url.rsplit(":", 1)[1])
+        hog = idle_sockets(port, 4096, HOG)
+        review = admission_review(opted_in_pod())
+        answered = sum(succeeded(lambda: running.post(review).status_code) for _ in range(51))
+        for sock in hog:
+            sock.close()
+    finally:
+        running.proc.terminate()
+    return Row(
+        f"injector: reviews answered while {HOG} holds {len(hog):,} idle sockets",
+        f"{answered}/51",
+        "all",
+        answered == 51,
+    )
+
+
 # Rows run in order; each starts its own processes.
 ROWS: list[Callable[[Bench], Row]] = [
     replay_growth_keys_readable,
@@ -321,13 +501,26 @@ ROWS: list[Callable[[Bench], Row]] = [
     sidecar_recovery,
     sidecar_file_recovery,
     sidecar_hostile_answers,
+    cp_trailer_growth,
+    inject_trailer_growth,
+    cp_stalled_growth,
+    inject_stalled_growth,
+    cp_fairness,
+    inject_fairness,
 ]
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run every row and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.parse_args(argv)
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        help="run only the rows whose function name "
+        "contains this (repeatable), e.g. --only growth --only fairness",
+    )
+    args = parser.parse_args(argv)
     started = time.perf_counter()
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
     print(
@@ -340,6 +533,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             bench = Bench(Path(tmp), kube)
             for row in ROWS:
+                if args.only and not any(part in row.__name__ for part in args.only):
+                    continue
                 rows.append(row(bench))
                 print(f"  done: {rows[-1].metric}", flush=True)
         finally:

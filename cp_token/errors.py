@@ -4,11 +4,18 @@ Every refusal the CP service makes is one of these; the pipeline raises, and the
 request came through renders it: :func:`error_response` for ``GET /token`` (RFC 6750),
 :func:`exchange_error_response` for ``POST /oauth2/token`` (RFC 6749 §5.2, RFC 8693 §2.2.2).
 Descriptions never contain a token.
+
+A ``Retry-After`` handed to a caller carries jitter (SPEC "Riding out faults"): where the
+wait would be N seconds, the values spread over N to 2N whole seconds, so the 300 pods told
+to come back at once do not all come back in the same second. Both renderers take the random
+source (``rand``, in ``[0, 1)``) so a test can fix it.
 """
 
 from __future__ import annotations
 
 import math
+import random
+from collections.abc import Callable
 
 from starlette.responses import JSONResponse
 
@@ -27,7 +34,10 @@ __all__ = [
     "UnsupportedGrantType",
     "error_response",
     "exchange_error_response",
+    "spread_retry_after",
 ]
+
+Random = Callable[[], float]
 
 NO_STORE = {"Cache-Control": "no-store"}
 # RFC 6749 §5.1: token endpoint answers are never cached, by HTTP/1.1 or HTTP/1.0 caches.
@@ -92,7 +102,7 @@ class RateLimited(CPTokenError):
         self.retry_after = retry_after
 
     def headers(self) -> dict[str, str]:
-        """Whole seconds, at least 1."""
+        """The wait in whole seconds, at least 1 (the renderers spread it over N to 2N)."""
         return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
 
 
@@ -109,7 +119,7 @@ class Unavailable(CPTokenError):
         self.retry_after = retry_after
 
     def headers(self) -> dict[str, str]:
-        """Whole seconds, at least 1."""
+        """The wait in whole seconds, at least 1 (the renderers spread it over N to 2N)."""
         return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
 
 
@@ -186,23 +196,40 @@ class PayloadTooLarge(CPTokenError):
         return {"Connection": "close"}
 
 
-def error_response(exc: CPTokenError) -> JSONResponse:
-    """``GET /token``: the one mapping from error type to HTTP response (RFC 6750)."""
-    headers = {**NO_STORE, **exc.headers()}
+def spread_retry_after(seconds: int, rand: Random = random.random) -> int:
+    """A wait of ``seconds`` (at least 1) as handed to one caller: N to 2N whole seconds,
+    each equally likely (``rand`` draws in ``[0, 1)``)."""
+    base = max(1, seconds)
+    return base + min(base, int(rand() * (base + 1)))
+
+
+def _headers(exc: CPTokenError, base: dict[str, str], rand: Random) -> dict[str, str]:
+    headers = {**base, **exc.headers()}
+    wait = headers.get("Retry-After")
+    if wait is not None:
+        headers["Retry-After"] = str(spread_retry_after(int(wait), rand))
+    return headers
+
+
+def error_response(exc: CPTokenError, rand: Random = random.random) -> JSONResponse:
+    """``GET /token``: the one mapping from error type to HTTP response (RFC 6750);
+    ``Retry-After`` spread over N to 2N seconds by ``rand``."""
+    headers = _headers(exc, NO_STORE, rand)
     body = {"error": exc.error, "error_description": exc.description}
     return JSONResponse(body, status_code=exc.status, headers=headers)
 
 
-def exchange_error_response(exc: CPTokenError) -> JSONResponse:
+def exchange_error_response(exc: CPTokenError, rand: Random = random.random) -> JSONResponse:
     """``POST /oauth2/token``: the one mapping from error type to response (RFC 6749/8693).
 
     A subject token that is not authenticated or not allowed is the request's fault, so it
     is 400 ``invalid_request`` with the reason in ``error_description`` (RFC 8693 §2.2.2),
     never a 401 with ``WWW-Authenticate`` (there is no client authentication to retry).
-    429, 503 and 405 keep their status and headers, as for ``GET /token``.
+    429, 503 and 405 keep their status and headers, as for ``GET /token`` (``Retry-After``
+    spread the same way).
     """
     status, error, description = exc.status, exc.error, exc.description
-    headers = {**NO_STORE_EXCHANGE, **exc.headers()}
+    headers = _headers(exc, NO_STORE_EXCHANGE, rand)
     if isinstance(exc, Unauthenticated | Forbidden):
         status, error = 400, "invalid_request"
         verdict = "not authenticated" if isinstance(exc, Unauthenticated) else "not allowed"

@@ -45,7 +45,9 @@ GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
 JWT_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:jwt"
 FORM_TYPE = "application/x-www-form-urlencoded"
 MAX_BODY_BYTES = 64 * 1024
-MAX_FIELDS = 1000  # a 64 KiB body of "&&&&" cannot make parse_qsl build huge lists
+# A token exchange has about six fields (audience and resource may repeat); a form with more
+# is refused before any is decoded (990 fields cost 17x a normal form).
+MAX_FIELDS = 64
 
 SINGLE_VALUED = (
     "grant_type",
@@ -101,14 +103,17 @@ def _unescape(raw: str) -> str:
 
 def parse_form(body: bytes) -> dict[str, list[str]]:
     """Decode a form body (UTF-8, RFC 6749 Appendix B); empty values are dropped (§3.1).
+    More than :data:`MAX_FIELDS` fields is refused before any is decoded.
 
     The same decoding as :func:`urllib.parse.parse_qsl` (``&`` separates, ``+`` is a space),
     at a fraction of its cost for the bodies this endpoint sees.
     """
+    if body.count(b"&") >= MAX_FIELDS:
+        raise InvalidRequest(
+            f"the form has more than {MAX_FIELDS} fields", reason="too_many_fields"
+        )
     try:
         text = body.decode("ascii")  # a form body is ASCII: everything else is %-encoded
-        if text.count("&") >= MAX_FIELDS:
-            raise ValueError("too many fields")
         form: dict[str, list[str]] = {}
         for field in text.split("&"):
             if not field:
@@ -133,14 +138,12 @@ def _single(form: dict[str, list[str]], name: str) -> str | None:
 def _check_listed(
     values: Sequence[str], allowed: tuple[str, ...], what: str, error: type[CPTokenError]
 ) -> None:
-    """Every value allowed, else ``error`` naming the value's position (never the value:
-    a caller may have pasted a token into the wrong field)."""
+    """Every value allowed, else ``error`` naming the value's position: never the value (a
+    caller may have pasted a token into the wrong field), nor the allow-list (the operator's
+    configuration is not the caller's business)."""
     for i, value in enumerate(values, 1):
         if value not in allowed:
-            raise error(
-                f"{what} value #{i} is not allowed here (allowed: {', '.join(allowed) or 'none'})",
-                reason=f"{what}_not_allowed",
-            )
+            raise error(f"{what} value #{i} is not allowed here", reason=f"{what}_not_allowed")
 
 
 def parse_exchange(form: dict[str, list[str]], rules: ExchangeRules) -> TokenAsk:

@@ -84,6 +84,7 @@ def run_inject(settings: InjectSettings) -> int:
         settings.listen_host,
         settings.listen_port,
         limit_name="the injector's connection cap",
+        max_per_client=settings.max_connections_per_client,
         probes=("CP_TOKEN_METRICS_ADDR", settings.metrics_host, settings.metrics_port),
     )
     return asyncio.run(serve(settings, api_sock, metrics_sock))

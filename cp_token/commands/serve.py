@@ -3,7 +3,8 @@
 SIGTERM/SIGINT stop accepting, drain in-flight requests (uvicorn's graceful shutdown) and
 exit 0. A dead background task exits 1. Certificates are re-read when their files change.
 Both ports have the edge limits of :mod:`cp_token.http.serving` (head size and time, keep-alive,
-``CP_TOKEN_MAX_CONNECTIONS`` on the API port).
+``CP_TOKEN_MAX_CONNECTIONS`` on the API port, ``CP_TOKEN_MAX_CONNECTIONS_PER_CLIENT`` on
+both).
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ def run_service(service: Service) -> int:
         s.listen_port,
         max_connections=s.max_connections,
         limit_name="CP_TOKEN_MAX_CONNECTIONS",
+        max_per_client=s.max_connections_per_client,
         probes=("CP_TOKEN_METRICS_ADDR", s.metrics_host, s.metrics_port),
     )
     return asyncio.run(serve(service, api_sock, metrics_sock))

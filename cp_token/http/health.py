@@ -18,6 +18,7 @@ __all__ = ["Readiness", "health_routes", "probe_app"]
 Readiness = Callable[[], str | None]  # None = ready, else the reason
 
 METRICS_MEDIA_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+MAX_REASON = 300
 
 
 def health_routes(readiness: Readiness) -> list[Route]:
@@ -30,7 +31,8 @@ def health_routes(readiness: Readiness) -> list[Route]:
         problem = readiness()
         if problem is None:
             return PlainTextResponse("ok")
-        return PlainTextResponse(f"not ready: {problem}", status_code=503)
+        # the reason may carry an upstream's words (the IdP's): never more than 300 characters
+        return PlainTextResponse(f"not ready: {problem[:MAX_REASON]}", status_code=503)
 
     return [Route("/healthz", healthz), Route("/readyz", readyz)]
 

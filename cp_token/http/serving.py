@@ -33,7 +33,7 @@ from cp_token.http.edge import (
     is_edge_protocol,
 )
 from cp_token.runtime.errors import ConfigError
-from cp_token.settings.common import DEFAULT_MAX_CONNECTIONS
+from cp_token.settings.common import (DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_CLIENT)
 
 if TYPE_CHECKING:  # the sidecar serves through this module and loads neither
     from starlette.types import ASGIApp
@@ -42,6 +42,7 @@ if TYPE_CHECKING:  # the sidecar serves through this module and loads neither
 
 __all__ = [
     "DEFAULT_MAX_CONNECTIONS",
+    "DEFAULT_MAX_CONNECTIONS_PER_CLIENT",
     "FD_RESERVE",
     "PROBE_LIMIT_NAME",
     "PROBE_MAX_CONNECTIONS",
@@ -81,16 +82,23 @@ def bind_listener(
     *,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     limit_name: str = "CP_TOKEN_MAX_CONNECTIONS",
+    max_per_client: int = DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
 ) -> EdgeListener:
-    """A bound TCP socket for uvicorn that caps open connections (raises OSError: address
-    in use, bad host). ``limit_name`` is what the refusal log names.
+    """A bound TCP socket for uvicorn that caps open connections, in all and from one
+    source address (``max_per_client``, 0: no such cap); raises OSError (address in use,
+    bad host). ``limit_name`` is what the refusal log names.
 
     The protocol must be IPPROTO_TCP: asyncio only sets TCP_NODELAY on connections accepted
     from such sockets, and without it a response written in two parts waits for a delayed
     ACK (40 ms per request).
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = EdgeListener(family, max_connections=max_connections, limit_name=limit_name)
+    sock = EdgeListener(
+        family,
+        max_connections=max_connections,
+        limit_name=limit_name,
+        max_per_client=max_per_client,
+    )
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if family == socket.AF_INET6 and host == "::":
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # dual-stack "all"
@@ -110,20 +118,38 @@ def bind(
     *,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     limit_name: str = "CP_TOKEN_MAX_CONNECTIONS",
+    max_per_client: int = DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
 ) -> EdgeListener:
     """:func:`bind_listener`, or ConfigError naming the variable (address in use, bad host)."""
     try:
-        return bind_listener(host, port, max_connections=max_connections, limit_name=limit_name)
+        return bind_listener(
+            host,
+            port,
+            max_connections=max_connections,
+            limit_name=limit_name,
+            max_per_client=max_per_client,
+        )
     except OSError as exc:
         raise ConfigError(
             variable, f"cannot listen on {host}:{port} ({exc.strerror or exc})"
         ) from None
 
 
-def bind_probes(variable: str, host: str, port: int) -> EdgeListener:
+def bind_probes(
+    variable: str,
+    host: str,
+    port: int,
+    *,
+    max_per_client: int = DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+) -> EdgeListener:
     """:func:`bind` for a probe and metrics port (its own small, fixed cap)."""
     return bind(
-        variable, host, port, max_connections=PROBE_MAX_CONNECTIONS, limit_name=PROBE_LIMIT_NAME
+        variable,
+        host,
+        port,
+        max_connections=PROBE_MAX_CONNECTIONS,
+        limit_name=PROBE_LIMIT_NAME,
+        max_per_client=max_per_client,
     )
 
 
@@ -134,15 +160,25 @@ def bind_serving(
     *,
     limit_name: str,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    max_per_client: int = DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
     probes: tuple[str, str, int] | None = None,
 ) -> list[EdgeListener]:
     """The serving listener, then the probe listener when ``probes`` = ``(variable, host,
-    port)`` is given; ConfigError naming the variable when one cannot be bound (none is
-    left open then)."""
-    sockets = [bind(variable, host, port, max_connections=max_connections, limit_name=limit_name)]
+    port)`` is given, both with the per-client cap ``max_per_client`` (0: none);
+    ConfigError naming the variable when one cannot be bound (none is left open then)."""
+    sockets = [
+        bind(
+            variable,
+            host,
+            port,
+            max_connections=max_connections,
+            limit_name=limit_name,
+            max_per_client=max_per_client,
+        )
+    ]
     if probes is not None:
         try:
-            sockets.append(bind_probes(*probes))
+            sockets.append(bind_probes(*probes, max_per_client=max_per_client))
         except ConfigError:
             sockets[0].close()
             raise

@@ -2,8 +2,9 @@
 
 The route decodes the AdmissionReview, calls :func:`cp_token.inject.patch.decide` and encodes
 the answer; every AdmissionReview it can read is answered with the request's ``uid``. A body
-that is not one is a 400 with the reason (413 when larger than the API server ever sends),
-never a 500.
+that is not one is a 400 with the reason (413 when larger than the API server ever sends;
+400 when nested deeper than any object the API server sends), never a 500. A log line says
+at most a few hundred characters of anything the request carried.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from cp_token.inject.patch import Decision, decide
 from cp_token.settings.inject import InjectSettings
 
 __all__ = [
+    "MAX_DEPTH",
     "MAX_REVIEW_BYTES",
     "create_app",
     "create_metrics_app",
@@ -47,18 +49,43 @@ API_VERSION = "admission.k8s.io/v1"
 MAX_REVIEW_BYTES = 3 * 1024 * 1024 + 64 * 1024
 # Kubernetes UIDs are UUIDs; allow any short printable token, refuse what could forge a log.
 _UID = re.compile(r"[\x21-\x7e]{1,128}")
+# A pod in its review is nested about 25 levels deep (managedFields included); deeper is
+# not from the API server, and would make the walks over it (decide, the log) recurse.
+MAX_DEPTH = 100
+# What a log line may carry of one value taken from the request.
+MAX_LOGGED_CHARS = 253
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """True when ``value`` (decoded JSON) nests objects and arrays more than ``limit`` deep;
+    iterative, so the check itself cannot recurse."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        for child in node.values() if isinstance(node, dict) else node:
+            if isinstance(child, dict | list):
+                stack.append((child, depth + 1))
+    return False
 
 
 def parse_review(body: bytes) -> dict[str, Any]:
     """The ``request`` of an AdmissionReview v1; raises :class:`InvalidReview` with the reason."""
     if not body:
         raise InvalidReview("empty body: expected an AdmissionReview (admission.k8s.io/v1)")
+    too_deep = f"the AdmissionReview is nested more than {MAX_DEPTH} levels deep"
     try:
         review = json.loads(body)
-    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+    except RecursionError:
+        raise InvalidReview(too_deep) from None
+    except ValueError:  # UnicodeDecodeError is a ValueError
         raise InvalidReview("body is not JSON: expected an AdmissionReview") from None
     if not isinstance(review, dict):
         raise InvalidReview("body is not a JSON object: expected an AdmissionReview")
+    # Nesting needs an opening bracket per level: most reviews have too few to walk at all.
+    if body.count(b"{") + body.count(b"[") > MAX_DEPTH and _deeper_than(review, MAX_DEPTH):
+        raise InvalidReview(too_deep)
     if review.get("kind") != "AdmissionReview":
         raise InvalidReview("kind must be AdmissionReview")
     if review.get("apiVersion") != API_VERSION:
@@ -106,10 +133,13 @@ def _failure(uid: str) -> dict[str, Any]:
 
 
 def _str_or_none(value: Any) -> str | None:
-    """A string from the request, safe for a log line (control characters escaped)."""
+    """A string from the request, safe for a log line: control characters escaped, at most
+    :data:`MAX_LOGGED_CHARS` of it."""
     if not isinstance(value, str):
         return None
-    return value if value.isprintable() and len(value) <= 253 else repr(value[:253])
+    if value.isprintable() and len(value) <= MAX_LOGGED_CHARS:
+        return value
+    return repr(value[:MAX_LOGGED_CHARS]) + ("..." if len(value) > MAX_LOGGED_CHARS else "")
 
 
 def _describe(request: dict[str, Any]) -> dict[str, Any]:
@@ -120,8 +150,8 @@ def _describe(request: dict[str, Any]) -> dict[str, Any]:
         meta.get("name") or meta.get("generateName") if isinstance(meta, dict) else None
     )
     return {
-        "uid": request.get("uid"),
-        "operation": request.get("operation"),
+        "uid": request.get("uid"),  # checked: at most 128 printable characters
+        "operation": _str_or_none(request.get("operation")),
         "namespace": _str_or_none(request.get("namespace")),
         "name": _str_or_none(name),
     }
@@ -160,7 +190,7 @@ class MutateEndpoint:
             decision = decide(review, self.settings)
             answer = review_response(review["uid"], decision)
             result: str = decision.action
-            fields["message"] = decision.message or None
+            fields["message"] = decision.message or None  # ours: bounded
         except Exception as exc:  # a bug must still answer the review, and never 500
             answer, result = _failure(review["uid"]), "error"
             fields["error"] = type(exc).__name__

@@ -23,6 +23,7 @@ __all__ = [
     "ALL_INTERFACES",
     "CP_AUDIENCE",
     "DEFAULT_MAX_CONNECTIONS",
+    "DEFAULT_MAX_CONNECTIONS_PER_CLIENT",
     "LOG_FORMAT",
     "LOG_FORMATS",
     "LOG_LEVEL",
@@ -54,6 +55,9 @@ CP_AUDIENCE = "ambient-cp"
 # Open connections per serving port (CP_TOKEN_MAX_CONNECTIONS; the sidecar's and the
 # injector's fixed cap).
 DEFAULT_MAX_CONNECTIONS = 4096
+# Open connections from one source address per serving port
+# (CP_TOKEN_MAX_CONNECTIONS_PER_CLIENT; 0: no such cap).
+DEFAULT_MAX_CONNECTIONS_PER_CLIENT = 256
 # Fields that never appear in a log line, whichever component's settings they belong to.
 SECRET_FIELDS = frozenset({"oidc_client_secret", "static_token", "bot_token"})
 

@@ -20,6 +20,7 @@ from .common import (
     ALL_INTERFACES,
     CP_AUDIENCE,
     DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
     LOG_FORMAT,
     LOG_LEVEL,
     Env,
@@ -74,6 +75,7 @@ class Settings:
     review_cache_ttl: float = 30.0
     max_reviews: int = 64
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_connections_per_client: int = DEFAULT_MAX_CONNECTIONS_PER_CLIENT
     minter: str = "oidc"
     oidc_token_url: str | None = None
     oidc_client_id: str | None = None
@@ -325,7 +327,16 @@ def _limits(e: Env) -> Fields:
         "rate": rate,
         "burst": burst,
         "max_connections": e.count("CP_TOKEN_MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS),
+        "max_connections_per_client": max_per_client(e),
     }
+
+
+def max_per_client(e: Env) -> int:
+    """``CP_TOKEN_MAX_CONNECTIONS_PER_CLIENT``: a whole number, 0 (no per-address cap, for a
+    proxy or mesh that hides source addresses) or more; the CP and the injector read it."""
+    return e.count(
+        "CP_TOKEN_MAX_CONNECTIONS_PER_CLIENT", DEFAULT_MAX_CONNECTIONS_PER_CLIENT, minimum=0
+    )
 
 
 def _tls(e: Env) -> Fields:

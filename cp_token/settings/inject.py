@@ -19,12 +19,13 @@ from .common import (
     ALL_INTERFACES,
     ALLOW_PLAINTEXT,
     CP_AUDIENCE,
+    DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
     LOG_FORMAT,
     LOG_LEVEL,
     Env,
     check_readable,
 )
-from .cp import METRICS_PORT
+from .cp import METRICS_PORT, max_per_client
 
 __all__ = ["MIN_TOKEN_EXPIRATION", "InjectSettings", "load_inject_settings"]
 
@@ -56,6 +57,7 @@ class InjectSettings:
     listen_port: int = 8443
     metrics_host: str = ALL_INTERFACES
     metrics_port: int = METRICS_PORT
+    max_connections_per_client: int = DEFAULT_MAX_CONNECTIONS_PER_CLIENT
     log_level: str = LOG_LEVEL
     log_format: str = LOG_FORMAT
     # CP_TOKEN_INJECT_CA_CONFIGMAP: the ConfigMap (in the pod's namespace) holding the CP's CA
@@ -88,6 +90,7 @@ def load_inject_settings(env: Mapping[str, str] | None = None) -> InjectSettings
         listen_port=port,
         metrics_host=m_host,
         metrics_port=m_port,
+        max_connections_per_client=max_per_client(e),
         **e.logging("CP_TOKEN_LOG_LEVEL", "CP_TOKEN_LOG_FORMAT"),
     )
 

@@ -22,7 +22,14 @@ import pytest
 import trustme
 from cryptography import x509
 
-from tests.fakes.admission import opted_in_pod, patch_of
+from tests.fakes.admission import admission_review, opted_in_pod, patch_of
+from tests.integration.hostile_rig import (
+    chunked_head,
+    idle_sockets,
+    peak_growth_kib,
+    stalled_bodies,
+    stream_after,
+)
 from tests.integration.inject_rig import Injector, start_injector, tls_files
 from tests.integration.procs import run_cmd
 
@@ -196,6 +203,30 @@ def test_malformed_bodies(injector: Injector, body: bytes | str, status: int) ->
     assert resp.json()["error_description"]
 
 
+def test_deep_or_huge_reviews_are_answered_with_json_and_logged_in_bounded_lines(
+    injector: Injector,
+) -> None:
+    """An ``operation`` nested 962-966 deep was a 500 (text/plain); a 3 MiB ``operation``
+    was logged whole, in one 3 MiB line."""
+    review = json.dumps(injector_review())
+    for depth in range(900, 1000, 2):
+        deep = "[" * depth + "]" * depth
+        resp = injector.post(
+            review.replace('"operation": "CREATE"', f'"operation": {deep}').encode()
+        )
+        assert resp.status_code == 400, (depth, resp.status_code, resp.text[:200])
+        assert "nested" in resp.json()["error_description"]
+    huge = '"operation": "' + "C" * (3 * 1024 * 1024 - 10_000) + '"'
+    resp = injector.post(review.replace('"operation": "CREATE"', huge).encode())
+    assert resp.status_code == 200 and resp.json()["response"]["uid"] == "huge-1"
+    longest = max(len(line) for line in injector.proc.output().splitlines())
+    assert longest < 4096, longest
+
+
+def injector_review() -> dict[str, Any]:
+    return admission_review(opted_in_pod(), uid="huge-1")
+
+
 def test_method_probes_and_metrics(injector: Injector) -> None:
     with httpx.Client(verify=injector.ca, trust_env=False) as client:
         resp = client.get(f"{injector.url}/mutate")
@@ -312,3 +343,58 @@ def test_config_errors_exit_2_with_one_line(
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     assert variable in lines[0] and "Traceback" not in result.stderr
+
+
+# --------------------------------------------------------------------------- hostile peers
+
+
+def test_hostile_connections_cannot_grow_it_or_shut_out_the_api_server(tmp_path: Path) -> None:
+    """What took the injector to 284 MiB (an endless trailer) and 407 MiB (100 bodies of
+    3.1 MB stalled one byte short), and 4,096 idle sockets from one address that failed 36 of
+    51 reviews: bounded, and reviews from another address are answered throughout."""
+    ca = trustme.CA()
+    cert, key = tls_files(tmp_path, ca)
+    running = start_injector(cert, key, tmp_path / "inject.log", ca, IMAGE, CP_URL)
+    port = int(running.url.rsplit(":", 1)[1])
+    pid = running.proc.pid
+    try:
+        running.review(opted_in_pod())  # warm
+        with peak_growth_kib(pid) as growth:
+            trailer = stream_after(
+                port, chunked_head(b"/mutate") + b"0\r\nX-Endless: ", seconds=10, tls=running.ca
+            )
+            extension = stream_after(
+                port, chunked_head(b"/mutate") + b"1;", seconds=10, tls=running.ca
+            )
+        print(
+            f"trailer cut after {trailer.sent >> 10} KiB, "
+            f"extension after {extension.sent >> 10} KiB"
+        )
+        assert trailer.closed_after is not None and trailer.sent < 16 << 20
+        assert extension.closed_after is not None and extension.sent < 16 << 20
+        assert growth[0] < 24 * 1024
+        with peak_growth_kib(pid) as growth:
+            stalled = stalled_bodies(
+                port,
+                100,
+                3_100_000,
+                path=b"/mutate",
+                content_type=b"application/json",
+                tls=running.ca,
+            )
+            answer, _ = running.review(opted_in_pod())  # a review of a few KB still fits
+            assert answer["allowed"] is True
+        for sock in stalled:
+            sock.close()
+        print(f"100 x 3.1 MB stalled bodies: peak RSS growth {growth[0] >> 10} MiB")
+        assert growth[0] < 96 * 1024  # 276 MiB before the bound
+        hog = idle_sockets(port, 4096, "127.0.0.2")
+        answered = sum(
+            running.post(admission_review(opted_in_pod())).status_code == 200 for _ in range(51)
+        )
+        for sock in hog:
+            sock.close()
+        print(f"{len(hog)} idle sockets from 127.0.0.2: {answered}/51 reviews answered")
+        assert answered == 51
+    finally:
+        assert running.proc.terminate() == 0, running.proc.output()[-2000:]

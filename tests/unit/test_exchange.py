@@ -18,22 +18,23 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from joserfc import jwt
 from joserfc.jwk import KeySet
+from tests.unit.test_app import RUNNER, TABLE, DictReviewer, clock, reviewer
+from tests.unit.test_app import build as build_app
 
+from cp_token.http import bodies
+from cp_token import exchange as exchange_module
 from cp_token.app import ExchangeConfig
+from cp_token.runtime.clock import FakeClock
+from cp_token.runtime.errors import ConfigError
+from cp_token.settings.cp import load_settings
 from cp_token.credential import MAX_TOKEN_BYTES
 from cp_token.errors import InvalidRequest, Unavailable
 from cp_token.exchange import MAX_BODY_BYTES, parse_form
-from cp_token.http import bodies
 from cp_token.identity import Identity
 from cp_token.minters import IssuedToken, Minter, MintOptions
 from cp_token.minters.jwt import JwtMinter
 from cp_token.minters.static import StaticMinter
-from cp_token.runtime.clock import FakeClock
-from cp_token.runtime.errors import ConfigError
-from cp_token.settings.cp import load_settings
 from cp_token.wiring import exchange_config
-from tests.unit.test_app import RUNNER, TABLE, DictReviewer, clock, reviewer
-from tests.unit.test_app import build as build_app
 
 __all__ = ["clock", "reviewer"]  # fixtures shared with test_app.py
 
@@ -220,6 +221,8 @@ REFUSALS: list[tuple[str, list[tuple[str, str]] | bytes, str | None, int, str]] 
     ("malformed subject", form(subject_token="a b"), FORM, 400, "invalid_request"),
     ("long subject", form(subject_token="a" * (MAX_TOKEN_BYTES + 1)), FORM, 400,
      "invalid_request"),
+    ("65 fields", form(audience=["ambient-api-server"] * 62), FORM, 400, "invalid_request"),
+    ("990 fields", b"&".join([b"a=b"] * 990), FORM, 400, "invalid_request"),
 ]  # fmt: skip
 
 
@@ -257,6 +260,31 @@ async def test_refusal_descriptions_never_echo_values(
         resp = await post(app, body)
         assert resp.status_code == 400
         assert secret not in resp.text and secret[:12] not in resp.text
+
+
+async def test_an_unlisted_audience_does_not_learn_the_allow_list(
+    clock: FakeClock, reviewer: DictReviewer
+) -> None:
+    app = build(clock, reviewer)
+    for body in (form(audience=["ambient-api-server", "evil"]), form(scope="admin")):
+        resp = await post(app, body)
+        assert resp.status_code == 400
+        description = resp.json()["error_description"]
+        assert "not allowed" in description
+        assert "ambient-api-server" not in description and "sessions:read" not in description
+
+
+async def test_64_fields_are_served_and_more_are_refused_before_decoding(
+    clock: FakeClock, reviewer: DictReviewer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = build(clock, reviewer)
+    assert (await post(app, form(audience=["ambient-api-server"] * 61))).status_code == 200
+    decoded: list[str] = []
+    real = exchange_module._unescape
+    monkeypatch.setattr(exchange_module, "_unescape", lambda raw: decoded.append(raw) or real(raw))
+    with pytest.raises(InvalidRequest) as info:
+        parse_form(b"&".join([b"audience=x%41"] * 990))
+    assert "more than 64 fields" in info.value.description and decoded == []
 
 
 async def test_body_over_64_kib_is_413(clock: FakeClock, reviewer: DictReviewer) -> None:
@@ -390,7 +418,7 @@ async def test_dependency_failure_is_503_with_retry_after(
     resp = await post(app, form())
     assert resp.status_code == 503
     assert resp.json()["error"] == "temporarily_unavailable"
-    assert resp.headers["retry-after"] == "7"
+    assert 7 <= int(resp.headers["retry-after"]) <= 14  # 7 s, spread over 7 to 14
 
 
 async def test_audit_line_is_the_same_with_event_token_exchange(

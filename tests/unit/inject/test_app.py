@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cp_token.inject import app as inject_app
-from cp_token.inject.app import MAX_REVIEW_BYTES, create_app, create_metrics_app
+from cp_token.inject.app import MAX_DEPTH, MAX_REVIEW_BYTES, create_app, create_metrics_app
 from cp_token.inject.metrics import InjectMetrics
 from cp_token.inject.patch import CONTAINERS_ANNOTATION
 from cp_token.settings.inject import InjectSettings
@@ -76,6 +76,14 @@ def good_review() -> dict[str, Any]:
     return admission_review(opted_in_pod(), uid="u-1")
 
 
+def nested(depth: int, leaf: Any = None) -> Any:
+    """A value nested ``depth`` arrays deep, built without recursion."""
+    value = leaf
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
 def broken(mutate: Any) -> dict[str, Any]:
     review = good_review()
     mutate(review)
@@ -90,7 +98,9 @@ def broken(mutate: Any) -> dict[str, Any]:
         (b"\xff\xfe\x00", "not JSON"),
         (b"[1, 2]", "not a JSON object"),
         (b"null", "not a JSON object"),
-        (b"[" * 100_000 + b"]" * 100_000, "not JSON"),  # deeper than the parser recurses
+        (b"[" * 100_000 + b"]" * 100_000, "nested"),  # deeper than the parser recurses
+        (broken(lambda r: r["request"].update(operation=nested(101))), "nested"),
+        (broken(lambda r: r["request"]["object"].update(x=nested(200, {}))), "nested"),
         (broken(lambda r: r.update(apiVersion="admission.k8s.io/v1beta1")), "apiVersion"),
         (broken(lambda r: r.update(kind="Pod")), "kind"),
         (broken(lambda r: r.pop("request")), "no request"),
@@ -206,6 +216,31 @@ async def test_log_fields_from_the_request_cannot_forge_a_line(
     assert "\r" not in fields["namespace"]
 
 
+async def test_a_review_as_deep_as_a_real_pod_is_answered() -> None:
+    review = good_review()
+    review["request"]["object"]["metadata"]["annotations"] = {"deep": "x"}
+    review["request"]["object"]["spec"]["x-deep"] = nested(MAX_DEPTH - 10)
+    resp = await post(review)
+    assert resp.status_code == 200 and resp.json()["response"]["uid"] == "u-1"
+
+
+async def test_a_huge_operation_is_answered_and_logged_in_a_bounded_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A 3 MiB ``operation`` was logged whole (one 3 MiB line)."""
+    review = good_review()
+    review["request"]["operation"] = "CREATE" + "E" * (3 * 1024 * 1024 - 100_000)
+    review["request"]["object"]["metadata"]["name"] = "n" * 100_000
+    with caplog.at_level(logging.INFO, logger="cp_token.inject"):
+        resp = await post(review)
+    assert resp.status_code == 200 and resp.json()["response"] == {"uid": "u-1", "allowed": True}
+    record = next(r for r in caplog.records if r.name == "cp_token.inject")
+    fields = record.fields  # type: ignore[attr-defined]
+    assert all(len(str(v)) < 300 for v in fields.values()), {
+        k: len(str(v)) for k, v in fields.items()
+    }
+
+
 async def test_metrics_app_probes_and_series() -> None:
     metrics = InjectMetrics()
     ready: list[str | None] = ["starting"]
@@ -214,6 +249,9 @@ async def test_metrics_app_probes_and_series() -> None:
     async with httpx.AsyncClient(transport=transport, base_url="http://m") as c:
         assert (await c.get("/healthz")).status_code == 200
         assert (await c.get("/readyz")).status_code == 503
+        ready[0] = "invalid_client: " + "the IdP says " * 1000
+        long = await c.get("/readyz")
+        assert long.status_code == 503 and len(long.text) <= len("not ready: ") + 300
         ready[0] = None
         assert (await c.get("/readyz")).status_code == 200
         text = (await c.get("/metrics")).text

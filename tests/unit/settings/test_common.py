@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from cp_token.http.serving import DEFAULT_MAX_CONNECTIONS
 from cp_token.inject.patch import SA_TOKEN_PATH, SIDECAR_ADDR
 from cp_token.policy import RunnerPolicy
 from cp_token.runtime.errors import ConfigError
+from cp_token.http.serving import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_CLIENT
 from cp_token.settings.client import DEFAULT_SA_TOKEN_FILE, ClientSettings, load_client_settings
 from cp_token.settings.common import Env
 from cp_token.settings.cp import Settings, load_settings
@@ -87,12 +87,27 @@ def test_the_loaders_defaults_are_the_dataclasses() -> None:
 def test_shared_defaults_have_one_source() -> None:
     assert RunnerPolicy().allowed_sa == Settings().allowed_sa
     assert Settings().max_connections == DEFAULT_MAX_CONNECTIONS
+    assert Settings().max_connections_per_client == DEFAULT_MAX_CONNECTIONS_PER_CLIENT == 256
+    assert InjectSettings("img", "u").max_connections_per_client == 256
     assert HolderPolicy().refresh_fraction == SidecarSettings("u").refresh_fraction
     assert SIDECAR_ADDR == LISTEN_ADDR == "127.0.0.1:8099"
     # pods project their token for the CP's audience, into the file the sidecar reads
     audience = Settings().audiences[0]
     assert InjectSettings("img", "u").audience == audience == SA_TOKEN_PATH
     assert DEFAULT_SA_TOKEN_FILE.endswith(f"/{audience}")
+
+
+@pytest.mark.parametrize(("value", "expected"), [("0", 0), ("1", 1), (" 512 ", 512)])
+def test_the_per_client_cap(value: str, expected: int) -> None:
+    env = {**OIDC, "CP_TOKEN_MAX_CONNECTIONS_PER_CLIENT": value}
+    assert load_settings(env).max_connections_per_client == expected
+
+
+@pytest.mark.parametrize("value", ["-1", "2.5", "many", "1e3x"])
+def test_a_bad_per_client_cap_names_the_variable(value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings({**OIDC, "CP_TOKEN_MAX_CONNECTIONS_PER_CLIENT": value})
+    assert info.value.variable == "CP_TOKEN_MAX_CONNECTIONS_PER_CLIENT"
 
 
 def loaded_by(module: str) -> set[str]:

@@ -38,6 +38,7 @@ def test_defaults(env: dict[str, str]) -> None:
         listen_port=8443,
         metrics_host="0.0.0.0",
         metrics_port=9090,
+        max_connections_per_client=256,
         log_level="info",
         log_format="json",
     )
@@ -54,8 +55,10 @@ def test_everything_set(env: dict[str, str]) -> None:
             "CP_TOKEN_INJECT_CA_CONFIGMAP": "cp-token-ca",
             "CP_TOKEN_LOG_LEVEL": "debug",
             "CP_TOKEN_LOG_FORMAT": "text",
+            "CP_TOKEN_MAX_CONNECTIONS_PER_CLIENT": "0",
         }
     )
+    assert s.max_connections_per_client == 0
     assert (s.listen_host, s.listen_port, s.metrics_port) == ("127.0.0.1", 9443, 9191)
     assert (s.audience, s.token_expiration) == ("my-cp", 600)
     assert s.ca_configmap == "cp-token-ca"
@@ -87,6 +90,8 @@ def test_everything_set(env: dict[str, str]) -> None:
         ({"CP_TOKEN_LOG_FORMAT": "xml"}, "CP_TOKEN_LOG_FORMAT"),
         ({"CP_TOKEN_INJECT_CA_CONFIGMAP": "CP_CA"}, "CP_TOKEN_INJECT_CA_CONFIGMAP"),
         ({"CP_TOKEN_INJECT_CA_CONFIGMAP": "ca/crt"}, "CP_TOKEN_INJECT_CA_CONFIGMAP"),
+        ({"CP_TOKEN_MAX_CONNECTIONS_PER_CLIENT": "-1"}, "CP_TOKEN_MAX_CONNECTIONS_PER_CLIENT"),
+        ({"CP_TOKEN_MAX_CONNECTIONS_PER_CLIENT": "lots"}, "CP_TOKEN_MAX_CONNECTIONS_PER_CLIENT"),
     ],
 )
 def test_mistakes_name_the_variable(

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .common import CP_AUDIENCE, Env
+from .common import CP_AUDIENCE, Env, parse_addr
 
 __all__ = [
     "DEFAULT_SA_TOKEN_FILE",
@@ -39,10 +39,21 @@ class ClientSettings:
     sa_token_file: str = DEFAULT_SA_TOKEN_FILE
     ca_file: str | None = None
     timeout: float = TIMEOUT
+    # A sealed pod (SPEC "Sealed mode"): no token here; API calls go through the sidecar
+    api_url: str | None = None
+    grpc_addr: str | None = None
+
+    @property
+    def sealed(self) -> bool:
+        """True in a sealed pod: ``AMBIENT_API_URL`` or ``AMBIENT_GRPC_ADDR`` is set."""
+        return bool(self.api_url or self.grpc_addr)
 
     @property
     def source(self) -> str:
-        """``sidecar``, ``direct``, ``bot`` or ``none``."""
+        """``sealed`` (no token to be had here), ``sidecar``, ``direct``, ``bot`` or
+        ``none``."""
+        if self.sealed:
+            return "sealed"
         if self.sidecar_url:
             return "sidecar"
         if self.cp_token_url:
@@ -71,4 +82,15 @@ def load_client_settings(env: Mapping[str, str] | None = None) -> ClientSettings
         cp_token_url=e.url("AMBIENT_CP_TOKEN_URL"),
         bot_token=e.get("BOT_TOKEN"),
         **upstream_fields(e),
+        api_url=e.url("AMBIENT_API_URL"),
+        grpc_addr=_grpc_addr(e),
     )
+
+
+def _grpc_addr(e: Env) -> str | None:
+    """``AMBIENT_GRPC_ADDR``: the sidecar's gRPC listener, ``host:port``."""
+    value = e.get("AMBIENT_GRPC_ADDR")
+    if value is None:
+        return None
+    host, port = parse_addr("AMBIENT_GRPC_ADDR", value)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -25,6 +25,7 @@ from .common import (
     parse_url,
 )
 from .cp import METRICS_PORT
+from .sidecar import ALLOW_PLAINTEXT, Upstreams, parse_grpc_target, parse_upstreams
 
 __all__ = ["MIN_TOKEN_EXPIRATION", "InjectSettings", "load_inject_settings"]
 
@@ -59,6 +60,10 @@ class InjectSettings:
     metrics_port: int = METRICS_PORT
     log_level: str = LOG_LEVEL
     log_format: str = LOG_FORMAT
+    # Sealed pods (annotation ambient-code.io/token-sidecar-mode: sealed): the upstreams their
+    # sidecar adds the token to, SIDECAR_UPSTREAMS and SIDECAR_GRPC_UPSTREAM's syntax
+    upstreams: Upstreams = ()
+    grpc_upstream: str = ""
 
 
 def load_inject_settings(env: Mapping[str, str] | None = None) -> InjectSettings:
@@ -84,7 +89,19 @@ def load_inject_settings(env: Mapping[str, str] | None = None) -> InjectSettings
         metrics_host=m_host,
         metrics_port=m_port,
         **e.logging("CP_TOKEN_LOG_LEVEL", "CP_TOKEN_LOG_FORMAT"),
+        upstreams=parse_upstreams(
+            "CP_TOKEN_INJECT_UPSTREAMS",
+            e.get("CP_TOKEN_INJECT_UPSTREAMS"),
+            e.flag(ALLOW_PLAINTEXT, False),
+        ),
+        grpc_upstream=_grpc_upstream(e),
     )
+
+
+def _grpc_upstream(e: Env) -> str:
+    """``host:port`` of the gRPC API sealed pods call, or "" when unset."""
+    value = e.get("CP_TOKEN_INJECT_GRPC_UPSTREAM")
+    return "" if value is None else parse_grpc_target("CP_TOKEN_INJECT_GRPC_UPSTREAM", value)
 
 
 def _serving_pair(e: Env) -> tuple[str, str]:

@@ -55,7 +55,7 @@ def outgoing_metadata(caller: Metadata | None, token: str) -> list[tuple[str, st
     return kept
 
 
-def incoming_metadata(upstream: Metadata | None, token: str) -> list[tuple[str, str | bytes]]:
+def incoming_metadata(upstream: Metadata | None, token: str) -> tuple[tuple[str, str | bytes], ...]:
     """The upstream's headers or trailers as the caller gets them: none reserved to the
     transport (but ``grpc-status-details-bin``, the rich status), none holding the token."""
     secret = token.encode()
@@ -70,7 +70,7 @@ def incoming_metadata(upstream: Metadata | None, token: str) -> list[tuple[str, 
         if secret in raw:
             continue
         kept.append((key, value))
-    return kept
+    return tuple(kept)  # grpcio takes a tuple, not a list
 
 
 class _Forwarder(grpc.GenericRpcHandler):  # type: ignore[misc]
@@ -108,6 +108,7 @@ class GrpcProxy:
         self._ca_file = ca_file
         self._server: Any = None
         self._channel: Any = None
+        self._address = ""
 
     def bind(self, host: str, port: int) -> int:
         """Create the server and bind its plaintext port (needs the running loop); returns
@@ -125,6 +126,7 @@ class GrpcProxy:
         if not bound:
             raise OSError("the address cannot be bound")
         self._server = server
+        self._address = f"{address.rsplit(':', 1)[0]}:{bound}"
         return bound
 
     @contextlib.asynccontextmanager
@@ -138,6 +140,8 @@ class GrpcProxy:
         credentials = grpc.ssl_channel_credentials(root_certificates=root)
         self._channel = grpc.aio.secure_channel(self._target, credentials, options=OPTIONS)
         await self._server.start()
+        fields = {"listener": f"h2c://{self._address}", "upstream": self._target}
+        log.info("serving gRPC", extra={"fields": fields})
         try:
             yield
         finally:
@@ -166,7 +170,7 @@ class GrpcProxy:
 
     async def _relay(
         self, method: str, requests: AsyncIterator[bytes], context: Any, token: str
-    ) -> tuple[Any, str | None, list[tuple[str, str | bytes]]]:
+    ) -> tuple[Any, str | None, tuple[tuple[str, str | bytes], ...]]:
         """Run the upstream call, writing its headers and messages to the caller; returns
         its status code, details and trailers."""
         metadata = outgoing_metadata(context.invocation_metadata(), token)

@@ -14,6 +14,8 @@ import hashlib
 import json
 import os
 import re
+import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,10 +27,10 @@ import httpx
 import pytest
 
 from cp_token.client import TokenError, TokenSource, api_async_client, api_client, grpc_channel
-from cp_token.inject.patch import decide
+from cp_token.inject.app import review_response
+from cp_token.inject.patch import MODE_ANNOTATION, decide
 from cp_token.settings.inject import InjectSettings
 from tests.fakes.admission import admission_review, apply_review_patch, opted_in_pod
-from tests.fakes.inject_patch import sealed_annotation
 from tests.integration.fake_cp import FakeCP
 from tests.integration.procs import Proc, free_port, run_cmd
 from tests.integration.sealed_rig import (
@@ -41,6 +43,7 @@ from tests.integration.sealed_rig import (
 )
 
 MiB = 1024 * 1024
+SIDECAR = [sys.executable, "-m", "sidecar"]
 
 
 def poll(predicate: Callable[[], bool], deadline: float, what: str) -> None:
@@ -121,11 +124,11 @@ def app_container_env(base: str, grpc_addr: str, api_url: str) -> dict[str, str]
         grpc_upstream="api.example:443",
     )
     pod = opted_in_pod()
-    pod["metadata"]["annotations"] = sealed_annotation()
+    pod["metadata"]["annotations"] = {MODE_ANNOTATION: "sealed"}
     review = admission_review(pod)
     decision = decide(review["request"], settings)
     assert decision.action == "mutated", decision
-    patched = apply_review_patch(pod, {"response": {"patch": decision.patch}})
+    patched = apply_review_patch(pod, review_response("u", decision))
     runner = patched["spec"]["containers"][0]
     assert not runner.get("volumeMounts"), "a sealed app container mounts nothing of ours"
     env = {e["name"]: e["value"] for e in runner["env"]}
@@ -180,7 +183,12 @@ def pod(
         started = start_pod(tmp, cp, upstreams)
         yield started
         started.close()
-        started.proc.stop()
+        assert started.proc.stop() == 0
+        log = started.proc.output()
+        assert "Traceback" not in log, log[-3000:]
+        print("\nsealed sidecar log, error lines:", [
+            line for line in log.splitlines() if '"level": "error"' in line or "ERROR" in line
+        ])
 
 
 def issued_secrets(cp: FakeCP) -> list[str]:
@@ -295,7 +303,8 @@ def test_server_sent_events_arrive_as_they_are_sent(pod: Pod) -> None:
     assert len(arrived) == len(sent) == 5
     lags = [a - s for a, s in zip(arrived, sent, strict=True)]
     assert max(lags) < 0.15, lags  # each event as it is sent, not at the end (0.8 s later)
-    with httpx.Client(verify=str(pod.tmp / "upstream-ca.pem"), trust_env=False) as direct:
+    ca = ssl.create_default_context(cafile=str(pod.tmp / "upstream-ca.pem"))
+    with httpx.Client(verify=ca, trust_env=False) as direct:
         direct.headers["Authorization"] = f"Bearer {next(iter(pod.cp.issued))}"
         direct_first, _ = first_and_all(direct, f"{pod.api.url}/v1/sse")
     extra_ms = (first - direct_first) * 1000
@@ -572,6 +581,3 @@ def test_once_is_refused_in_a_sealed_sidecar() -> None:
     }
     done = run_cmd([*SIDECAR, "--once"], full)
     assert done.returncode == 2 and "SIDECAR_SEALED" in done.stderr
-
-
-SIDECAR = ["python", "-m", "sidecar"]

@@ -9,9 +9,15 @@ token as ``POST /token`` would (at most one fetch per ``recent_window``, 5 s).
 
 from __future__ import annotations
 
+import re
+
 from .refresher import Refresher
 
 __all__ = ["HeldBearer", "NoToken"]
+
+# What may follow "Bearer " in a header (RFC 6750's b64token is narrower; the CP's answer is
+# not trusted to be either): a token with a space or a line break would rewrite the request.
+_SENDABLE = re.compile(r"[\x21-\x7e]+")
 
 
 class NoToken(Exception):
@@ -43,6 +49,8 @@ class HeldBearer:
         token = holder.current()
         if token is None:
             raise NoToken(self._why(), holder.retry_after())
+        if not _SENDABLE.fullmatch(token.token):
+            raise NoToken("the held token cannot be sent in a header", holder.retry_after())
         return token.token
 
     async def after_rejection(self, sent: str) -> str | None:
@@ -52,7 +60,7 @@ class HeldBearer:
         if self._holder.should_force():
             await self._refresher.fetch()
         token = self._holder.current()
-        if token is None or token.token == sent:
+        if token is None or token.token == sent or not _SENDABLE.fullmatch(token.token):
             return None
         return token.token
 

@@ -21,36 +21,27 @@ method, path (under the upstream's base), query and body go to the upstream over
 - Errors: an unknown name 404, a dot segment 400, no token 503 + ``Retry-After``, an
   upstream that cannot be reached 502, each a JSON reason; the guard's refusals 403.
 
-The upstream side is httpx (a maintained HTTP client: pooled keep-alive connections, TLS,
-HTTP/1.1 parsing by h11). It is loaded only by a sidecar with upstreams: a plain sidecar
-never imports this module.
+The upstream side is :mod:`sidecar.egress_pool` (httptools parses what upstreams send; the
+reasons it is not httpx are written there, with the figures).
 """
 
 from __future__ import annotations
 
 import asyncio
-import http.cookiejar
 import logging
 import re
-import ssl
-import sys
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 
-# httpx's command line (httpx._main) imports rich, click and pygments when they happen to be
-# installed: ~6 MiB per pod for code the sidecar never runs. httpx falls back to a stub.
-sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
+from cp_token.http.edge import absolute_form
 
-import httpx  # noqa: E402
-
-from cp_token.http.edge import absolute_form  # noqa: E402
-
-from .app import refusal  # noqa: E402
-from .asgi import Receive, Scope, Send  # noqa: E402
-from .bearer import HeldBearer, NoToken  # noqa: E402
-from .sealed import ProxyMetrics, send_json  # noqa: E402
+from .app import refusal
+from .asgi import Receive, Scope, Send
+from .bearer import HeldBearer, NoToken
+from .egress_pool import Origin, UpstreamError, UpstreamPool, UpstreamResponse, split_base
+from .sealed import ProxyMetrics, send_json
 
 __all__ = [
     "BUFFERED_BODY",
@@ -58,15 +49,11 @@ __all__ = [
     "Upstream",
     "request_headers",
     "response_headers",
-    "upstream_client",
 ]
 
 log = logging.getLogger("sidecar.egress")
 
 BUFFERED_BODY = 64 * 1024  # a body up to this size is read first, and a 401 repeats the call
-MAX_CONNECTIONS = 256  # towards all upstreams together; a call beyond waits (within timeout)
-MAX_KEEPALIVE = 32
-KEEPALIVE_EXPIRY = 30.0
 # A response without a length (a stream) is watched for the caller going away; one with a
 # length above this too, so that a dropped download stops reading from the upstream.
 WATCH_ABOVE = 1024 * 1024
@@ -91,15 +78,22 @@ _REQUEST_DROPPED = HOP_BY_HOP | {
 }
 _RESPONSE_DROPPED = HOP_BY_HOP | {b"date"}
 _SEPARATORS = re.compile(r"[/\\]")
-_NO_STORE = [(b"cache-control", b"no-store")]
 
 
 @dataclass(frozen=True)
 class Upstream:
-    """A configured upstream: ``name`` and its base URL (no trailing slash)."""
+    """A configured upstream: its ``name``, ``origin`` and base ``path`` (no trailing
+    slash, percent-encoded)."""
 
     name: str
-    base: str
+    origin: Origin
+    path: bytes
+
+    @classmethod
+    def from_url(cls, name: str, url: str) -> Upstream:
+        """From a base URL the settings validated (``https://host[:port][/base]``)."""
+        origin, path = split_base(url)
+        return cls(name, origin, urllib.parse.quote(path, safe="/%:@!$&'()*+,;=~").encode())
 
 
 def _connection_named(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
@@ -112,15 +106,14 @@ def _connection_named(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
 
 
 def request_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """The caller's headers as the upstream gets them (without the bearer, added after)."""
+    """The caller's headers as the upstream gets them (without the bearer, added after).
+    ASGI gives header names in lower case."""
     headers = list(headers)
     named = _connection_named(headers)
     return [
         (name, value)
         for name, value in headers
-        if (low := name.lower()) not in _REQUEST_DROPPED
-        and low not in named
-        and not low.startswith(b"proxy-")
+        if name not in _REQUEST_DROPPED and name not in named and not name.startswith(b"proxy-")
     ]
 
 
@@ -142,27 +135,6 @@ def response_headers(
     ]
 
 
-def upstream_client(ca_file: str | None, timeout: float) -> httpx.AsyncClient:
-    """The pooled client towards every upstream: TLS verified against ``ca_file`` (or the
-    system roots), no proxy variables (the token never travels through a proxy), no
-    redirects followed, no cookies kept (each caller keeps its own)."""
-    context = ssl.create_default_context(cafile=ca_file)
-    no_cookies = http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
-    return httpx.AsyncClient(
-        verify=context,
-        trust_env=False,
-        follow_redirects=False,
-        cookies=no_cookies,
-        limits=httpx.Limits(
-            max_connections=MAX_CONNECTIONS,
-            max_keepalive_connections=MAX_KEEPALIVE,
-            keepalive_expiry=KEEPALIVE_EXPIRY,
-        ),
-        # the head's deadline is the caller's (EgressApp); bodies are not timed
-        timeout=httpx.Timeout(connect=timeout, read=None, write=None, pool=timeout),
-    )
-
-
 class _Refused(Exception):
     """The request names no upstream, or a path that may not be forwarded."""
 
@@ -174,7 +146,7 @@ class _Refused(Exception):
 
 
 class CallerGone(Exception):
-    """The caller went away while its request body was being forwarded."""
+    """The caller went away while its request body was being read or forwarded."""
 
 
 class _Body:
@@ -209,7 +181,7 @@ class EgressApp:
         upstreams: Iterable[Upstream],
         bearer: HeldBearer,
         metrics: ProxyMetrics,
-        client: httpx.AsyncClient,
+        pool: UpstreamPool,
         *,
         timeout: float,
         prefix: str = "/upstream/",
@@ -217,13 +189,13 @@ class EgressApp:
         self._upstreams: Mapping[str, Upstream] = {u.name: u for u in upstreams}
         self._bearer = bearer
         self._metrics = metrics
-        self._client = client
+        self._pool = pool
         self._timeout = timeout
         self._prefix = prefix.encode()
 
     async def aclose(self) -> None:
         """Close the pooled connections."""
-        await self._client.aclose()
+        await self._pool.aclose()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """ASGI entry point (``/upstream/...``)."""
@@ -232,7 +204,7 @@ class EgressApp:
             await send_json(send, 403, "access_denied", reason)
             return
         try:
-            upstream, url = self._target(scope)
+            upstream, target = self._target(scope)
         except _Refused as exc:
             await send_json(send, exc.status, exc.error, exc.description)
             return
@@ -245,7 +217,7 @@ class EgressApp:
             return
         started = time.monotonic()
         try:
-            status = await self._forward(scope, receive, send, upstream, url, token)
+            status = await self._forward(scope, receive, send, upstream, target, token)
         except CallerGone:
             return
         if log.isEnabledFor(logging.DEBUG):  # never the path, the query or a body
@@ -257,8 +229,8 @@ class EgressApp:
             }
             log.debug("proxied", extra={"fields": fields})
 
-    def _target(self, scope: Scope) -> tuple[Upstream, str]:
-        """(upstream, URL) for the request; raises :class:`_Refused`."""
+    def _target(self, scope: Scope) -> tuple[Upstream, bytes]:
+        """(upstream, request target) for the request; raises :class:`_Refused`."""
         raw: bytes = scope.get("raw_path") or scope["path"].encode()
         raw = raw.partition(b"?")[0]  # some servers leave the query on it; it is never path
         if not raw.startswith(self._prefix):
@@ -270,58 +242,67 @@ class EgressApp:
             raise _Refused(
                 404, "unknown_upstream", f"no upstream of that name (configured: {known})"
             )
-        path = (slash + rest).decode("latin-1")
-        segments = _SEPARATORS.split(urllib.parse.unquote(path))
+        path = slash + rest
+        segments = _SEPARATORS.split(urllib.parse.unquote(path.decode("latin-1")))
         if "." in segments or ".." in segments:
             raise _Refused(
                 400, "invalid_request", "dot segments (. and ..) are refused in the path"
             )
+        target = upstream.path + path
         query: bytes = scope["query_string"]
-        url = upstream.base + path + ("?" + query.decode("latin-1") if query else "")
-        return upstream, url
+        if query:
+            target += b"?" + query
+        if not target.startswith(b"/"):
+            target = b"/" + target
+        if any(c <= 0x20 or c == 0x7F for c in target):
+            raise _Refused(400, "invalid_request", "the path or query has a space or control byte")
+        return upstream, target
 
     async def _forward(
-        self, scope: Scope, receive: Receive, send: Send, upstream: Upstream, url: str, token: str
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        upstream: Upstream,
+        target: bytes,
+        token: str,
     ) -> int:
         """Forward the call (once more with a fresh token after a 401 when its body allows),
         relay the answer; returns the status the caller got."""
         method: str = scope["method"]
         headers = request_headers(scope["headers"])
         body = await _Body.read(receive)
-        response = await self._send_or_answer(method, url, headers, body, receive, send, token)
+        response = await self._send(method, upstream, target, headers, body, receive, send, token)
         if response is None:
-            return self._count(upstream, 502)
-        if response.status_code == 401:
+            return 502
+        if response.status == 401:
             fresh = await self._bearer.after_rejection(token)
             if fresh is not None and body.complete:
-                await response.aclose()
+                response.close()
                 token = fresh
-                response = await self._send_or_answer(
-                    method, url, headers, body, receive, send, token
+                response = await self._send(
+                    method, upstream, target, headers, body, receive, send, token
                 )
                 if response is None:
-                    return self._count(upstream, 502)
-        self._count(upstream, response.status_code)
+                    return 502
+        self._metrics.http(upstream.name, response.status)
         await self._relay(response, receive, send, token)
-        return response.status_code
+        return response.status
 
-    def _count(self, upstream: Upstream, status: int) -> int:
-        self._metrics.http(upstream.name, status)
-        return status
-
-    async def _send_or_answer(
+    async def _send(
         self,
         method: str,
-        url: str,
+        upstream: Upstream,
+        target: bytes,
         headers: list[tuple[bytes, bytes]],
         body: _Body,
         receive: Receive,
         send: Send,
         token: str,
-    ) -> httpx.Response | None:
+    ) -> UpstreamResponse | None:
         """The upstream's response (head received, body not read), or None after answering
-        502/504 to the caller."""
-        auth = [*headers, (b"authorization", f"Bearer {token}".encode())]
+        502/504 to the caller (and counting it)."""
+        auth = [*headers, (b"authorization", b"Bearer " + token.encode())]
         try:
             async with asyncio.timeout(self._timeout) as deadline:
                 content = (
@@ -329,24 +310,27 @@ class EgressApp:
                     if body.complete
                     else self._stream(body.chunks, receive, deadline)
                 )
-                request = httpx.Request(method, url, headers=auth, content=content)
-                return await self._client.send(request, stream=True)
+                return await self._pool.request(upstream.origin, method, target, auth, content)
         except CallerGone:
             raise
-        except (TimeoutError, httpx.TimeoutException):
+        except TimeoutError:
+            self._metrics.http(upstream.name, 504)
             await send_json(
                 send,
                 504,
                 "upstream_timeout",
                 f"the upstream did not answer within {self._timeout:g} s",
             )
-            return None
-        except (httpx.HTTPError, OSError, ssl.SSLError) as exc:
-            log.warning("upstream unreachable", extra={"fields": {"error": type(exc).__name__}})
-            await send_json(
-                send, 502, "upstream_unreachable", f"the upstream cannot be reached ({_why(exc)})"
+        except UpstreamError as exc:
+            self._metrics.http(upstream.name, 502)
+            log.warning(
+                "upstream unreachable",
+                extra={"fields": {"upstream": upstream.name, "error": str(exc)}},
             )
-            return None
+            await send_json(
+                send, 502, "upstream_unreachable", f"the upstream cannot be reached: {exc}"
+            )
+        return None
 
     async def _stream(
         self, head: list[bytes], receive: Receive, deadline: asyncio.Timeout
@@ -369,15 +353,15 @@ class EgressApp:
                 return
 
     async def _relay(
-        self, response: httpx.Response, receive: Receive, send: Send, token: str
+        self, response: UpstreamResponse, receive: Receive, send: Send, token: str
     ) -> None:
         """The upstream's answer to the caller as it arrives; stopped when the caller goes."""
-        headers = response_headers(response.headers.raw, token)
-        length = response.headers.get("content-length")
+        headers = response_headers(response.headers, token)
+        length = next((v for n, v in response.headers if n.lower() == b"content-length"), None)
         watch = length is None or not length.isdigit() or int(length) > WATCH_ABOVE
         try:
             await send(
-                {"type": "http.response.start", "status": response.status_code, "headers": headers}
+                {"type": "http.response.start", "status": response.status, "headers": headers}
             )
             if not watch:
                 await self._pump(response, send)
@@ -392,19 +376,17 @@ class EgressApp:
                 await asyncio.gather(pump, gone, return_exceptions=True)
             if pump.done() and not pump.cancelled():
                 pump.result()
-        except (httpx.HTTPError, OSError) as exc:
+        except UpstreamError as exc:
             # The answer broke off: the caller's connection is closed unfinished, so the
             # truncation shows (no final chunk) instead of passing for a whole body.
-            log.warning(
-                "upstream answer broke off", extra={"fields": {"error": type(exc).__name__}}
-            )
+            log.warning("upstream answer broke off", extra={"fields": {"error": str(exc)}})
         finally:
-            await response.aclose()
+            response.close()
 
-    async def _pump(self, response: httpx.Response, send: Send) -> None:
-        async for chunk in response.aiter_raw():
-            if chunk:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    @staticmethod
+    async def _pump(response: UpstreamResponse, send: Send) -> None:
+        async for chunk in response.body():
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
@@ -412,11 +394,3 @@ async def _disconnect(receive: Receive) -> None:
     """Returns once the caller has gone."""
     while (await receive())["type"] != "http.disconnect":
         pass
-
-
-def _why(exc: BaseException) -> str:
-    """A short reason for a failed upstream call (its type, and the cause's for a wrapper)."""
-    cause = exc.__cause__ or exc.__context__
-    if isinstance(exc, httpx.HTTPError) and cause is not None:
-        return f"{type(exc).__name__}: {type(cause).__name__}"
-    return type(exc).__name__

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import ssl
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -171,13 +172,14 @@ async def sealed_parts(
     metrics.extra.append(proxy_metrics.lines)
     bearer = HeldBearer(refresher, settings.min_ttl)
     if settings.upstreams:
-        from .egress import EgressApp, Upstream, upstream_client
+        from .egress import EgressApp, Upstream
+        from .egress_pool import UpstreamPool
 
         egress = EgressApp(
-            [Upstream(name, base) for name, base in settings.upstreams],
+            [Upstream.from_url(name, base) for name, base in settings.upstreams],
             bearer,
             proxy_metrics,
-            upstream_client(settings.upstream_ca_file, settings.upstream_timeout),
+            UpstreamPool(ssl.create_default_context(cafile=settings.upstream_ca_file)),
             timeout=settings.upstream_timeout,
             prefix=UPSTREAM_PREFIX,
         )

@@ -186,9 +186,10 @@ def pod(
         assert started.proc.stop() == 0
         log = started.proc.output()
         assert "Traceback" not in log, log[-3000:]
-        print("\nsealed sidecar log, error lines:", [
-            line for line in log.splitlines() if '"level": "error"' in line or "ERROR" in line
-        ])
+        print(
+            "\nsealed sidecar log, error lines:",
+            [line for line in log.splitlines() if '"level": "error"' in line or "ERROR" in line],
+        )
 
 
 def issued_secrets(cp: FakeCP) -> list[str]:

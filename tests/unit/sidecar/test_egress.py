@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 import urllib.parse
+from collections.abc import AsyncIterable, AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -21,6 +22,7 @@ import pytest
 from sidecar.app import create_app
 from sidecar.bearer import HeldBearer
 from sidecar.egress import BUFFERED_BODY, EgressApp, Upstream, request_headers, response_headers
+from sidecar.egress_pool import Origin, UpstreamError
 from sidecar.sealed import ProxyMetrics, sealed_token_endpoint, status_class
 from tests.fakes.client import Script, ok, unavailable
 from tests.fakes.sidecar_rig import HEADER, Rig
@@ -87,9 +89,9 @@ def test_status_classes(status: int, cls: str) -> None:
     assert status_class(status) == cls
 
 
-def test_the_plain_sidecar_loads_neither_httpx_nor_grpc() -> None:
+def test_the_sidecar_loads_neither_httpx_nor_grpc_without_a_grpc_upstream() -> None:
     code = (
-        "import sys, sidecar.cli, sidecar.sealed, sidecar.app\n"
+        "import sys, sidecar.cli, sidecar.sealed, sidecar.app, sidecar.egress\n"
         "print(sorted(m for m in ('httpx', 'grpc', 'httpcore') if m in sys.modules))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -131,12 +133,55 @@ class Upstream401:
                 200, headers={"X-Echo": request.headers.get("authorization", "")}, content=b"e"
             )
         if path.endswith("/down"):
-            raise httpx.ConnectError("connection refused")
+            raise UpstreamError("cannot connect (Connection refused)")
         return answer(
             200,
             headers={"X-Upstream": "yes", "Set-Cookie": "a=1"},
             json={"path": path, "query": request.url.query.decode(), "size": len(body)},
         )
+
+
+class FakeResponse:
+    """What :class:`UpstreamPool` hands back, from a whole answer."""
+
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], content: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self._content = content
+        self.closed = False
+
+    async def body(self) -> AsyncIterator[bytes]:
+        if self._content:
+            yield self._content
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakePool:
+    """The egress's pool, answering through ``handler`` (an httpx-style recording upstream)."""
+
+    def __init__(self, handler: Upstream401) -> None:
+        self.handler = handler
+
+    async def request(
+        self,
+        origin: Origin,
+        method: str,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes | AsyncIterable[bytes],
+    ) -> FakeResponse:
+        content = body if isinstance(body, bytes) else b"".join([c async for c in body])
+        url = f"{origin.scheme}://{origin.host_header.decode()}{target.decode()}"
+        request = httpx.Request(
+            method, url, headers=[(b"host", origin.host_header), *headers], content=content
+        )
+        response = await self.handler(request)
+        return FakeResponse(response.status_code, response.headers.raw, await response.aread())
+
+    async def aclose(self) -> None:
+        pass
 
 
 class SealedRig(Rig):
@@ -149,10 +194,10 @@ class SealedRig(Rig):
         self.rig_metrics = self.metrics
         self.metrics.extra.append(self.proxy_metrics.lines)
         egress = EgressApp(
-            [Upstream("api", BASE)],
+            [Upstream.from_url("api", BASE)],
             HeldBearer(self.refresher, 60),
             self.proxy_metrics,
-            httpx.AsyncClient(transport=httpx.MockTransport(self.upstream)),
+            FakePool(self.upstream),  # type: ignore[arg-type]
             timeout=5,
         )
         self.app = create_app(
@@ -320,7 +365,7 @@ async def test_an_unreachable_upstream_is_502(tmp_path: Path) -> None:
     response = await rig.call("GET", "/upstream/api/down")
     assert response.status_code == 502
     assert response.json()["error"] == "upstream_unreachable"
-    assert "ConnectError" in response.json()["error_description"]
+    assert "cannot connect" in response.json()["error_description"]
 
 
 # --- a 401 from the upstream -----------------------------------------------------------------

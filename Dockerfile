@@ -15,11 +15,12 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY cp_token ./cp_token
 COPY sidecar ./sidecar
-# The image serves (`serve`, `dev`, `inject`, the sidecar): the `server` extra. A runner that
-# only needs the client library installs plain `cp-token` (httpx alone) instead.
+# The image serves (`serve`, `dev`, `inject`, the sidecar): the `server` extra, and `grpc` for
+# the sealed sidecar's gRPC listener (SIDECAR_GRPC_UPSTREAM; grpcio is imported only then). A
+# runner that only needs the client library installs plain `cp-token` (httpx alone) instead.
 # The runtime needs neither pip nor setuptools: less to patch, less to abuse.
 RUN /opt/venv/bin/pip wheel --no-deps --wheel-dir /dist . \
- && /opt/venv/bin/pip install "$(echo /dist/*.whl)[server]" \
+ && /opt/venv/bin/pip install "$(echo /dist/*.whl)[server,grpc]" \
  && /opt/venv/bin/pip uninstall --yes pip setuptools
 
 # ---- runtime: the interpreter and /opt/venv, nothing else (no compilers, no pip) ----

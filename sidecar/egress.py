@@ -77,6 +77,7 @@ _REQUEST_DROPPED = HOP_BY_HOP | {
     b"ambient-token-request",
 }
 _RESPONSE_DROPPED = HOP_BY_HOP | {b"date"}
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # no header value may carry one
 _SEPARATORS = re.compile(r"[/\\]")
 
 
@@ -120,8 +121,9 @@ def request_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes,
 def response_headers(
     headers: Iterable[tuple[bytes, bytes]], token: str
 ) -> list[tuple[bytes, bytes]]:
-    """The upstream's headers as the caller gets them: no hop-by-hop header, and none whose
-    value holds ``token``."""
+    """The upstream's headers as the caller gets them: no hop-by-hop header, none whose
+    value holds ``token``, none with a control character (the sidecar's server would refuse
+    to write it)."""
     headers = list(headers)
     named = _connection_named(headers)
     secret = token.encode()
@@ -132,6 +134,7 @@ def response_headers(
         and low not in named
         and not low.startswith(b"proxy-")
         and secret not in value
+        and not _CONTROL.search(value)
     ]
 
 
@@ -310,7 +313,11 @@ class EgressApp:
                     if body.complete
                     else self._stream(body.chunks, receive, deadline)
                 )
-                return await self._pool.request(upstream.origin, method, target, auth, content)
+                response = await self._pool.request(upstream.origin, method, target, auth, content)
+            if 200 <= response.status <= 599:
+                return response
+            response.close()
+            raise UpstreamError(f"the upstream answered status {response.status}")
         except CallerGone:
             raise
         except TimeoutError:

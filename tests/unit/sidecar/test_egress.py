@@ -74,6 +74,7 @@ def test_response_headers_drop_hop_by_hop_and_anything_holding_the_token() -> No
         (b"Set-Cookie", b"a=1"),
         (b"Location", b"https://elsewhere.example/"),
         (b"X-Echo", b"you sent Bearer tok-123"),
+        (b"X-Bell", b"ding\x07"),
     ]
     assert response_headers(got, "tok-123") == [
         (b"content-type", b"text/plain"),
@@ -132,6 +133,8 @@ class Upstream401:
             return answer(
                 200, headers={"X-Echo": request.headers.get("authorization", "")}, content=b"e"
             )
+        if path.endswith("/weird"):
+            return answer(999, content=b"?")
         if path.endswith("/down"):
             raise UpstreamError("cannot connect (Connection refused)")
         return answer(
@@ -358,6 +361,12 @@ async def test_no_token_is_503_with_retry_after(tmp_path: Path) -> None:
     assert response.json()["error"] == "temporarily_unavailable"
     assert int(response.headers["retry-after"]) >= 1
     assert rig.upstream.requests == []
+
+
+async def test_a_status_the_server_cannot_write_is_502(tmp_path: Path) -> None:
+    rig = SealedRig(Script(ok("t1")), tmp_path)
+    response = await rig.call("GET", "/upstream/api/weird")
+    assert response.status_code == 502 and "999" in response.json()["error_description"]
 
 
 async def test_an_unreachable_upstream_is_502(tmp_path: Path) -> None:

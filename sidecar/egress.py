@@ -393,7 +393,10 @@ class EgressApp:
     @staticmethod
     async def _pump(response: UpstreamResponse, send: Send) -> None:
         async for chunk in response.body():
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            last = response.finished  # the body's end is here already: say so with it
+            await send({"type": "http.response.body", "body": chunk, "more_body": not last})
+            if last:
+                return
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 

@@ -282,6 +282,12 @@ class UpstreamResponse:
         self.status: int = conn.status
         self.headers = conn.headers
 
+    @property
+    def finished(self) -> bool:
+        """True once the whole body has arrived and been read."""
+        conn = self._conn
+        return conn is None or (conn.complete and not conn.chunks)
+
     async def body(self) -> AsyncIterator[bytes]:
         """The body's pieces as they arrive (raises :class:`UpstreamError` when the upstream
         breaks it off)."""

@@ -152,9 +152,11 @@ class FakeResponse:
         self.headers = headers
         self._content = content
         self.closed = False
+        self.finished = False
 
     async def body(self) -> AsyncIterator[bytes]:
         if self._content:
+            self.finished = True
             yield self._content
 
     def close(self) -> None:

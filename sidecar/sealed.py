@@ -1,10 +1,11 @@
-"""Sealed mode's parts that need neither httpx nor grpcio, and the wiring that loads them.
+"""Sealed mode's light parts (no upstream client, no grpcio), and the wiring that loads the
+rest.
 
 - ``/token`` refused (``403 {"error": "sealed", ...}``) when the sidecar is sealed;
 - :class:`ProxyMetrics`: proxied calls by protocol, upstream and status class;
 - :func:`sealed_parts`: what the sidecar serves besides ``/token`` and the probes. The HTTP
-  egress (:mod:`sidecar.egress`, httpx) is imported only when ``SIDECAR_UPSTREAMS`` is set
-  and the gRPC listener (:mod:`sidecar.grpc_proxy`, grpcio) only when
+  egress (:mod:`sidecar.egress` and its pool) is imported only when ``SIDECAR_UPSTREAMS`` is set
+  and the gRPC listener (:mod:`sidecar.grpc_proxy`, grpcio: ~17 MiB) only when
   ``SIDECAR_GRPC_UPSTREAM`` is: a plain sidecar loads neither (memory, one per pod).
 """
 

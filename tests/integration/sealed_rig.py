@@ -70,6 +70,9 @@ class RecordingUpstream:
     def __init__(self) -> None:
         self.seen: list[Seen] = []
         self.revoked: set[str] = set()
+        # answers to revoked tokens wait until this many have arrived (concurrent 401s)
+        self.hold_revoked = 0
+        self._revoked_seen = 0
         self.sse_sent: list[float] = []
         self.sse_events = 5
         self.sse_interval = 0.2
@@ -100,8 +103,18 @@ class RecordingUpstream:
             self.seen.append(seen)
         return seen
 
-    def refused(self, seen: Seen) -> Response | None:
+    def hold_revoked_answers(self, count: int) -> None:
+        """From now on, answers to revoked tokens wait until ``count`` of them arrived."""
+        with self._lock:
+            self.hold_revoked, self._revoked_seen = count, 0
+
+    async def refused(self, seen: Seen) -> Response | None:
         tokens = [a.removeprefix("Bearer ") for a in seen.all("authorization")]
+        if len(tokens) == 1 and tokens[0] in self.revoked:
+            with self._lock:
+                self._revoked_seen += 1
+            self.server.notify()
+            await self.server.wait_until(lambda: self._revoked_seen >= self.hold_revoked, 10)
         if len(tokens) != 1 or tokens[0] in self.revoked:
             return JSONResponse({"error": "invalid_token"}, status_code=401)
         return None
@@ -109,7 +122,7 @@ class RecordingUpstream:
     async def _echo(self, request: Request) -> Response:
         body = await request.body()
         seen = self._record(request, len(body), hashlib.sha256(body).hexdigest())
-        refused = self.refused(seen)
+        refused = await self.refused(seen)
         if refused is not None:
             return refused
         # what the caller may see of its request: never the authorization header
@@ -121,7 +134,7 @@ class RecordingUpstream:
 
     async def _sse(self, request: Request) -> Response:
         seen = self._record(request)
-        refused = self.refused(seen)
+        refused = await self.refused(seen)
         if refused is not None:
             return refused
         self.sse_sent = []
@@ -142,7 +155,7 @@ class RecordingUpstream:
             digest.update(chunk)
             size += len(chunk)
         seen = self._record(request, size, digest.hexdigest())
-        refused = self.refused(seen)
+        refused = await self.refused(seen)
         if refused is not None:
             return refused
         return JSONResponse({"size": size, "sha256": seen.sha256})

@@ -303,7 +303,10 @@ def test_server_sent_events_arrive_as_they_are_sent(pod: Pod) -> None:
     sent = pod.api.sse_sent
     assert len(arrived) == len(sent) == 5
     lags = [a - s for a, s in zip(arrived, sent, strict=True)]
-    assert max(lags) < 0.15, lags  # each event as it is sent, not at the end (0.8 s later)
+    # each event as it is sent (buffered to the end, the first would lag 0.8 s); the bound
+    # leaves room for a loaded machine
+    assert max(lags) < 0.4, lags
+    assert arrived[-1] - arrived[0] > 0.6, "the events arrived spread out, as sent"
     ca = ssl.create_default_context(cafile=str(pod.tmp / "upstream-ca.pem"))
     with httpx.Client(verify=ca, trust_env=False) as direct:
         direct.headers["Authorization"] = f"Bearer {next(iter(pod.cp.issued))}"
@@ -450,6 +453,7 @@ def test_a_401_leads_to_one_shared_refresh_and_one_repeat(
             # the 5 s window is the sidecar's real clock: wait it out once
             time.sleep(max(0.0, fetched_at + 5.3 - time.monotonic()))
             before, calls = len(api.seen), cp.calls
+            api.hold_revoked_answers(6)  # the six 401s are answered together
             results: list[int] = []
 
             def one(i: int) -> None:
@@ -470,6 +474,7 @@ def test_a_401_leads_to_one_shared_refresh_and_one_repeat(
             ), "each call once with the revoked token, repeated once with the fresh one"
         finally:
             api.revoked.clear()
+            api.hold_revoked_answers(0)
             pod.close()
             pod.proc.stop()
 

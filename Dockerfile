@@ -12,8 +12,9 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/venv
 WORKDIR /src
-# The image serves (`serve`, `dev`, `inject`, the sidecar): the `server` extra, installed
-# from requirements.lock, where every distribution is pinned with its hashes (`make lock`
+# The image serves (`serve`, `dev`, `inject`, the sidecar): the `server` extra and `grpc`
+# (the sealed sidecar's gRPC listener, SIDECAR_GRPC_UPSTREAM; grpcio is imported only then),
+# installed from requirements.lock, where every distribution is pinned with its hashes (`make lock`
 # regenerates it): two builds of one version install the same packages, and a tampered
 # download fails the build. A runner that only needs the client library installs plain
 # `cp-token` (httpx alone) instead.

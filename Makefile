@@ -81,14 +81,14 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_inject.py
 	$(BIN)/python bench/bench_hostile.py
 
-# requirements.lock: every distribution the `server` extra needs, pinned with the hashes of
+# requirements.lock: every distribution the `server` and `grpc` extras need, pinned with the hashes of
 # all its files on PyPI (the Dockerfile installs it with --require-hashes). Keeps existing
 # pins; `make lock LOCK_ARGS=--upgrade` moves everything to the newest allowed versions.
 # pip-tools lives in its own venv: it is a tool of this target, not a dependency.
 lock:
 	@test -x $(LOCK_VENV)/bin/pip-compile || ($(PYTHON) -m venv $(LOCK_VENV) \
 	  && $(LOCK_VENV)/bin/python -m pip install -q pip-tools) >&2
-	$(LOCK_VENV)/bin/pip-compile --quiet --extra server --generate-hashes --allow-unsafe \
+	$(LOCK_VENV)/bin/pip-compile --quiet --extra server --extra grpc --generate-hashes --allow-unsafe \
 	  --strip-extras --no-emit-index-url --no-emit-find-links $(LOCK_ARGS) \
 	  --output-file requirements.lock pyproject.toml
 

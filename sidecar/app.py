@@ -14,7 +14,7 @@ import logging
 import math
 import re
 import urllib.parse
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from cp_token.client import FetchedToken
@@ -22,7 +22,7 @@ from cp_token.http.edge import absolute_form
 from cp_token.http.serving import background
 from cp_token.settings.common import is_loopback_host
 
-from .asgi import TEXT, ASGIApp, Receive, Router, Scope, Send, plain_endpoint
+from .asgi import TEXT, ASGIApp, Lifespan, Receive, Router, Scope, Send, plain_endpoint
 from .holder import TokenHolder
 from .metrics import CONTENT_TYPE, SidecarMetrics
 from .refresher import Refresher
@@ -225,9 +225,16 @@ def create_app(
     metrics: SidecarMetrics,
     min_ttl: float,
     on_fatal: Callable[[BaseException], None] | None = None,
+    token_route: ASGIApp | None = None,
+    prefixes: Mapping[str, ASGIApp] | None = None,
+    contexts: Sequence[Lifespan] = (),
 ) -> Router:
     """The sidecar's main app. Its lifespan runs the refresh loop; should the loop die,
-    ``on_fatal`` is called (the CLI stops the process with a non-zero exit)."""
+    ``on_fatal`` is called (the CLI stops the process with a non-zero exit).
+
+    Sealed mode (:func:`sidecar.sealed.sealed_parts`) passes ``token_route`` (``/token``
+    refused), ``prefixes`` (the egress routes) and ``contexts`` entered for the lifespan
+    (the upstream pool, the gRPC listener)."""
 
     def loop_died(name: str, exc: BaseException) -> None:
         if on_fatal is not None:
@@ -236,16 +243,21 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan() -> AsyncIterator[None]:
         try:
-            async with background({"sidecar-refresh": refresher.run()}, loop_died):
+            async with (
+                background({"sidecar-refresh": refresher.run()}, loop_died),
+                contextlib.AsyncExitStack() as stack,
+            ):
+                for context in contexts:
+                    await stack.enter_async_context(context())
                 yield
         finally:
             await refresher.source.aclose()
 
     routes: dict[str, ASGIApp] = {
-        "/token": TokenEndpoint(refresher, metrics, min_ttl),
+        "/token": token_route or TokenEndpoint(refresher, metrics, min_ttl),
         **probe_routes(refresher.holder, metrics),
     }
-    return Router(routes, lifespan=lifespan)
+    return Router(routes, lifespan=lifespan, prefixes=prefixes)
 
 
 def create_metrics_app(holder: TokenHolder, metrics: SidecarMetrics) -> Router:

@@ -77,11 +77,18 @@ def plain_endpoint(handler: Callable[[], tuple[int, bytes, bytes]]) -> ASGIApp:
 
 
 class Router:
-    """Dispatches HTTP requests by exact path; runs ``lifespan`` for the server's lifespan."""
+    """Dispatches HTTP requests by exact path, then by path prefix (``prefixes``, e.g. the
+    sealed sidecar's ``/upstream/``); runs ``lifespan`` for the server's lifespan."""
 
-    def __init__(self, routes: Mapping[str, ASGIApp], lifespan: Lifespan | None = None) -> None:
+    def __init__(
+        self,
+        routes: Mapping[str, ASGIApp],
+        lifespan: Lifespan | None = None,
+        prefixes: Mapping[str, ASGIApp] | None = None,
+    ) -> None:
         self._routes = dict(routes)
         self._lifespan = lifespan
+        self._prefixes = tuple((prefixes or {}).items())
 
     @contextlib.asynccontextmanager
     async def lifespan_context(self) -> AsyncIterator[None]:
@@ -96,7 +103,10 @@ class Router:
         """ASGI entry point."""
         kind = scope["type"]
         if kind == "http":
-            route = self._routes.get(scope["path"])
+            path: str = scope["path"]
+            route = self._routes.get(path)
+            if route is None:
+                route = next((app for p, app in self._prefixes if path.startswith(p)), None)
             if route is None:
                 await send_response(send, 404, b"Not Found")
                 return

@@ -25,6 +25,7 @@ from .app import create_app, create_metrics_app
 from .holder import HolderPolicy, TokenHolder
 from .metrics import SidecarMetrics
 from .refresher import Refresher
+from .sealed import sealed_parts
 from .sink import TokenFileSink
 from .upstream import UpstreamSource
 
@@ -63,6 +64,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = load_sidecar_settings()
+        if args.once and settings.sealed:
+            raise ConfigError(
+                "SIDECAR_SEALED", "--once writes a token file, which a sealed sidecar never does"
+            )
         if args.once and settings.token_file is None:
             raise ConfigError(
                 "SIDECAR_TOKEN_FILE", "required with --once (the file the runner reads)"
@@ -119,8 +124,25 @@ async def serve(settings: SidecarSettings, source: UpstreamSource) -> int:
         sink = TokenFileSink(settings.token_file, settings.token_file_mode)
     refresher = Refresher(source, holder, clock, metrics=metrics, sink=sink)
     group = ServerGroup()
+    try:  # sealed mode: /token refused, the egress routes, the gRPC listener (bound now)
+        sealed = await sealed_parts(settings, refresher, metrics)
+    except OSError as exc:  # a busy port, as for the listeners below: exit 1
+        addr = f"{settings.grpc_listen_host}:{settings.grpc_listen_port}"
+        print(f"{PROG}: SIDECAR_GRPC_LISTEN_ADDR: cannot listen on {addr} ({exc})", file=sys.stderr)
+        return 1
+    if settings.upstreams and not settings.sealed:
+        log.warning(
+            "SIDECAR_UPSTREAMS is set but SIDECAR_SEALED is not: the token is still served on "
+            "/token; set SIDECAR_SEALED=true to keep it in the sidecar"
+        )
     app = create_app(
-        refresher, metrics=metrics, min_ttl=settings.min_ttl, on_fatal=lambda exc: group.stop(1)
+        refresher,
+        metrics=metrics,
+        min_ttl=settings.min_ttl,
+        on_fatal=lambda exc: group.stop(1),
+        token_route=sealed.token_route,
+        prefixes=sealed.prefixes,
+        contexts=sealed.contexts,
     )
     probes = None
     if settings.metrics_host is not None and settings.metrics_port is not None:

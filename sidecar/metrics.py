@@ -8,14 +8,21 @@ path. No token or identity is ever a label; every label value here is a fixed wo
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import cp_token
 
 from .holder import State, TokenHolder
 
-__all__ = ["CONTENT_TYPE", "REQUEST_OUTCOMES", "Counter", "Histogram", "SidecarMetrics"]
+__all__ = [
+    "CONTENT_TYPE",
+    "REQUEST_OUTCOMES",
+    "Counter",
+    "Histogram",
+    "SidecarMetrics",
+    "counter_lines",
+]
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 REQUEST_OUTCOMES = ("ok", "refused", "bad_request", "rejected", "unavailable", "not_allowed")
@@ -62,6 +69,14 @@ def _counters(
         return f"{name}{_labels(pairs)} {format_value(counter.value)}"
 
     return _family(name, "counter", help_text, (sample(k, c) for k, c in children.items()))
+
+
+def counter_lines(
+    name: str, help_text: str, labels: Sequence[str], children: Mapping[Any, Counter]
+) -> Iterator[str]:
+    """A counter family (one sample per child, keyed by its label values), for the series
+    other parts of the sidecar add through :attr:`SidecarMetrics.extra`."""
+    return _counters(name, help_text, labels, children)
 
 
 class Counter:
@@ -119,6 +134,8 @@ class SidecarMetrics:
         self.fetches = {outcome: Counter() for outcome in FETCH_OUTCOMES}
         self.fetch_seconds = Histogram()
         self.file_writes = {o: Counter() for o in ("ok", "error", "removed")}
+        # More series, rendered after these (sealed mode's proxied calls)
+        self.extra: list[Callable[[], Iterable[str]]] = []
 
     def request(self, method: str, outcome: str) -> None:
         """Count one /token request."""
@@ -156,6 +173,8 @@ class SidecarMetrics:
         version = _labels([("version", cp_token.__version__)])
         yield from _family(name, "gauge", "Build information.", [f"{name}{version} 1.0"])
         yield from self._holder_lines()
+        for lines in self.extra:
+            yield from lines()
 
     def _holder_lines(self) -> Iterator[str]:
         """Read at scrape time: remaining lifetime, readiness, state, failures."""

@@ -4,6 +4,9 @@
     token = source.token()                 # cached; refreshed before it expires
     httpx.Client(auth=TokenAuth(source))   # bearer on every request, one retry on a 401
 
+    api = api_client("https://api.example")  # the same, and it works in a sealed pod too,
+    channel = grpc_channel("api.example:443")  # where no container but the sidecar holds a token
+
 Errors: :class:`TokenError` (base), :class:`TokenRejected` (401/403: not allowed, with the
 server's description) and :class:`TokenUnavailable` (transient failures outlasted the
 deadline).
@@ -18,6 +21,7 @@ from ._errors import TokenError, TokenRejected, TokenUnavailable
 from ._http import FetchedToken
 
 if TYPE_CHECKING:
+    from ._api import api_async_client, api_client, grpc_channel
     from ._auth import TokenAuth
     from ._grpc import grpc_channel_credentials, grpc_credentials
     from ._source import SourceOptions, TokenSource
@@ -28,6 +32,9 @@ _LAZY = {
     "SourceOptions": "._source",
     "TokenAuth": "._auth",
     "TokenSource": "._source",
+    "api_async_client": "._api",
+    "api_client": "._api",
+    "grpc_channel": "._api",
     "grpc_channel_credentials": "._grpc",
     "grpc_credentials": "._grpc",
 }
@@ -51,6 +58,9 @@ __all__ = [
     "TokenRejected",
     "TokenSource",
     "TokenUnavailable",
+    "api_async_client",
+    "api_client",
+    "grpc_channel",
     "grpc_channel_credentials",
     "grpc_credentials",
 ]

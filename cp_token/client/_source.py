@@ -60,6 +60,13 @@ EARLY_REFRESH_PAUSE = 5.0
 
 _bot_warned = False
 
+SEALED = (
+    "this pod is sealed (AMBIENT_API_URL or AMBIENT_GRPC_ADDR is set): its token never leaves "
+    "the sidecar, which adds it to the pod's API calls; call the API through "
+    "cp_token.client.api_client(), api_async_client() or grpc_channel() instead of "
+    "reading a token"
+)
+
 
 def _warn_bot_token_once() -> None:
     global _bot_warned
@@ -195,7 +202,8 @@ class TokenSource:
         ``AMBIENT_CP_TOKEN_URL`` (+ ``AMBIENT_SA_TOKEN_FILE``), then ``BOT_TOKEN``.
 
         The first variable that is set decides. Raises :class:`TokenError` for a bad or
-        missing configuration.
+        missing configuration, and in a sealed pod (``AMBIENT_API_URL`` or
+        ``AMBIENT_GRPC_ADDR`` set), where no container but the sidecar holds a token.
         """
         try:
             settings = load_client_settings(env)
@@ -208,6 +216,8 @@ class TokenSource:
         cls, settings: ClientSettings, **options: Unpack[SourceOptions]
     ) -> TokenSource:
         """Like :meth:`from_env`, from already loaded :class:`ClientSettings`."""
+        if settings.sealed:
+            raise TokenError(SEALED)
         common: dict[str, Any] = {"ca_file": settings.ca_file, "timeout": settings.timeout}
         if settings.sidecar_url:
             return cls(sidecar_url=settings.sidecar_url, **common, **options)

@@ -33,7 +33,7 @@ from cp_token.http.edge import (
     is_edge_protocol,
 )
 from cp_token.runtime.errors import ConfigError
-from cp_token.settings.common import (DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_CLIENT)
+from cp_token.settings.common import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_CLIENT
 
 if TYPE_CHECKING:  # the sidecar serves through this module and loads neither
     from starlette.types import ASGIApp

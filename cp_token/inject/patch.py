@@ -10,6 +10,13 @@ whole array, a present one grows with ``add .../-`` (or ``.../0`` for the sideca
 must come first), so the patch applies cleanly whatever the pod already holds, and it
 touches nothing outside what SPEC lists (the sidecar, three volumes, two env variables and
 one mount per selected container).
+
+A pod annotated ``ambient-code.io/token-sidecar-mode: sealed`` gets a sealed sidecar
+(SPEC "Sealed mode"): ``SIDECAR_SEALED=true`` and the injector's upstreams, no token file
+(no ``cp-token-file`` volume, no ``SIDECAR_TOKEN_FILE``, no mount in the app containers),
+and in the app containers ``AMBIENT_API_URL`` / ``AMBIENT_GRPC_ADDR`` instead of
+``AMBIENT_TOKEN_SIDECAR_URL`` / ``AMBIENT_TOKEN_FILE``. The projected ServiceAccount token
+is mounted in the sidecar only, in both modes.
 """
 
 from __future__ import annotations
@@ -20,13 +27,20 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from cp_token.settings.client import SA_TOKEN_DIR
-from cp_token.settings.common import CP_AUDIENCE
+from cp_token.settings.common import CP_AUDIENCE, is_loopback_host
 from cp_token.settings.inject import InjectSettings
-from cp_token.settings.sidecar import LISTEN_ADDR
+from cp_token.settings.sidecar import (
+    ALLOW_PLAINTEXT,
+    GRPC_LISTEN_ADDR,
+    LISTEN_ADDR,
+    UPSTREAM_PREFIX,
+)
 
 __all__ = [
     "CONTAINERS_ANNOTATION",
+    "MODE_ANNOTATION",
     "OPT_IN_LABEL",
+    "SEALED_MODE",
     "SIDECAR_NAME",
     "VOLUME_NAMES",
     "Decision",
@@ -39,6 +53,8 @@ __all__ = [
 
 OPT_IN_LABEL = "ambient-code.io/token-sidecar"
 CONTAINERS_ANNOTATION = "ambient-code.io/token-sidecar-containers"
+MODE_ANNOTATION = "ambient-code.io/token-sidecar-mode"
+SEALED_MODE = "sealed"
 SIDECAR_NAME = "cp-token-sidecar"
 
 SA_VOLUME = "cp-token-sa"
@@ -52,6 +68,7 @@ TOKEN_DIR = "/var/run/ambient"
 TOKEN_FILE = f"{TOKEN_DIR}/token"
 SIDECAR_ADDR = LISTEN_ADDR
 SIDECAR_URL = f"http://{SIDECAR_ADDR}/token"
+SIDECAR_UPSTREAM_URL = f"http://{SIDECAR_ADDR}{UPSTREAM_PREFIX}"  # + the first upstream's name
 METRICS_PORT = 9099
 CA_DIR = "/var/run/ambient-ca"
 CA_FILE = f"{CA_DIR}/ca.crt"  # the key the trust-manager Bundle writes
@@ -90,11 +107,6 @@ def pointer(*parts: str | int) -> str:
 # --------------------------------------------------------------------------- what is added
 
 
-def volume_names(settings: InjectSettings) -> tuple[str, ...]:
-    """The volumes the patch adds (the CA's only with ``CP_TOKEN_INJECT_CA_CONFIGMAP``)."""
-    return (*VOLUME_NAMES, CA_VOLUME) if settings.ca_configmap else VOLUME_NAMES
-
-
 def _trust_env(settings: InjectSettings) -> list[dict[str, Any]]:
     """The sidecar's CA file and plaintext permission, as the injector is configured."""
     env: list[dict[str, Any]] = []
@@ -105,9 +117,35 @@ def _trust_env(settings: InjectSettings) -> list[dict[str, Any]]:
     return env
 
 
-def sidecar_container(settings: InjectSettings) -> dict[str, Any]:
-    """The native sidecar: an init container with ``restartPolicy: Always``."""
+def _sealed_env(settings: InjectSettings) -> list[dict[str, Any]]:
+    """A sealed sidecar's variables: sealing and where the pod's API calls go."""
+    env: list[dict[str, Any]] = [{"name": "SIDECAR_SEALED", "value": "true"}]
+    if settings.upstreams:
+        value = ",".join(f"{name}={url}" for name, url in settings.upstreams)
+        env.append({"name": "SIDECAR_UPSTREAMS", "value": value})
+    if settings.grpc_upstream:
+        env.append({"name": "SIDECAR_GRPC_UPSTREAM", "value": settings.grpc_upstream})
+        env.append({"name": "SIDECAR_GRPC_LISTEN_ADDR", "value": GRPC_LISTEN_ADDR})
+    if not settings.allow_plaintext and any(_plaintext(url) for _, url in settings.upstreams):
+        # the injector was allowed it (its settings checked): so is the sidecar
+        env.append({"name": ALLOW_PLAINTEXT, "value": "true"})
+    return env
+
+
+def _plaintext(url: str) -> bool:
+    """An http:// URL whose host is not a loopback address."""
+    scheme, _, rest = url.partition("://")
+    host = rest.split("/", 1)[0].rsplit("@", 1)[-1]
+    host = host[1:].split("]", 1)[0] if host.startswith("[") else host.split(":", 1)[0]
+    return scheme.lower() == "http" and not is_loopback_host(host)
+
+
+def sidecar_container(settings: InjectSettings, *, sealed: bool = False) -> dict[str, Any]:
+    """The native sidecar: an init container with ``restartPolicy: Always``; ``sealed``: no
+    token file, the upstreams instead."""
     probe_port = METRICS_PORT
+    token_file = [] if sealed else [{"name": "SIDECAR_TOKEN_FILE", "value": TOKEN_FILE}]
+    file_mount = [] if sealed else [{"name": FILE_VOLUME, "mountPath": TOKEN_DIR}]
     ca_mount = [{"name": CA_VOLUME, "mountPath": CA_DIR, "readOnly": True}]
     return {
         "name": SIDECAR_NAME,
@@ -118,9 +156,10 @@ def sidecar_container(settings: InjectSettings) -> dict[str, Any]:
             {"name": "AMBIENT_CP_TOKEN_URL", "value": settings.cp_url},
             {"name": "SIDECAR_LISTEN_ADDR", "value": SIDECAR_ADDR},
             {"name": "AMBIENT_SA_TOKEN_FILE", "value": f"{SA_TOKEN_DIR}/{SA_TOKEN_PATH}"},
-            {"name": "SIDECAR_TOKEN_FILE", "value": TOKEN_FILE},
+            *token_file,
             {"name": "SIDECAR_METRICS_ADDR", "value": f"0.0.0.0:{METRICS_PORT}"},
             *_trust_env(settings),
+            *(_sealed_env(settings) if sealed else []),
         ],
         "ports": [{"name": "cpt-metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
         # The kubelet starts the app containers once this succeeds: once a token is held.
@@ -151,16 +190,24 @@ def sidecar_container(settings: InjectSettings) -> dict[str, Any]:
         },
         "volumeMounts": [
             {"name": SA_VOLUME, "mountPath": SA_TOKEN_DIR, "readOnly": True},
-            {"name": FILE_VOLUME, "mountPath": TOKEN_DIR},
+            *file_mount,
             {"name": TMP_VOLUME, "mountPath": "/tmp"},  # noqa: S108 (its own emptyDir)
             *(ca_mount if settings.ca_configmap else []),
         ],
     }
 
 
-def volumes(settings: InjectSettings) -> list[dict[str, Any]]:
-    """The projected SA token, the token file's emptyDir, the sidecar's /tmp, and with
-    ``CP_TOKEN_INJECT_CA_CONFIGMAP`` the CP's CA (a ConfigMap a trust-manager Bundle writes)."""
+def volume_names(settings: InjectSettings, *, sealed: bool = False) -> tuple[str, ...]:
+    """The names of the volumes the patch adds (the CA's only when configured; no token
+    file's when sealed)."""
+    names = tuple(n for n in VOLUME_NAMES if not (sealed and n == FILE_VOLUME))
+    return (*names, CA_VOLUME) if settings.ca_configmap else names
+
+
+def volumes(settings: InjectSettings, *, sealed: bool = False) -> list[dict[str, Any]]:
+    """The volumes: the projected SA token, the token file's emptyDir (not when sealed), the
+    sidecar's /tmp, and with CP_TOKEN_INJECT_CA_CONFIGMAP the CP's CA (the ConfigMap a
+    trust-manager Bundle writes into every managed namespace)."""
     ca = [
         {
             "name": CA_VOLUME,
@@ -186,7 +233,11 @@ def volumes(settings: InjectSettings) -> list[dict[str, Any]]:
             },
         },
         # An emptyDir, not a subPath: the sidecar replaces the file atomically (rename).
-        {"name": FILE_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
+        *(
+            []
+            if sealed
+            else [{"name": FILE_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}}]
+        ),
         {"name": TMP_VOLUME, "emptyDir": {"sizeLimit": "16Mi"}},
         *(ca if settings.ca_configmap else []),
     ]
@@ -197,6 +248,18 @@ APP_ENV = (
     {"name": "AMBIENT_TOKEN_FILE", "value": TOKEN_FILE},
 )
 APP_MOUNT = {"name": FILE_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True}
+
+
+def sealed_app_env(settings: InjectSettings) -> tuple[dict[str, str], ...]:
+    """A sealed pod's app containers: the sidecar's egress for the first upstream, and its
+    gRPC listener when a gRPC upstream is configured. No token, no file."""
+    env: list[dict[str, str]] = []
+    if settings.upstreams:
+        first = settings.upstreams[0][0]
+        env.append({"name": "AMBIENT_API_URL", "value": f"{SIDECAR_UPSTREAM_URL}{first}"})
+    if settings.grpc_upstream:
+        env.append({"name": "AMBIENT_GRPC_ADDR", "value": GRPC_LISTEN_ADDR})
+    return tuple(env)
 
 
 # --------------------------------------------------------------------------- reading the pod
@@ -256,15 +319,22 @@ def _mounts_token_dir(mounts: list[dict[str, Any]] | None) -> bool:
     return False
 
 
-def _container_ops(base: str, index: int, c: dict[str, Any]) -> list[Op]:
-    """Env (unless already set) and the read-only token mount (unless the dir is taken)."""
+def _container_ops(
+    base: str,
+    index: int,
+    c: dict[str, Any],
+    app_env: tuple[dict[str, str], ...] = APP_ENV,
+    mount: bool = True,
+) -> list[Op]:
+    """Env (unless already set) and the read-only token mount (unless the dir is taken, or
+    not ``mount``: a sealed pod's)."""
     where = f"{base}[{index}]"
     ops: list[Op] = []
     env = _list_at(c, "env", where)
     if env is not None:
         _named(env, f"{where}.env")
     have = set(_names(env))
-    missing = [dict(e) for e in APP_ENV if e["name"] not in have]
+    missing = [dict(e) for e in app_env if e["name"] not in have]
     path = pointer("spec", base, index)
     if missing:
         if env is None:
@@ -274,12 +344,34 @@ def _container_ops(base: str, index: int, c: dict[str, Any]) -> list[Op]:
     mounts = _list_at(c, "volumeMounts", where)
     if mounts is not None:
         _named(mounts, f"{where}.volumeMounts")
-    if not _mounts_token_dir(mounts):
+    if mount and not _mounts_token_dir(mounts):
         if mounts is None:
             ops.append({"op": "add", "path": path + "/volumeMounts", "value": [dict(APP_MOUNT)]})
         else:
             ops.append({"op": "add", "path": path + "/volumeMounts/-", "value": dict(APP_MOUNT)})
     return ops
+
+
+def _sealed(annotations: Any, settings: InjectSettings) -> bool:
+    """Whether the pod asks for a sealed sidecar; Refused for a mode we do not know (a typo
+    must not leave a pod unsealed) and for a sealed pod while no upstream is configured
+    (its app containers would have no way to call the API)."""
+    raw = annotations.get(MODE_ANNOTATION) if isinstance(annotations, dict) else None
+    mode = raw.strip() if isinstance(raw, str) else ""
+    if not mode:
+        return False
+    if mode != SEALED_MODE:
+        raise Refused(
+            f"unknown {MODE_ANNOTATION} {mode[:64]!r}: the one mode is {SEALED_MODE!r} "
+            "(remove the annotation for the default, where containers may read the token)"
+        )
+    if not settings.upstreams and not settings.grpc_upstream:
+        raise Refused(
+            f"{MODE_ANNOTATION}: {SEALED_MODE} needs the injector's CP_TOKEN_INJECT_UPSTREAMS or "
+            "CP_TOKEN_INJECT_GRPC_UPSTREAM, and neither is set: a sealed pod would have no way "
+            "to call the API; ask the platform's operator to configure them"
+        )
+    return True
 
 
 # --------------------------------------------------------------------------- the patch
@@ -301,26 +393,30 @@ def patch_for(pod: Mapping[str, Any], settings: InjectSettings) -> list[Op]:
     init_list = _named(inits or [], "spec.initContainers")
     vols = _list_at(spec, "volumes", "spec")
     taken = set(_names(_named(vols or [], "spec.volumes")))
-    for name in volume_names(settings):
+    annotations = metadata.get("annotations") if isinstance(metadata, dict) else None
+    sealed = _sealed(annotations, settings)
+    for name in volume_names(settings, sealed=sealed):
         if name in taken:
             raise Refused(
                 f"the pod already has a volume named {name!r}, which the token sidecar "
                 f"injector needs; rename that volume or drop the {OPT_IN_LABEL} label"
             )
 
-    selected = _selection(metadata.get("annotations") if isinstance(metadata, dict) else None)
+    selected = _selection(annotations)
+    app_env = sealed_app_env(settings) if sealed else APP_ENV
     ops: list[Op] = []
     # App containers first, at their indices in the pod as sent; the sidecar is inserted last.
     for base, items in (("containers", containers), ("initContainers", init_list)):
         for i, c in enumerate(items):
             chosen = c["name"] in selected if selected is not None else base == "containers"
             if chosen:
-                ops += _container_ops(base, i, c)
+                ops += _container_ops(base, i, c, app_env, mount=not sealed)
+    added = volumes(settings, sealed=sealed)
     if vols is None:
-        ops.append({"op": "add", "path": "/spec/volumes", "value": volumes(settings)})
+        ops.append({"op": "add", "path": "/spec/volumes", "value": added})
     else:
-        ops += [{"op": "add", "path": "/spec/volumes/-", "value": v} for v in volumes(settings)]
-    sidecar = sidecar_container(settings)
+        ops += [{"op": "add", "path": "/spec/volumes/-", "value": v} for v in added]
+    sidecar = sidecar_container(settings, sealed=sealed)
     if inits is None:
         ops.append({"op": "add", "path": "/spec/initContainers", "value": [sidecar]})
     else:

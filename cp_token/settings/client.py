@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .common import ALLOW_PLAINTEXT, CP_AUDIENCE, Env
+from .common import ALLOW_PLAINTEXT, CP_AUDIENCE, Env, parse_addr
 
 __all__ = [
     "DEFAULT_SA_TOKEN_FILE",
@@ -41,10 +41,21 @@ class ClientSettings:
     timeout: float = TIMEOUT
     # AMBIENT_CP_ALLOW_PLAINTEXT: an http:// AMBIENT_CP_TOKEN_URL to a non-loopback host
     allow_plaintext: bool = False
+    # A sealed pod (SPEC "Sealed mode"): no token here; API calls go through the sidecar
+    api_url: str | None = None
+    grpc_addr: str | None = None
+
+    @property
+    def sealed(self) -> bool:
+        """True in a sealed pod: ``AMBIENT_API_URL`` or ``AMBIENT_GRPC_ADDR`` is set."""
+        return bool(self.api_url or self.grpc_addr)
 
     @property
     def source(self) -> str:
-        """``sidecar``, ``direct``, ``bot`` or ``none``."""
+        """``sealed`` (no token to be had here), ``sidecar``, ``direct``, ``bot`` or
+        ``none``."""
+        if self.sealed:
+            return "sealed"
         if self.sidecar_url:
             return "sidecar"
         if self.cp_token_url:
@@ -75,4 +86,15 @@ def load_client_settings(env: Mapping[str, str] | None = None) -> ClientSettings
         bot_token=e.get("BOT_TOKEN"),
         allow_plaintext=allow,
         **upstream_fields(e),
+        api_url=e.url("AMBIENT_API_URL"),
+        grpc_addr=_grpc_addr(e),
     )
+
+
+def _grpc_addr(e: Env) -> str | None:
+    """``AMBIENT_GRPC_ADDR``: the sidecar's gRPC listener, ``host:port``."""
+    value = e.get("AMBIENT_GRPC_ADDR")
+    if value is None:
+        return None
+    host, port = parse_addr("AMBIENT_GRPC_ADDR", value)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

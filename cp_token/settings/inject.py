@@ -26,6 +26,7 @@ from .common import (
     check_readable,
 )
 from .cp import METRICS_PORT, max_per_client
+from .sidecar import Upstreams, parse_grpc_target, parse_upstreams
 
 __all__ = ["MIN_TOKEN_EXPIRATION", "InjectSettings", "load_inject_settings"]
 
@@ -66,6 +67,10 @@ class InjectSettings:
     # AMBIENT_CP_ALLOW_PLAINTEXT: allows an http:// cp_url to a non-loopback host, and is then
     # passed on to the injected sidecars
     allow_plaintext: bool = False
+    # Sealed pods (annotation ambient-code.io/token-sidecar-mode: sealed): the upstreams their
+    # sidecar adds the token to, SIDECAR_UPSTREAMS and SIDECAR_GRPC_UPSTREAM's syntax
+    upstreams: Upstreams = ()
+    grpc_upstream: str = ""
 
 
 def load_inject_settings(env: Mapping[str, str] | None = None) -> InjectSettings:
@@ -92,7 +97,19 @@ def load_inject_settings(env: Mapping[str, str] | None = None) -> InjectSettings
         metrics_port=m_port,
         max_connections_per_client=max_per_client(e),
         **e.logging("CP_TOKEN_LOG_LEVEL", "CP_TOKEN_LOG_FORMAT"),
+        upstreams=parse_upstreams(
+            "CP_TOKEN_INJECT_UPSTREAMS",
+            e.get("CP_TOKEN_INJECT_UPSTREAMS"),
+            e.flag(ALLOW_PLAINTEXT, False),
+        ),
+        grpc_upstream=_grpc_upstream(e),
     )
+
+
+def _grpc_upstream(e: Env) -> str:
+    """``host:port`` of the gRPC API sealed pods call, or "" when unset."""
+    value = e.get("CP_TOKEN_INJECT_GRPC_UPSTREAM")
+    return "" if value is None else parse_grpc_target("CP_TOKEN_INJECT_GRPC_UPSTREAM", value)
 
 
 def _serving_pair(e: Env) -> tuple[str, str]:

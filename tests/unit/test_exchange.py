@@ -18,23 +18,23 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from joserfc import jwt
 from joserfc.jwk import KeySet
-from tests.unit.test_app import RUNNER, TABLE, DictReviewer, clock, reviewer
-from tests.unit.test_app import build as build_app
 
-from cp_token.http import bodies
 from cp_token import exchange as exchange_module
 from cp_token.app import ExchangeConfig
-from cp_token.runtime.clock import FakeClock
-from cp_token.runtime.errors import ConfigError
-from cp_token.settings.cp import load_settings
 from cp_token.credential import MAX_TOKEN_BYTES
 from cp_token.errors import InvalidRequest, Unavailable
 from cp_token.exchange import MAX_BODY_BYTES, parse_form
+from cp_token.http import bodies
 from cp_token.identity import Identity
 from cp_token.minters import IssuedToken, Minter, MintOptions
 from cp_token.minters.jwt import JwtMinter
 from cp_token.minters.static import StaticMinter
+from cp_token.runtime.clock import FakeClock
+from cp_token.runtime.errors import ConfigError
+from cp_token.settings.cp import load_settings
 from cp_token.wiring import exchange_config
+from tests.unit.test_app import RUNNER, TABLE, DictReviewer, clock, reviewer
+from tests.unit.test_app import build as build_app
 
 __all__ = ["clock", "reviewer"]  # fixtures shared with test_app.py
 

@@ -8,7 +8,14 @@ import pytest
 
 from cp_token.commands.get import run_get
 
-VARIABLES = ("AMBIENT_TOKEN_SIDECAR_URL", "AMBIENT_CP_TOKEN_URL", "BOT_TOKEN", "AMBIENT_CP_CA_FILE")
+VARIABLES = (
+    "AMBIENT_TOKEN_SIDECAR_URL",
+    "AMBIENT_CP_TOKEN_URL",
+    "BOT_TOKEN",
+    "AMBIENT_CP_CA_FILE",
+    "AMBIENT_API_URL",
+    "AMBIENT_GRPC_ADDR",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -60,3 +67,22 @@ def test_a_failure_is_one_line_and_exit_1(
 
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert run_get(["--min-ttl", "soon"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("AMBIENT_API_URL", "http://127.0.0.1:8099/upstream/api"),
+        ("AMBIENT_GRPC_ADDR", "127.0.0.1:8098"),
+    ],
+)
+def test_a_sealed_pod_has_no_token_to_print(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], name: str, value: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    monkeypatch.setenv("BOT_TOKEN", "dev-token")  # sealed wins: nothing falls through
+    assert run_get([]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert len(err.strip().splitlines()) == 1
+    assert "sealed" in err and "api_client()" in err and "dev-token" not in err

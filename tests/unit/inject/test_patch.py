@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from cp_token.inject.app import review_response
 from cp_token.inject.patch import (
     CONTAINERS_ANNOTATION,
+    MODE_ANNOTATION,
     SIDECAR_NAME,
     VOLUME_NAMES,
     Decision,
@@ -27,6 +28,7 @@ from cp_token.inject.patch import (
     pointer,
 )
 from cp_token.settings.inject import InjectSettings
+from cp_token.settings.sidecar import load_sidecar_settings
 from tests.fakes.admission import admission_review, apply_review_patch, opted_in_pod
 
 SETTINGS = InjectSettings(
@@ -507,3 +509,217 @@ def test_property_the_patch_changes_nothing_outside_what_spec_lists(pod: Obj) ->
 @given(pod_st())
 def test_property_mutated_pods_validate(pod: Obj) -> None:
     mutate(pod)
+
+
+# --------------------------------------------------------------------------- sealed pods
+
+SEALED_SETTINGS = InjectSettings(
+    image="registry.example.com/cp-token:1.2",
+    cp_url="https://cp-token.ambient-code.svc:8080/token",
+    upstreams=(("api", "https://api.example.com/v1"), ("files", "https://files.example.com")),
+    grpc_upstream="grpc.example.com:443",
+)
+SEALED_APP_ENV = {
+    "AMBIENT_API_URL": "http://127.0.0.1:8099/upstream/api",
+    "AMBIENT_GRPC_ADDR": "127.0.0.1:8098",
+}
+
+
+def sealed(pod: Obj) -> Obj:
+    pod["metadata"].setdefault("annotations", {})[MODE_ANNOTATION] = "sealed"
+    return pod
+
+
+def run_with(pod: Obj, settings_: InjectSettings) -> tuple[Decision, Obj]:
+    review = admission_review(pod)
+    decision = decide(review["request"], settings_)
+    return decision, apply_review_patch(pod, review_response("u", decision))
+
+
+def mutate_sealed(pod: Obj, settings_: InjectSettings = SEALED_SETTINGS) -> Obj:
+    decision, out = run_with(pod, settings_)
+    assert decision.action == "mutated", decision
+    for version in VERSIONS:
+        kubernetes_validate.validate(out, version, strict=True)
+    return out
+
+
+def test_a_sealed_pod_gets_the_sealed_sidecar_and_no_token_anywhere() -> None:
+    out = mutate_sealed(sealed(opted_in_pod()))
+    side = sidecar(out)
+    assert [(e["name"], e["value"]) for e in side["env"]] == [
+        ("AMBIENT_CP_TOKEN_URL", SEALED_SETTINGS.cp_url),
+        ("SIDECAR_LISTEN_ADDR", "127.0.0.1:8099"),
+        ("AMBIENT_SA_TOKEN_FILE", "/var/run/secrets/tokens/ambient-cp"),
+        ("SIDECAR_METRICS_ADDR", "0.0.0.0:9099"),
+        ("SIDECAR_SEALED", "true"),
+        ("SIDECAR_UPSTREAMS", "api=https://api.example.com/v1,files=https://files.example.com"),
+        ("SIDECAR_GRPC_UPSTREAM", "grpc.example.com:443"),
+        ("SIDECAR_GRPC_LISTEN_ADDR", "127.0.0.1:8098"),
+    ]
+    assert side["volumeMounts"] == [
+        {"name": "cp-token-sa", "mountPath": "/var/run/secrets/tokens", "readOnly": True},
+        {"name": "cp-token-tmp", "mountPath": "/tmp"},
+    ]
+    assert [v["name"] for v in out["spec"]["volumes"]] == ["cp-token-sa", "cp-token-tmp"]
+    runner = containers(out)["runner"]
+    assert env(runner) == SEALED_APP_ENV
+    assert "volumeMounts" not in runner
+    # the probes, resources and security context are the plain sidecar's
+    plain = sidecar(mutate(opted_in_pod()))
+    for key in ("startupProbe", "livenessProbe", "resources", "securityContext", "command"):
+        assert side[key] == plain[key]
+
+
+def test_only_the_sidecar_mounts_the_service_account_token() -> None:
+    pod = sealed(
+        opted_in_pod(
+            containers=[{"name": "runner", "image": "r"}, {"name": "mcp", "image": "m"}],
+            initContainers=[{"name": "setup", "image": "s"}],
+        )
+    )
+    out = mutate_sealed(pod)
+    for c in [*out["spec"]["containers"], *out["spec"]["initContainers"][1:]]:
+        assert not c.get("volumeMounts")
+        assert not {"AMBIENT_TOKEN_FILE", "AMBIENT_TOKEN_SIDECAR_URL"} & set(env(c))
+
+
+@pytest.mark.parametrize(
+    ("upstreams", "grpc_upstream", "app_env", "sidecar_names"),
+    [
+        (
+            (("api", "https://api.example.com"),),
+            "",
+            {"AMBIENT_API_URL": "http://127.0.0.1:8099/upstream/api"},
+            {"SIDECAR_SEALED", "SIDECAR_UPSTREAMS"},
+        ),
+        (
+            (),
+            "grpc.example.com:443",
+            {"AMBIENT_GRPC_ADDR": "127.0.0.1:8098"},
+            {"SIDECAR_SEALED", "SIDECAR_GRPC_UPSTREAM", "SIDECAR_GRPC_LISTEN_ADDR"},
+        ),
+    ],
+)
+def test_http_only_and_grpc_only_sealed_pods(
+    upstreams: tuple[tuple[str, str], ...],
+    grpc_upstream: str,
+    app_env: dict[str, str],
+    sidecar_names: set[str],
+) -> None:
+    only = InjectSettings(
+        image="i", cp_url="https://cp/token", upstreams=upstreams, grpc_upstream=grpc_upstream
+    )
+    out = mutate_sealed(sealed(opted_in_pod()), only)
+    assert env(containers(out)["runner"]) == app_env
+    names = set(env(sidecar(out)))
+    assert {
+        n
+        for n in names
+        if n.startswith("SIDECAR_") and n not in ("SIDECAR_LISTEN_ADDR", "SIDECAR_METRICS_ADDR")
+    } == sidecar_names
+
+
+def test_a_sealed_pod_without_upstreams_configured_is_refused() -> None:
+    decision, _ = run_with(sealed(opted_in_pod()), SETTINGS)
+    assert decision.action == "refused" and not decision.patch
+    assert "CP_TOKEN_INJECT_UPSTREAMS" in decision.message
+    answer = review_response("u", decision)["response"]
+    assert answer["allowed"] is False and "sealed" in answer["status"]["message"]
+
+
+@pytest.mark.parametrize("mode", ["Sealed", "seal", "plain", "true"])
+def test_an_unknown_mode_is_refused_rather_than_left_unsealed(mode: str) -> None:
+    pod = opted_in_pod()
+    pod["metadata"]["annotations"] = {MODE_ANNOTATION: mode}
+    decision, _ = run_with(pod, SEALED_SETTINGS)
+    assert decision.action == "refused" and MODE_ANNOTATION in decision.message
+
+
+@pytest.mark.parametrize("mode", ["", "  "])
+def test_an_empty_mode_is_the_default(mode: str) -> None:
+    pod = opted_in_pod()
+    pod["metadata"]["annotations"] = {MODE_ANNOTATION: mode}
+    out = mutate_sealed(pod)
+    assert env(containers(out)["runner"]) == APP_ENV
+    assert "SIDECAR_SEALED" not in env(sidecar(out))
+
+
+def test_a_sealed_pod_keeps_its_own_variables_and_may_use_the_token_file_volume_name() -> None:
+    runner = {
+        "name": "runner",
+        "image": "r",
+        "env": [{"name": "AMBIENT_API_URL", "value": "http://127.0.0.1:8099/upstream/files"}],
+    }
+    pod = sealed(
+        opted_in_pod(containers=[runner], volumes=[{"name": "cp-token-file", "emptyDir": {}}])
+    )
+    out = mutate_sealed(pod)
+    assert env(containers(out)["runner"]) == {
+        "AMBIENT_API_URL": "http://127.0.0.1:8099/upstream/files",
+        "AMBIENT_GRPC_ADDR": "127.0.0.1:8098",
+    }
+    collision = sealed(opted_in_pod(volumes=[{"name": "cp-token-sa", "emptyDir": {}}]))
+    assert run_with(collision, SEALED_SETTINGS)[0].action == "refused"
+
+
+def test_a_plaintext_upstream_carries_its_permission_to_the_sidecar() -> None:
+    mesh = InjectSettings(
+        image="i", cp_url="https://cp/token", upstreams=(("api", "http://api.mesh.svc:8080"),)
+    )
+    assert (
+        env(sidecar(mutate_sealed(sealed(opted_in_pod()), mesh)))["AMBIENT_CP_ALLOW_PLAINTEXT"]
+        == "true"
+    )
+    local = InjectSettings(
+        image="i", cp_url="https://cp/token", upstreams=(("api", "http://127.0.0.1:9000"),)
+    )
+    assert "AMBIENT_CP_ALLOW_PLAINTEXT" not in env(
+        sidecar(mutate_sealed(sealed(opted_in_pod()), local))
+    )
+    assert "AMBIENT_CP_ALLOW_PLAINTEXT" not in env(sidecar(mutate_sealed(sealed(opted_in_pod()))))
+
+
+def test_the_sealed_sidecar_settings_load() -> None:
+    """What the injector writes is what the sidecar accepts (same parser, same rules)."""
+    side = sidecar(mutate_sealed(sealed(opted_in_pod())))
+    loaded = load_sidecar_settings(env(side))
+    assert loaded.sealed and loaded.token_file is None
+    assert loaded.upstreams == SEALED_SETTINGS.upstreams
+    assert loaded.grpc_upstream == SEALED_SETTINGS.grpc_upstream
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pod_st())
+def test_property_a_sealed_pod_holds_no_token_outside_the_sidecar(pod: Obj) -> None:
+    pod = sealed(pod)
+    sent = copy.deepcopy(pod)
+    decision, out = run_with(pod, SEALED_SETTINGS)
+    assert pod == sent
+    assert decision.action == "mutated"
+    assert {k: v for k, v in out.items() if k != "spec"} == {
+        k: v for k, v in pod.items() if k != "spec"
+    }
+    added = [v["name"] for v in out["spec"]["volumes"][len(pod["spec"].get("volumes", [])) :]]
+    assert added == ["cp-token-sa", "cp-token-tmp"]
+    inits = out["spec"]["initContainers"]
+    assert inits[0]["name"] == SIDECAR_NAME and "SIDECAR_TOKEN_FILE" not in env(inits[0])
+    chosen = selected_names(pod)
+    for key, now in (("containers", out["spec"]["containers"]), ("initContainers", inits[1:])):
+        before = pod["spec"].get(key, [])
+        for old, new in zip(before, now, strict=True):
+            # nothing of ours is mounted in an app container, ever
+            assert new.get("volumeMounts") == old.get("volumeMounts")
+            is_target = old["name"] in chosen if chosen is not None else key == "containers"
+            if not is_target:
+                assert new == old
+                continue
+            old_env = old.get("env", [])
+            assert new["env"][: len(old_env)] == old_env
+            added_env = {e["name"]: e["value"] for e in new["env"][len(old_env) :]}
+            assert set(added_env) == set(SEALED_APP_ENV) - {e["name"] for e in old_env}
+            assert all(SEALED_APP_ENV[k] == v for k, v in added_env.items())
+    for version in VERSIONS[-1:]:
+        kubernetes_validate.validate(out, version, strict=True)
+    again, same = run_with(out, SEALED_SETTINGS)
+    assert again.action == "skipped" and same == out

@@ -1099,6 +1099,13 @@ def test_dockerfile() -> None:
     assert re.fullmatch(r"[1-9]\d*(:\d+)?", users[-1]), f"USER must be numeric: {users[-1]}"
     assert any(i == "COPY" and a.startswith("--from=") for i, a in final_stage)
     assert ("CMD", '["cp-token", "serve"]') in final_stage
+    # what the sealed sidecar's gRPC listener needs is in the image (SPEC "Sealed mode"):
+    # the grpc extra installed, or grpcio pinned in the lock the image installs from
+    installs = " ".join(a for i, a in instructions if i == "RUN")
+    lock = ROOT / "requirements.lock"
+    assert re.search(r"\[[a-z,]*\bgrpc\b[a-z,]*\]", installs) or (
+        "requirements.lock" in installs and re.search(r"(?m)^grpcio==", lock.read_text())
+    ), "the image installs grpcio"
 
 
 def test_dockerignore() -> None:

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from cp_token.http.serving import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_CLIENT
 from cp_token.inject.patch import SA_TOKEN_PATH, SIDECAR_ADDR
 from cp_token.policy import RunnerPolicy
 from cp_token.runtime.errors import ConfigError
-from cp_token.http.serving import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_CLIENT
 from cp_token.settings.client import DEFAULT_SA_TOKEN_FILE, ClientSettings, load_client_settings
 from cp_token.settings.common import Env
 from cp_token.settings.cp import Settings, load_settings

@@ -115,3 +115,43 @@ def test_a_key_that_does_not_match_the_certificate(env: dict[str, str], tmp_path
         load_inject_settings({**env, "CP_TOKEN_INJECT_TLS_KEY_FILE": str(other)})
     assert err.value.variable == "CP_TOKEN_INJECT_TLS_CERT_FILE"
     assert "CP_TOKEN_INJECT_TLS_KEY_FILE" in err.value.problem
+
+
+def test_sealed_upstreams(env: dict[str, str]) -> None:
+    plain = load_inject_settings(env)
+    assert (plain.upstreams, plain.grpc_upstream) == ((), "")
+    s = load_inject_settings(
+        {
+            **env,
+            "CP_TOKEN_INJECT_UPSTREAMS": "api=https://api.example.com/v1/,files=https://f.example",
+            "CP_TOKEN_INJECT_GRPC_UPSTREAM": "grpc.example.com:443",
+        }
+    )
+    assert s.upstreams == (("api", "https://api.example.com/v1"), ("files", "https://f.example"))
+    assert s.grpc_upstream == "grpc.example.com:443"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("CP_TOKEN_INJECT_UPSTREAMS", "Api=https://a.example"),
+        ("CP_TOKEN_INJECT_UPSTREAMS", "api"),
+        ("CP_TOKEN_INJECT_UPSTREAMS", "api=http://api.example.com"),
+        ("CP_TOKEN_INJECT_GRPC_UPSTREAM", "grpc.example.com"),
+        ("CP_TOKEN_INJECT_GRPC_UPSTREAM", ":443"),
+    ],
+)
+def test_bad_sealed_upstreams_name_their_variable(
+    env: dict[str, str], name: str, value: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_inject_settings({**env, name: value})
+    assert info.value.variable == name
+
+
+def test_plaintext_upstreams_need_the_plaintext_permission(env: dict[str, str]) -> None:
+    plain = {**env, "CP_TOKEN_INJECT_UPSTREAMS": "api=http://api.mesh.svc:8080"}
+    with pytest.raises(ConfigError, match="AMBIENT_CP_ALLOW_PLAINTEXT"):
+        load_inject_settings(plain)
+    allowed = load_inject_settings({**plain, "AMBIENT_CP_ALLOW_PLAINTEXT": "true"})
+    assert allowed.upstreams == (("api", "http://api.mesh.svc:8080"),)

@@ -348,6 +348,35 @@ class Cluster:
         ctx.load_cert_chain(str(self.admin_cert), str(self.admin_key))
         return ctx
 
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        as_user: str | None = None,
+        as_groups: Sequence[str] = (),
+        body: Any = None,
+        patch: str | None = None,
+    ) -> httpx.Response:
+        """One API call as the admin (or impersonating ``as_user``); the response as is.
+        ``patch``: the body is a patch of that type (``merge``, ``json``, ``strategic``)."""
+        headers: list[tuple[str, str]] = []
+        if as_user:
+            headers.append(("Impersonate-User", as_user))
+            headers += [("Impersonate-Group", g) for g in as_groups]
+        content = None
+        if body is not None:
+            media = {
+                None: "application/json",
+                "merge": "application/merge-patch+json",
+                "json": "application/json-patch+json",
+                "strategic": "application/strategic-merge-patch+json",
+            }[patch]
+            headers.append(("Content-Type", media))
+            content = json.dumps(body).encode()
+        with self.client() as c:
+            return c.request(method, path, headers=headers, content=content)
+
     def get(self, path: str) -> dict[str, Any]:
         """GET an object as the admin."""
         with self.client() as c:

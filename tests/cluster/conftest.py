@@ -210,35 +210,47 @@ def cp(
         server.stop()
 
 
+def start_extra_cp(
+    cluster: Cluster,
+    pki: trustme.CA,
+    signing_key: Path,
+    work: Path,
+    mode: str,
+    extra: Mapping[str, str] | None = None,
+    token: str | None = None,
+) -> CpServer:
+    """A CP of its own (own port, own environment) for destructive cases, so the session
+    CPs stay intact. ``token``: the kubeconfig's bearer (by default a fresh TokenRequest
+    token of ambient-code/cp-token)."""
+    return CpServer.start(
+        cluster,
+        pki,
+        work,
+        mode=mode,
+        port=free_port(),
+        signing_key=signing_key,
+        extra=extra,
+        token=token,
+    )
+
+
 @pytest.fixture
 def start_cp(
     cluster: Cluster,
-    applied: dict[str, str],
+    injector: Injector,
     pki: trustme.CA,
     signing_key: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[StartCp]:
-    """Start extra CPs (own port, own environment) for destructive cases, so the session
-    CPs stay intact; each is stopped by its pid at the end of the test.
-
-    ``start_cp(mode, extra={...}, token=None)``: ``token`` is the kubeconfig's bearer (by
-    default a fresh TokenRequest token of ambient-code/cp-token)."""
+    """``start_cp(mode, extra={...}, token=None)``: :func:`start_extra_cp`; each is stopped
+    by its pid at the end of the test."""
     started: list[CpServer] = []
 
     def start(
         mode: str, extra: Mapping[str, str] | None = None, token: str | None = None
     ) -> CpServer:
         work = tmp_path_factory.mktemp(f"cp-{mode}-extra")
-        server = CpServer.start(
-            cluster,
-            pki,
-            work,
-            mode=mode,
-            port=free_port(),
-            signing_key=signing_key,
-            extra=extra,
-            token=token,
-        )
+        server = start_extra_cp(cluster, pki, signing_key, work, mode, extra, token)
         started.append(server)
         return server
 

@@ -51,6 +51,20 @@ def namespace(cluster: Cluster, applied: dict[str, str]) -> Iterator[str]:
             "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": EDITOR}],
         },
     )
+    # The API server loads a new policy through an informer: wait until it is in force
+    # (a dry run of what it forbids), as an operator would before relying on it.
+    cluster.wait_for(
+        "the admission policy in force",
+        lambda: (
+            cluster.request(
+                "POST",
+                sa_path() + "?dryRun=All",
+                as_user=EDITOR,
+                body=service_account("session-probe-sa", {LABEL: VALUE}),
+            ).status_code
+            == 403
+        ),
+    )
     yield NS
 
 

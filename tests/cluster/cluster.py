@@ -428,9 +428,23 @@ class Cluster:
         for f in files:
             args += ["-f", str(f)]
         self.apply(*args)
-        self.kubectl(
-            "wait", "--for=condition=Established", "--timeout=60s", "crd", "--all", timeout=90
-        )
+        # A CRD created a moment ago may have no conditions yet, which `kubectl wait` takes
+        # for an error rather than "not yet": ask again until each is Established.
+        names = set(self.kubectl("get", "crd", "-o", "name").stdout.split())
+
+        def established() -> bool:
+            got = self.get("/apis/apiextensions.k8s.io/v1/customresourcedefinitions")
+            ready = {
+                f"customresourcedefinition.apiextensions.k8s.io/{crd['metadata']['name']}"
+                for crd in got["items"]
+                if any(
+                    c.get("type") == "Established" and c.get("status") == "True"
+                    for c in crd.get("status", {}).get("conditions") or []
+                )
+            }
+            return names <= ready
+
+        self.wait_for("every CRD Established", established, deadline=60)
 
     def wait_for(self, what: str, predicate: Any, deadline: float = 30.0) -> Any:
         """Poll ``predicate()`` until it returns something truthy; its value."""

@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import trustme  # noqa: E402
-from common import cpu_seconds, rss_kib  # noqa: E402
+from common import Proc, cpu_seconds, rss_kib  # noqa: E402
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 
@@ -308,8 +308,8 @@ def yardstick(bench: Bench, caller: str, tokens: list[str]) -> dict[str, Any]:
     return out
 
 
-async def _pods_ask(cp: CpServer, tokens: list[str]) -> dict[str, Any]:
-    ctx = ssl.create_default_context(cafile=str(cp.ca_file))
+async def _pods_ask(base: str, ca_file: Path, tokens: list[str]) -> dict[str, Any]:
+    ctx = ssl.create_default_context(cafile=str(ca_file))
     start = time.perf_counter()
     done: list[float] = []
     statuses: dict[int, int] = {}
@@ -318,10 +318,10 @@ async def _pods_ask(cp: CpServer, tokens: list[str]) -> dict[str, Any]:
     async def pod(token: str) -> None:
         while time.perf_counter() - start < BURST_DEADLINE:
             try:
-                reader, writer = await _connect(cp.base, ctx)
+                reader, writer = await _connect(base, ctx)
                 try:
                     status, headers, _ = await _exchange(
-                        reader, writer, _get(cp.base, "/token", token)
+                        reader, writer, _get(base, "/token", token)
                     )
                 finally:
                     writer.close()
@@ -355,7 +355,7 @@ def burst(bench: Bench, mode: str, tokens: list[str]) -> dict[str, Any]:
         cpu0, api0 = cpu_seconds(cp.proc.pid), bench.apiserver_cpu()
         calls0 = sum(cp.kube_calls().values())
         since = time.time()
-        out = asyncio.run(_pods_ask(cp, tokens))
+        out = asyncio.run(_pods_ask(cp.base, cp.ca_file, tokens))
         out["cp_cpu"] = cpu_seconds(cp.proc.pid) - cpu0
         out["apiserver_cpu"] = bench.apiserver_cpu() - api0
         kube = cp.kube_calls()
@@ -368,8 +368,36 @@ def burst(bench: Bench, mode: str, tokens: list[str]) -> dict[str, Any]:
     return out
 
 
+def bare(bench: Bench, tokens: list[str]) -> dict[str, Any]:
+    """The same burst against a bare Starlette endpoint over TLS (bench/common.py bare): what
+    N new TLS connections to a Python server cost before any decision."""
+    work = bench.work / "bare"
+    work.mkdir()
+    leaf = bench.pki.issue_cert("127.0.0.1")
+    cert, key = work / "tls.crt", work / "tls.key"
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    ca_file = work / "ca.crt"
+    bench.pki.cert_pem.write_to_path(str(ca_file))
+    port = free_port()
+    args = [sys.executable, str(ROOT / "bench" / "common.py"), "bare", "--port", str(port)]
+    proc = Proc("bare", [*args, "--tls-cert", str(cert), "--tls-key", str(key)], {}, work / "log")
+    try:
+        proc.wait_http(
+            f"https://127.0.0.1:{port}/token",
+            verify=ssl.create_default_context(cafile=str(ca_file)),
+        )
+        cpu0 = cpu_seconds(proc.pid)
+        out = asyncio.run(_pods_ask(f"https://127.0.0.1:{port}", ca_file, tokens))
+        out["cpu"] = cpu_seconds(proc.pid) - cpu0
+    finally:
+        proc.stop()
+    return out
+
+
 def run_burst(bench: Bench, n: int) -> list[str]:
     tokens = bench.tokens[:n]
+    base = bare(bench, tokens)
     caller = bench.cluster.create_token(CP_NAMESPACE, CP_SERVICE_ACCOUNT)
     rows = []
     summary = []
@@ -381,6 +409,7 @@ def run_burst(bench: Bench, n: int) -> list[str]:
         if got["wall"] is None or len(got["done"]) != n:
             raise RuntimeError(f"{mode}: {len(got['done'])} of {n} pods got a token: {got}")
         ratio = got["wall"] / yard["wall"]
+        vs_bare = got["wall"] / base["wall"]
         retries = sum(got["statuses"].values()) - n
         rows.append(
             f" {'yardstick: the API server alone':<34} {yard['wall']:8.2f} "
@@ -395,7 +424,9 @@ def run_burst(bench: Bench, n: int) -> list[str]:
         )
         goal = f"goal <= {GOAL_RATIO}" if mode == "tokenreview" else "goal < 1"
         summary.append(
-            f" {mode}: {ratio:.2f}x the yardstick ({goal}); API calls per pod "
+            f" {mode}: {ratio:.2f}x the yardstick ({goal}), {vs_bare:.2f}x the bare endpoint, "
+            f"CP CPU {got['cp_cpu'] / n * 1000:.2f} ms per pod (bare "
+            f"{base['cpu'] / n * 1000:.2f}); API calls per pod "
             f"{got['calls'] / n:.2f} (audit log {got['audited'] / n:.2f}); by call "
             f"{got['by_call']}"
         )
@@ -408,6 +439,11 @@ def run_burst(bench: Bench, n: int) -> list[str]:
     print(
         f" {'':<34} {'wall s':>8} {'p50 ms':>8} {'p99 ms':>8} {'calls/pod':>9} "
         f"{'CP cpu':>8} {'API cpu':>8} {'429s':>6} {'retries':>7}"
+    )
+    print(
+        f" {'bare Starlette endpoint (TLS)':<34} {base['wall']:8.2f} "
+        f"{pct(base['done'], 0.5) * 1000:8.1f} {pct(base['done'], 0.99) * 1000:8.1f} "
+        f"{0:9.2f} {base['cpu']:8.2f} {'-':>8} {'-':>6} {sum(base['statuses'].values()) - n:7d}"
     )
     for row in rows:
         print(row)

@@ -23,6 +23,7 @@ remembered as None for the same time as a found one.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -101,6 +102,14 @@ def _entry(key: Key, obj: Obj, fetched_at: float, ttl: float) -> Cached:
     if not shared:
         size += LABELS_OVERHEAD + sum(text_bytes(k, v) for k, v in labels.items())
     return Cached(obj is not None, uid, labels, fetched_at, fetched_at + ttl, size)
+
+
+@functools.lru_cache(maxsize=8)  # kinds are this module's own words, never input
+def _forbidden_message(kind: str) -> str:
+    """The log template for a refused read of ``kind``: one template per kind, because the
+    repeat filter (:class:`cp_token.logs.RepeatFilter`) keys on the template and a kind's
+    refusal is logged only once, so two kinds refused within a second must not share one."""
+    return f"reading {kind} refused: %s (the CP needs 'get {kind}')"
 
 
 class ObjectCache:
@@ -288,7 +297,7 @@ class ObjectCache:
             obj = await fetch()
         except KubeForbidden as exc:
             if kind not in self._forbidden_logged:
-                log.error("reading %s refused: %s (the CP needs 'get %s')", kind, exc.reason, kind)
+                log.error(_forbidden_message(kind), exc.reason)
                 self._forbidden_logged.add(kind)
             raise Unavailable(
                 f"the token service cannot read {kind} (missing permission)",

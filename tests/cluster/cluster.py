@@ -34,6 +34,18 @@ ROOT = HERE.parents[1]
 # discovery); also its default API audience, as on a kubeadm cluster.
 ISSUER = "https://kubernetes.default.svc.cluster.local"
 ADMIN_GROUP = "system:masters"
+# The API server's audit log records every request made by an identity of the control
+# plane's namespace (the CP's ServiceAccounts): who asked what, and the status it got.
+AUDITED_GROUP = "system:serviceaccounts:ambient-code"
+AUDIT_POLICY = {
+    "apiVersion": "audit.k8s.io/v1",
+    "kind": "Policy",
+    "omitStages": ["RequestReceived"],
+    "rules": [
+        {"level": "Metadata", "userGroups": [AUDITED_GROUP]},
+        {"level": "None"},
+    ],
+}
 
 
 class ClusterError(RuntimeError):
@@ -108,6 +120,9 @@ class Cluster:
         self.etcd_port = free_port()
         self.etcd_peer_port = free_port()
         self.port = free_port()
+        self.audit_policy = self.workdir / "audit-policy.json"
+        self.audit_policy.write_text(json.dumps(AUDIT_POLICY))
+        self.audit_log = self.workdir / "audit.log"
         self.admin_kubeconfig = self.workdir / "admin.kubeconfig"
         self.admin_kubeconfig.write_text(
             json.dumps(
@@ -178,6 +193,9 @@ class Cluster:
             "--enable-admission-plugins=NamespaceLifecycle,ServiceAccount,"
             "MutatingAdmissionWebhook,ValidatingAdmissionWebhook,ValidatingAdmissionPolicy",
             "--profiling=false",
+            f"--audit-policy-file={self.audit_policy}",
+            f"--audit-log-path={self.audit_log}",
+            "--audit-log-mode=blocking",
             "--v=1",
         ]
         args += [f"--service-account-key-file={pub}" for pub in self.sa_public_keys]
@@ -222,6 +240,23 @@ class Cluster:
             self.apiserver.stop(grace=20)
         if self.etcd is not None:
             self.etcd.stop(grace=10)
+
+    def audit_events(self, username: str | None = None) -> list[dict[str, Any]]:
+        """The API server's audit events so far (ResponseComplete/Panic stages) of
+        ``AUDITED_GROUP``'s identities, or only of ``username``."""
+        if not self.audit_log.exists():
+            return []
+        events = []
+        for line in self.audit_log.read_text().splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue  # a line being written
+            if event.get("stage") not in ("ResponseComplete", "Panic"):
+                continue
+            if username is None or event.get("user", {}).get("username") == username:
+                events.append(event)
+        return events
 
     # -- identities and configuration ------------------------------------------------------
 
@@ -313,6 +348,35 @@ class Cluster:
         ctx.load_cert_chain(str(self.admin_cert), str(self.admin_key))
         return ctx
 
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        as_user: str | None = None,
+        as_groups: Sequence[str] = (),
+        body: Any = None,
+        patch: str | None = None,
+    ) -> httpx.Response:
+        """One API call as the admin (or impersonating ``as_user``); the response as is.
+        ``patch``: the body is a patch of that type (``merge``, ``json``, ``strategic``)."""
+        headers: list[tuple[str, str]] = []
+        if as_user:
+            headers.append(("Impersonate-User", as_user))
+            headers += [("Impersonate-Group", g) for g in as_groups]
+        content = None
+        if body is not None:
+            media = {
+                None: "application/json",
+                "merge": "application/merge-patch+json",
+                "json": "application/json-patch+json",
+                "strategic": "application/strategic-merge-patch+json",
+            }[patch]
+            headers.append(("Content-Type", media))
+            content = json.dumps(body).encode()
+        with self.client() as c:
+            return c.request(method, path, headers=headers, content=content)
+
     def get(self, path: str) -> dict[str, Any]:
         """GET an object as the admin."""
         with self.client() as c:
@@ -364,9 +428,23 @@ class Cluster:
         for f in files:
             args += ["-f", str(f)]
         self.apply(*args)
-        self.kubectl(
-            "wait", "--for=condition=Established", "--timeout=60s", "crd", "--all", timeout=90
-        )
+        # A CRD created a moment ago may have no conditions yet, which `kubectl wait` takes
+        # for an error rather than "not yet": ask again until each is Established.
+        names = set(self.kubectl("get", "crd", "-o", "name").stdout.split())
+
+        def established() -> bool:
+            got = self.get("/apis/apiextensions.k8s.io/v1/customresourcedefinitions")
+            ready = {
+                f"customresourcedefinition.apiextensions.k8s.io/{crd['metadata']['name']}"
+                for crd in got["items"]
+                if any(
+                    c.get("type") == "Established" and c.get("status") == "True"
+                    for c in crd.get("status", {}).get("conditions") or []
+                )
+            }
+            return names <= ready
+
+        self.wait_for("every CRD Established", established, deadline=60)
 
     def wait_for(self, what: str, predicate: Any, deadline: float = 30.0) -> Any:
         """Poll ``predicate()`` until it returns something truthy; its value."""

@@ -9,8 +9,10 @@ the fake API server.
 from __future__ import annotations
 
 import base64
+import json
+import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -21,9 +23,36 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cp_token.runtime.processes import free_port
 
 from .cluster import ROOT, Cluster, build_tools
-from .session import CONTROL_PLANE, CP_NAMESPACE, CpServer, Injector
+from .session import CONTROL_PLANE, CP_NAMESPACE, CP_SERVICE_ACCOUNT, CpServer, Injector
 
 AUTHN_MODES = ("tokenreview", "jwks")
+CP_USERNAME = f"system:serviceaccount:{CP_NAMESPACE}:{CP_SERVICE_ACCOUNT}"
+StartCp = Callable[..., CpServer]
+# What the CP logs when the API server refuses it (a permission it lacks), or audits then.
+FORBIDDEN_LOG = re.compile(r"kube_forbidden|may NOT|missing permission|forbidden", re.I)
+
+
+def refused_by_the_api_server(cp: CpServer) -> list[str]:
+    """Evidence that the API server answered the CP 403: metric series and log lines."""
+    found = [
+        f"{call} -> {result}: {n:g}"
+        for (call, result), n in cp.kube_calls().items()
+        if result == "403" and n
+    ]
+    for line in cp.log_lines():
+        text = json.dumps(line)
+        if FORBIDDEN_LOG.search(text):
+            found.append(text[:300])
+    return found
+
+
+def audited_403s(cluster: Cluster, username: str = CP_USERNAME) -> list[str]:
+    """Requests of ``username`` the API server answered 403, from its audit log."""
+    return [
+        f"{e.get('verb')} {e.get('requestURI')}"
+        for e in cluster.audit_events(username)
+        if e.get("responseStatus", {}).get("code") == 403
+    ]
 
 
 def kustomizations() -> list[Path]:
@@ -75,6 +104,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         c.install_crds()
         install_control_plane(c)
         yield c
+        # Least privilege over the whole run: the API server never refused the CP's own
+        # ServiceAccount (every CP the tier starts with it, every mode, every fault).
+        refused = audited_403s(c)
+        assert not refused, f"the API server answered the CP 403: {refused[:10]}"
     finally:
         c.stop()
 
@@ -171,8 +204,63 @@ def cp(
     server = CpServer.start(cluster, pki, work, mode=mode, port=cp_port, signing_key=signing_key)
     try:
         yield server
+        # Least privilege: over the whole run this CP was never refused by the API server
+        # (its kube-call metrics by result, its log lines).
+        refused = refused_by_the_api_server(server)
+        assert not refused, f"the API server refused the {mode} CP: {refused}"
     finally:
         server.stop()
+
+
+def start_extra_cp(
+    cluster: Cluster,
+    pki: trustme.CA,
+    signing_key: Path,
+    work: Path,
+    mode: str,
+    extra: Mapping[str, str] | None = None,
+    token: str | None = None,
+) -> CpServer:
+    """A CP of its own (own port, own environment) for destructive cases, so the session
+    CPs stay intact. ``token``: the kubeconfig's bearer (by default a fresh TokenRequest
+    token of ambient-code/cp-token)."""
+    return CpServer.start(
+        cluster,
+        pki,
+        work,
+        mode=mode,
+        port=free_port(),
+        signing_key=signing_key,
+        extra=extra,
+        token=token,
+    )
+
+
+@pytest.fixture
+def start_cp(
+    cluster: Cluster,
+    injector: Injector,
+    pki: trustme.CA,
+    signing_key: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[StartCp]:
+    """``start_cp(mode, extra={...}, token=None)``: :func:`start_extra_cp`; each is stopped
+    by its pid at the end of the test."""
+    started: list[CpServer] = []
+
+    def start(
+        mode: str, extra: Mapping[str, str] | None = None, token: str | None = None
+    ) -> CpServer:
+        work = tmp_path_factory.mktemp(f"cp-{mode}-extra")
+        server = start_extra_cp(cluster, pki, signing_key, work, mode, extra, token)
+        started.append(server)
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.stop()
 
 
 def pytest_report_header() -> list[str]:

@@ -26,7 +26,9 @@ __all__ = [
     "CpServer",
     "Injector",
     "Session",
+    "kube_calls",
     "make_session",
+    "pod_token",
     "sidecar_env",
 ]
 
@@ -188,6 +190,10 @@ class CpServer:
         """The CP's ``/metrics``."""
         return httpx.get(f"{self.metrics}/metrics", timeout=5, trust_env=False).text
 
+    def kube_calls(self) -> dict[tuple[str, str], float]:
+        """``cp_token_kube_api_calls_total`` by (call, result), from its metrics."""
+        return kube_calls(self.metrics_text())
+
     def log_lines(self) -> list[dict[str, Any]]:
         """The JSON log lines written so far."""
         lines = []
@@ -290,3 +296,25 @@ def sidecar_env(
     env["SIDECAR_LISTEN_ADDR"] = f"127.0.0.1:{port}"
     env["SIDECAR_METRICS_ADDR"] = f"127.0.0.1:{metrics_port}"
     return env
+
+
+_KUBE_CALL = re.compile(
+    r'^cp_token_kube_api_calls_total\{call="([^"]*)",result="([^"]*)"\} (\S+)$', re.M
+)
+
+
+def kube_calls(metrics_text: str) -> dict[tuple[str, str], float]:
+    """``cp_token_kube_api_calls_total`` by (call, result) from a Prometheus text page."""
+    return {(m[1], m[2]): float(m[3]) for m in _KUBE_CALL.finditer(metrics_text)}
+
+
+def pod_token(cluster: Cluster, session: Session, *, seconds: int = 3600) -> str:
+    """A TokenRequest token for the session's ServiceAccount, audience ``ambient-cp``, bound
+    to its pod (what the kubelet projects into the sidecar)."""
+    return cluster.create_token(
+        session.namespace,
+        session.service_account,
+        audience=CP_AUDIENCE,
+        pod=session.pod,
+        seconds=seconds,
+    )

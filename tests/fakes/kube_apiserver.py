@@ -5,7 +5,14 @@ CP token service uses (TokenReview, SelfSubjectAccessReview, GET namespace / Ser
 Pod, the ServiceAccount issuer discovery documents), with Kubernetes' JSON shapes, status
 codes and `Status` errors. It mints real ServiceAccount JWTs (bound and legacy) with its own
 signing keys and reviews them the way the API server does: signature, time claims with
-go-jose's 60 s leeway, issuer, audience intersection, and liveness of the bound objects.
+go-jose's 60 s leeway, issuer, audience intersection, and liveness of the bound objects; a
+successful authentication is remembered for 10 s per token and audiences, as kube-apiserver's
+token cache does (so a deleted pod's token keeps authenticating that long after a review).
+
+Held to the real thing: tests/cluster/test_fake_vs_real.py sends the same requests to this
+fake and to a real kube-apiserver and compares status codes and JSON shapes. Like the real
+server it authenticates first (no credentials: ``system:anonymous``), then authorizes with
+the request's attributes (403 before 404 or 405, for unknown paths too), then routes.
 
 Tests drive it through a thread-safe Python API (objects, tokens, caller RBAC, faults).
 """
@@ -82,6 +89,16 @@ DEFAULT_PERMISSIONS: frozenset[tuple[str, str, str]] = frozenset(
 _PKEY = "kubernetes.io/serviceaccount/"
 _EXTRA = "authentication.kubernetes.io/"
 _DISCOVERY_CACHE_CONTROL = "public, max-age=3600"
+# What kube-apiserver sends on every API answer but the discovery documents.
+_API_CACHE_CONTROL = "no-cache, private"
+# kube-apiserver's token authenticator remembers a success this long (not configurable there).
+TOKEN_SUCCESS_CACHE_TTL = 10.0
+ANONYMOUS = "system:anonymous"
+# Routes whose group/version the fake serves: an unknown resource in them is a JSON 404, an
+# unknown group a plain-text one (as the real server's API-group and fallback handlers).
+_SERVED_GROUP_VERSIONS = frozenset(
+    {("", "v1"), ("authentication.k8s.io", "v1"), ("authorization.k8s.io", "v1")}
+)
 
 
 def _rfc3339(ts: float) -> str:
@@ -159,6 +176,7 @@ class FakeKubeAPIServer(LoopbackFake):
         clock: Callable[[], float] = time.time,
         leeway_seconds: float = 60.0,
         signing_alg: str = "RS256",
+        token_cache_ttl: float = TOKEN_SUCCESS_CACHE_TTL,
     ) -> None:
         self._lock = threading.RLock()
         self._clock = clock
@@ -177,6 +195,9 @@ class FakeKubeAPIServer(LoopbackFake):
         self._default_caller_token = caller_token
         self.add_caller(caller_token, caller_username)
         self._requests: dict[str, list[RecordedRequest]] = {}
+        self._token_cache_ttl = token_cache_ttl
+        # (token, audiences) -> (review status, expiry on self._clock)
+        self._token_cache: dict[tuple[str, tuple[str, ...]], tuple[dict[str, Any], float]] = {}
         self._app = self._build_app()
         self._server = LoopbackServer(self._app, tls=True, name="fake-kube-apiserver")
         self._faults = FaultPlan(BASE_FAULT_MODES | {"429"}, on_change=self._server.notify)
@@ -643,8 +664,17 @@ class FakeKubeAPIServer(LoopbackFake):
     # -- TokenReview -------------------------------------------------------------------------
 
     def review(self, token: str, audiences: Sequence[str] = ()) -> dict[str, Any]:
-        """The `status` a TokenReview of `token` for `audiences` gets (no HTTP involved)."""
+        """The `status` a TokenReview of `token` for `audiences` gets (no HTTP involved).
+
+        A success is remembered for ``token_cache_ttl`` seconds per (token, audiences), as
+        kube-apiserver's token cache does: a token whose pod was deleted after it was
+        reviewed keeps authenticating that long. Failures are not remembered."""
+        key = (token, tuple(audiences))
         with self._lock:
+            now = self._clock()
+            cached = self._token_cache.get(key)
+            if cached is not None and cached[1] > now:
+                return json.loads(json.dumps(cached[0]))
             try:
                 user, auds = self._authenticate(token, list(audiences))
             except _ReviewFailure as exc:
@@ -653,7 +683,17 @@ class FakeKubeAPIServer(LoopbackFake):
                 msg = str(exc)
                 error = f"[invalid bearer token, {msg}]" if msg else "invalid bearer token"
                 return {"user": {}, "error": error}
-        return {"authenticated": True, "user": user, "audiences": auds}
+            status = {"authenticated": True, "user": user, "audiences": auds}
+            if self._token_cache_ttl > 0:
+                for k in [k for k, v in self._token_cache.items() if v[1] <= now]:
+                    del self._token_cache[k]
+                self._token_cache[key] = (status, now + self._token_cache_ttl)
+            return json.loads(json.dumps(status))
+
+    def forget_reviews(self) -> None:
+        """Empty the token cache (as if ``token_cache_ttl`` had passed for every entry)."""
+        with self._lock:
+            self._token_cache.clear()
 
     def _authenticate(self, token: str, requested: list[str]) -> tuple[dict[str, Any], list[str]]:
         parts = token.split(".")
@@ -692,8 +732,8 @@ class FakeKubeAPIServer(LoopbackFake):
     def _verify_signature(self, token: str, header: dict[str, Any]) -> dict[str, Any]:
         kid = header.get("kid")
         candidates = [k for k in self._keys if kid is None or k.kid == kid]
-        if not candidates:
-            candidates = list(self._keys)
+        if not candidates:  # the real verifier picks keys by kid
+            raise _ReviewFailure("invalid signature, no keys found")
         for k in candidates:
             try:
                 obj = jws.deserialize_compact(token, k.key, algorithms=[k.alg])
@@ -818,15 +858,52 @@ class FakeKubeAPIServer(LoopbackFake):
             exception_handlers={404: self._not_routed, 405: self._not_routed},
         )
 
-    @staticmethod
-    async def _not_routed(request: Request, exc: Exception) -> Response:
+    def _caller(self, request: Request) -> _Caller | None:
+        """Authentication: the bearer's caller; ``system:anonymous`` without credentials (the
+        real server's default); None for credentials it does not know (401)."""
+        auth = request.headers.get("authorization")
+        if auth is None:
+            return _Caller(ANONYMOUS, ["system:unauthenticated"], set())
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer":
+            return None
+        with self._lock:
+            return self._callers.get(token.strip())
+
+    async def _not_routed(self, request: Request, exc: Exception) -> Response:
+        """What the real server answers for a path or method the fake does not route:
+        401 for unknown credentials, 403 when RBAC denies the request's attributes (before
+        any routing), else 405 (a known resource, another method) or 404 (JSON for an
+        unknown resource of a served group, plain text elsewhere)."""
+        caller = self._caller(request)
+        if caller is None:
+            return _status(401, "Unauthorized", "Unauthorized")
+        info = _request_info(request.method, request.url.path)
+        if info is None:  # a non-resource URL
+            verb = request.method.lower()
+            if (verb, "", request.url.path) not in caller.permissions:
+                return _forbidden(caller.username, verb, "", request.url.path, "", "")
+            return Response("404 page not found\n", status_code=404, media_type="text/plain")
+        if (info.verb, info.group, info.resource) not in caller.permissions:
+            return _forbidden(
+                caller.username,
+                info.verb,
+                info.group,
+                info.resource,
+                info.name,
+                info.namespace,
+                info.subresource,
+            )
         if isinstance(exc, HTTPException) and exc.status_code == 405:
             return _status(
                 405,
                 "MethodNotAllowed",
                 "the server does not allow this method on the requested resource",
+                {},
             )
-        return _status(404, "NotFound", "the server could not find the requested resource")
+        if (info.group, info.version) in _SERVED_GROUP_VERSIONS:
+            return _status(404, "NotFound", "the server could not find the requested resource", {})
+        return Response("404 page not found\n", status_code=404, media_type="text/plain")
 
     async def _prologue(
         self,
@@ -866,16 +943,13 @@ class FakeKubeAPIServer(LoopbackFake):
         )
         if early is not None:
             return early, None, body
-        auth = request.headers.get("authorization", "")
-        scheme, _, token = auth.partition(" ")
+        caller = self._caller(request)
+        if caller is None:
+            return _status(401, "Unauthorized", "Unauthorized"), None, body
         with self._lock:
-            caller = self._callers.get(token.strip()) if scheme.lower() == "bearer" else None
-            if caller is None:
-                return _status(401, "Unauthorized", "Unauthorized"), None, body
             allowed = (verb, group, resource) in caller.permissions
-            username = caller.username
         if not allowed:
-            return _forbidden(username, verb, group, resource, name, namespace), None, body
+            return _forbidden(caller.username, verb, group, resource, name, namespace), None, body
         return None, caller, body
 
     async def _ep_tokenreviews(self, request: Request) -> Response:
@@ -887,7 +961,11 @@ class FakeKubeAPIServer(LoopbackFake):
         bad = _check_body(request, body, "TokenReview", "authentication.k8s.io/v1")
         if bad is not None:
             return bad
-        spec = body["spec"]
+        spec = body.get("spec")
+        if spec is None:
+            spec = {}
+        if not isinstance(spec, dict):
+            return _status(400, "BadRequest", "the body of the request was in an unknown format")
         token = spec.get("token", "")
         auds = spec.get("audiences") or []
         if not isinstance(token, str) or not isinstance(auds, list):
@@ -895,14 +973,15 @@ class FakeKubeAPIServer(LoopbackFake):
         if not token:
             return _status(400, "BadRequest", "token is required for TokenReview in authentication")
         status = self.review(token, [str(a) for a in auds])
+        echoed = {k: v for k, v in spec.items() if v not in (None, [], "")}  # omitempty
         out = {
             "kind": "TokenReview",
             "apiVersion": "authentication.k8s.io/v1",
-            "metadata": {"creationTimestamp": None},
-            "spec": spec,
+            "metadata": _review_metadata(request, "authentication.k8s.io/v1", echoed),
+            "spec": echoed,
             "status": status,
         }
-        return JSONResponse(out, status_code=201)
+        return _json(out, 201)
 
     async def _ep_ssar(self, request: Request) -> Response:
         early, caller, body = await self._prologue(
@@ -918,19 +997,30 @@ class FakeKubeAPIServer(LoopbackFake):
         bad = _check_body(request, body, "SelfSubjectAccessReview", "authorization.k8s.io/v1")
         if bad is not None:
             return bad
-        spec = body["spec"]
+        spec = body.get("spec") or {}
+        if not isinstance(spec, dict):
+            return _status(400, "BadRequest", "the body of the request was in an unknown format")
         ra, nra = spec.get("resourceAttributes"), spec.get("nonResourceAttributes")
-        if isinstance(ra, dict):
+        if isinstance(ra, dict) and nra is None:
             perm = (ra.get("verb", ""), ra.get("group", ""), ra.get("resource", ""))
-        elif isinstance(nra, dict):
+        elif isinstance(nra, dict) and ra is None:
             perm = (nra.get("verb", ""), "", nra.get("path", ""))
         else:
+            why = "exactly one of nonResourceAttributes or resourceAttributes must be specified"
             return _status(
                 422,
                 "Invalid",
-                'SelfSubjectAccessReview.authorization.k8s.io "" is invalid: '
-                'spec.resourceAttributes: Invalid value: "null": exactly one of '
-                "nonResourceAttributes or resourceAttributes must be specified",
+                f'.authorization.k8s.io "" is invalid: spec: Invalid value: null: {why}',
+                {
+                    "group": "authorization.k8s.io",
+                    "causes": [
+                        {
+                            "reason": "FieldValueInvalid",
+                            "message": f"Invalid value: null: {why}",
+                            "field": "spec",
+                        }
+                    ],
+                },
             )
         with self._lock:
             allowed = perm in caller.permissions
@@ -938,20 +1028,21 @@ class FakeKubeAPIServer(LoopbackFake):
         if allowed:
             status["reason"] = (
                 'RBAC: allowed by ClusterRoleBinding "fake" of ClusterRole "fake" to '
-                f'User "{caller.username}"'
+                f"{_rbac_subject(caller.username)}"
             )
         out = {
             "kind": "SelfSubjectAccessReview",
             "apiVersion": "authorization.k8s.io/v1",
-            "metadata": {"creationTimestamp": None},
+            "metadata": _review_metadata(request, "authorization.k8s.io/v1", spec),
             "spec": spec,
             "status": status,
         }
-        return JSONResponse(out, status_code=201)
+        return _json(out, 201)
 
     async def _ep_namespace(self, request: Request) -> Response:
         ns = request.path_params["ns"]
-        early, _, _ = await self._prologue(request, "namespaces", "get", "", "namespaces", ns)
+        # a namespace's own request attributes carry it as their namespace too
+        early, _, _ = await self._prologue(request, "namespaces", "get", "", "namespaces", ns, ns)
         if early is not None:
             return early
         with self._lock:
@@ -965,7 +1056,7 @@ class FakeKubeAPIServer(LoopbackFake):
                 "spec": {"finalizers": ["kubernetes"]},
                 "status": {"phase": "Active"},
             }
-        return JSONResponse(doc)
+        return _json(doc)
 
     async def _ep_service_account(self, request: Request) -> Response:
         ns, name = request.path_params["ns"], request.path_params["name"]
@@ -979,7 +1070,7 @@ class FakeKubeAPIServer(LoopbackFake):
             if obj is None:
                 return _not_found("serviceaccounts", name)
             doc = {"kind": "ServiceAccount", "apiVersion": "v1", "metadata": _metadata(obj)}
-        return JSONResponse(doc)
+        return _json(doc)
 
     async def _ep_pod(self, request: Request) -> Response:
         ns, name = request.path_params["ns"], request.path_params["name"]
@@ -1002,7 +1093,7 @@ class FakeKubeAPIServer(LoopbackFake):
                 },
                 "status": {"phase": "Running", "startTime": _rfc3339(obj.created)},
             }
-        return JSONResponse(doc)
+        return _json(doc)
 
     async def _ep_openid(self, request: Request) -> Response:
         early, _, _ = await self._prologue(
@@ -1014,7 +1105,8 @@ class FakeKubeAPIServer(LoopbackFake):
             algs = sorted({k.alg for k in self._keys})
             doc = {
                 "issuer": self._issuer,
-                "jwks_uri": f"{self._issuer}/openid/v1/jwks",
+                # like the real server without --service-account-jwks-uri: its own address
+                "jwks_uri": f"{self.url}/openid/v1/jwks",
                 "response_types_supported": ["id_token"],
                 "subject_types_supported": ["public"],
                 "id_token_signing_alg_values_supported": algs,
@@ -1027,7 +1119,12 @@ class FakeKubeAPIServer(LoopbackFake):
             return early
         if not _accepts(request.headers.get("accept", "*/*"), "application/jwk-set+json"):
             # like go-restful's Produces(): the route serves only its own media type
-            return Response("406: Not Acceptable", status_code=406, media_type="text/plain")
+            return _status(
+                406,
+                "NotAcceptable",
+                "406: Not Acceptable\n\nAvailable representations: application/jwk-set+json",
+                {},
+            )
         return Response(
             json.dumps(self.jwks()),
             media_type="application/jwk-set+json",
@@ -1049,12 +1146,97 @@ class FakeKubeAPIServer(LoopbackFake):
         return response
 
 
+@dataclass(frozen=True)
+class _RequestInfo:
+    """The attributes the real server authorizes a resource request with."""
+
+    verb: str
+    group: str
+    version: str
+    resource: str
+    subresource: str
+    namespace: str
+    name: str
+
+
+def _request_info(method: str, path: str) -> _RequestInfo | None:
+    """Like kube-apiserver's RequestInfoFactory: None for a non-resource URL."""
+    parts = [p for p in path.split("/") if p]
+    if len(parts) >= 2 and parts[0] == "api":
+        group, version, rest = "", parts[1], parts[2:]
+    elif len(parts) >= 3 and parts[0] == "apis":
+        group, version, rest = parts[1], parts[2], parts[3:]
+    else:
+        return None
+    if not rest:
+        return None  # discovery documents are non-resource requests
+    namespace = name = subresource = ""
+    if rest[0] == "namespaces" and len(rest) >= 2:
+        namespace = rest[1]
+        if len(rest) >= 3:
+            rest = rest[2:]
+        else:  # the namespace itself: its name is also its namespace
+            rest = ["namespaces", namespace]
+    resource = rest[0]
+    if len(rest) >= 2:
+        name = rest[1]
+    if len(rest) >= 3:
+        subresource = rest[2]
+    verbs = {"POST": "create", "PUT": "update", "PATCH": "patch"}
+    if method in ("GET", "HEAD"):
+        verb = "get" if name else "list"
+    elif method == "DELETE":
+        verb = "delete" if name else "deletecollection"
+    else:
+        verb = verbs.get(method, method.lower())
+    return _RequestInfo(verb, group, version, resource, subresource, namespace, name)
+
+
+def _rbac_subject(username: str) -> str:
+    """How an RBAC reason names a subject: ``ServiceAccount "name/namespace"`` for one."""
+    parts = username.split(":")
+    if len(parts) == 4 and parts[:2] == ["system", "serviceaccount"]:
+        return f'ServiceAccount "{parts[3]}/{parts[2]}"'
+    return f'User "{username}"'
+
+
+def _fields_v1(spec: Mapping[str, Any], top: bool = True) -> dict[str, Any]:
+    """The managed-fields set of ``spec`` (``f:`` per field, ``.`` for a set map)."""
+    out: dict[str, Any] = {} if top else {".": {}}
+    for key, value in sorted(spec.items()):
+        out[f"f:{key}"] = _fields_v1(value, top=False) if isinstance(value, dict) else {}
+    return out
+
+
+def _review_metadata(request: Request, api_version: str, spec: Mapping[str, Any]) -> dict[str, Any]:
+    """A review's metadata as the real server answers it: the managed fields of the request
+    (the manager is the first part of the User-Agent)."""
+    agent = request.headers.get("user-agent", "unknown").split("/", 1)[0][:128]
+    return {
+        "managedFields": [
+            {
+                "manager": agent,
+                "operation": "Update",
+                "apiVersion": api_version,
+                "time": _rfc3339(time.time()),
+                "fieldsType": "FieldsV1",
+                "fieldsV1": {"f:spec": _fields_v1(spec)},
+            }
+        ]
+    }
+
+
+def _json(doc: Any, status_code: int = 200) -> JSONResponse:
+    """An API answer with the real server's ``Cache-Control``."""
+    return JSONResponse(doc, status_code=status_code, headers={"Cache-Control": _API_CACHE_CONTROL})
+
+
 def _accepts(accept: str, media_type: str) -> bool:
-    """Whether an Accept header admits ``media_type`` (exact, ``type/*`` or ``*/*``)."""
-    major = media_type.split("/", 1)[0]
+    """Whether an Accept header admits ``media_type`` as go-restful's Produces() does: the
+    type itself or ``*/*`` (``application/*`` is a 406 on the real server)."""
     for part in accept.split(","):
         value = part.split(";", 1)[0].strip().lower()
-        if value in (media_type, f"{major}/*", "*/*"):
+        if value in (media_type, "*/*"):
             return True
     return False
 
@@ -1085,7 +1267,7 @@ def _status(
     if details is not None:
         doc["details"] = dict(details)
     doc["code"] = code
-    return JSONResponse(doc, status_code=code)
+    return _json(doc, code)
 
 
 def _check_body(request: Request, body: Any, kind: str, api_version: str) -> JSONResponse | None:
@@ -1099,7 +1281,7 @@ def _check_body(request: Request, body: Any, kind: str, api_version: str) -> JSO
             "the body of the request was in an unknown format - accepted media types include: "
             "application/json, application/yaml, application/vnd.kubernetes.protobuf",
         )
-    if not isinstance(body, dict) or not isinstance(body.get("spec"), dict):
+    if not isinstance(body, dict):
         return _status(400, "BadRequest", "the body of the request was in an unknown format")
     sent_version = body.get("apiVersion") or api_version
     if sent_version != api_version:
@@ -1109,11 +1291,14 @@ def _check_body(request: Request, body: Any, kind: str, api_version: str) -> JSO
             f"the API version in the data ({sent_version}) does not match the expected API "
             f"version ({api_version})",
         )
-    if (body.get("kind") or kind) != kind:
+    sent_kind = body.get("kind") or kind
+    if sent_kind != kind:
         return _status(
             400,
             "BadRequest",
-            f"the kind in the data ({body.get('kind')}) does not match the expected kind ({kind})",
+            f'{sent_kind} in version "{sent_version.rsplit("/", 1)[-1]}" cannot be handled as a '
+            f'{kind}: no kind "{sent_kind}" is registered for version "{api_version}" in scheme '
+            '"pkg/runtime/scheme.go:111"',
         )
     return None
 
@@ -1134,7 +1319,13 @@ def _internal_error() -> Response:
 
 
 def _forbidden(
-    username: str, verb: str, group: str, resource: str, name: str, namespace: str
+    username: str,
+    verb: str,
+    group: str,
+    resource: str,
+    name: str,
+    namespace: str,
+    subresource: str = "",
 ) -> JSONResponse:
     if resource.startswith("/"):
         return _status(
@@ -1143,8 +1334,9 @@ def _forbidden(
     qualified = f"{resource}.{group}" if group else resource
     subject = f'{qualified} "{name}"' if name else qualified
     scope = f'in the namespace "{namespace}"' if namespace else "at the cluster scope"
+    what = f"{resource}/{subresource}" if subresource else resource
     message = (
-        f'{subject} is forbidden: User "{username}" cannot {verb} resource "{resource}" '
+        f'{subject} is forbidden: User "{username}" cannot {verb} resource "{what}" '
         f'in API group "{group}" {scope}'
     )
     details: dict[str, Any] = {"kind": resource}

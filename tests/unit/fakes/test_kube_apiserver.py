@@ -330,6 +330,9 @@ def test_legacy_token_counts_as_api_audience(
         assert status["audiences"] == [API_AUD]
         assert "extra" not in status["user"]  # not pod-bound
     kube_apiserver.delete_service_account(SESSION_NS, SESSION_SA)
+    # kube-apiserver's token cache: a success is remembered 10 s per token and audiences
+    assert review(http, token, [])["authenticated"] is True
+    kube_apiserver.forget_reviews()
     assert "authenticated" not in review(http, token, [])
 
 
@@ -342,6 +345,8 @@ def test_secret_bound_token_is_not_pod_bound(
     assert status["authenticated"] is True
     assert list(status["user"]["extra"]) == ["authentication.kubernetes.io/credential-id"]
     kube_apiserver.delete_secret(SESSION_NS, "s1")
+    assert review(http, token, ["ambient-cp"])["authenticated"] is True  # the 10 s cache
+    kube_apiserver.forget_reviews()
     assert "authenticated" not in review(http, token, ["ambient-cp"])
 
 
@@ -367,7 +372,8 @@ def test_jwks_verifies_tokens_across_rotation(
     assert disco.headers["cache-control"].startswith("public, max-age=")
     doc = disco.json()
     assert doc["issuer"] == DEFAULT_ISSUER
-    assert doc["jwks_uri"] == f"{DEFAULT_ISSUER}/openid/v1/jwks"
+    # like the real server without --service-account-jwks-uri: its own address
+    assert doc["jwks_uri"] == f"{kube_apiserver.url}/openid/v1/jwks"
     assert doc["id_token_signing_alg_values_supported"] == ["RS256"]
 
     old = kube_apiserver.issue_bound_token(SESSION_NS, SESSION_SA, SESSION_POD)
@@ -388,6 +394,7 @@ def test_jwks_verifies_tokens_across_rotation(
         assert review(http, token, ["ambient-cp"])["authenticated"] is True
 
     kube_apiserver.drop_old_keys()
+    kube_apiserver.forget_reviews()
     assert [k["kid"] for k in http.get("/openid/v1/jwks").json()["keys"]] == [new_kid]
     assert "authenticated" not in review(http, old, ["ambient-cp"])
     assert review(http, new, ["ambient-cp"])["authenticated"] is True
@@ -396,7 +403,7 @@ def test_jwks_verifies_tokens_across_rotation(
 # -- caller authentication and RBAC --------------------------------------------------------
 
 
-def test_caller_without_known_token_gets_401(
+def test_caller_without_known_token_gets_401_and_none_is_anonymous(
     kube_apiserver: FakeKubeAPIServer, http: httpx.Client
 ) -> None:
     for headers in ({"Authorization": "Bearer wrong"}, {"Authorization": "Basic eDp5"}):
@@ -405,7 +412,12 @@ def test_caller_without_known_token_gets_401(
         assert r.json()["reason"] == "Unauthorized"
     ctx = ssl.create_default_context(cadata=kube_apiserver.ca_pem.decode())
     bare = httpx.get(f"{kube_apiserver.url}/openid/v1/jwks", verify=ctx)
-    assert bare.status_code == 401
+    # no credentials at all: system:anonymous, whom RBAC refuses (the real default)
+    assert bare.status_code == 403
+    assert (
+        bare.json()["message"]
+        == 'forbidden: User "system:anonymous" cannot get path "/openid/v1/jwks"'
+    )
 
 
 def _ssar(http: httpx.Client, verb: str, group: str, resource: str) -> bool:

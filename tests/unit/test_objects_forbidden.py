@@ -1,0 +1,60 @@
+"""A refused read names its permission in the log, whichever kind and however soon after
+another kind's refusal (found by the cluster tier: the repeat filter dropped the second kind's
+line, and the once-per-kind rule then never logged it)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+
+from cp_token.clock import FakeClock
+from cp_token.errors import Unavailable
+from cp_token.kube import KubeForbidden
+from cp_token.logs import RepeatFilter
+from cp_token.objects import ObjectCache
+
+
+class RefusingKube:
+    """Every read is refused by RBAC, as the API server's 403 makes it."""
+
+    async def get_namespace(self, name: str) -> Any:
+        raise KubeForbidden(f'namespace: namespaces "{name}" is forbidden')
+
+    async def get_service_account(self, namespace: str, name: str) -> Any:
+        raise KubeForbidden(f'serviceaccount: serviceaccounts "{name}" is forbidden')
+
+    async def get_pod(self, namespace: str, name: str) -> Any:
+        raise KubeForbidden(f'pod: pods "{name}" is forbidden')
+
+
+class Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.addFilter(RepeatFilter())
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+async def test_each_refused_kind_is_logged_even_within_the_repeat_interval() -> None:
+    handler = Lines()
+    logger = logging.getLogger("cp_token.objects")
+    logger.addHandler(handler)
+    try:
+        objects = ObjectCache(RefusingKube(), FakeClock())  # type: ignore[arg-type]
+        with pytest.raises(Unavailable):
+            await objects.namespace_labels("ns")
+        with pytest.raises(Unavailable):
+            await objects.service_account_labels("ns", "session-a-sa")
+        with pytest.raises(Unavailable):
+            await objects.pod_entry("ns", "runner-a")
+        # once per kind: a second refusal of a kind adds nothing
+        with pytest.raises(Unavailable):
+            await objects.namespace_labels("other")
+    finally:
+        logger.removeHandler(handler)
+    needs = [line.split("(the CP needs ")[1] for line in handler.lines if "refused" in line]
+    assert needs == ["'get namespaces')", "'get serviceaccounts')", "'get pods')"]

@@ -50,7 +50,7 @@ from common import Proc, cpu_seconds, rss_kib  # noqa: E402
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 
-from cp_token.processes import free_port  # noqa: E402
+from cp_token.runtime.processes import free_port  # noqa: E402
 from tests.cluster.cluster import Cluster, build_tools  # noqa: E402
 from tests.cluster.conftest import CP_USERNAME, install_control_plane  # noqa: E402
 from tests.cluster.session import (  # noqa: E402

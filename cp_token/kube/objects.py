@@ -107,7 +107,7 @@ def _entry(key: Key, obj: Obj, fetched_at: float, ttl: float) -> Cached:
 @functools.lru_cache(maxsize=8)  # kinds are this module's own words, never input
 def _forbidden_message(kind: str) -> str:
     """The log template for a refused read of ``kind``: one template per kind, because the
-    repeat filter (:class:`cp_token.logs.RepeatFilter`) keys on the template and a kind's
+    repeat filter (:class:`cp_token.runtime.logs.RepeatFilter`) keys on the template and a kind's
     refusal is logged only once, so two kinds refused within a second must not share one."""
     return f"reading {kind} refused: %s (the CP needs 'get {kind}')"
 

@@ -368,6 +368,6 @@ def test_300_new_pods_at_once_all_get_their_token(
 
 
 def _free_port() -> int:
-    from cp_token.processes import free_port
+    from cp_token.runtime.processes import free_port
 
     return free_port()

@@ -9,15 +9,19 @@ from typing import Any
 
 import pytest
 
-from cp_token.clock import FakeClock
 from cp_token.errors import Unavailable
-from cp_token.kube import KubeForbidden
-from cp_token.logs import RepeatFilter
-from cp_token.objects import ObjectCache
+from cp_token.kube.client import KubeForbidden
+from cp_token.kube.objects import ObjectCache
+from cp_token.runtime.clock import FakeClock
+from cp_token.runtime.logs import RepeatFilter
 
 
 class RefusingKube:
-    """Every read is refused by RBAC, as the API server's 403 makes it."""
+    """Every read is refused by RBAC, as the API server's 403 makes it (an answer: the API
+    server is up, and calls may go)."""
+
+    down = False
+    may_call = True
 
     async def get_namespace(self, name: str) -> Any:
         raise KubeForbidden(f'namespace: namespaces "{name}" is forbidden')
@@ -41,7 +45,7 @@ class Lines(logging.Handler):
 
 async def test_each_refused_kind_is_logged_even_within_the_repeat_interval() -> None:
     handler = Lines()
-    logger = logging.getLogger("cp_token.objects")
+    logger = logging.getLogger("cp_token.kube.objects")
     logger.addHandler(handler)
     try:
         objects = ObjectCache(RefusingKube(), FakeClock())  # type: ignore[arg-type]

@@ -38,7 +38,7 @@ from joserfc.jwk import ECKey, RSAKey
 
 from cp_token.authn.precheck import UnverifiedJWT
 from cp_token.errors import Unauthenticated
-from cp_token.kube.client import KubeClient, KubeError, KubeUnavailable
+from cp_token.kube.client import KubeClient, KubeDown, KubeError, KubeUnavailable
 from cp_token.runtime.backoff import Backoff, Pacer
 from cp_token.runtime.clock import Clock
 from cp_token.runtime.singleflight import SharedCall
@@ -82,6 +82,27 @@ _REGISTRY = jws.JWSRegistry(algorithms=sorted(ALGORITHMS))
 _REGISTRY.max_header_length = 4096
 _REGISTRY.max_payload_length = 16 * 1024
 _REGISTRY.max_signature_length = 4 * MAX_RSA_BITS // 8 // 3 + 4
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """A failed read of the key set: its error's kind, reason and (for an API server taken
+    for down) how long calls are held back."""
+
+    kind: type[KubeError]
+    reason: str
+    retry_after: float | None = None
+
+    @classmethod
+    def of(cls, exc: KubeError) -> _Failure:
+        retry = exc.retry_after if isinstance(exc, KubeDown) else None
+        return cls(type(exc), exc.reason, retry)
+
+    def error(self) -> KubeError:
+        """A fresh error of the same kind (each kind's own constructor)."""
+        if issubclass(self.kind, KubeDown):
+            return KubeDown(self.reason, self.retry_after or 1.0)
+        return self.kind(self.reason)
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,7 +278,8 @@ class IssuerKeys:
         self._pacer = Pacer(backoff, clock, rand)
         # Why the last read failed, as (type, reason): a fresh exception is raised each time,
         # so no caller's frames pile up on one shared traceback.
-        self._failure: tuple[type[KubeError], str] | None = None
+        # the last failed read, to raise again (as a fresh error: no traceback is kept)
+        self._failure: _Failure | None = None
         self._fetch: SharedCall[KeySet] = SharedCall()
         self._background: set[asyncio.Task[None]] = set()
 
@@ -269,7 +291,7 @@ class IssuerKeys:
     @property
     def failure(self) -> str | None:
         """Why the last read failed (None after a success or before any attempt)."""
-        return None if self._failure is None else self._failure[1]
+        return None if self._failure is None else self._failure.reason
 
     @property
     def fetching(self) -> bool:
@@ -282,8 +304,9 @@ class IssuerKeys:
         return self._reads
 
     def _failed(self) -> KubeError:
-        kind, reason = self._failure or (KubeUnavailable, "jwks: the key set is not loaded yet")
-        return kind(reason)
+        if self._failure is None:
+            return KubeUnavailable("jwks: the key set is not loaded yet")
+        return self._failure.error()
 
     async def _read_after(self, seen: int) -> KeySet:
         """The set from a read started after the ``seen``-th one: the one in flight when it
@@ -335,12 +358,12 @@ class IssuerKeys:
             if not keys.by_kid and not keys.unnamed:
                 raise KubeUnavailable("jwks: the API server's key set holds no usable key")
         except KubeError as exc:
-            self._failure = (type(exc), exc.reason)
+            self._failure = _Failure.of(exc)
             self._pacer.failed()
             raise
         except Exception as exc:  # an answer nothing above foresaw: a failed read, not a crash
             reason = f"jwks: the API server's key set could not be read ({type(exc).__name__})"
-            self._failure = (KubeUnavailable, reason)
+            self._failure = _Failure(KubeUnavailable, reason)
             self._pacer.failed()
             raise KubeUnavailable(reason) from None
         self._keys, self._loaded_at, self._failure = keys, started, None

@@ -26,7 +26,7 @@ from cp_token.authn.issuer_keys import (
 )
 from cp_token.authn.precheck import EXP_LEEWAY, precheck
 from cp_token.errors import Unauthenticated
-from cp_token.kube.client import KubeError, KubeUnavailable
+from cp_token.kube.client import KubeDown, KubeError, KubeUnavailable
 from cp_token.runtime.clock import FakeClock
 from tests.fakes.clock import SteppedClock
 
@@ -385,4 +385,23 @@ async def test_while_reads_fail_a_caller_gets_the_failure_at_once_then_reads_bac
     source.failing = None
     clock.advance(1.0)  # the backoff after one failure: at most 1 s here
     assert await keys.lookup("k2", "RS256") == [] and source.calls == 3
+    await keys.aclose()
+
+
+async def test_a_down_api_server_is_raised_again_as_itself_while_reads_are_held_back() -> None:
+    """The held-back path re-raises the last failure as a fresh error of its kind: for an API
+    server taken for down (KubeDown, which carries its Retry-After) that was a TypeError, and
+    every such /token an 'internal' 503 (found by the cluster tier under a 429 storm)."""
+    clock = SteppedClock()
+    source = KeySource(new_key("RS256"))
+    keys = IssuerKeys(source, clock, rand=lambda: 0.99)  # type: ignore[arg-type]
+    await keys.lookup("k0", "RS256")
+    clock.advance(1.0)
+    source.failing = KubeDown("jwks: the Kubernetes API is down; calls resume in 2 s", 2.0)
+    with pytest.raises(KubeDown):
+        await keys.lookup("k1", "RS256")
+    with pytest.raises(KubeDown) as held:
+        await asyncio.wait_for(keys.lookup("k1", "RS256"), 0.5)  # held back: raised again
+    assert held.value.retry_after == 2.0 and "down" in held.value.reason
+    assert keys.failure is not None and "down" in keys.failure
     await keys.aclose()

@@ -39,6 +39,8 @@ MANAGED_NS = {"ambient-code.io/managed": "true"}
 MANAGED_SA = {"ambient-code.io/managed-by": "ambient-control-plane"}
 OPT_IN = {"ambient-code.io/token-sidecar": "true"}
 CP_AUDIENCE = "ambient-cp"
+SEALED_UPSTREAMS = "api=https://api.example.com/v1,search=https://search.example.com"
+SEALED_GRPC_UPSTREAM = "grpc.example.com:443"
 
 
 def _image_of(kustomization: Path) -> str:
@@ -77,6 +79,9 @@ class Injector:
             "CP_TOKEN_INJECT_IMAGE": _image_of(ROOT / "k8s" / "injector" / "kustomization.yaml"),
             "CP_TOKEN_INJECT_CP_URL": cp_url,
             "CP_TOKEN_INJECT_CA_CONFIGMAP": "cp-token-ca",
+            # what sealed pods' sidecars add the token to (test_sealed.py)
+            "CP_TOKEN_INJECT_UPSTREAMS": SEALED_UPSTREAMS,
+            "CP_TOKEN_INJECT_GRPC_UPSTREAM": SEALED_GRPC_UPSTREAM,
         }
         proc = Proc([sys.executable, "-m", "cp_token", "inject"], env, work / "inject.log")
         metrics = f"http://127.0.0.1:{mport}"

@@ -58,7 +58,7 @@ async def serve(
     )
 
     def readiness() -> str | None:
-        return None if api.started else "the webhook listener is starting"
+        return None if api.started else "starting"
 
     metrics_server = serving.edge_server(create_metrics_app(metrics, readiness))
     return await group.serve((api, api_sock), (metrics_server, metrics_sock))

@@ -6,6 +6,7 @@ can admit Prometheus and the kubelet there and nothing else on the serving port.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 from starlette.applications import Starlette
@@ -15,10 +16,13 @@ from starlette.routing import Route
 
 __all__ = ["Readiness", "health_routes", "probe_app"]
 
-Readiness = Callable[[], str | None]  # None = ready, else the reason
+Readiness = Callable[[], str | None]  # None = ready, else a reason class (see below)
 
 METRICS_MEDIA_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-MAX_REASON = 300
+# A probe port is reachable from the network: /readyz names a reason class (a word such as
+# ``invalid_client``, ``signing_key``, ``starting``), never configuration, identity or an
+# upstream's words. Anything else a readiness callback returns is shown as a bare "not ready".
+_REASON_CLASS = re.compile(r"[a-z][a-z0-9_]{0,39}")
 
 
 def health_routes(readiness: Readiness) -> list[Route]:
@@ -31,8 +35,9 @@ def health_routes(readiness: Readiness) -> list[Route]:
         problem = readiness()
         if problem is None:
             return PlainTextResponse("ok")
-        # the reason may carry an upstream's words (the IdP's): never more than 300 characters
-        return PlainTextResponse(f"not ready: {problem[:MAX_REASON]}", status_code=503)
+        if not _REASON_CLASS.fullmatch(problem):
+            return PlainTextResponse("not ready", status_code=503)
+        return PlainTextResponse(f"not ready: {problem}", status_code=503)
 
     return [Route("/healthz", healthz), Route("/readyz", readyz)]
 

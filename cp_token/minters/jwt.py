@@ -160,8 +160,8 @@ class JwtMinter:
             ring = load_keyring(key_pem)
         except ValueError as exc:
             if self._ring is None:
-                self._problem = f"{self._variable}: {exc}"
-                log.error("%s", self._problem)
+                self._problem = "signing_key"  # a reason class: the probe port says no more
+                log.error("%s: %s", self._variable, exc)
             else:
                 log.warning("%s: new content ignored: %s", self._variable, exc)
             return

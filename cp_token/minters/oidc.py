@@ -247,7 +247,9 @@ class OidcMinter:
         delay = self._pacer.failed(retry_after)
         self._failure = exc
         if exc.permanent and not self._served:
-            self._problem = f"OIDC_CLIENT_ID/OIDC_CLIENT_SECRET: {exc}"
+            # a reason class for the probe port (which the network can reach); the IdP's
+            # words and the variables to check go to the log below
+            self._problem = "invalid_client"
         self._metrics.dependency("idp", False)
         now = self._clock.monotonic()
         last = self._logged.get(exc.reason)

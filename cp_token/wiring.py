@@ -334,8 +334,12 @@ def build_service(
     clock: Clock | None = None,
     *,
     kube_connection: KubeConnection | None = None,
+    on_fatal: Callable[[str], None] | None = None,
 ) -> Service:
-    """Build every collaborator; raises ConfigError for what cannot work at all."""
+    """Build every collaborator; raises ConfigError for what cannot work at all.
+
+    ``on_fatal`` is how a dead background task ends the process: the serve command passes
+    its server group's stop, so nothing is patched onto the service after it is built."""
     clock = clock or SystemClock()
     metrics = Metrics(authn=s.authn, minter=s.minter, min_ttl=s.min_ttl)
     watcher = FileWatcher()
@@ -366,6 +370,7 @@ def build_service(
         watcher=watcher,
         kube=kube,
         objects=objects,
+        **({} if on_fatal is None else {"on_fatal": on_fatal}),
     )
     oidc = service.minter if isinstance(service.minter, OidcMinter) else None
     metrics.watch(

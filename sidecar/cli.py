@@ -15,19 +15,14 @@ from collections.abc import Sequence
 
 from cp_token.client import TokenError
 from cp_token.http.serving import ServerGroup, api_server, bind_serving, edge_server
-from cp_token.runtime.clock import SystemClock
 from cp_token.runtime.errors import ConfigError
 from cp_token.runtime.logs import setup_logging
 from cp_token.settings.common import redacted
 from cp_token.settings.sidecar import SidecarSettings, load_sidecar_settings
 
-from .app import create_app, create_metrics_app
-from .holder import HolderPolicy, TokenHolder
-from .metrics import SidecarMetrics
-from .refresher import Refresher
-from .sealed import sealed_parts
 from .sink import TokenFileSink
 from .upstream import UpstreamSource
+from .wiring import build_sidecar
 
 __all__ = ["main"]
 
@@ -115,35 +110,15 @@ async def run_once(settings: SidecarSettings, source: UpstreamSource) -> int:
 
 
 async def serve(settings: SidecarSettings, source: UpstreamSource) -> int:
-    """Run the token server (and the metrics server) until a signal or a fatal error."""
-    clock = SystemClock()
-    holder = TokenHolder(clock, HolderPolicy(refresh_fraction=settings.refresh_fraction))
-    metrics = SidecarMetrics(holder)
-    sink = None
-    if settings.token_file is not None:
-        sink = TokenFileSink(settings.token_file, settings.token_file_mode)
-    refresher = Refresher(source, holder, clock, metrics=metrics, sink=sink)
-    group = ServerGroup()
-    try:  # sealed mode: /token refused, the egress routes, the gRPC listener (bound now)
-        sealed = await sealed_parts(settings, refresher, metrics)
+    """Build the sidecar, then run the token server (and the metrics server) until a signal
+    or a fatal error."""
+    group = ServerGroup()  # first: the sidecar is built with its stop as on_fatal
+    try:  # sealed mode binds its gRPC listener while it is built
+        sidecar = await build_sidecar(settings, source, on_fatal=lambda exc: group.stop(1))
     except OSError as exc:  # a busy port, as for the listeners below: exit 1
         addr = f"{settings.grpc_listen_host}:{settings.grpc_listen_port}"
         print(f"{PROG}: SIDECAR_GRPC_LISTEN_ADDR: cannot listen on {addr} ({exc})", file=sys.stderr)
         return 1
-    if settings.upstreams and not settings.sealed:
-        log.warning(
-            "SIDECAR_UPSTREAMS is set but SIDECAR_SEALED is not: the token is still served on "
-            "/token; set SIDECAR_SEALED=true to keep it in the sidecar"
-        )
-    app = create_app(
-        refresher,
-        metrics=metrics,
-        min_ttl=settings.min_ttl,
-        on_fatal=lambda exc: group.stop(1),
-        token_route=sealed.token_route,
-        prefixes=sealed.prefixes,
-        contexts=sealed.contexts,
-    )
     probes = None
     if settings.metrics_host is not None and settings.metrics_port is not None:
         probes = ("SIDECAR_METRICS_ADDR", settings.metrics_host, settings.metrics_port)
@@ -158,8 +133,8 @@ async def serve(settings: SidecarSettings, source: UpstreamSource) -> int:
     except ConfigError as exc:  # a busy port is not a configuration mistake: exit 1
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
-    pairs = [(api_server(app, graceful_seconds=GRACEFUL_SECONDS), sockets[0])]
+    pairs = [(api_server(sidecar.app, graceful_seconds=GRACEFUL_SECONDS), sockets[0])]
     if len(sockets) > 1:
-        metrics_app = create_metrics_app(holder, metrics)
-        pairs.append((edge_server(metrics_app, graceful_seconds=GRACEFUL_SECONDS), sockets[1]))
+        probe_server = edge_server(sidecar.metrics_app, graceful_seconds=GRACEFUL_SECONDS)
+        pairs.append((probe_server, sockets[1]))
     return await group.serve(*pairs)

@@ -40,8 +40,14 @@ def plaintext_warning(s: Settings) -> str | None:
 GRACEFUL_SECONDS = 20
 
 
-async def serve(service: Service, api_sock: socket.socket, metrics_sock: socket.socket) -> int:
-    """Run both servers until a signal (exit 0) or a fatal background failure (exit 1)."""
+async def serve(
+    service: Service,
+    api_sock: socket.socket,
+    metrics_sock: socket.socket,
+    group: ServerGroup | None = None,
+) -> int:
+    """Run both servers until a signal (exit 0) or a fatal background failure (exit 1): the
+    ``group`` whose stop the service was built with (see :func:`main`)."""
     s = service.settings
     warning = plaintext_warning(s)
     if warning is not None:
@@ -54,8 +60,7 @@ async def serve(service: Service, api_sock: socket.socket, metrics_sock: socket.
     api = api_server(
         service.app, graceful_seconds=GRACEFUL_SECONDS, tls=tls, watcher=service.watcher
     )
-    group = ServerGroup()
-    service.on_fatal = lambda reason: group.stop(1)
+    group = group or ServerGroup()
     return await group.serve((api, api_sock), (edge_server(service.metrics_app), metrics_sock))
 
 
@@ -64,10 +69,11 @@ def main(overrides: Mapping[str, str] | None = None) -> int:
     service -> both listeners. A configuration mistake raises ConfigError (the CLI's exit 2)."""
     settings = load_settings(overrides=dict(overrides or {}))
     setup_logging(settings.log_level, settings.log_format)
-    return run_service(build_service(settings))
+    group = ServerGroup()  # first: the service is built with its stop as on_fatal
+    return run_service(build_service(settings, on_fatal=lambda reason: group.stop(1)), group)
 
 
-def run_service(service: Service) -> int:
+def run_service(service: Service, group: ServerGroup | None = None) -> int:
     """Bind, serve, return the exit code."""
     s = service.settings
     api_sock, metrics_sock = bind_serving(
@@ -79,4 +85,4 @@ def run_service(service: Service) -> int:
         max_per_client=s.max_connections_per_client,
         probes=("CP_TOKEN_METRICS_ADDR", s.metrics_host, s.metrics_port),
     )
-    return asyncio.run(serve(service, api_sock, metrics_sock))
+    return asyncio.run(serve(service, api_sock, metrics_sock, group))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from cp_token.identity import Identity
@@ -27,7 +28,7 @@ class DyingMinter:
         pass
 
 
-def static_service(tmp_path: Path) -> Service:
+def static_service(tmp_path: Path, on_fatal: Callable[[str], None] | None = None) -> Service:
     ids = tmp_path / "ids.json"
     ids.write_text(json.dumps({"identities": []}))
     settings = load_settings(
@@ -38,15 +39,14 @@ def static_service(tmp_path: Path) -> Service:
             "CP_TOKEN_STATIC_TOKEN": "t",
         }
     )
-    return build_service(settings)
+    return build_service(settings, on_fatal=on_fatal)
 
 
 async def test_dead_background_task_is_fatal(tmp_path: Path) -> None:
     base = static_service(tmp_path)
     fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.init}
-    service = Service(**{**fields, "minter": DyingMinter()})
     reasons: list[str] = []
-    service.on_fatal = reasons.append
+    service = Service(**{**fields, "minter": DyingMinter(), "on_fatal": reasons.append})
     async with service.lifespan(service.app):
         for _ in range(100):
             if reasons:
@@ -56,9 +56,8 @@ async def test_dead_background_task_is_fatal(tmp_path: Path) -> None:
 
 
 async def test_minter_without_background_work_is_not_fatal(tmp_path: Path) -> None:
-    service = static_service(tmp_path)
     reasons: list[str] = []
-    service.on_fatal = reasons.append
+    service = static_service(tmp_path, on_fatal=reasons.append)
     async with service.lifespan(service.app):
         await asyncio.sleep(0.05)
     assert reasons == []

@@ -33,6 +33,7 @@ SERVER_MODULES = {
     "aiohttp": "aiohttp",
     "prometheus-client": "prometheus_client",
     "joserfc": "joserfc",
+    "cachetools": "cachetools",
     "cryptography": "cryptography",
     "sniffio": "sniffio",
 }

@@ -62,9 +62,9 @@ KUBE_SHARED_CALLS = 4
 
 
 def kube_pool_size(max_reviews: int) -> int:
-    """Worker threads (and connections) to the API server: one per review slot, one per label
-    read, plus the shared calls, so a call never waits in an executor queue: every wait is at
-    a semaphore with a deadline (CP_TOKEN_MAX_REVIEWS, the label-read bound)."""
+    """Connections to the API server (aiohttp's pool limit): one per review slot, one per
+    label read, plus the shared calls, so a call never waits for a connection: every wait is
+    at a semaphore with a deadline (CP_TOKEN_MAX_REVIEWS, the label-read bound)."""
     return max_reviews + MAX_OBJECT_READS + KUBE_SHARED_CALLS
 
 

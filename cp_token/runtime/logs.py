@@ -77,7 +77,8 @@ class RepeatFilter(logging.Filter):
         self._clock = clock or SystemClock()
         self._max_keys = max_keys
         self._seen: OrderedDict[tuple[str, str], tuple[float, int]] = OrderedDict()
-        self._lock = threading.Lock()  # Kubernetes worker threads log too
+        # other threads log too (the Kubernetes credential provider's, asyncio.to_thread's)
+        self._lock = threading.Lock()
 
     def filter(self, record: logging.LogRecord) -> bool:
         """True to emit ``record``; a let-through record may gain a ``suppressed`` field."""

@@ -73,8 +73,6 @@ __all__ = [
     "create_app",
     "create_metrics_app",
     "exchange_body",
-    "parse_bearer",
-    "rfc3339",
     "token_body",
 ]
 

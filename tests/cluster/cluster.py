@@ -217,6 +217,15 @@ class Cluster:
             verify=self.admin_tls(),
         )
 
+    def rotate_signing_key(self) -> None:
+        """A new ServiceAccount signing key, the old one still accepted and published (the
+        first step of a real rotation): kube-apiserver restarted on the same port and etcd."""
+        generation = len(self.sa_public_keys)
+        self.sa_key, pub = _write_rsa_key(self.pki, f"sa-{generation}")
+        self.sa_public_keys.append(pub)
+        self.stop_apiserver()
+        self.start_apiserver()
+
     def stop_apiserver(self) -> None:
         """SIGTERM kube-apiserver and wait for it to exit."""
         if self.apiserver is not None:

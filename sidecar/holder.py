@@ -46,7 +46,7 @@ from cp_token.client import FetchedToken
 from cp_token.client._retry import jitter_retry_after
 from cp_token.runtime.backoff import Backoff
 from cp_token.runtime.clock import Clock
-from cp_token.runtime.refresh import RefreshPolicy
+from cp_token.runtime.refresh import RefreshPolicy, Windows
 from cp_token.settings.sidecar import REFRESH_FRACTION
 
 __all__ = [
@@ -136,6 +136,7 @@ class TokenHolder:
         self._refresh = self.policy.refresh_policy()
         self._rand = rand
         self._token: FetchedToken | None = None
+        self._windows: Windows | None = None  # the held token's, from the refresh policy
         self._fetching = False
         self._refresh_at: float | None = None
         self._retry_at: float | None = None
@@ -169,9 +170,10 @@ class TokenHolder:
         self._rejection = None
         self._last_error = None
         self._last_kind = None
-        self._refresh_at = self._refresh.advisory_at(
+        self._windows = self._refresh.windows(
             token.fetched_at, token.expiry, self._rand(), since=now
         )
+        self._refresh_at = self._windows.advisory_at
 
     def failed(
         self, reason: str, retry_after: float | None = None, *, kind: str = "cp_unavailable"
@@ -222,6 +224,7 @@ class TokenHolder:
         unexpired): it is served while unexpired, and a fetch is due at once (its backoff,
         should the CP be down, is the one of a held token)."""
         self._token = token
+        self._windows = self._refresh.windows(token.fetched_at, token.expiry)
         self._refresh_at = self._clock.monotonic()
 
     def credentials_changed(self) -> None:
@@ -356,10 +359,8 @@ class TokenHolder:
         """
         token = self.current()
         now = self._clock.monotonic()
-        if (
-            token is not None
-            and self._refresh.state(now, token.fetched_at, token.expiry, min_ttl=min_ttl).usable
-        ):
+        windows = self._windows
+        if token is not None and windows is not None and windows.state(now, min_ttl).usable:
             return False
         if self._fetching:
             return True

@@ -40,7 +40,7 @@ from cp_token.metrics import NO_METRICS, IdPMetrics
 from cp_token.minters import DEFAULT_OPTIONS, IssuedToken, MintOptions
 from cp_token.runtime.backoff import Backoff, Pacer, parse_retry_after
 from cp_token.runtime.clock import MAX_SECONDS, Clock, sleep_or_wake
-from cp_token.runtime.refresh import RefreshPolicy
+from cp_token.runtime.refresh import RefreshPolicy, Windows
 from cp_token.runtime.singleflight import SharedCall
 
 __all__ = [
@@ -76,17 +76,14 @@ _DESCRIPTIONS = {
 
 @dataclass(frozen=True)
 class UpstreamToken:
-    """The IdP's token and when it expires (monotonic for decisions, wall for display)."""
+    """The IdP's token, when it expires (monotonic for decisions, wall for display), and
+    its refresh windows."""
 
     token: str
     expires_mono: float
     expires_wall: float
     lifetime: float
-
-    @property
-    def issued_mono(self) -> float:
-        """Monotonic time the call that brought it was answered (its lifetime starts)."""
-        return self.expires_mono - self.lifetime
+    windows: Windows
 
 
 class IdPError(Exception):
@@ -187,10 +184,7 @@ class OidcMinter:
 
     def _usable(self, tok: UpstreamToken | None) -> bool:
         """Outside the mandatory window: at least ``min_ttl`` left."""
-        if tok is None:
-            return False
-        now = self._clock.monotonic()
-        return self._refresh.state(now, tok.issued_mono, tok.expires_mono).usable
+        return tok is not None and tok.windows.state(self._clock.monotonic()).usable
 
     # --- the request path -------------------------------------------------------------------
 
@@ -368,11 +362,13 @@ class OidcMinter:
         lifetime = self._lifetime(token, body.get("expires_in"), now_wall)
         if lifetime is None:
             raise IdPError("the IdP's answer says nothing usable of the token's lifetime")
+        expires_mono = now_mono + lifetime
         return UpstreamToken(
             token=token,
-            expires_mono=now_mono + lifetime,
+            expires_mono=expires_mono,
             expires_wall=now_wall + lifetime,
             lifetime=lifetime,
+            windows=self._refresh.windows(now_mono, expires_mono),
         )
 
     @staticmethod
@@ -412,8 +408,7 @@ class OidcMinter:
         tok = self._current
         if tok is None:
             return 0.0
-        refresh_at = self._refresh.advisory_at(tok.issued_mono, tok.expires_mono)
-        return max(0.0, refresh_at - self._clock.monotonic())
+        return max(0.0, tok.windows.advisory_at - self._clock.monotonic())
 
     async def run(self) -> None:
         """Refresh ahead of expiry forever; failures wait out the shared backoff. No answer

@@ -37,7 +37,7 @@ import enum
 import math
 from dataclasses import dataclass
 
-__all__ = ["Freshness", "RefreshPolicy"]
+__all__ = ["Freshness", "RefreshPolicy", "Windows"]
 
 
 class Freshness(enum.Enum):
@@ -60,6 +60,28 @@ class Freshness(enum.Enum):
 
 
 _RANK = {state: n for n, state in enumerate(Freshness)}
+
+
+@dataclass(frozen=True, slots=True)
+class Windows:
+    """One token's windows as instants (monotonic), computed once by
+    :meth:`RefreshPolicy.windows`, so that asking where it stands is a few comparisons."""
+
+    advisory_at: float
+    mandatory_at: float  # the policy's own mandatory window (inf: unknown expiry)
+    expiry: float  # inf: unknown
+
+    def state(self, now: float, min_ttl: float = 0.0) -> Freshness:
+        """Where the token stands at ``now``, for a caller that wants ``min_ttl`` seconds
+        of it left (its own mandatory window when that is more than the policy's)."""
+        expiry = self.expiry
+        if now >= expiry:
+            return Freshness.EXPIRED
+        if now > self.mandatory_at or now > expiry - min_ttl:  # less than that left
+            return Freshness.MANDATORY
+        if now >= self.advisory_at:
+            return Freshness.ADVISORY
+        return Freshness.FRESH
 
 
 @dataclass(frozen=True)
@@ -112,6 +134,16 @@ class RefreshPolicy:
         then on, less than ``max(mandatory_before, min_ttl)`` seconds are left."""
         return expiry - max(self.mandatory_before, min_ttl)
 
+    def windows(
+        self, issued: float, expiry: float | None, draw: float = 0.5, *, since: float | None = None
+    ) -> Windows:
+        """The windows of a token issued at ``issued`` and expiring at ``expiry`` (None:
+        unknown), to keep beside it (see :meth:`advisory_at` for ``draw`` and ``since``)."""
+        advisory = self.advisory_at(issued, expiry, draw, since=since)
+        if expiry is None:
+            return Windows(advisory, math.inf, math.inf)
+        return Windows(advisory, self.mandatory_at(expiry), expiry)
+
     def state(
         self,
         now: float,
@@ -123,11 +155,4 @@ class RefreshPolicy:
     ) -> Freshness:
         """Where a token issued at ``issued`` and expiring at ``expiry`` (None: unknown)
         stands at ``now``, for a caller that wants ``min_ttl`` seconds of it left."""
-        if expiry is not None:
-            if now >= expiry:
-                return Freshness.EXPIRED
-            if now > self.mandatory_at(expiry, min_ttl):  # less than that left
-                return Freshness.MANDATORY
-        if now >= self.advisory_at(issued, expiry, draw):
-            return Freshness.ADVISORY
-        return Freshness.FRESH
+        return self.windows(issued, expiry, draw).state(now, min_ttl)

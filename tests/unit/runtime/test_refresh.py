@@ -72,6 +72,21 @@ def test_a_token_of_unknown_expiry_is_fresh_forever_by_default() -> None:
     assert policy.advisory_at(ISSUED, None) == math.inf
 
 
+def test_windows_hold_the_instants_computed_once() -> None:
+    policy = RefreshPolicy(fraction=0.5, mandatory_before=300.0, min_gap=1.0)
+    windows = policy.windows(ISSUED, ISSUED + 3600)
+    assert (windows.advisory_at, windows.mandatory_at, windows.expiry) == (
+        ISSUED + 1650,
+        ISSUED + 3300,
+        ISSUED + 3600,
+    )
+    assert windows.state(ISSUED + 3300) is A
+    assert windows.state(ISSUED + 3300, min_ttl=600) is M
+    unknown = policy.windows(ISSUED, None)
+    assert unknown.expiry == math.inf
+    assert unknown.state(ISSUED + 1e12, min_ttl=1e9) is F
+
+
 def test_usable_is_fresh_and_advisory_only() -> None:
     assert [s.usable for s in Freshness] == [True, True, False, False]
     assert [s.rank for s in Freshness] == [0, 1, 2, 3]

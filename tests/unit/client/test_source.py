@@ -441,8 +441,7 @@ def test_mandatory_waiting_threads_share_the_failure_too(clock: FakeClock) -> No
         failures = [f.exception(WAIT) for f in (first, second)]
     assert isinstance(failures[0], TokenUnavailable)
     assert failures[1] is failures[0]  # the same refresh's error: not a second retry loop
-    attempts = script.count
-    assert attempts > 2
+    assert script.count > 2  # that one refresh retried within the deadline
 
 
 def test_min_ttl_is_best_effort_when_the_refresh_fails(clock: FakeClock) -> None:

@@ -17,7 +17,10 @@ States (derived from the facts and the clock, never stored)::
     FRESH, STALE  --lifetime over-->    EXPIRED   --begin_fetch--> FETCHING
 
 Rules (SPIRE's rotation, the one :class:`~cp_token.runtime.backoff.Backoff`): refresh once
-``refresh_fraction`` of the lifetime has passed, +-10 % jitter; after a transient failure
+``refresh_fraction`` of the lifetime has passed, +-10 % jitter, never later than
+``expiry_margin`` before expiry nor sooner than ``min_refresh_interval`` after the fetch ended
+(the advisory window of the one :class:`~cp_token.runtime.refresh.RefreshPolicy`, which also
+decides whether a request's ``min_ttl`` leaves the held token usable); after a transient failure
 retry with capped exponential backoff and full jitter (capped at 60 s while a token is held,
 at 2 s while none is), at least ``Retry-After`` (itself honoured up to 60 s, or 5 s while
 no token is held), with jitter on top of it up to the backoff's cap; after a
@@ -43,6 +46,7 @@ from cp_token.client import FetchedToken
 from cp_token.client._retry import jitter_retry_after
 from cp_token.runtime.backoff import Backoff
 from cp_token.runtime.clock import Clock
+from cp_token.runtime.refresh import RefreshPolicy, Windows
 from cp_token.settings.sidecar import REFRESH_FRACTION
 
 __all__ = [
@@ -95,6 +99,20 @@ class HolderPolicy:
     empty_fetch_interval: float = 1.0  # nothing held: a request fetches at most this often
     sa_poll_interval: float = 0.5  # refused: how often the driver checks the SA token file
 
+    def refresh_policy(self) -> RefreshPolicy:
+        """The refresh-ahead windows these rules give: the advisory window opens at
+        ``refresh_fraction`` of the lifetime (jittered), at the latest ``expiry_margin``
+        before expiry, at least ``min_refresh_interval`` after the fetch ended; no mandatory
+        window of its own (a token is served until it expires; a request's ``min_ttl`` asks
+        for one)."""
+        return RefreshPolicy(
+            fraction=self.refresh_fraction,
+            jitter=self.jitter,
+            advisory_before=self.expiry_margin,
+            min_gap=self.min_refresh_interval,
+            unknown_expiry_refresh=self.unknown_expiry_refresh,
+        )
+
 
 @dataclass(frozen=True)
 class Rejection:
@@ -115,8 +133,10 @@ class TokenHolder:
     ) -> None:
         self._clock = clock
         self.policy = policy or HolderPolicy()
+        self._refresh = self.policy.refresh_policy()
         self._rand = rand
         self._token: FetchedToken | None = None
+        self._windows: Windows | None = None  # the held token's, from the refresh policy
         self._fetching = False
         self._refresh_at: float | None = None
         self._retry_at: float | None = None
@@ -142,7 +162,6 @@ class TokenHolder:
     def succeeded(self, token: FetchedToken) -> None:
         """A fetch returned ``token``: hold it and schedule its refresh."""
         now = self._clock.monotonic()
-        p = self.policy
         self._end_attempt(now)
         self._token = token
         self._failures = 0
@@ -151,15 +170,10 @@ class TokenHolder:
         self._rejection = None
         self._last_error = None
         self._last_kind = None
-        if token.expires_in is None:
-            interval = p.unknown_expiry_refresh
-        else:
-            interval = token.expires_in * p.refresh_fraction
-        interval *= 1.0 + p.jitter * (2.0 * self._rand() - 1.0)
-        refresh_at = token.fetched_at + interval
-        if token.expiry is not None:  # a fraction near 1 plus jitter must not overshoot
-            refresh_at = min(refresh_at, token.expiry - p.expiry_margin)
-        self._refresh_at = max(refresh_at, now + p.min_refresh_interval)
+        self._windows = self._refresh.windows(
+            token.fetched_at, token.expiry, self._rand(), since=now
+        )
+        self._refresh_at = self._windows.advisory_at
 
     def failed(
         self, reason: str, retry_after: float | None = None, *, kind: str = "cp_unavailable"
@@ -210,6 +224,7 @@ class TokenHolder:
         unexpired): it is served while unexpired, and a fetch is due at once (its backoff,
         should the CP be down, is the one of a held token)."""
         self._token = token
+        self._windows = self._refresh.windows(token.fetched_at, token.expiry)
         self._refresh_at = self._clock.monotonic()
 
     def credentials_changed(self) -> None:
@@ -344,10 +359,9 @@ class TokenHolder:
         """
         token = self.current()
         now = self._clock.monotonic()
-        if token is not None:
-            remaining = token.remaining(now)
-            if remaining is None or remaining >= min_ttl:
-                return False
+        windows = self._windows
+        if token is not None and windows is not None and windows.state(now, min_ttl).usable:
+            return False
         if self._fetching:
             return True
         if token is None:

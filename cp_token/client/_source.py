@@ -8,25 +8,32 @@ and a failure never falls through to the next):
 - the **CP** directly (``GET`` with the pod's ServiceAccount token, re-read on every fetch),
 - a **static** token (``BOT_TOKEN``, local development).
 
-Refreshing is best effort while the cached token is still valid (one attempt, the cached
-token is returned if it fails), and retried within the deadline when no valid token is held.
+The cached token is refreshed ahead of time by the one refresh-ahead policy
+(:class:`~cp_token.runtime.refresh.RefreshPolicy`): in its advisory window one caller
+refreshes (one attempt; the cached token is kept if it fails) while the others keep using
+the cached token without waiting; in its mandatory window (the last
+:data:`MANDATORY_REFRESH` seconds) callers wait for one refresh, retried within the deadline,
+and the cached token is not handed out. See :class:`TokenSource`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import math
 import random
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Literal, TypedDict, Unpack
 
 import httpx
 
 from cp_token.runtime.clock import Clock, SystemClock
 from cp_token.runtime.errors import ConfigError
+from cp_token.runtime.refresh import Freshness, RefreshPolicy, Windows
 from cp_token.runtime.singleflight import SharedCall
 from cp_token.settings.client import (
     DEFAULT_SA_TOKEN_FILE,
@@ -57,6 +64,9 @@ log = logging.getLogger("cp_token.client")
 # riding out a CP outage hands back the same short-lived token, and asking it again on
 # every call would only add load.
 EARLY_REFRESH_PAUSE = 5.0
+# The mandatory window: with fewer seconds than this left, a cached token is not handed out;
+# callers wait for a refresh (retried within the deadline), and its failure is raised.
+MANDATORY_REFRESH = 10.0
 
 _bot_warned = False
 
@@ -116,6 +126,41 @@ def _kept(cached: FetchedToken, exc: TokenError) -> FetchedToken:
     return cached
 
 
+class _Need(enum.Enum):
+    """What a call must do about the cached token, from its :class:`Freshness`."""
+
+    SERVE = "serve"  # FRESH, or an early refresh ended within EARLY_REFRESH_PAUSE
+    ADVISORY = "advisory"  # one caller refreshes once; the others serve the cached token
+    BEST_EFFORT = "best_effort"  # short of the caller's min_ttl: wait for one attempt
+    MANDATORY = "mandatory"  # nothing to serve: wait for the refresh, raise if it fails
+
+
+@dataclass(frozen=True, slots=True)
+class _Held:
+    """The cached token and its windows, computed once when it is stored."""
+
+    token: FetchedToken
+    windows: Windows
+
+
+@dataclass(frozen=True, slots=True)
+class _Attempt:
+    """A refresh made under the sync lock: its serial, and its failure (None: it brought a
+    token), so callers who waited for it share its outcome instead of repeating it."""
+
+    serial: int
+    error: TokenError | None = None
+    mandatory: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Refreshed:
+    """An async refresh's outcome: the token, and whether it was fetched (or kept)."""
+
+    token: FetchedToken
+    fetched: bool
+
+
 class SourceOptions(TypedDict, total=False):
     """Optional knobs shared by the constructor and :meth:`TokenSource.from_env`."""
 
@@ -137,8 +182,30 @@ class TokenSource:
 
     Give exactly one of ``sidecar_url``, ``cp_url`` (with ``sa_token_file``) or
     ``static_token``. ``timeout`` is per request, ``deadline`` bounds all retries of one
-    call. A cached token is refreshed once less than
-    ``max(refresh_before, refresh_fraction * lifetime)`` seconds are left.
+    call.
+
+    A cached token passes through the windows of the one
+    :class:`~cp_token.runtime.refresh.RefreshPolicy` (the model: botocore's
+    ``RefreshableCredentials``); its *usable lifetime* is its lifetime minus the mandatory
+    window:
+
+    - **fresh**: :meth:`token` and :meth:`atoken` return it, no I/O and no lock.
+    - **advisory**, once ``refresh_fraction`` (default 0.1) of the usable lifetime is left, or
+      ``refresh_before`` (default 30) seconds before expiry, whichever comes first: exactly
+      one caller refreshes (one attempt; sync callers through a non-blocking lock, async ones
+      through one shared call) while every other caller gets the cached token at once. A
+      failed attempt keeps the cached token, and the next one waits
+      :data:`EARLY_REFRESH_PAUSE` seconds.
+    - **mandatory**, the last :data:`MANDATORY_REFRESH` seconds: the cached token is not
+      handed out. Callers wait for one shared refresh, retried within ``deadline``; when it
+      fails they get its error (:class:`TokenUnavailable` for transient failures). A token
+      the refresh brings is handed out whatever it has left (the origin's best, just now).
+    - **expired**, and nothing cached: as mandatory.
+
+    A caller's ``min_ttl`` larger than the mandatory window opens a mandatory window of
+    its own, best effort: that caller waits for the refresh, but gets the still valid
+    cached token when it fails (and within :data:`EARLY_REFRESH_PAUSE` of the last attempt,
+    at once). A token of unknown expiry stays fresh.
     """
 
     def __init__(
@@ -167,8 +234,12 @@ class TokenSource:
         self._static = static_token
         self._ca_file = ca_file
         self._timeout = timeout
-        self._refresh_before = options.get("refresh_before", 30.0)
-        self._refresh_fraction = options.get("refresh_fraction", 0.1)
+        share, before = options.get("refresh_fraction", 0.1), options.get("refresh_before", 30.0)
+        if not (0.0 <= share <= 1.0 and before >= 0.0):
+            raise TokenError("refresh_fraction must be within 0..1 and refresh_before >= 0")
+        self._policy = RefreshPolicy(
+            fraction=1.0 - share, advisory_before=before, mandatory_before=MANDATORY_REFRESH
+        )
         clock = options.get("clock")
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._retry = Retrier(
@@ -181,15 +252,16 @@ class TokenSource:
         self._transport = options.get("transport")
         self._async_transport = options.get("async_transport")
 
-        self._cached: FetchedToken | None = None
+        self._held: _Held | None = None  # the cached token
         self._force_next = False
         self._early_after = -math.inf
-        self._lock = threading.Lock()  # one sync fetch at a time
+        self._lock = threading.Lock()  # one sync refresh at a time
+        self._last_attempt = _Attempt(0)  # the last refresh made under the lock
         self._client_lock = threading.Lock()
         self._client: httpx.Client | None = None
         self._aclient: httpx.AsyncClient | None = None
         self._aclient_loop: asyncio.AbstractEventLoop | None = None
-        self._flight: SharedCall[FetchedToken] = SharedCall()  # concurrent awaiters share
+        self._flight: SharedCall[_Refreshed] = SharedCall()  # concurrent awaiters share
         self._sa_file = ServiceAccountTokenFile(sa_token_file)
 
     # --- construction from the environment ----------------------------------------------
@@ -253,31 +325,38 @@ class TokenSource:
         """A valid token (from the cache when fresh enough); blocks while fetching.
 
         ``min_ttl`` asks for at least that many seconds of lifetime; it is best effort when
-        the upstream cannot provide more (the token returned is always unexpired).
+        the upstream cannot provide more (the token returned is always unexpired). See the
+        class docstring for who waits for a refresh and who gets the cached token.
         """
-        cached, must_fetch = self._plan(min_ttl)
-        if not must_fetch and cached is not None:
-            return cached.token
-        with self._lock:
-            cached, must_fetch = self._plan(min_ttl)
-            if not must_fetch and cached is not None:
-                return cached.token
-            if cached is None:
-                return self.fetch(min_ttl).token
-            self._early_after = self._clock.monotonic() + EARLY_REFRESH_PAUSE
+        held = self._held
+        need = self._need(held, min_ttl)
+        if held is not None and need is _Need.SERVE:
+            return held.token.token
+        if held is not None and need is _Need.ADVISORY:
+            if not self._lock.acquire(blocking=False):
+                return held.token.token  # another caller is refreshing: keep using this one
             try:
-                return self.fetch_once(min_ttl).token
-            except TokenRejected:
-                raise
-            except TokenError as exc:
-                return _kept(cached, exc).token
+                return self._refresh(min_ttl, None)
+            finally:
+                self._lock.release()
+        seen = self._last_attempt.serial
+        with self._lock:
+            return self._refresh(min_ttl, seen)
 
     async def atoken(self, min_ttl: float | None = None) -> str:
         """Async :meth:`token`; concurrent awaiters share one fetch."""
-        cached, must_fetch = self._plan(min_ttl)
-        if not must_fetch and cached is not None:
-            return cached.token
-        return (await self._flight.do(lambda: self._arefresh(min_ttl))).token
+        while True:
+            held = self._held
+            need = self._need(held, min_ttl)
+            if held is not None and (
+                need is _Need.SERVE or (need is _Need.ADVISORY and self._flight.running)
+            ):
+                return held.token.token
+            outcome = await self._flight.do(lambda: self._arefresh(min_ttl))
+            if outcome.fetched or need is not _Need.MANDATORY:
+                return outcome.token.token
+            # the refresh this caller joined was an advisory one that kept the cached token,
+            # which has since come into the mandatory window: wait for a mandatory one
 
     def invalidate(self, token: str | None = None) -> None:
         """Drop the cached token (e.g. after the API rejected it with a 401).
@@ -286,38 +365,89 @@ class TokenSource:
         concurrent caller refreshed it). Through the sidecar, the next fetch is a ``POST``,
         which makes the sidecar fetch a fresh token instead of returning its cached one.
         """
-        cached = self._cached
-        if token is not None and (cached is None or cached.token != token):
+        held = self._held
+        if token is not None and (held is None or held.token.token != token):
             return
-        self._cached = None
+        self._held = None
         self._force_next = True
         self._early_after = -math.inf
 
-    def _plan(self, min_ttl: float | None) -> tuple[FetchedToken | None, bool]:
-        """(the cached token if still valid, whether to fetch now)."""
-        cached = self._cached
+    def _need(self, held: _Held | None, min_ttl: float | None) -> _Need:
+        """What a call asking for ``min_ttl`` must do now about ``held``."""
+        if held is None:
+            return _Need.MANDATORY
         now = self._clock.monotonic()
-        if cached is None or not cached.valid_at(now):
-            return None, True
-        remaining = cached.remaining(now)
-        if remaining is None:
-            return cached, False
-        lifetime = float(cached.expires_in or 0)
-        margin = max(self._refresh_before, self._refresh_fraction * lifetime, min_ttl or 0.0)
-        return cached, remaining <= margin and now >= self._early_after
+        state = held.windows.state(now, min_ttl or 0.0)
+        if state is Freshness.FRESH:
+            return _Need.SERVE
+        # short of the caller's min_ttl only, or inside the policy's own mandatory window?
+        own = held.windows.state(now) if min_ttl and not state.usable else state
+        if not own.usable:
+            return _Need.MANDATORY
+        if now < self._early_after:
+            return _Need.SERVE
+        return _Need.ADVISORY if state is Freshness.ADVISORY else _Need.BEST_EFFORT
 
-    async def _arefresh(self, min_ttl: float | None) -> FetchedToken:
-        """Retry until the deadline without a valid token; with one, a single attempt."""
-        cached, _ = self._plan(min_ttl)
-        if cached is None:
-            return await self.afetch(min_ttl)
-        self._early_after = self._clock.monotonic() + EARLY_REFRESH_PAUSE
+    def _refresh(self, min_ttl: float | None, seen: int | None) -> str:
+        """Under the sync lock: refresh as the plan says. ``seen`` is the serial of the last
+        attempt when this caller began to wait (None: it did not wait)."""
+        last = self._last_attempt
+        held = self._held
+        if seen is not None and last.serial != seen:  # one ended while this caller waited
+            if last.error is not None and last.mandatory:
+                raise last.error  # nothing to serve, and the refresh failed: share its error
+            if (
+                last.error is None
+                and held is not None
+                and held.token.valid_at(self._clock.monotonic())
+            ):
+                return held.token.token  # it brought a token: share it
+        need = self._need(held, min_ttl)
+        if held is not None and need is _Need.SERVE:
+            return held.token.token
+        serial = last.serial + 1
+        if held is None or need is _Need.MANDATORY:
+            try:
+                fetched = self.fetch(min_ttl)
+            except TokenError as exc:
+                self._last_attempt = _Attempt(serial, exc, mandatory=True)
+                raise
+            self._last_attempt = _Attempt(serial)
+            return fetched.token
         try:
-            return await self.afetch_once(min_ttl)
+            fetched = self.fetch_once(min_ttl)
+        except TokenError as exc:
+            self._last_attempt = _Attempt(serial, exc)
+            if isinstance(exc, TokenRejected):
+                raise
+            return _kept(held.token, exc).token
+        finally:
+            self._pause()
+        self._last_attempt = _Attempt(serial)
+        return fetched.token
+
+    async def _arefresh(self, min_ttl: float | None) -> _Refreshed:
+        """The shared async refresh: with nothing to serve, retried until the deadline;
+        else a single attempt that keeps the cached token if it fails."""
+        held = self._held
+        need = self._need(held, min_ttl)
+        if held is not None and need is _Need.SERVE:
+            return _Refreshed(held.token, fetched=False)
+        if held is None or need is _Need.MANDATORY:
+            return _Refreshed(await self.afetch(min_ttl), fetched=True)
+        try:
+            return _Refreshed(await self.afetch_once(min_ttl), fetched=True)
         except TokenRejected:
             raise
         except TokenError as exc:
-            return _kept(cached, exc)
+            return _Refreshed(_kept(held.token, exc), fetched=False)
+        finally:
+            self._pause()
+
+    def _pause(self) -> None:
+        """An early (advisory or best-effort) attempt just ended: the next one waits
+        :data:`EARLY_REFRESH_PAUSE` (its token may be the same short-lived one again)."""
+        self._early_after = self._clock.monotonic() + EARLY_REFRESH_PAUSE
 
     # --- fetching -----------------------------------------------------------------------
 
@@ -400,7 +530,7 @@ class TokenSource:
         )
 
     def _store(self, fetched: FetchedToken) -> FetchedToken:
-        self._cached = fetched
+        self._held = _Held(fetched, self._policy.windows(fetched.fetched_at, fetched.expiry))
         self._force_next = False
         return fetched
 

@@ -1,10 +1,14 @@
 """The ``oidc`` minter: one upstream token from an OAuth2 client-credentials grant.
 
-RFC 6749 §4.4 against ``OIDC_TOKEN_URL`` (client_secret_basic). The token is refreshed in the
-background halfway through its usable window (its lifetime minus ``CP_TOKEN_MIN_TTL``), so
-requests never wait; concurrent callers share one in-flight call; no caller ever receives a
-token with less than ``CP_TOKEN_MIN_TTL`` left. Every session receives the same token: this
-minter has no per-session scope and no per-pod revocation (the ``jwt`` minter has).
+RFC 6749 §4.4 against ``OIDC_TOKEN_URL`` (client_secret_basic). The token's windows are the
+one :class:`~cp_token.runtime.refresh.RefreshPolicy`'s: the advisory window opens halfway
+through its usable window (its lifetime minus ``CP_TOKEN_MIN_TTL``, at least
+:data:`MIN_REFRESH_GAP` after the fetch), where the background task refreshes it while
+requests keep the held token, so requests never wait; the last ``CP_TOKEN_MIN_TTL`` seconds
+are the mandatory window, where a request waits for a refresh: no caller ever receives a
+token with less than ``CP_TOKEN_MIN_TTL`` left. Concurrent callers share one in-flight call.
+Every session receives the same token: this minter has no per-session scope and no per-pod
+revocation (the ``jwt`` minter has).
 
 While the IdP fails, every call to it (a request's or the refresher's) is paced by one
 :class:`~cp_token.runtime.backoff.Pacer`: a request finding no usable token during the backoff gets
@@ -36,6 +40,7 @@ from cp_token.metrics import NO_METRICS, IdPMetrics
 from cp_token.minters import DEFAULT_OPTIONS, IssuedToken, MintOptions
 from cp_token.runtime.backoff import Backoff, Pacer, parse_retry_after
 from cp_token.runtime.clock import MAX_SECONDS, Clock, sleep_or_wake
+from cp_token.runtime.refresh import RefreshPolicy, Windows
 from cp_token.runtime.singleflight import SharedCall
 
 __all__ = [
@@ -71,12 +76,14 @@ _DESCRIPTIONS = {
 
 @dataclass(frozen=True)
 class UpstreamToken:
-    """The IdP's token and when it expires (monotonic for decisions, wall for display)."""
+    """The IdP's token, when it expires (monotonic for decisions, wall for display), and
+    its refresh windows."""
 
     token: str
     expires_mono: float
     expires_wall: float
     lifetime: float
+    windows: Windows
 
 
 class IdPError(Exception):
@@ -119,6 +126,10 @@ class OidcMinter:
         self._client_id = client_id
         self._secret = client_secret
         self._min_ttl = min_ttl
+        # refresh halfway through the usable window; hand nothing out inside its last min_ttl
+        self._refresh = RefreshPolicy(
+            fraction=0.5, mandatory_before=min_ttl, min_gap=MIN_REFRESH_GAP
+        )
         self._clock = clock
         self._scope = scope
         self._audience = audience
@@ -172,7 +183,8 @@ class OidcMinter:
         self._wake.set()
 
     def _usable(self, tok: UpstreamToken | None) -> bool:
-        return tok is not None and tok.expires_mono - self._clock.monotonic() >= self._min_ttl
+        """Outside the mandatory window: at least ``min_ttl`` left."""
+        return tok is not None and tok.windows.state(self._clock.monotonic()).usable
 
     # --- the request path -------------------------------------------------------------------
 
@@ -352,11 +364,13 @@ class OidcMinter:
         lifetime = self._lifetime(token, body.get("expires_in"), now_wall)
         if lifetime is None:
             raise IdPError("the IdP's answer says nothing usable of the token's lifetime")
+        expires_mono = now_mono + lifetime
         return UpstreamToken(
             token=token,
-            expires_mono=now_mono + lifetime,
+            expires_mono=expires_mono,
             expires_wall=now_wall + lifetime,
             lifetime=lifetime,
+            windows=self._refresh.windows(now_mono, expires_mono),
         )
 
     @staticmethod
@@ -389,17 +403,14 @@ class OidcMinter:
 
     def next_refresh_in(self) -> float:
         """Seconds until the background task should call the IdP again: the backoff's
-        wait while calls fail, else halfway through the usable window of the held token."""
+        wait while calls fail, else until the held token's advisory window opens (halfway
+        through the window in which it still satisfies ``min_ttl``)."""
         if self._pacer.failures:
             return self._pacer.wait()
         tok = self._current
         if tok is None:
             return 0.0
-        # Halfway through the window in which the token still satisfies min_ttl.
-        window_end = tok.expires_mono - self._min_ttl
-        fetched = tok.expires_mono - tok.lifetime
-        refresh_at = fetched + max(MIN_REFRESH_GAP, (window_end - fetched) / 2)
-        return max(0.0, refresh_at - self._clock.monotonic())
+        return max(0.0, tok.windows.advisory_at - self._clock.monotonic())
 
     async def run(self) -> None:
         """Refresh ahead of expiry forever; failures wait out the shared backoff. No answer

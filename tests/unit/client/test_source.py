@@ -5,7 +5,11 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -161,14 +165,16 @@ def test_an_empty_sa_token_file_is_an_error(clock: FakeClock, sa_file: Path) -> 
 # --- caching --------------------------------------------------------------------------------
 
 
-def test_token_is_cached_until_the_refresh_margin(clock: FakeClock) -> None:
+def test_token_is_cached_until_the_advisory_window(clock: FakeClock) -> None:
     script = Script(ok("t1", 900), ok("t2", 900))
     source = sidecar_source(clock, script)
     assert source.token() == "t1"
-    clock.advance(809)  # 91 s left: margin is max(30, 10 % of 900) = 90
+    # the advisory window opens with 10 % of the usable lifetime (900 - 10 s) left, plus the
+    # 10 s mandatory window: 99 s before expiry
+    clock.advance(800)  # 100 s left
     assert source.token() == "t1"
     assert script.count == 1
-    clock.advance(2)  # 89 s left
+    clock.advance(2)  # 98 s left
     assert source.token() == "t2"
     assert script.count == 2
 
@@ -256,6 +262,233 @@ async def test_a_cancelled_awaiter_does_not_cancel_the_shared_fetch(clock: FakeC
     first.cancel()
     script.gate.set()
     assert await second == "shared"
+
+
+# --- the refresh windows: advisory (one refreshes, the others go on), mandatory (all wait) --
+
+WAIT = 10.0  # real seconds a test waits on another thread before it calls the run broken
+LIFETIME = 900  # advisory from 99 s left (10 % of 890 usable + 10), mandatory under 10 s
+
+
+class Gate:
+    """A step of the fake sidecar that blocks its (sync) request until the test opens it."""
+
+    def __init__(self, answer: httpx.Response) -> None:
+        self.answer = answer
+        self.entered = threading.Event()
+        self.opened = threading.Event()
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.entered.set()
+        if not self.opened.wait(2 * WAIT):
+            raise AssertionError("the gate was never opened")
+        return self.answer
+
+
+class WaitLock:
+    """The source's lock, telling when a caller starts to wait on it (it has then already
+    taken note of the refresh it waits for)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.waiting = threading.Event()
+
+    def acquire(self, blocking: bool = True) -> bool:
+        if blocking and self._lock.locked():
+            self.waiting.set()
+        return self._lock.acquire(blocking)
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def in_thread(pool: ThreadPoolExecutor, call: Callable[[], Any]) -> Future[Any]:
+    return pool.submit(call)
+
+
+def test_advisory_one_thread_refreshes_while_another_gets_the_cached_token_at_once(
+    clock: FakeClock,
+) -> None:
+    gate = Gate(ok("t2", LIFETIME))
+    script = Script(ok("t1", LIFETIME), gate)
+    source = sidecar_source(clock, script)
+    assert source.token() == "t1"
+    clock.advance(LIFETIME - 98)  # the advisory window
+    with ThreadPoolExecutor(2) as pool:
+        refreshing = in_thread(pool, source.token)
+        assert gate.entered.wait(WAIT)  # its refresh is in flight, held at the gate
+        other = in_thread(pool, source.token)
+        assert other.result(WAIT) == "t1"  # before the gate opens: it did not wait
+        assert not refreshing.done()
+        gate.opened.set()
+        assert refreshing.result(WAIT) == "t2"
+    assert script.count == 2
+    assert source.token() == "t2"
+
+
+async def test_advisory_one_task_refreshes_while_another_gets_the_cached_token_at_once(
+    clock: FakeClock,
+) -> None:
+    script = Script(ok("t1", LIFETIME), ok("t2", LIFETIME))
+    source = sidecar_source(clock, script)
+    assert await source.atoken() == "t1"
+    script.gate = asyncio.Event()
+    clock.advance(LIFETIME - 98)
+    refreshing = asyncio.create_task(source.atoken())
+    await asyncio.sleep(0)  # its refresh is in flight, held at the gate
+    other = asyncio.create_task(source.atoken())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert other.done() and other.result() == "t1"
+    assert not refreshing.done()
+    script.gate.set()
+    assert await refreshing == "t2"
+    assert script.count == 2
+
+
+async def test_a_failed_advisory_refresh_keeps_the_token_async(clock: FakeClock) -> None:
+    script = Script(ok("t1", LIFETIME), unavailable(), ok("t2", LIFETIME))
+    source = sidecar_source(clock, script)
+    await source.atoken()
+    clock.advance(LIFETIME - 50)
+    assert await source.atoken() == "t1"  # one attempt, failed: the cached token
+    assert await source.atoken() == "t1"  # paused: no new attempt
+    assert script.count == 2
+    clock.advance(5)
+    assert await source.atoken() == "t2"
+
+
+def test_mandatory_threads_wait_and_share_one_fetch(clock: FakeClock) -> None:
+    gate = Gate(ok("t2", LIFETIME))
+    script = Script(ok("t1", LIFETIME), gate)
+    source = sidecar_source(clock, script)
+    lock = WaitLock()
+    source._lock = lock  # type: ignore[assignment]
+    assert source.token() == "t1"
+    clock.advance(LIFETIME - 5)  # 5 s left: the cached token is not handed out
+    with ThreadPoolExecutor(2) as pool:
+        first = in_thread(pool, source.token)
+        assert gate.entered.wait(WAIT)
+        second = in_thread(pool, source.token)
+        assert lock.waiting.wait(WAIT)  # it waits for the refresh in flight
+        assert not first.done() and not second.done()
+        gate.opened.set()
+        assert first.result(WAIT) == "t2"
+        assert second.result(WAIT) == "t2"
+    assert script.count == 2  # one fetch for both
+
+
+async def test_mandatory_tasks_wait_and_share_one_fetch(clock: FakeClock) -> None:
+    script = Script(ok("t1", LIFETIME), ok("t2", LIFETIME))
+    source = sidecar_source(clock, script)
+    assert await source.atoken() == "t1"
+    script.gate = asyncio.Event()
+    clock.advance(LIFETIME - 5)
+    waiters = [asyncio.create_task(source.atoken()) for _ in range(2)]
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not any(w.done() for w in waiters)  # both wait: 5 s left is not handed out
+    script.gate.set()
+    assert await asyncio.gather(*waiters) == ["t2", "t2"]
+    assert script.count == 2
+
+
+def test_mandatory_a_failed_refresh_raises_though_the_token_is_still_valid(
+    clock: FakeClock,
+) -> None:
+    script = Script(ok("t1", LIFETIME), unavailable())
+    source = sidecar_source(clock, script, deadline=3.0)
+    source.token()
+    expiry = clock.monotonic() + LIFETIME
+    clock.advance(LIFETIME - 9)  # 9 s left: under the 10 s mandatory window
+    with pytest.raises(TokenUnavailable, match="gave up"):
+        source.token()
+    assert script.count > 2  # retried within the deadline first
+    assert clock.monotonic() < expiry  # t1 was still valid, and not handed out
+
+
+async def test_mandatory_a_failed_refresh_raises_async(clock: FakeClock) -> None:
+    script = Script(ok("t1", LIFETIME), unavailable())
+    source = sidecar_source(clock, script, deadline=3.0)
+    await source.atoken()
+    expiry = clock.monotonic() + LIFETIME
+    clock.advance(LIFETIME - 9)
+    with pytest.raises(TokenUnavailable):
+        await source.atoken()
+    assert clock.monotonic() < expiry
+
+
+def test_mandatory_waiting_threads_share_the_failure_too(clock: FakeClock) -> None:
+    gate = Gate(unavailable())
+    script = Script(ok("t1", LIFETIME), gate)
+    source = sidecar_source(clock, script, deadline=3.0)
+    lock = WaitLock()
+    source._lock = lock  # type: ignore[assignment]
+    source.token()
+    clock.advance(LIFETIME - 5)
+    with ThreadPoolExecutor(2) as pool:
+        first = in_thread(pool, source.token)
+        assert gate.entered.wait(WAIT)
+        second = in_thread(pool, source.token)
+        assert lock.waiting.wait(WAIT)
+        gate.opened.set()
+        failures = [f.exception(WAIT) for f in (first, second)]
+    assert isinstance(failures[0], TokenUnavailable)
+    assert failures[1] is failures[0]  # the same refresh's error: not a second retry loop
+    assert script.count > 2  # that one refresh retried within the deadline
+
+
+def test_min_ttl_is_best_effort_when_the_refresh_fails(clock: FakeClock) -> None:
+    """A caller asking for more than the cached token has left waits for one attempt, and
+    gets the still valid cached token when it fails (outside the mandatory window)."""
+    script = Script(ok("t1", LIFETIME), unavailable(), ok("t2", LIFETIME))
+    source = sidecar_source(clock, script)
+    source.token()
+    clock.advance(400)  # 500 s left: fresh for most callers
+    assert source.token() == "t1"
+    assert source.token(min_ttl=600) == "t1"  # one attempt failed: the cached token
+    assert script.count == 2
+    assert source.token(min_ttl=600) == "t1"  # within the pause: no new attempt
+    clock.advance(5)
+    assert source.token(min_ttl=600) == "t2"
+
+
+async def test_min_ttl_is_best_effort_async(clock: FakeClock) -> None:
+    script = Script(ok("t1", LIFETIME), unavailable())
+    source = sidecar_source(clock, script)
+    await source.atoken()
+    clock.advance(400)
+    assert await source.atoken(min_ttl=600) == "t1"
+    assert script.count == 2
+
+
+def test_a_token_the_mandatory_refresh_brings_is_handed_out_whatever_it_has_left(
+    clock: FakeClock,
+) -> None:
+    """The origin's best, just now (a sidecar riding out a CP outage hands back its last
+    token): handed out; the next call asks again."""
+    script = Script(ok("t1", LIFETIME), ok("t1", 8), ok("t1", 7))
+    source = sidecar_source(clock, script)
+    source.token()
+    clock.advance(LIFETIME - 8)
+    assert source.token() == "t1"
+    assert script.count == 2
+    clock.advance(1)
+    assert source.token() == "t1"
+    assert script.count == 3
+
+
+def test_refresh_settings_out_of_range_are_refused(clock: FakeClock) -> None:
+    with pytest.raises(TokenError, match="refresh_fraction"):
+        sidecar_source(clock, Script(), refresh_fraction=1.5)
+    with pytest.raises(TokenError, match="refresh_before"):
+        sidecar_source(clock, Script(), refresh_before=-1.0)
 
 
 # --- retries --------------------------------------------------------------------------------

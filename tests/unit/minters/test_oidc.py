@@ -373,3 +373,27 @@ async def test_without_a_usable_token_the_idp_is_retried_within_2_s(idp: FakeIdP
     finally:
         refresher.cancel()
         await m.aclose()
+
+
+async def test_requests_keep_the_held_token_until_its_mandatory_window(idp: FakeIdP) -> None:
+    """The advisory window (from halfway through the usable window) is the refresher's: a
+    request keeps the held token without calling the IdP. In the last CP_TOKEN_MIN_TTL
+    seconds (the mandatory window) the token is not handed out: a request waits for a
+    fresh one."""
+    clock = FakeClock()
+    m = minter(clock, idp)  # CP_TOKEN_MIN_TTL 300, the IdP's tokens live 3600 s
+    try:
+        first = (await m.mint(WHO)).token
+        assert m.next_refresh_in() == pytest.approx(1650)
+        clock.advance(1650)  # the advisory window is open
+        assert m.next_refresh_in() == 0
+        assert (await m.mint(WHO)).token == first
+        clock.advance(3300 - 1650)  # exactly CP_TOKEN_MIN_TTL left: still handed out
+        minted = await m.mint(WHO)
+        assert minted.token == first and idp.calls() == 1
+        clock.advance(0.5)  # less than CP_TOKEN_MIN_TTL left: a request waits for a refresh
+        fresh = (await m.mint(WHO)).token
+        assert fresh != first and idp.is_issued(fresh)
+        assert idp.calls() == 2
+    finally:
+        await m.aclose()

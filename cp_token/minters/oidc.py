@@ -27,7 +27,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -77,9 +77,10 @@ _DESCRIPTIONS = {
 @dataclass(frozen=True)
 class UpstreamToken:
     """The IdP's token, when it expires (monotonic for decisions, wall for display), and
-    its refresh windows."""
+    its refresh windows. The token is left out of ``repr``: a log line or a traceback that
+    shows the object never shows the credential."""
 
-    token: str
+    token: str = field(repr=False)
     expires_mono: float
     expires_wall: float
     lifetime: float

@@ -15,9 +15,10 @@ import pytest
 
 from cp_token.errors import Unavailable
 from cp_token.identity import Identity
-from cp_token.minters.oidc import IDP_DARK_BACKOFF, OidcMinter
+from cp_token.minters.oidc import IDP_DARK_BACKOFF, OidcMinter, UpstreamToken
 from cp_token.runtime.backoff import Backoff
 from cp_token.runtime.clock import FakeClock
+from cp_token.runtime.refresh import RefreshPolicy
 from tests.fakes.clock import SteppedClock
 from tests.fakes.idp import MALFORMED_MODES, FakeIdP
 
@@ -397,3 +398,10 @@ async def test_requests_keep_the_held_token_until_its_mandatory_window(idp: Fake
         assert idp.calls() == 2
     finally:
         await m.aclose()
+
+
+def test_the_upstream_token_is_never_in_its_repr() -> None:
+    """A log line or a traceback that shows the held IdP token object never shows the token."""
+    windows = RefreshPolicy(fraction=0.5).windows(0.0, 900.0)
+    tok = UpstreamToken("idp-secret-token-value", 900.0, 1_800_000_900.0, 900.0, windows)
+    assert "idp-secret-token-value" not in repr(tok) and "idp-secret" not in str(tok)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from cp_token.identity import Identity
@@ -12,9 +12,10 @@ __all__ = ["DEFAULT_OPTIONS", "IssuedToken", "KeyPublisher", "MintOptions", "Min
 
 @dataclass(frozen=True)
 class IssuedToken:
-    """A token to hand out, its expiry (wall clock; None = unknown) and its id."""
+    """A token to hand out, its expiry (wall clock; None = unknown) and its id (the token is
+    left out of ``repr``)."""
 
-    token: str
+    token: str = field(repr=False)
     expires_at: float | None
     jti: str | None = None
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Any
 
 import httpx
 import pytest
@@ -14,89 +13,12 @@ from hypothesis import strategies as st
 from joserfc import jwt
 from joserfc.jwk import KeySet
 
-from cp_token.app import create_app
-from cp_token.authn.cache import CachedAuthenticator
-from cp_token.errors import Unauthenticated, Unavailable
-from cp_token.identity import POD_NAME_KEY, POD_UID_KEY, Identity, token_hash
-from cp_token.minters.jwt import JwtMinter
-from cp_token.policy import RunnerPolicy
-from cp_token.ratelimit import RateLimiter
+from cp_token.errors import Unavailable
+from cp_token.identity import Identity, token_hash
 from cp_token.runtime.clock import FakeClock
+from tests.fakes.cp_app import BOUND, RUNNER, TABLE, DictReviewer, build, call, clock, reviewer
 
-RUNNER = "system:serviceaccount:session-a:session-abc-sa"
-BOUND = {POD_NAME_KEY: ("runner-abc",), POD_UID_KEY: ("uid-1",)}
-
-
-class DictReviewer:
-    """A reviewer with a fixed table of tokens; counts calls; can be made to fail."""
-
-    def __init__(self, table: dict[str, Identity]) -> None:
-        self.table = table
-        self.calls = 0
-        self.fail: Exception | None = None
-        self.gate: asyncio.Event | None = None
-
-    async def review(self, token: str) -> Identity:
-        self.calls += 1
-        if self.gate is not None:
-            await self.gate.wait()
-        if self.fail is not None:
-            raise self.fail
-        if token not in self.table:
-            raise Unauthenticated("unknown token", reason="not_authenticated")
-        return self.table[token]
-
-    async def aclose(self) -> None:
-        pass
-
-
-TABLE = {
-    "good": Identity(RUNNER, extra=BOUND),
-    "unbound": Identity(RUNNER),
-    "other-sa": Identity("system:serviceaccount:session-a:default", extra=BOUND),
-}
-
-
-def build(clock: FakeClock, reviewer: DictReviewer, **kw: Any) -> tuple[Any, JwtMinter]:
-    minter = kw.pop("minter", None) or JwtMinter(
-        issuer="https://cp.test", audience="ambient-api-server", ttl=900, clock=clock
-    )
-    auth = CachedAuthenticator(
-        reviewer,
-        clock=clock,
-        audiences=("ambient-cp",),
-        ttl=30,
-        max_in_flight=4,
-        jwt_precheck=False,
-        queue_wait=kw.pop("queue_wait", 2.0),
-    )
-    app = create_app(
-        authenticator=auth,
-        policy=RunnerPolicy(),
-        minter=minter,
-        clock=clock,
-        limiter=RateLimiter(kw.pop("rate", 5.0), kw.pop("burst", 20), clock),
-        exchange=kw.pop("exchange", None),
-    )
-    return app, minter
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def reviewer() -> DictReviewer:
-    return DictReviewer(dict(TABLE))
-
-
-async def call(
-    app: Any, method: str = "GET", headers: dict[str, str] | None = None, path: str = "/token"
-) -> httpx.Response:
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://cp") as client:
-        return await client.request(method, path, headers=headers or {})
+__all__ = ["clock", "reviewer"]  # fixtures, from tests/fakes/cp_app.py
 
 
 async def test_issued_token_is_a_verifiable_jwt(clock: FakeClock, reviewer: DictReviewer) -> None:

@@ -24,7 +24,7 @@ from cp_token.identity import POD_NAME_KEY, POD_UID_KEY, Identity
 from cp_token.policy import RunnerPolicy, glob_match
 from cp_token.runtime.bounded import bounded_ttl
 from cp_token.runtime.clock import FakeClock
-from tests.unit.test_app import DictReviewer, build
+from tests.fakes.cp_app import DictReviewer, build
 
 NOW = 1_800_000_000.0
 AUD = ("ambient-cp",)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 
 import httpx
 import pytest
@@ -13,8 +14,15 @@ from hypothesis import strategies as st
 from joserfc import jwt
 from joserfc.jwk import KeySet
 
+from cp_token.app import create_app, create_metrics_app, token_body
+from cp_token.authn.cache import CachedAuthenticator
 from cp_token.errors import Unavailable
 from cp_token.identity import Identity, token_hash
+from cp_token.metrics import Metrics
+from cp_token.minters import IssuedToken
+from cp_token.minters.jwt import JwtMinter
+from cp_token.policy import RunnerPolicy
+from cp_token.ratelimit import RateLimiter
 from cp_token.runtime.clock import FakeClock
 from tests.fakes.cp_app import BOUND, RUNNER, TABLE, DictReviewer, build, call, clock, reviewer
 
@@ -276,3 +284,102 @@ async def test_two_authorization_headers_are_refused(
     assert resp.json()["error"] == "invalid_token"
     assert resp.headers["www-authenticate"] == 'Bearer error="invalid_token"'
     assert reviewer.calls == 0
+
+
+def test_token_body_is_json_dumps_text() -> None:
+    issued = IssuedToken(token='a.b.c\x7fé"', expires_at=1_800_000_900.7, jti="j")
+    body = token_body(issued, 1_800_000_000.2)
+    assert json.loads(body) == {
+        "token": 'a.b.c\x7fé"',
+        "token_type": "Bearer",
+        "expires_at": "2027-01-15T08:15:00Z",
+        "expires_in": 900,
+    }
+    assert body == json.dumps(json.loads(body), separators=(",", ":")).encode()
+    opaque = token_body(IssuedToken(token="t", expires_at=None), 0)
+    assert json.loads(opaque) == {
+        "token": "t",
+        "token_type": "Bearer",
+        "expires_at": None,
+        "expires_in": None,
+    }
+
+
+async def test_the_metrics_port_serves_the_library_s_exposition() -> None:
+    metrics = Metrics(authn="static", minter="jwt")
+    metrics.request("issued", "ok", 0.01)
+    app = create_metrics_app(metrics, lambda: None)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://cp") as client:
+        text = await client.get("/metrics")
+        openmetrics = await client.get(
+            "/metrics", headers={"Accept": "application/openmetrics-text"}
+        )
+        refused = await client.post("/metrics")
+    assert text.status_code == 200 and text.headers["content-type"].startswith("text/plain")
+    assert 'cp_token_requests_total{outcome="issued",reason="ok"} 1.0' in text.text
+    assert openmetrics.headers["content-type"].startswith("application/openmetrics-text")
+    assert refused.status_code == 405
+
+
+class OneReviewer:
+    async def review(self, token: str) -> Identity:
+        return Identity(RUNNER, extra=BOUND)
+
+    async def aclose(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("root_path", ["", "/cp"])
+async def test_the_token_door_answers_alike_with_or_without_the_shortcut(root_path: str) -> None:
+    clock = FakeClock()
+    auth = CachedAuthenticator(
+        OneReviewer(),
+        clock=clock,
+        audiences=("ambient-cp",),
+        ttl=30,
+        max_in_flight=4,
+        jwt_precheck=False,
+    )
+    app = create_app(
+        authenticator=auth,
+        policy=RunnerPolicy(),
+        minter=JwtMinter(issuer="https://cp", audience="api", ttl=900, clock=clock),
+        clock=clock,
+        limiter=RateLimiter(5.0, 20, clock),
+    )
+    transport = httpx.ASGITransport(app=app, root_path=root_path)
+    async with httpx.AsyncClient(transport=transport, base_url="http://cp") as client:
+        ok = await client.get(f"{root_path}/token", headers={"Authorization": "Bearer t"})
+        head = await client.head(f"{root_path}/token", headers={"Authorization": "Bearer t"})
+    assert ok.status_code == 200 and ok.headers["cache-control"] == "no-store"
+    assert ok.headers["content-type"] == "application/json"
+    assert math.isclose(ok.json()["expires_in"], 900)
+    assert head.status_code == 405 and head.headers["allow"] == "GET"
+
+
+async def test_the_routes_share_slots_by_client_address() -> None:
+    """The app passes the client address: one remote address gets its share (here 1 of 4
+    slots), another address is not held up by it; loopback (a local proxy) names no one."""
+    table = {
+        f"t{i}": Identity(f"system:serviceaccount:ns:session-{i}-sa", extra=BOUND) for i in range(8)
+    }
+    reviewer = DictReviewer(table)
+    reviewer.gate = asyncio.Event()
+    app, _ = build(FakeClock(), reviewer, queue_wait=0.2)  # max_in_flight=4: 1 per caller
+
+    async def get(token: str, host: str) -> int:
+        transport = httpx.ASGITransport(app=app, client=(host, 5000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://cp") as client:
+            resp = await client.get("/token", headers={"Authorization": f"Bearer {token}"})
+            return resp.status_code
+
+    noisy = [asyncio.create_task(get(f"t{i}", "10.0.0.9")) for i in range(3)]
+    other = asyncio.create_task(get("t3", "10.0.0.10"))
+    local = [asyncio.create_task(get(f"t{i}", "127.0.0.1")) for i in (4, 5)]
+    await asyncio.sleep(0.4)
+    assert reviewer.calls == 4  # 1 for 10.0.0.9, 1 for 10.0.0.10, 2 from loopback
+    reviewer.gate.set()
+    assert sorted(await asyncio.gather(*noisy)) == [200, 503, 503]
+    assert await other == 200
+    assert await asyncio.gather(*local) == [200, 200]

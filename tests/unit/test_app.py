@@ -24,7 +24,9 @@ from cp_token.minters.jwt import JwtMinter
 from cp_token.policy import RunnerPolicy
 from cp_token.ratelimit import RateLimiter
 from cp_token.runtime.clock import FakeClock
+from tests.fakes import looptime
 from tests.fakes.cp_app import BOUND, RUNNER, TABLE, DictReviewer, build, call, clock, reviewer
+from tests.fakes.loop import run_until, spin
 
 __all__ = ["clock", "reviewer"]  # fixtures, from tests/fakes/cp_app.py
 
@@ -157,25 +159,32 @@ async def test_singleflight_and_cap(clock: FakeClock, reviewer: DictReviewer) ->
     reviewer.gate = asyncio.Event()
     h = {"Authorization": "Bearer good"}
     tasks = [asyncio.create_task(call(app, headers=h)) for _ in range(20)]
-    await asyncio.sleep(0.05)
+    await run_until(lambda: reviewer.calls == 1, "the first review under way")
+    await spin(200)  # every other request reaches the cache and joins it
     reviewer.gate.set()
     results = await asyncio.gather(*tasks)
     assert {r.status_code for r in results} == {200}
     assert reviewer.calls == 1
 
 
-async def test_reviews_in_flight_are_capped(clock: FakeClock) -> None:
+def test_reviews_in_flight_are_capped(clock: FakeClock) -> None:
+    """Four reviews in flight (max_in_flight=4); the other two wait 50 ms of loop time for a
+    slot and are answered 503 (on virtual loop time: tests/fakes/looptime.py)."""
     table = {f"t{i}": Identity(RUNNER.replace("abc", str(i)), extra=BOUND) for i in range(6)}
     reviewer = DictReviewer(table)
-    reviewer.gate = asyncio.Event()
-    app, _ = build(clock, reviewer, queue_wait=0.05)
-    tasks = [
-        asyncio.create_task(call(app, headers={"Authorization": f"Bearer t{i}"})) for i in range(6)
-    ]
-    await asyncio.sleep(0.2)
-    reviewer.gate.set()
-    statuses = sorted(r.status_code for r in await asyncio.gather(*tasks))
-    assert statuses == [200, 200, 200, 200, 503, 503]  # max_in_flight=4
+
+    async def main() -> list[int]:
+        reviewer.gate = asyncio.Event()
+        app, _ = build(clock, reviewer, queue_wait=0.05)
+        tasks = [
+            asyncio.create_task(call(app, headers={"Authorization": f"Bearer t{i}"}))
+            for i in range(6)
+        ]
+        await looptime.advance(0.2)
+        reviewer.gate.set()
+        return sorted(r.status_code for r in await asyncio.gather(*tasks))
+
+    assert looptime.run(main()) == [200, 200, 200, 200, 503, 503]
     assert reviewer.calls == 4
 
 
@@ -358,28 +367,33 @@ async def test_the_token_door_answers_alike_with_or_without_the_shortcut(root_pa
     assert head.status_code == 405 and head.headers["allow"] == "GET"
 
 
-async def test_the_routes_share_slots_by_client_address() -> None:
+def test_the_routes_share_slots_by_client_address() -> None:
     """The app passes the client address: one remote address gets its share (here 1 of 4
-    slots), another address is not held up by it; loopback (a local proxy) names no one."""
+    slots), another address is not held up by it; loopback (a local proxy) names no one.
+    (On virtual loop time: the extra requests' 0.2 s queue wait passes at once.)"""
     table = {
         f"t{i}": Identity(f"system:serviceaccount:ns:session-{i}-sa", extra=BOUND) for i in range(8)
     }
     reviewer = DictReviewer(table)
-    reviewer.gate = asyncio.Event()
-    app, _ = build(FakeClock(), reviewer, queue_wait=0.2)  # max_in_flight=4: 1 per caller
 
-    async def get(token: str, host: str) -> int:
-        transport = httpx.ASGITransport(app=app, client=(host, 5000))
-        async with httpx.AsyncClient(transport=transport, base_url="http://cp") as client:
-            resp = await client.get("/token", headers={"Authorization": f"Bearer {token}"})
-            return resp.status_code
+    async def main() -> None:
+        reviewer.gate = asyncio.Event()
+        app, _ = build(FakeClock(), reviewer, queue_wait=0.2)  # max_in_flight=4: 1 per caller
 
-    noisy = [asyncio.create_task(get(f"t{i}", "10.0.0.9")) for i in range(3)]
-    other = asyncio.create_task(get("t3", "10.0.0.10"))
-    local = [asyncio.create_task(get(f"t{i}", "127.0.0.1")) for i in (4, 5)]
-    await asyncio.sleep(0.4)
-    assert reviewer.calls == 4  # 1 for 10.0.0.9, 1 for 10.0.0.10, 2 from loopback
-    reviewer.gate.set()
-    assert sorted(await asyncio.gather(*noisy)) == [200, 503, 503]
-    assert await other == 200
-    assert await asyncio.gather(*local) == [200, 200]
+        async def get(token: str, host: str) -> int:
+            transport = httpx.ASGITransport(app=app, client=(host, 5000))
+            async with httpx.AsyncClient(transport=transport, base_url="http://cp") as client:
+                resp = await client.get("/token", headers={"Authorization": f"Bearer {token}"})
+                return resp.status_code
+
+        noisy = [asyncio.create_task(get(f"t{i}", "10.0.0.9")) for i in range(3)]
+        other = asyncio.create_task(get("t3", "10.0.0.10"))
+        local = [asyncio.create_task(get(f"t{i}", "127.0.0.1")) for i in (4, 5)]
+        await looptime.advance(0.4)
+        assert reviewer.calls == 4  # 1 for 10.0.0.9, 1 for 10.0.0.10, 2 from loopback
+        reviewer.gate.set()
+        assert sorted(await asyncio.gather(*noisy)) == [200, 503, 503]
+        assert await other == 200
+        assert await asyncio.gather(*local) == [200, 200]
+
+    looptime.run(main())

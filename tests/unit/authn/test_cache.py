@@ -16,6 +16,8 @@ from cp_token.authn.precheck import MAX_TOKEN_BYTES, decode_unverified
 from cp_token.errors import Unauthenticated, Unavailable
 from cp_token.identity import POD_NAME_KEY, POD_UID_KEY, Identity
 from cp_token.runtime.clock import FakeClock
+from tests.fakes import looptime
+from tests.fakes.loop import spin
 
 RUNNER = "system:serviceaccount:session-a:session-abc-sa"
 
@@ -80,7 +82,8 @@ GOOD_CLAIMS = {"aud": ["ambient-cp"], "exp": NOW + 600, "sub": "system:serviceac
 
 
 class Reviewer:
-    """Known tokens map to identities; `delay` makes every review take that long (real time)."""
+    """Known tokens map to identities; ``delay`` makes every review take that long (of loop
+    time: a test using it runs on virtual time, tests/fakes/looptime.py)."""
 
     def __init__(self, table: dict[str, Identity] | None = None, delay: float = 0.0) -> None:
         self.table = table or {}
@@ -93,7 +96,7 @@ class Reviewer:
         if self.hang:
             await asyncio.Event().wait()
         if self.delay:
-            await asyncio.sleep(self.delay)
+            await looptime.advance(self.delay)
         if token in self.table:
             return self.table[token]
         raise Unauthenticated("unknown token", reason="not_authenticated")
@@ -148,7 +151,7 @@ async def test_unavailable_is_not_remembered_and_is_fresh_per_waiter() -> None:
     class Failing(Reviewer):
         async def review(self, token: str) -> Identity:
             self.calls += 1
-            await asyncio.sleep(0.01)
+            await spin(10)  # the other callers join this review meanwhile
             raise Unavailable("the Kubernetes API is unavailable", reason="kube_unavailable")
 
     reviewer = Failing()
@@ -207,7 +210,9 @@ async def test_review_cache_capped_at_the_liveness_proof() -> None:
     assert reviewer.calls == 2
 
 
-async def test_a_flooding_caller_cannot_starve_others() -> None:
+def test_a_flooding_caller_cannot_starve_others() -> None:
+    """200 forged tokens from one address, reviews of 0.3 s, a queue wait of 0.2 s (loop time,
+    virtual): the flood gets its 2 slots, ten other pods all get through."""
     clock = FakeClock(start=NOW)
     legit = {
         jwt_of({"alg": "RS256"}, {**GOOD_CLAIMS, "sub": f"pod-{i}"}): Identity(
@@ -216,46 +221,57 @@ async def test_a_flooding_caller_cannot_starve_others() -> None:
         for i in range(10)
     }
     reviewer = Reviewer(legit, delay=0.3)
-    auth = authenticator(reviewer, clock, max_in_flight=16, queue_wait=0.2)
     flood = [
         jwt_of({"alg": "RS256"}, {**GOOD_CLAIMS, "sub": f"forged-{i}", "n": i}) for i in range(200)
     ]
 
-    async def attempt(token: str, peer: str) -> str:
-        try:
-            await auth.authenticate(token, peer=peer)
-        except (Unauthenticated, Unavailable) as exc:
-            return exc.reason
-        return "ok"
+    async def main() -> tuple[list[str], list[str]]:
+        auth = authenticator(reviewer, clock, max_in_flight=16, queue_wait=0.2)
 
-    attack = [asyncio.create_task(attempt(t, "10.0.0.66")) for t in flood]
-    await asyncio.sleep(0.05)
-    good = await asyncio.gather(*(attempt(t, f"10.0.1.{i}") for i, t in enumerate(legit)))
-    results = await asyncio.gather(*attack)
+        async def attempt(token: str, peer: str) -> str:
+            try:
+                await auth.authenticate(token, peer=peer)
+            except (Unauthenticated, Unavailable) as exc:
+                return exc.reason
+            return "ok"
+
+        attack = [asyncio.create_task(attempt(t, "10.0.0.66")) for t in flood]
+        await looptime.advance(0.05)
+        good = await asyncio.gather(*(attempt(t, f"10.0.1.{i}") for i, t in enumerate(legit)))
+        return good, await asyncio.gather(*attack)
+
+    good, results = looptime.run(main())
     assert good == ["ok"] * 10
     assert results.count("not_authenticated") <= 2 * 2  # 2 slots (16 // 8), ~2 rounds
     assert set(results) <= {"not_authenticated", "caller_saturated"}
 
 
-async def test_hung_reviewer_is_answered_503_within_the_bound() -> None:
+def test_hung_reviewer_is_answered_503_within_the_bound() -> None:
+    """Loop time is virtual: the bound is checked exactly, in no wall-clock time."""
     reviewer = Reviewer()
     reviewer.hang = True
-    auth = authenticator(
-        reviewer, FakeClock(start=NOW), max_in_flight=2, queue_wait=0.2, call_timeout=0.4
-    )
-    loop = asyncio.get_running_loop()
 
-    async def timed(i: int) -> tuple[str, float]:
-        start = loop.time()
-        try:
-            await auth.authenticate(unknown_token(i, size=400))
-        except Unavailable as exc:
-            return exc.reason, loop.time() - start
-        return "ok", loop.time() - start
+    async def main() -> tuple[float, list[tuple[str, float]]]:
+        auth = authenticator(
+            reviewer, FakeClock(start=NOW), max_in_flight=2, queue_wait=0.2, call_timeout=0.4
+        )
+        loop = asyncio.get_running_loop()
 
-    results = await asyncio.gather(*(timed(i) for i in range(6)))
+        async def timed(i: int) -> tuple[str, float]:
+            start = loop.time()
+            try:
+                await auth.authenticate(unknown_token(i, size=400))
+            except Unavailable as exc:
+                return exc.reason, loop.time() - start
+            return "ok", loop.time() - start
+
+        return auth.answer_within, await asyncio.gather(*(timed(i) for i in range(6)))
+
+    answer_within, results = looptime.run(main())
     assert {r for r, _ in results} == {"kube_timeout", "reviews_saturated"}
     assert max(t for _, t in results) <= 0.2 + 0.4 + 0.05
+    assert sorted(t for r, t in results if r == "kube_timeout") == [answer_within] * 2
+    assert sorted(t for r, t in results if r == "reviews_saturated") == [pytest.approx(0.2)] * 4
 
 
 def test_refusal_round_trip() -> None:

@@ -10,7 +10,8 @@
   and every unit test file outside project/ and fakes/ is named after a module
   (``test_<module>.py``, or ``test_<module>_<aspect>.py``);
 - the import contract is live: ``lint-imports`` with the project's configuration fails on a
-  copy of the packages given one forbidden import (the sidecar importing the CP's app).
+  copy of the packages given one forbidden import (the sidecar importing the CP's app);
+- no stale path: every path of the repository named in its text files exists.
 """
 
 from __future__ import annotations
@@ -265,3 +266,40 @@ def test_lint_imports_fails_on_a_forbidden_import(packages_copy: Path) -> None:
     assert broken.returncode != 0
     assert "The client library and the sidecar never import the CP BROKEN" in broken.stdout
     assert "sidecar.holder -> cp_token.app" in broken.stdout  # the copy was analysed
+
+
+# --- no stale path ---------------------------------------------------------------------------
+
+PATH_NAMED = re.compile(
+    r"(?<![\w/.-])(?:cp_token|sidecar|tests|bench|k8s|docs|examples)/[\w./-]*\w"
+    r"\.(?:py|md|yaml|yml|json|sh|toml)\b"
+)
+# history names old paths on purpose; this file names made-up ones in its examples
+NOT_CHECKED = {"CHANGELOG.md", "tests/unit/project/test_layout.py"}
+
+
+def test_every_path_named_in_the_repository_exists() -> None:
+    """A moved module leaves no stale path behind in the docs, comments or docstrings."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    stale = []
+    for name in listed:
+        path = ROOT / name
+        if name in NOT_CHECKED or not path.is_file() or path.suffix in (".lock", ".png"):
+            continue
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError:
+            continue
+        for number, line in enumerate(text.splitlines(), 1):
+            stale += [
+                f"{name}:{number}: {found}"
+                for found in PATH_NAMED.findall(line)
+                if not (ROOT / found).exists()
+            ]
+    assert stale == []

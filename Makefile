@@ -30,7 +30,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 # promtool checks and unit-tests the alerts and parses the dashboard's expressions
-# (tests/unit/test_observability.py): from Debian's prometheus package, as curl and wrk are.
+# (tests/unit/project/test_observability.py): from Debian's prometheus package, as curl and wrk are.
 promtool:
 	@command -v promtool >/dev/null || (apt-get update -qq \
 	  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus) >&2
@@ -52,9 +52,10 @@ test-cluster: $(STAMP) cluster-tools
 # oldest and the newest uvicorn that pyproject's pin allows, each installed alone (no deps)
 # into a directory that shadows the venv's copy (tests/integration/test_edge.py checks which
 # version it ran on).
+# the dependency line only ("uvicorn" then a version operator), not the mypy override "uvicorn.*"
 UVICORN_PIN := $(shell sed -n 's/^ *"\(uvicorn[<>=!~][^"]*\)",.*/\1/p' pyproject.toml)
 UVICORN_OLDEST := $(shell echo '$(UVICORN_PIN)' | sed -n 's/.*>=\([0-9.]*\).*/\1/p')
-EDGE_TESTS := tests/integration/test_edge.py tests/unit/http/test_framing.py
+EDGE_TESTS := tests/integration/test_edge.py tests/unit/http/test_framing.py tests/unit/http/test_edge.py
 edge-uvicorn: $(STAMP)
 	@for spec in 'uvicorn==$(UVICORN_OLDEST)' '$(UVICORN_PIN)'; do \
 	  dir=$(VENV)/uvicorn-edge; rm -rf $$dir; \

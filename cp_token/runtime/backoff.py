@@ -1,6 +1,6 @@
 """The one backoff policy of the code base: capped exponential, full jitter, ``Retry-After``.
 
-Every retry loop uses it: the client's retries (:class:`cp_token.client.RetryPolicy`), the
+Every retry loop uses it: the client's retries (:class:`cp_token.client._retry.RetryPolicy`), the
 sidecar's holder and the ``oidc`` minter (its request path and its background refresher
 share one :class:`Pacer`). Time and randomness are injected, so tests are exact.
 

@@ -6,7 +6,8 @@ event loop), so sync clients, async clients and child processes can all be point
 The path of the request picks the answer: ``/<case>`` answers ``HOSTILE_ANSWERS[case]``,
 ``/good-then/<case>`` a valid token first and that case from then on, ``/good`` always a
 valid token. Every token these answers carry contains :data:`SECRET`, so a test can check
-that no error line or log quotes it.
+that no error line or log quotes it. :func:`check_bad_answer` is what every client must make
+of one of these answers.
 """
 
 from __future__ import annotations
@@ -16,7 +17,19 @@ import json
 import threading
 from collections import Counter
 
-__all__ = ["GOOD_TOKEN", "HOSTILE_ANSWERS", "SECRET", "RawUpstream", "good_answer"]
+from cp_token.client import TokenError, TokenRejected, TokenUnavailable
+from cp_token.client._http import MAX_DESCRIPTION
+
+__all__ = [
+    "GOOD_TOKEN",
+    "HOSTILE_ANSWERS",
+    "MAX_MESSAGE",
+    "REFUSALS",
+    "SECRET",
+    "RawUpstream",
+    "check_bad_answer",
+    "good_answer",
+]
 
 SECRET = "SECRETTOKENTEXT"
 GOOD_TOKEN = f"good-{SECRET}-1"
@@ -175,3 +188,25 @@ class RawUpstream:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+REFUSALS = {"error-text-60kb", "error-json-200000-deep"}  # 403s: TokenRejected, not retried
+# upstream text that may appear in a message, beyond the URL and our own words
+MAX_MESSAGE = 2 * MAX_DESCRIPTION + 200
+
+
+def check_bad_answer(exc: BaseException, case: str) -> None:
+    """The error a bad answer must give: a ``TokenError`` (``TokenRejected`` for the
+    refusals, else ``TokenUnavailable``) whose message is one line of bounded length that
+    never quotes a token."""
+    assert isinstance(exc, TokenError), f"{case}: {type(exc).__name__} escaped"
+    if case in REFUSALS:
+        assert isinstance(exc, TokenRejected)
+        assert len(exc.description) <= MAX_DESCRIPTION
+    else:
+        assert isinstance(exc, TokenUnavailable), f"{case}: {exc!r}"
+    message = str(exc)
+    assert SECRET not in message
+    assert "\n" not in message and "\r" not in message and "\x00" not in message
+    message.encode("utf-8")  # no lone surrogate
+    assert len(message) <= MAX_MESSAGE, f"{case}: {len(message)} characters"

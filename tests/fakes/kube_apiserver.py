@@ -644,6 +644,12 @@ class FakeKubeAPIServer(LoopbackFake):
         self._check_route(route)
         return self._faults.calls(route)
 
+    def wait_for_calls(self, route: str, n: int, timeout: float = 5.0) -> bool:
+        """Block until `route` has received at least `n` requests (a request from another
+        thread has arrived); False if `timeout` seconds pass first."""
+        self._check_route(route)
+        return self._faults.wait_for_calls(route, n, timeout)
+
     def reset_counts(self) -> None:
         """Zero the call counters and forget recorded requests."""
         self._faults.reset_counts()

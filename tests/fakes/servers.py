@@ -431,6 +431,7 @@ class FaultPlan:
         self._modes = frozenset(modes)
         self._on_change = on_change
         self._lock = threading.Lock()
+        self._counted = threading.Condition(self._lock)  # notified on every call
         self._latency: dict[str | None, float] = {}
         self._faults: dict[str | None, tuple[str, int | None]] = {}
         self._counts: dict[str, int] = {}
@@ -507,8 +508,15 @@ class FaultPlan:
 
     def record_call(self, route: str) -> None:
         """Count one call to `route`."""
-        with self._lock:
+        with self._counted:
             self._counts[route] = self._counts.get(route, 0) + 1
+            self._counted.notify_all()
+
+    def wait_for_calls(self, route: str, n: int, timeout: float = 5.0) -> bool:
+        """Block until `route` has received at least `n` calls: woken by each call, no
+        polling; False if `timeout` seconds pass first."""
+        with self._counted:
+            return self._counted.wait_for(lambda: self._counts.get(route, 0) >= n, timeout)
 
     def calls(self, route: str | None = None) -> int:
         """Calls received on `route` (None: on all routes) since the last `reset_counts()`."""

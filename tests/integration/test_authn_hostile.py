@@ -32,9 +32,8 @@ from tests.fakes.fixtures import (
     new_sessions,
 )
 from tests.fakes.kube_apiserver import FakeKubeAPIServer
+from tests.integration.cp_rig import CP, b64, claims_of, settings_env
 from tests.integration.procs import write_identities
-from tests.integration.test_cp_kube import CP, settings_env
-from tests.integration.test_jwks import b64, claims_of
 
 
 def forge(token: str, **changes: Any) -> str:

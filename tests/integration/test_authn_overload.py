@@ -22,8 +22,8 @@ import pytest
 
 from tests.fakes.fixtures import SESSION_NS, SESSION_POD, SESSION_SA, new_sessions
 from tests.fakes.kube_apiserver import FakeKubeAPIServer
+from tests.integration.cp_rig import b64
 from tests.integration.procs import Proc, cp_serve, write_identities
-from tests.integration.test_jwks import b64
 
 MiB = 1024 * 1024
 TOKEN_SIZE = 16_000  # just under the 16 KiB bearer limit

@@ -1,79 +1,19 @@
 """The CP service against the fake kube-apiserver, reached through a kubeconfig, in-process.
 
 The acceptance cases run for both authenticators (TokenReview and local JWKS verification):
-the policy, minters and status codes must not know which one ran.
+the policy, minters and status codes must not know which one ran. The CP and the ``authn`` and
+``make_cp`` fixtures: tests/integration/cp_rig.py and conftest.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from cp_token.runtime.clock import FakeClock
-from cp_token.settings.cp import load_settings
-from cp_token.wiring import Service, build_service
 from tests.fakes.fixtures import SESSION_NS, SESSION_POD, SESSION_SA
 from tests.fakes.kube_apiserver import FakeKubeAPIServer
-
-RUNNER = f"system:serviceaccount:{SESSION_NS}:{SESSION_SA}"
-
-
-def settings_env(kubeconfig: Path, authn: str, **extra: str) -> dict[str, str]:
-    return {
-        "KUBECONFIG": str(kubeconfig),
-        "CP_TOKEN_AUTHN": authn,
-        "CP_TOKEN_MINTER": "jwt",
-        "CP_TOKEN_URL": "https://cp.test/token",
-        **extra,
-    }
-
-
-class CP:
-    """An in-process CP with an httpx client on its ASGI app, on a clock tests can move."""
-
-    def __init__(self, service: Service, clock: FakeClock) -> None:
-        self.service = service
-        self.clock = clock
-        self.client = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=service.app), base_url="http://cp"
-        )
-
-    async def get(self, token: str | None) -> httpx.Response:
-        headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
-        return await self.client.get("/token", headers=headers)
-
-    async def aclose(self) -> None:
-        await self.client.aclose()
-        await self.service.authenticator.aclose()
-        if self.service.kube is not None:
-            await self.service.kube.aclose()
-
-
-@pytest.fixture(params=["tokenreview", "jwks"])
-def authn(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-@pytest.fixture
-async def make_cp(kubeconfig: Path) -> AsyncIterator[Any]:
-    made: list[CP] = []
-
-    def make(authn: str, **extra: str) -> CP:
-        clock = FakeClock(start=time.time())
-        settings = load_settings(settings_env(kubeconfig, authn, **extra))
-        cp = CP(build_service(settings, clock), clock)
-        made.append(cp)
-        return cp
-
-    yield make
-    for cp in made:
-        await cp.aclose()
 
 
 async def test_allowed_runner_gets_a_token(

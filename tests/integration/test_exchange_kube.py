@@ -1,8 +1,9 @@
 """The token exchange against the fake kube-apiserver, for both authenticators, in-process.
 
 The CP is built by ``build_service`` from settings exactly as ``cp-token serve`` builds it;
-test_cp_kube.py's ``make_cp`` fixture is reused, so the two doors are compared on the very
-same service: same policy checks, same outage handling, one rate-limit bucket.
+test_cp_kube.py's ``make_cp`` fixture (tests/integration/conftest.py) is reused, so the two
+doors are compared on the very same service: same policy checks, same outage handling, one
+rate-limit bucket.
 """
 
 from __future__ import annotations
@@ -14,9 +15,7 @@ import pytest
 
 from tests.fakes.fixtures import SESSION_NS, SESSION_POD, SESSION_SA
 from tests.fakes.kube_apiserver import FakeKubeAPIServer
-from tests.integration.test_cp_kube import CP, authn, make_cp
-
-__all__ = ["authn", "make_cp"]  # fixtures shared with test_cp_kube.py
+from tests.integration.cp_rig import CP
 
 GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
 JWT_TYPE = "urn:ietf:params:oauth:token-type:jwt"

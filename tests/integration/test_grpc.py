@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from concurrent import futures
 from typing import Any
@@ -11,10 +10,8 @@ import grpc
 import pytest
 
 from cp_token.client import (
-    TokenError,
     TokenSource,
     grpc_channel_credentials,
-    grpc_credentials,
 )
 from cp_token.runtime.clock import FakeClock
 from tests.fakes.client import Script, ok, options, refused
@@ -102,9 +99,3 @@ def test_a_refused_source_fails_the_call_without_reaching_the_server(
     assert err.value.code() is grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
     assert "not a session runner" in err.value.details()  # type: ignore[attr-defined]
     assert echo.calls == []
-
-
-def test_without_grpcio_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "grpc", None)
-    with pytest.raises(TokenError, match="grpcio"):
-        grpc_credentials(TokenSource(static_token="x"))

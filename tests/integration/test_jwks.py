@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import hmac
 import json
@@ -12,49 +11,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from cp_token.runtime.clock import FakeClock
-from cp_token.settings.cp import load_settings
-from cp_token.wiring import build_service
-from tests.fakes.fixtures import SESSION_NS, SESSION_POD, SESSION_SA
+from tests.fakes.fixtures import SESSION_NS, SESSION_POD
 from tests.fakes.kube_apiserver import FakeKubeAPIServer
-
-
-def b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def claims_of(token: str) -> dict[str, Any]:
-    part = token.split(".")[1]
-    return json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))  # type: ignore[no-any-return]
-
-
-class JwksCP:
-    def __init__(self, kubeconfig: Path, **extra: str) -> None:
-        self.clock = FakeClock(start=time.time())
-        env = {
-            "KUBECONFIG": str(kubeconfig),
-            "CP_TOKEN_AUTHN": "jwks",
-            "CP_TOKEN_MINTER": "jwt",
-            "CP_TOKEN_URL": "https://cp.test/token",
-            "CP_TOKEN_RATE_LIMIT": "1000/s,1000",
-            **extra,
-        }
-        self.service = build_service(load_settings(env), self.clock)
-        self.client = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=self.service.app), base_url="http://cp"
-        )
-
-    async def get(self, token: str) -> httpx.Response:
-        return await self.client.get("/token", headers={"Authorization": f"Bearer {token}"})
-
-    async def aclose(self) -> None:
-        await self.client.aclose()
-        await self.service.authenticator.aclose()
-        assert self.service.kube is not None
-        await self.service.kube.aclose()
+from tests.integration.cp_rig import JwksCP, b64, claims_of, good
 
 
 @pytest.fixture
@@ -62,10 +23,6 @@ async def cp(kubeconfig: Path) -> AsyncIterator[JwksCP]:
     c = JwksCP(kubeconfig)
     yield c
     await c.aclose()
-
-
-def good(k: FakeKubeAPIServer) -> str:
-    return k.issue_bound_token(SESSION_NS, SESSION_SA, pod=SESSION_POD)
 
 
 async def test_alg_none_and_hmac_with_the_public_key_are_refused(

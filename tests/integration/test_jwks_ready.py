@@ -18,7 +18,7 @@ from cp_token.errors import Unauthenticated
 from cp_token.identity import Identity
 from tests.fakes.fixtures import SESSION_NS, SESSION_POD, SESSION_SA
 from tests.fakes.kube_apiserver import FakeKubeAPIServer
-from tests.integration.test_jwks import JwksCP, claims_of, good
+from tests.integration.cp_rig import JwksCP, claims_of, good
 
 Outcome = Identity | tuple[str, str] | None
 

@@ -12,10 +12,6 @@ import pytest
 
 from tests.fakes.fixtures import SESSION_NS, SESSION_POD, SESSION_SA
 from tests.fakes.kube_apiserver import FakeKubeAPIServer
-from tests.integration.test_cp_kube import authn, make_cp
-
-__all__ = ["authn", "make_cp"]  # fixtures, imported for pytest
-
 
 # --- what the API server accepts, the CP accepts ------------------------------------------------
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Any
+import math
 
 import httpx
 import pytest
@@ -14,89 +14,21 @@ from hypothesis import strategies as st
 from joserfc import jwt
 from joserfc.jwk import KeySet
 
-from cp_token.app import create_app
+from cp_token.app import create_app, create_metrics_app, token_body
 from cp_token.authn.cache import CachedAuthenticator
-from cp_token.errors import Unauthenticated, Unavailable
-from cp_token.identity import POD_NAME_KEY, POD_UID_KEY, Identity, token_hash
+from cp_token.errors import Unavailable
+from cp_token.identity import Identity, token_hash
+from cp_token.metrics import Metrics
+from cp_token.minters import IssuedToken
 from cp_token.minters.jwt import JwtMinter
 from cp_token.policy import RunnerPolicy
 from cp_token.ratelimit import RateLimiter
 from cp_token.runtime.clock import FakeClock
+from tests.fakes import looptime
+from tests.fakes.cp_app import BOUND, RUNNER, TABLE, DictReviewer, build, call, clock, reviewer
+from tests.fakes.loop import run_until, spin
 
-RUNNER = "system:serviceaccount:session-a:session-abc-sa"
-BOUND = {POD_NAME_KEY: ("runner-abc",), POD_UID_KEY: ("uid-1",)}
-
-
-class DictReviewer:
-    """A reviewer with a fixed table of tokens; counts calls; can be made to fail."""
-
-    def __init__(self, table: dict[str, Identity]) -> None:
-        self.table = table
-        self.calls = 0
-        self.fail: Exception | None = None
-        self.gate: asyncio.Event | None = None
-
-    async def review(self, token: str) -> Identity:
-        self.calls += 1
-        if self.gate is not None:
-            await self.gate.wait()
-        if self.fail is not None:
-            raise self.fail
-        if token not in self.table:
-            raise Unauthenticated("unknown token", reason="not_authenticated")
-        return self.table[token]
-
-    async def aclose(self) -> None:
-        pass
-
-
-TABLE = {
-    "good": Identity(RUNNER, extra=BOUND),
-    "unbound": Identity(RUNNER),
-    "other-sa": Identity("system:serviceaccount:session-a:default", extra=BOUND),
-}
-
-
-def build(clock: FakeClock, reviewer: DictReviewer, **kw: Any) -> tuple[Any, JwtMinter]:
-    minter = kw.pop("minter", None) or JwtMinter(
-        issuer="https://cp.test", audience="ambient-api-server", ttl=900, clock=clock
-    )
-    auth = CachedAuthenticator(
-        reviewer,
-        clock=clock,
-        audiences=("ambient-cp",),
-        ttl=30,
-        max_in_flight=4,
-        jwt_precheck=False,
-        queue_wait=kw.pop("queue_wait", 2.0),
-    )
-    app = create_app(
-        authenticator=auth,
-        policy=RunnerPolicy(),
-        minter=minter,
-        clock=clock,
-        limiter=RateLimiter(kw.pop("rate", 5.0), kw.pop("burst", 20), clock),
-        exchange=kw.pop("exchange", None),
-    )
-    return app, minter
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def reviewer() -> DictReviewer:
-    return DictReviewer(dict(TABLE))
-
-
-async def call(
-    app: Any, method: str = "GET", headers: dict[str, str] | None = None, path: str = "/token"
-) -> httpx.Response:
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://cp") as client:
-        return await client.request(method, path, headers=headers or {})
+__all__ = ["clock", "reviewer"]  # fixtures, from tests/fakes/cp_app.py
 
 
 async def test_issued_token_is_a_verifiable_jwt(clock: FakeClock, reviewer: DictReviewer) -> None:
@@ -227,25 +159,32 @@ async def test_singleflight_and_cap(clock: FakeClock, reviewer: DictReviewer) ->
     reviewer.gate = asyncio.Event()
     h = {"Authorization": "Bearer good"}
     tasks = [asyncio.create_task(call(app, headers=h)) for _ in range(20)]
-    await asyncio.sleep(0.05)
+    await run_until(lambda: reviewer.calls == 1, "the first review under way")
+    await spin(200)  # every other request reaches the cache and joins it
     reviewer.gate.set()
     results = await asyncio.gather(*tasks)
     assert {r.status_code for r in results} == {200}
     assert reviewer.calls == 1
 
 
-async def test_reviews_in_flight_are_capped(clock: FakeClock) -> None:
+def test_reviews_in_flight_are_capped(clock: FakeClock) -> None:
+    """Four reviews in flight (max_in_flight=4); the other two wait 50 ms of loop time for a
+    slot and are answered 503 (on virtual loop time: tests/fakes/looptime.py)."""
     table = {f"t{i}": Identity(RUNNER.replace("abc", str(i)), extra=BOUND) for i in range(6)}
     reviewer = DictReviewer(table)
-    reviewer.gate = asyncio.Event()
-    app, _ = build(clock, reviewer, queue_wait=0.05)
-    tasks = [
-        asyncio.create_task(call(app, headers={"Authorization": f"Bearer t{i}"})) for i in range(6)
-    ]
-    await asyncio.sleep(0.2)
-    reviewer.gate.set()
-    statuses = sorted(r.status_code for r in await asyncio.gather(*tasks))
-    assert statuses == [200, 200, 200, 200, 503, 503]  # max_in_flight=4
+
+    async def main() -> list[int]:
+        reviewer.gate = asyncio.Event()
+        app, _ = build(clock, reviewer, queue_wait=0.05)
+        tasks = [
+            asyncio.create_task(call(app, headers={"Authorization": f"Bearer t{i}"}))
+            for i in range(6)
+        ]
+        await looptime.advance(0.2)
+        reviewer.gate.set()
+        return sorted(r.status_code for r in await asyncio.gather(*tasks))
+
+    assert looptime.run(main()) == [200, 200, 200, 200, 503, 503]
     assert reviewer.calls == 4
 
 
@@ -354,3 +293,107 @@ async def test_two_authorization_headers_are_refused(
     assert resp.json()["error"] == "invalid_token"
     assert resp.headers["www-authenticate"] == 'Bearer error="invalid_token"'
     assert reviewer.calls == 0
+
+
+def test_token_body_is_json_dumps_text() -> None:
+    issued = IssuedToken(token='a.b.c\x7fé"', expires_at=1_800_000_900.7, jti="j")
+    body = token_body(issued, 1_800_000_000.2)
+    assert json.loads(body) == {
+        "token": 'a.b.c\x7fé"',
+        "token_type": "Bearer",
+        "expires_at": "2027-01-15T08:15:00Z",
+        "expires_in": 900,
+    }
+    assert body == json.dumps(json.loads(body), separators=(",", ":")).encode()
+    opaque = token_body(IssuedToken(token="t", expires_at=None), 0)
+    assert json.loads(opaque) == {
+        "token": "t",
+        "token_type": "Bearer",
+        "expires_at": None,
+        "expires_in": None,
+    }
+
+
+async def test_the_metrics_port_serves_the_library_s_exposition() -> None:
+    metrics = Metrics(authn="static", minter="jwt")
+    metrics.request("issued", "ok", 0.01)
+    app = create_metrics_app(metrics, lambda: None)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://cp") as client:
+        text = await client.get("/metrics")
+        openmetrics = await client.get(
+            "/metrics", headers={"Accept": "application/openmetrics-text"}
+        )
+        refused = await client.post("/metrics")
+    assert text.status_code == 200 and text.headers["content-type"].startswith("text/plain")
+    assert 'cp_token_requests_total{outcome="issued",reason="ok"} 1.0' in text.text
+    assert openmetrics.headers["content-type"].startswith("application/openmetrics-text")
+    assert refused.status_code == 405
+
+
+class OneReviewer:
+    async def review(self, token: str) -> Identity:
+        return Identity(RUNNER, extra=BOUND)
+
+    async def aclose(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("root_path", ["", "/cp"])
+async def test_the_token_door_answers_alike_with_or_without_the_shortcut(root_path: str) -> None:
+    clock = FakeClock()
+    auth = CachedAuthenticator(
+        OneReviewer(),
+        clock=clock,
+        audiences=("ambient-cp",),
+        ttl=30,
+        max_in_flight=4,
+        jwt_precheck=False,
+    )
+    app = create_app(
+        authenticator=auth,
+        policy=RunnerPolicy(),
+        minter=JwtMinter(issuer="https://cp", audience="api", ttl=900, clock=clock),
+        clock=clock,
+        limiter=RateLimiter(5.0, 20, clock),
+    )
+    transport = httpx.ASGITransport(app=app, root_path=root_path)
+    async with httpx.AsyncClient(transport=transport, base_url="http://cp") as client:
+        ok = await client.get(f"{root_path}/token", headers={"Authorization": "Bearer t"})
+        head = await client.head(f"{root_path}/token", headers={"Authorization": "Bearer t"})
+    assert ok.status_code == 200 and ok.headers["cache-control"] == "no-store"
+    assert ok.headers["content-type"] == "application/json"
+    assert math.isclose(ok.json()["expires_in"], 900)
+    assert head.status_code == 405 and head.headers["allow"] == "GET"
+
+
+def test_the_routes_share_slots_by_client_address() -> None:
+    """The app passes the client address: one remote address gets its share (here 1 of 4
+    slots), another address is not held up by it; loopback (a local proxy) names no one.
+    (On virtual loop time: the extra requests' 0.2 s queue wait passes at once.)"""
+    table = {
+        f"t{i}": Identity(f"system:serviceaccount:ns:session-{i}-sa", extra=BOUND) for i in range(8)
+    }
+    reviewer = DictReviewer(table)
+
+    async def main() -> None:
+        reviewer.gate = asyncio.Event()
+        app, _ = build(FakeClock(), reviewer, queue_wait=0.2)  # max_in_flight=4: 1 per caller
+
+        async def get(token: str, host: str) -> int:
+            transport = httpx.ASGITransport(app=app, client=(host, 5000))
+            async with httpx.AsyncClient(transport=transport, base_url="http://cp") as client:
+                resp = await client.get("/token", headers={"Authorization": f"Bearer {token}"})
+                return resp.status_code
+
+        noisy = [asyncio.create_task(get(f"t{i}", "10.0.0.9")) for i in range(3)]
+        other = asyncio.create_task(get("t3", "10.0.0.10"))
+        local = [asyncio.create_task(get(f"t{i}", "127.0.0.1")) for i in (4, 5)]
+        await looptime.advance(0.4)
+        assert reviewer.calls == 4  # 1 for 10.0.0.9, 1 for 10.0.0.10, 2 from loopback
+        reviewer.gate.set()
+        assert sorted(await asyncio.gather(*noisy)) == [200, 503, 503]
+        assert await other == 200
+        assert await asyncio.gather(*local) == [200, 200]
+
+    looptime.run(main())

@@ -1,7 +1,7 @@
 """POST /oauth2/token (RFC 8693) in-process: every rule of SPEC's table, the shared decision.
 
-The same reviewer table as test_app.py's GET tests, so both doors are checked against one
-pipeline: same identities, same rate-limit bucket, same audit schema.
+The same reviewer table as test_app.py's GET tests (tests/fakes/cp_app.py), so both doors are
+checked against one pipeline: same identities, same rate-limit bucket, same audit schema.
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ from cp_token.runtime.clock import FakeClock
 from cp_token.runtime.errors import ConfigError
 from cp_token.settings.cp import load_settings
 from cp_token.wiring import exchange_config
-from tests.unit.test_app import RUNNER, TABLE, DictReviewer, clock, reviewer
-from tests.unit.test_app import build as build_app
+from tests.fakes.cp_app import RUNNER, TABLE, DictReviewer, clock, reviewer
+from tests.fakes.cp_app import build as build_app
 
-__all__ = ["clock", "reviewer"]  # fixtures shared with test_app.py
+__all__ = ["clock", "reviewer"]  # fixtures, from tests/fakes/cp_app.py
 
 GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
 JWT_TYPE = "urn:ietf:params:oauth:token-type:jwt"
@@ -57,7 +57,7 @@ def build(
     exchange: ExchangeConfig | None = None,
     **kw: Any,
 ) -> Any:
-    """test_app.py's app, with these allow-lists unless told otherwise."""
+    """The CP's app (tests/fakes/cp_app.py), with these allow-lists unless told otherwise."""
     exchange = exchange or ExchangeConfig(audiences=AUDIENCES, scopes=SCOPES)
     return build_app(clock, reviewer, minter=minter, exchange=exchange, **kw)[0]
 
@@ -356,7 +356,7 @@ async def test_body_is_read_incrementally_and_abandoned_early(
 async def test_slow_or_cut_body_is_a_400_not_a_500(
     clock: FakeClock, reviewer: DictReviewer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(bodies, "BODY_TIMEOUT", 0.05)
+    monkeypatch.setattr(bodies, "BODY_TIMEOUT", 0)  # the first wait for more body ends it
     app = build(clock, reviewer)
     status, _, _ = await asgi_post(app, [b"grant_type="], [], stall=True)
     assert status == 400

@@ -7,7 +7,7 @@ import pytest
 
 from cp_token.errors import Forbidden
 from cp_token.identity import POD_NAME_KEY, POD_UID_KEY, Identity
-from cp_token.policy import RunnerPolicy
+from cp_token.policy import RunnerPolicy, glob_match
 
 MANAGED = ("ambient-code.io/managed-by", "ambient-control-plane")
 NS_MANAGED = ("ambient-code.io/managed", "true")
@@ -57,3 +57,41 @@ def test_label_rules() -> None:
         with pytest.raises(Forbidden) as info:
             policy.check_labels(i, ns_labels, sa_labels)
         assert info.value.reason == reason
+
+
+@pytest.mark.parametrize(
+    ("name", "admitted"),
+    [
+        ("session-abc-sa", True),
+        ("session---sa", True),  # the id is "-": not empty
+        ("session--sa", False),
+        ("session-sa", False),
+    ],
+)
+def test_empty_session_id_is_never_admitted(name: str, admitted: bool) -> None:
+    identity = Identity(f"system:serviceaccount:ns:{name}", extra=BOUND)
+    for policy in (RunnerPolicy(), RunnerPolicy(allowed_sa="system:serviceaccount:*:*")):
+        if admitted:
+            policy.check_identity(identity)
+            assert identity.session_id
+        else:
+            with pytest.raises(Forbidden) as info:
+                policy.check_identity(identity)
+            assert info.value.reason == "sa_not_allowed"
+            if name == "session--sa":  # the reason, not a pattern it does match
+                assert "empty session id" in info.value.description
+
+
+def test_a_line_break_in_the_session_id_is_refused_for_what_it_is() -> None:
+    identity = Identity("system:serviceaccount:ns:session-a\nb-sa", extra=BOUND)
+    with pytest.raises(Forbidden) as info:
+        RunnerPolicy().check_identity(identity)
+    assert info.value.reason == "sa_not_allowed"
+    assert "invalid session id" in info.value.description  # not "empty": it is not
+
+
+def test_glob_is_fnmatch_with_a_non_empty_star() -> None:
+    assert glob_match("team-a", "team-*") and not glob_match("team-", "team-*")
+    assert glob_match("a]d", "a[]]d") and glob_match("axd", "a[!bc]d")
+    assert not glob_match("abd", "a[!bc]d") and glob_match("a.c", "a?c")
+    assert not glob_match("abc", "a.c")  # a dot is a dot, not a regex

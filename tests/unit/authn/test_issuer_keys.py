@@ -405,3 +405,40 @@ async def test_a_down_api_server_is_raised_again_as_itself_while_reads_are_held_
     assert held.value.retry_after == 2.0 and "down" in held.value.reason
     assert keys.failure is not None and "down" in keys.failure
     await keys.aclose()
+
+
+def _jwk_and_token(alg: str, claims: dict[str, Any]) -> tuple[dict[str, Any], str, Any]:
+    from joserfc import jws
+    from joserfc.jwk import ECKey, RSAKey
+
+    key: Any = RSAKey.generate_key(2048) if alg == "RS256" else ECKey.generate_key("P-256")
+    jwk = dict(key.as_dict(private=False), kid="k1")
+    token = jws.serialize_compact({"alg": alg, "kid": "k1"}, json.dumps(claims), key)
+    return jwk, token, key
+
+
+@pytest.mark.parametrize("alg", ["RS256", "ES256"])
+def test_issuer_key_signatures_verify_and_tampering_does_not(alg: str) -> None:
+    from cp_token.authn.issuer_keys import parse_key_set, verifies
+
+    jwk, token, _ = _jwk_and_token(alg, {"sub": "a"})
+    keys = parse_key_set({"keys": [jwk]}).candidates("k1", alg)
+    assert len(keys) == 1 and verifies(token, keys, alg)
+    head, payload, signature = token.split(".")
+    forged_payload = payload[:-2] + ("AA" if payload[-2:] != "AA" else "BB")
+    assert not verifies(f"{head}.{forged_payload}.{signature}", keys, alg)
+    assert not verifies(f"{head}.{payload}.{signature[:-4]}", keys, alg)  # wrong length
+    assert not verifies(f"{head}.{payload}.***", keys, alg)  # not base64url
+    other = "ES256" if alg == "RS256" else "RS256"
+    assert not verifies(token, keys, other)  # a key of one type never checks the other alg
+
+
+def test_malformed_issuer_keys_are_skipped() -> None:
+    from cp_token.authn.issuer_keys import parse_key_set
+
+    jwk, _, _ = _jwk_and_token("ES256", {})
+    bad_point = dict(jwk, kid="bad", x=jwk["y"])  # not on the curve
+    key_set = parse_key_set(
+        {"keys": [jwk, bad_point, {"kty": "RSA", "kid": "r", "n": "!!", "e": "AQAB"}, "x"]}
+    )
+    assert set(key_set.by_kid) == {"k1"} and key_set.unusable_kids == {"bad", "r"}

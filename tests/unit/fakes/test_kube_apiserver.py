@@ -84,15 +84,6 @@ def _header(token: str) -> dict[str, Any]:
     return json.loads(base64.urlsafe_b64decode(seg + "=" * (-len(seg) % 4)))  # type: ignore[no-any-return]
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll `predicate` until true, failing after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met before the deadline")
-        threading.Event().wait(0.005)
-
-
 def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
     """Run `fn` in a thread; the list receives its result or exception."""
     out: list[Any] = []
@@ -501,7 +492,7 @@ def test_hang_times_out_is_released_on_clear_and_reset_on_stop(
 
     # Cleared: a held request is answered.
     t, out = in_thread(lambda: http.get(path, timeout=5).status_code)
-    wait_for(lambda: kube_apiserver.calls("jwks") == 2)
+    assert kube_apiserver.wait_for_calls("jwks", 2)  # the held request has arrived
     kube_apiserver.fail("jwks", None)
     t.join(5)
     assert out == [200]
@@ -509,7 +500,7 @@ def test_hang_times_out_is_released_on_clear_and_reset_on_stop(
     # Stopped: a held request is reset, and stop() does not wait for it.
     kube_apiserver.fail("jwks", "hang")
     t, out = in_thread(lambda: http.get(path, timeout=5))
-    wait_for(lambda: kube_apiserver.calls("jwks") == 3)
+    assert kube_apiserver.wait_for_calls("jwks", 3)
     started = time.monotonic()
     kube_apiserver.stop()
     assert time.monotonic() - started < 2

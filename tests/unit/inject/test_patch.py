@@ -9,6 +9,7 @@ and checks that the patch changes nothing outside what SPEC lists.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any
 
 import kubernetes_validate
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 
 from cp_token.inject.app import review_response
 from cp_token.inject.patch import (
+    CA_FILE,
     CONTAINERS_ANNOTATION,
     MODE_ANNOTATION,
     SIDECAR_NAME,
@@ -723,3 +725,61 @@ def test_property_a_sealed_pod_holds_no_token_outside_the_sidecar(pod: Obj) -> N
         kubernetes_validate.validate(out, version, strict=True)
     again, same = run_with(out, SEALED_SETTINGS)
     assert again.action == "skipped" and same == out
+
+
+PLAIN = "http://cp-token.ambient-code.svc:8080/token"
+STRICT = InjectSettings(image="cp-token:1", cp_url="https://cp-token.ambient-code.svc:8080/token")
+
+
+def sidecar_of(pod: dict[str, Any], settings: InjectSettings) -> tuple[dict[str, Any], list[Any]]:
+    """The injected sidecar container and the pod's volumes after the patch."""
+    import jsonpatch
+
+    patched = jsonpatch.apply_patch(pod, patch_for(pod, settings), in_place=False)
+    return patched["spec"]["initContainers"][0], patched["spec"]["volumes"]
+
+
+POD: dict[str, Any] = {
+    "metadata": {"name": "runner", "labels": {"ambient-code.io/token-sidecar": "true"}},
+    "spec": {"containers": [{"name": "runner", "image": "runner:1"}]},
+}
+
+
+def env_of(container: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container.get("env", [])}
+
+
+def test_plaintext_permission_is_passed_on_to_sidecars() -> None:
+    allowed = dataclasses.replace(STRICT, cp_url=PLAIN, allow_plaintext=True)
+    env = env_of(sidecar_of(POD, allowed)[0])
+    assert env["AMBIENT_CP_TOKEN_URL"] == PLAIN
+    assert env["AMBIENT_CP_ALLOW_PLAINTEXT"] == "true"
+    # ... and the sidecar it configures accepts exactly that environment
+    url_env = {k: v for k, v in env.items() if k.startswith("AMBIENT_CP_")}
+    assert load_sidecar_settings(url_env).cp_token_url == PLAIN
+    assert "AMBIENT_CP_ALLOW_PLAINTEXT" not in env_of(sidecar_of(POD, STRICT)[0])
+
+
+def test_the_ca_configmap_is_mounted_in_the_sidecar_only() -> None:
+    settings = dataclasses.replace(STRICT, ca_configmap="cp-token-ca")
+    sidecar, volumes = sidecar_of(POD, settings)
+    assert env_of(sidecar)["AMBIENT_CP_CA_FILE"] == CA_FILE == "/var/run/ambient-ca/ca.crt"
+    (volume,) = [v for v in volumes if v["name"] == "cp-token-ca"]
+    assert volume["configMap"]["name"] == "cp-token-ca"
+    assert {"key": "ca.crt", "path": "ca.crt"} in volume["configMap"]["items"]
+    (mount,) = [m for m in sidecar["volumeMounts"] if m["name"] == "cp-token-ca"]
+    assert mount == {"name": "cp-token-ca", "mountPath": "/var/run/ambient-ca", "readOnly": True}
+    # without the variable: no CA volume, no variable (the system's trust store)
+    plain_sidecar, plain_volumes = sidecar_of(POD, STRICT)
+    assert "AMBIENT_CP_CA_FILE" not in env_of(plain_sidecar)
+    assert all(v["name"] != "cp-token-ca" for v in plain_volumes)
+
+
+def test_a_pod_with_a_volume_named_like_the_ca_is_refused() -> None:
+    from cp_token.inject.patch import Refused
+
+    pod = {**POD, "spec": {**POD["spec"], "volumes": [{"name": "cp-token-ca", "emptyDir": {}}]}}
+    with_ca = dataclasses.replace(STRICT, ca_configmap="cp-token-ca")
+    with pytest.raises(Refused, match="cp-token-ca"):
+        patch_for(pod, with_ca)
+    assert patch_for(pod, STRICT)  # the name is free without it

@@ -24,6 +24,8 @@ from cp_token.kube.client import (
     KubeUnavailable,
 )
 from cp_token.runtime.clock import FakeClock
+from tests.fakes import looptime
+from tests.fakes.loop import run_until
 
 # request head+body -> raw answer: bytes, None (never answer), or a callable that writes it
 Answer = Callable[[bytes], Any]
@@ -192,19 +194,29 @@ async def test_the_deadline_covers_a_server_that_never_answers(
         assert await get(client) == {"ok": True}  # the hung connection was dropped
 
 
-async def test_the_deadline_covers_a_body_that_trickles(clients: list[KubeClient]) -> None:
+def test_the_deadline_covers_a_body_that_trickles() -> None:
+    """A byte every 50 ms of loop time never ends the call's 0.3 s deadline early or late
+    (loop time is virtual here: the deadline is checked exactly, in no wall-clock time)."""
+
     async def trickle(writer: asyncio.StreamWriter) -> None:
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n{")
         for _ in range(100):
-            await asyncio.sleep(0.05)
+            await looptime.advance(0.05)
             writer.write(b" ")
 
-    async with Server(lambda _: trickle) as server:
-        client = client_for(clients, server.url, timeout=0.3)
-        start = asyncio.get_running_loop().time()
-        with pytest.raises(KubeUnavailable, match="timed out"):
-            await get(client)
-        assert asyncio.get_running_loop().time() - start < 1.0
+    async def main() -> float:
+        made: list[KubeClient] = []
+        async with Server(lambda _: trickle) as server:
+            client = client_for(made, server.url, timeout=0.3)
+            start = asyncio.get_running_loop().time()
+            with pytest.raises(KubeUnavailable, match="timed out"):
+                await get(client)
+            elapsed = asyncio.get_running_loop().time() - start
+        for client in made:
+            await client.aclose()
+        return elapsed
+
+    assert 0.3 <= looptime.run(main()) < 0.35
 
 
 async def test_calls_beyond_the_pool_share_its_connections(clients: list[KubeClient]) -> None:
@@ -449,7 +461,7 @@ async def test_after_the_wait_one_probe_finds_out_and_a_success_frees_every_call
         clock.advance(client.retry_wait())
         server.answer = lambda _: None  # the probe hangs ...
         probe = asyncio.create_task(get(client))
-        await asyncio.sleep(0.05)  # it is on the wire
+        await run_until(lambda: len(server.requests) == 2, "the probe on the wire")
         with pytest.raises(KubeDown, match="finding out"):
             await get(client)  # ... and nobody else calls meanwhile
         assert len(server.requests) == 2

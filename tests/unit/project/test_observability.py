@@ -19,13 +19,10 @@ import yaml
 from cp_token.inject.metrics import InjectMetrics
 from cp_token.inject.patch import METRICS_PORT, OPT_IN_LABEL, sidecar_container
 from cp_token.metrics import Metrics
-from cp_token.settings.cp import load_settings
 from cp_token.settings.inject import InjectSettings
-from cp_token.wiring import build_service
 from sidecar.holder import TokenHolder
 from sidecar.metrics import SidecarMetrics
 from tests.fakes.clock import FakeClock
-from tests.fakes.idp import FakeIdP
 
 ROOT = Path(__file__).resolve().parents[3]
 OBSERVABILITY = ROOT / "k8s" / "observability"
@@ -334,58 +331,3 @@ def test_the_cp_and_the_injector_expose_process_metrics() -> None:
         assert {"process_open_fds", "process_max_fds", "process_resident_memory_bytes"} <= names
         fds = re.search(r"^process_open_fds (\S+)$", text, re.M)
         assert fds and float(fds.group(1)) > 0
-
-
-def test_readiness_is_a_metric() -> None:
-    metrics = Metrics()
-    ready = [True]
-    metrics.watch(ready=lambda: ready[0])
-    assert "cp_token_ready 1.0" in metrics.render().decode()
-    ready[0] = False
-    assert "cp_token_ready 0.0" in metrics.render().decode()
-    # no upstream token expiry without an oidc minter, no min_ttl unless given
-    assert "cp_token_idp_token_expiry_timestamp_seconds " not in metrics.render().decode()
-    assert "cp_token_min_ttl_seconds " not in metrics.render().decode()
-
-
-def test_the_service_wires_readiness_and_min_ttl() -> None:
-    settings = load_settings(
-        {
-            "CP_TOKEN_AUTHN": "static",
-            "CP_TOKEN_STATIC_IDENTITIES_FILE": DEV_IDENTITIES,
-            "CP_TOKEN_MINTER": "static",
-            "CP_TOKEN_STATIC_TOKEN": "t",
-            "CP_TOKEN_MIN_TTL": "120",
-        }
-    )
-    text = build_service(settings).metrics.render().decode()
-    assert "cp_token_ready 1.0" in text
-    assert "cp_token_min_ttl_seconds 120.0" in text
-
-
-async def test_the_oidc_minters_upstream_token_expiry_is_a_metric(idp: FakeIdP) -> None:
-    from cp_token.identity import Identity
-
-    settings = load_settings(
-        {
-            "CP_TOKEN_AUTHN": "static",
-            "CP_TOKEN_STATIC_IDENTITIES_FILE": DEV_IDENTITIES,
-            "CP_TOKEN_MINTER": "oidc",
-            "OIDC_TOKEN_URL": idp.token_url,
-            "OIDC_CLIENT_ID": idp.client_id,
-            "OIDC_CLIENT_SECRET": idp.client_secret,
-        }
-    )
-    service = build_service(settings)
-    try:
-        before = service.metrics.render().decode()
-        assert "cp_token_idp_token_expiry_timestamp_seconds " not in before  # none held yet
-        start = time.time()
-        await service.minter.mint(Identity("system:serviceaccount:s:session-1-sa"))
-        text = service.metrics.render().decode()
-        m = re.search(r"^cp_token_idp_token_expiry_timestamp_seconds (\S+)$", text, re.M)
-        assert m, text
-        # the fake IdP's tokens live 3600 s
-        assert start + 3590 <= float(m.group(1)) <= time.time() + 3600
-    finally:
-        await service.minter.aclose()

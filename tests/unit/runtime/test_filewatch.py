@@ -89,3 +89,15 @@ def test_the_watcher_checks_every_file(tmp_path: Path) -> None:
     a.write_text("5")
     assert watcher.check_all() == 1
     assert wa.value == 5
+
+
+def test_a_watched_file_tells_a_subscriber_built_later(tmp_path: Path) -> None:
+    path = tmp_path / "value"
+    path.write_text("one")
+    watched = WatchedFile("VALUE_FILE", str(path), bytes.decode)
+    heard: list[str] = []
+    watched.subscribe(heard.append)
+    assert watched.get() == "one"
+    path.write_text("two")
+    assert watched.check() is True
+    assert heard == ["two"] and watched.get() == "two"

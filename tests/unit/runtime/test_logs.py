@@ -9,11 +9,22 @@ import json
 import logging
 import socket
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cp_token.runtime.clock import FakeClock
-from cp_token.runtime.logs import JsonFormatter, RepeatFilter, TextFormatter, audit, escape_controls
+from cp_token.runtime.logs import (
+    AUDIT_FIELDS,
+    JsonFormatter,
+    RepeatFilter,
+    TextFormatter,
+    audit,
+    audit_json,
+    escape_controls,
+)
 
 FORGED = "bob\n2026-01-01T00:00:00.000Z info    cp_token.audit: token_request issued"
 HOSTILE = [FORGED, "eve\x1b[2K\x1b[1Gadmin", "nul\x00del\x7fc1\x85ls\u2028ps\u2029cr\r"]
@@ -158,3 +169,64 @@ async def test_asyncio_accept_out_of_resources_floods_nothing(
     lines = lines_of(out)
     assert len(lines) == 1, lines[:3]
     assert "socket.accept() out of system resource" in lines[0]
+
+
+TEXT = st.one_of(st.none(), st.text(max_size=40), st.sampled_from(["\x7f", "é", "\u2028", '"\\']))
+
+
+@given(
+    event=st.sampled_from(["token_request", "token_exchange"]),
+    outcome=TEXT,
+    reason=TEXT,
+    username=TEXT,
+    namespace=TEXT,
+    pod=TEXT,
+    jti=TEXT,
+    latency=st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers()),
+    created=st.floats(min_value=0, max_value=4e9),
+)
+def test_the_direct_audit_line_is_json_dumps_text(**values: Any) -> None:
+    created = values.pop("created")
+    fields = dict(zip(AUDIT_FIELDS[1:-1], list(values.values())[:-1], strict=True))
+    fields["latency_ms"] = values["latency"]
+    line = audit_json(created, fields)
+    ts = json.loads(line)["ts"]
+    expected = json.dumps({"ts": ts, **fields}, separators=(",", ":")).replace("\x7f", "\\u007f")
+    assert line == expected
+    assert all(0x20 <= ord(c) < 0x7F for c in line)
+
+
+def test_the_audit_record_goes_through_the_logger_and_its_handlers() -> None:
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("cp_token.audit")
+    level = logger.level
+    logger.addHandler(handler)
+    try:
+        logger.setLevel(logging.WARNING)  # below the logger's level: nothing written
+        audit(
+            outcome="issued",
+            reason="ok",
+            username="u",
+            namespace=None,
+            pod=None,
+            jti=None,
+            latency_ms=1.0,
+        )
+        assert out.getvalue() == ""
+        logger.setLevel(logging.INFO)
+        audit(
+            outcome="issued",
+            reason="ok",
+            username="u",
+            namespace="n",
+            pod="p",
+            jti="j",
+            latency_ms=1.23456,
+        )
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    line = json.loads(out.getvalue())
+    assert list(line) == list(AUDIT_FIELDS) and line["latency_ms"] == 1.235

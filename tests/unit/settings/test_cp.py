@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import trustme
 
 from cp_token.runtime.errors import ConfigError
-from cp_token.settings.client import load_client_settings
 from cp_token.settings.common import parse_addr, redacted
 from cp_token.settings.cp import issuer_from_url, load_settings
 from cp_token.settings.sidecar import load_sidecar_settings
@@ -140,14 +142,29 @@ def test_sidecar_requires_loopback() -> None:
     assert info.value.variable == "AMBIENT_CP_TOKEN_URL"
 
 
-def test_client_resolution_order() -> None:
-    both = {
-        "AMBIENT_TOKEN_SIDECAR_URL": "http://127.0.0.1:8099/token",
-        "AMBIENT_CP_TOKEN_URL": "https://cp/token",
-        "BOT_TOKEN": "b",
-    }
-    assert load_client_settings(both).source == "sidecar"
-    del both["AMBIENT_TOKEN_SIDECAR_URL"]
-    assert load_client_settings(both).source == "direct"
-    assert load_client_settings({"BOT_TOKEN": "b"}).source == "bot"
-    assert load_client_settings({}).source == "none"
+ROOT = Path(__file__).resolve().parents[3]
+
+
+PLAIN = "http://cp-token.ambient-code.svc:8080/token"
+
+
+STATIC = {
+    "CP_TOKEN_AUTHN": "static",
+    "CP_TOKEN_STATIC_IDENTITIES_FILE": str(ROOT / "examples" / "config" / "dev-identities.json"),
+    "CP_TOKEN_MINTER": "static",
+    "CP_TOKEN_STATIC_TOKEN": "t",
+}
+
+
+def test_with_tls_the_advertised_url_says_https(tmp_path: Path) -> None:
+    leaf = trustme.CA().issue_cert("cp-token.ambient-code.svc")
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    tls = {"CP_TOKEN_TLS_CERT_FILE": str(cert), "CP_TOKEN_TLS_KEY_FILE": str(key)}
+    with pytest.raises(ConfigError) as info:
+        load_settings({**STATIC, **tls, "CP_TOKEN_URL": PLAIN})
+    assert info.value.variable == "CP_TOKEN_URL"
+    https = "https://cp-token.ambient-code.svc:8080/token"
+    jwt = {**STATIC, **tls, "CP_TOKEN_MINTER": "jwt", "CP_TOKEN_URL": https}
+    assert load_settings(jwt).issuer == "https://cp-token.ambient-code.svc:8080"

@@ -155,3 +155,40 @@ def test_plaintext_upstreams_need_the_plaintext_permission(env: dict[str, str]) 
         load_inject_settings(plain)
     allowed = load_inject_settings({**plain, "AMBIENT_CP_ALLOW_PLAINTEXT": "true"})
     assert allowed.upstreams == (("api", "http://api.mesh.svc:8080"),)
+
+
+PLAIN = "http://cp-token.ambient-code.svc:8080/token"
+
+
+LOOPBACK = [
+    "http://127.0.0.1:8080/token",
+    "http://127.8.9.10/token",
+    "http://localhost:8080/token",
+    "http://[::1]:8080/token",
+]
+
+
+def test_the_injector_refuses_a_plain_cp_url(env: dict[str, str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_inject_settings({**env, "CP_TOKEN_INJECT_CP_URL": PLAIN})
+    assert info.value.variable == "CP_TOKEN_INJECT_CP_URL"
+    assert "AMBIENT_CP_ALLOW_PLAINTEXT=true" in str(info.value)
+    for url in LOOPBACK:
+        assert load_inject_settings({**env, "CP_TOKEN_INJECT_CP_URL": url}).cp_url == url
+
+
+@pytest.mark.parametrize("name", ["Cp-Token-CA", "ca_bundle", "-ca", "a" * 254, "ca crt"])
+def test_a_bad_configmap_name_names_the_variable(env: dict[str, str], name: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_inject_settings({**env, "CP_TOKEN_INJECT_CA_CONFIGMAP": name})
+    assert info.value.variable == "CP_TOKEN_INJECT_CA_CONFIGMAP"
+
+
+def test_the_plaintext_permission_and_the_ca_configmap_are_read(env: dict[str, str]) -> None:
+    allowed = load_inject_settings(
+        {**env, "CP_TOKEN_INJECT_CP_URL": PLAIN, "AMBIENT_CP_ALLOW_PLAINTEXT": "true"}
+    )
+    assert allowed.allow_plaintext and allowed.cp_url == PLAIN
+    with_ca = load_inject_settings({**env, "CP_TOKEN_INJECT_CA_CONFIGMAP": "cp-token-ca"})
+    assert with_ca.ca_configmap == "cp-token-ca"
+    assert load_inject_settings(env).ca_configmap is None

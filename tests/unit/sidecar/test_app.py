@@ -1,16 +1,27 @@
-"""The sidecar's HTTP contract over ASGI, with a scripted CP and a fake clock."""
+"""The sidecar's HTTP contract over ASGI, with a scripted CP and a fake clock: the request
+guard (the headers as sent, duplicates kept, proxies, absolute-form targets; a property test
+under arbitrary header lists), the routes, the probes, and recovery (with nothing held a request
+fetches at once, at most once a second; ``?min_ttl`` within 5 s of a fetch; a rotated SA token
+file seen by the next request)."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cp_token.client import TokenRejected, TokenSource, TokenUnavailable
-from sidecar.app import create_metrics_app
+from cp_token.client._http import (
+    MAX_DESCRIPTION,
+)
+from sidecar.app import PROXY_HEADERS, create_metrics_app, refusal
 from tests.fakes.client import Script, ok, refused, unavailable
+from tests.fakes.clock import SteppedClock
 from tests.fakes.sidecar_rig import HEADER, ManualClock, Rig
 
 # --- the request guard ------------------------------------------------------------------------
@@ -367,3 +378,190 @@ async def test_after_a_refusal_a_request_5_s_later_asks_the_cp_again(tmp_path: P
     labelled = await rig.get()  # the ServiceAccount was labelled meanwhile
     assert labelled.status_code == 200 and labelled.json()["token"] == "t1"
     assert rig.cp.count == 2
+
+
+# --- the request guard, as the headers were sent (refusal) ---------------------------------
+
+HOST = (b"host", b"127.0.0.1:8099")
+
+
+OPT_IN = (b"ambient-token-request", b"true")
+
+
+LOOPBACK_HINTS = (b"127.", b"localhost", b"::1")
+
+
+def test_a_plain_loopback_request_passes() -> None:
+    assert refusal([HOST, OPT_IN]) is None
+    assert refusal({b"host": b"localhost", b"ambient-token-request": b"TRUE"}) is None
+
+
+@pytest.mark.parametrize(
+    ("headers", "fragment"),
+    [
+        # the last of two used to win: `false` then `true` passed
+        ([HOST, (b"ambient-token-request", b"false"), OPT_IN], "exactly once"),
+        ([HOST, OPT_IN, OPT_IN], "exactly once"),
+        ([HOST], "Ambient-Token-Request"),
+        # `Host: evil` then `Host: 127.0.0.1` passed
+        ([(b"host", b"evil.example"), HOST, OPT_IN], "more than one Host"),
+        ([HOST, HOST, OPT_IN], "more than one Host"),
+        ([OPT_IN], "loopback"),
+        ([HOST, OPT_IN, (b"origin", b"null")], "Origin"),
+    ],
+)
+def test_duplicates_and_missing_headers_are_refused(
+    headers: list[tuple[bytes, bytes]], fragment: str
+) -> None:
+    reason = refusal(headers)
+    assert reason is not None and fragment in reason
+
+
+@pytest.mark.parametrize("name", sorted(PROXY_HEADERS))
+def test_every_proxy_header_is_refused(name: bytes) -> None:
+    reason = refusal([HOST, OPT_IN, (name, b"10.0.0.1")])
+    assert reason is not None and PROXY_HEADERS[name] in reason
+
+
+def test_an_absolute_form_target_is_refused() -> None:
+    reason = refusal([HOST, OPT_IN], absolute_target=True)
+    assert reason is not None and "absolute-form" in reason
+
+
+HEADER_NAMES = st.sampled_from(
+    [b"host", b"ambient-token-request", b"origin", *PROXY_HEADERS, b"accept", b"user-agent"]
+)
+
+
+HEADER_VALUES = st.one_of(
+    st.binary(max_size=40),
+    st.sampled_from([b"true", b"TRUE", b"false", b"localhost:8099", b"[::1]:1", b"127.0.0.1"]),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(headers=st.lists(st.tuples(HEADER_NAMES, HEADER_VALUES), max_size=8))
+def test_guard_never_raises_and_only_opens_for_one_loopback_host_and_one_opt_in(
+    headers: list[tuple[bytes, bytes]],
+) -> None:
+    reason = refusal(headers)
+    assert reason is None or isinstance(reason, str)
+    if reason is None:
+        names = [name for name, _ in headers]
+        assert b"origin" not in names and not set(names) & set(PROXY_HEADERS)
+        hosts = [value for name, value in headers if name == b"host"]
+        opt_ins = [value for name, value in headers if name == b"ambient-token-request"]
+        assert len(hosts) == 1 and any(h in hosts[0].lower() for h in LOOPBACK_HINTS)
+        assert len(opt_ins) == 1 and opt_ins[0].lower() == b"true"
+
+
+async def test_a_false_then_true_opt_in_is_refused(tmp_path: Path) -> None:
+    rig = Rig(Script(ok("t1")), tmp_path)
+    headers = [("Ambient-Token-Request", "false"), ("Ambient-Token-Request", "true")]
+    response = await rig.client.get("/token", headers=headers)
+    assert response.status_code == 403
+    assert "exactly once" in response.json()["error_description"]
+    assert rig.cp.count == 0
+
+
+@pytest.mark.parametrize(
+    "header",
+    ["Forwarded", "X-Real-IP", "Via", "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto"],
+)
+async def test_proxy_headers_are_refused_over_asgi(tmp_path: Path, header: str) -> None:
+    rig = Rig(Script(ok("t1")), tmp_path)
+    for method in (rig.get, rig.post):
+        response = await method(headers={header: "1.0 proxy"})
+        assert response.status_code == 403
+        named = header if not header.startswith("X-Forwarded-") else "X-Forwarded-"
+        assert named in response.json()["error_description"]
+    assert rig.cp.count == 0
+
+
+# --- recovery -------------------------------------------------------------------------------
+
+
+async def test_with_nothing_held_a_request_fetches_at_once_after_a_long_outage(
+    tmp_path: Path,
+) -> None:
+    down = httpx.ConnectError("connection refused")
+    cp = Script(ok("t1", 10), *[down] * 12, ok("t2", 10))
+    rig = Rig(cp, tmp_path)
+    assert (await rig.get()).json()["token"] == "t1"
+    # the CP goes away for longer than the token's life; the holder backs off (to 2 s at
+    # most, now that nothing is held)
+    start = rig.clock.monotonic()
+    while True:
+        due = rig.holder.next_fetch_at()
+        assert due is not None
+        assert due - rig.clock.monotonic() <= 2 or rig.holder.ready
+        if rig.clock.monotonic() - start > 10 and due - rig.clock.monotonic() > 1.2:
+            break
+        rig.clock.advance(max(0.0, due - rig.clock.monotonic()))
+        await rig.refresher.fetch()
+    assert not rig.holder.ready
+    fetched = cp.count
+    rig.clock.advance(1)
+    response = await rig.get()  # a request, whatever the backoff: one fetch (still down)
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "1"  # ask again in a second
+    assert cp.count == fetched + 1
+    assert (await rig.get()).status_code == 503
+    assert cp.count == fetched + 1  # at most one fetch a second
+    while cp.count < 13:  # the outage lasts: one fetch per second of requests
+        rig.clock.advance(1)
+        assert (await rig.get()).status_code == 503
+    rig.clock.advance(1)  # the CP is back: the next request gets a token at once
+    response = await rig.get()
+    assert response.status_code == 200 and response.json()["token"] == "t2"
+
+
+async def test_min_ttl_within_5_s_of_a_fetch_fetches_unless_the_token_was_shorter(
+    tmp_path: Path,
+) -> None:
+    rig = Rig(Script(ok("t1", 100), ok("t2", 100), ok("t3", 100)), tmp_path)
+    assert (await rig.get(params={"min_ttl": "5"})).json()["token"] == "t1"
+    rig.clock.advance(2)  # 98 s left
+    fresh = await rig.get(params={"min_ttl": "99"})  # the CP gives 100 s: worth a fetch
+    assert fresh.json()["token"] == "t2" and fresh.json()["expires_in"] == 100
+    rig.clock.advance(2)
+    held = await rig.get(params={"min_ttl": "150"})  # it gave 100 s moments ago: no fetch
+    assert held.json()["token"] == "t2" and held.json()["expires_in"] == 98
+    assert rig.cp.count == 2
+
+
+async def test_a_request_right_after_the_sa_token_rotates_gets_a_token(tmp_path: Path) -> None:
+    """No wait for the loop's poll: the request itself sees the new file (SPEC: "as soon as
+    the SA token file has changed")."""
+
+    def cp_answer(request: httpx.Request) -> httpx.Response:
+        if request.headers["Authorization"] == "Bearer rotated-sa-token":
+            return ok("t1")
+        return refused(403, "not a session runner")
+
+    cp = Script(cp_answer)
+    rig = Rig(cp, tmp_path, clock=SteppedClock())
+    assert (await rig.get()).status_code == 403  # relayed
+    assert (await rig.get()).status_code == 403  # the file is unchanged: no new fetch
+    assert cp.count == 1
+    (tmp_path / "sa-token.new").write_text("rotated-sa-token")
+    os.replace(tmp_path / "sa-token.new", tmp_path / "sa-token")
+    answer = await rig.get()  # no time has passed
+    assert answer.status_code == 200 and answer.json()["token"] == "t1"
+    assert cp.count == 2
+
+
+async def test_the_sidecar_relays_at_most_300_characters_of_upstream_text(tmp_path: Path) -> None:
+    """Before: a refusal's non-JSON text (here the 60 KB reason phrase) was relayed whole."""
+    long = b"y" * 60_000
+    refusal = httpx.Response(403, content=long, extensions={"reason_phrase": long})
+    rig = Rig(Script(refusal), tmp_path)
+    refused = await rig.get()
+    assert refused.status_code == 403
+    assert refused.json()["error_description"] == "y" * MAX_DESCRIPTION
+
+    outage = httpx.Response(503, content=long, extensions={"reason_phrase": long})
+    rig = Rig(Script(outage), tmp_path)
+    busy = await rig.get()
+    assert busy.status_code == 503
+    assert len(busy.json()["error_description"]) < MAX_DESCRIPTION + 150

@@ -10,25 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 import urllib.parse
-from collections.abc import AsyncIterable, AsyncIterator
 from pathlib import Path
 
-import httpx
 import pytest
 
-from sidecar.app import create_app
-from sidecar.bearer import HeldBearer
-from sidecar.egress import BUFFERED_BODY, EgressApp, Upstream, request_headers, response_headers
-from sidecar.egress_pool import Origin, UpstreamError
-from sidecar.sealed import ProxyMetrics, sealed_token_endpoint, status_class
+from sidecar.egress import BUFFERED_BODY, request_headers, response_headers
 from tests.fakes.client import Script, ok, unavailable
-from tests.fakes.sidecar_rig import HEADER, Rig
-
-BASE = "https://api.example/v1"
-
+from tests.fakes.sealed_rig import BASE, SealedRig
 
 # --- the header rules ------------------------------------------------------------------------
 
@@ -83,151 +72,7 @@ def test_response_headers_drop_hop_by_hop_and_anything_holding_the_token() -> No
     ]
 
 
-@pytest.mark.parametrize(
-    ("status", "cls"), [(100, "2xx"), (200, "2xx"), (302, "3xx"), (404, "4xx"), (504, "5xx")]
-)
-def test_status_classes(status: int, cls: str) -> None:
-    assert status_class(status) == cls
-
-
-def test_the_sidecar_loads_neither_httpx_nor_grpc_without_a_grpc_upstream() -> None:
-    code = (
-        "import sys, sidecar.cli, sidecar.sealed, sidecar.app, sidecar.egress\n"
-        "print(sorted(m for m in ('httpx', 'grpc', 'httpcore') if m in sys.modules))"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert done.stdout.strip() == "[]"
-
-
 # --- the routes ------------------------------------------------------------------------------
-
-
-def answer(status: int, headers: dict[str, str] | None = None, **kw: object) -> httpx.Response:
-    """A response as a real transport hands it over: its body still to be streamed."""
-    built = httpx.Response(status, headers=headers, **kw)  # type: ignore[arg-type]
-    return httpx.Response(status, headers=built.headers, stream=httpx.ByteStream(built.content))
-
-
-class Upstream401:
-    """A recording upstream: answers by path, and 401 to the tokens in ``revoked``."""
-
-    def __init__(self) -> None:
-        self.requests: list[httpx.Request] = []
-        self.bodies: list[bytes] = []
-        self.revoked: set[str] = set()
-        self.gate: asyncio.Event | None = None
-
-    async def __call__(self, request: httpx.Request) -> httpx.Response:
-        body = await request.aread()
-        self.requests.append(request)
-        self.bodies.append(body)
-        if self.gate is not None:
-            await self.gate.wait()
-        token = request.headers.get("authorization", "").removeprefix("Bearer ")
-        if token in self.revoked:
-            return answer(401, json={"error": "invalid_token"})
-        path = request.url.raw_path.partition(b"?")[0].decode()
-        if path.endswith("/moved"):
-            return answer(302, headers={"Location": "https://login.example/x"})
-        if path.endswith("/echo"):
-            return answer(
-                200, headers={"X-Echo": request.headers.get("authorization", "")}, content=b"e"
-            )
-        if path.endswith("/weird"):
-            return answer(999, content=b"?")
-        if path.endswith("/down"):
-            raise UpstreamError("cannot connect (Connection refused)")
-        return answer(
-            200,
-            headers={"X-Upstream": "yes", "Set-Cookie": "a=1"},
-            json={"path": path, "query": request.url.query.decode(), "size": len(body)},
-        )
-
-
-class FakeResponse:
-    """What :class:`UpstreamPool` hands back, from a whole answer."""
-
-    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], content: bytes) -> None:
-        self.status = status
-        self.headers = headers
-        self._content = content
-        self.closed = False
-        self.finished = False
-
-    async def body(self) -> AsyncIterator[bytes]:
-        if self._content:
-            self.finished = True
-            yield self._content
-
-    def close(self) -> None:
-        self.closed = True
-
-
-class FakePool:
-    """The egress's pool, answering through ``handler`` (an httpx-style recording upstream)."""
-
-    def __init__(self, handler: Upstream401) -> None:
-        self.handler = handler
-
-    async def request(
-        self,
-        origin: Origin,
-        method: str,
-        target: bytes,
-        headers: list[tuple[bytes, bytes]],
-        body: bytes | AsyncIterable[bytes],
-    ) -> FakeResponse:
-        content = body if isinstance(body, bytes) else b"".join([c async for c in body])
-        url = f"{origin.scheme}://{origin.host_header.decode()}{target.decode()}"
-        request = httpx.Request(
-            method, url, headers=[(b"host", origin.host_header), *headers], content=content
-        )
-        response = await self.handler(request)
-        return FakeResponse(response.status_code, response.headers.raw, await response.aread())
-
-    async def aclose(self) -> None:
-        pass
-
-
-class SealedRig(Rig):
-    """The sidecar's app in sealed mode, its upstream a recording mock."""
-
-    def __init__(self, cp: Script, tmp_path: Path) -> None:
-        super().__init__(cp, tmp_path)
-        self.upstream = Upstream401()
-        self.proxy_metrics = ProxyMetrics(["api"], None)
-        self.rig_metrics = self.metrics
-        self.metrics.extra.append(self.proxy_metrics.lines)
-        egress = EgressApp(
-            [Upstream.from_url("api", BASE)],
-            HeldBearer(self.refresher, 60),
-            self.proxy_metrics,
-            FakePool(self.upstream),  # type: ignore[arg-type]
-            timeout=5,
-        )
-        self.app = create_app(
-            self.refresher,
-            metrics=self.metrics,
-            min_ttl=60,
-            token_route=sealed_token_endpoint(self.metrics),
-            prefixes={"/upstream/": egress},
-        )
-        self.client = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=self.app), base_url="http://127.0.0.1:8099"
-        )
-
-    async def call(
-        self, method: str, path: str, headers: dict[str, str] | None = None, **kw: object
-    ) -> httpx.Response:
-        return await self.client.request(
-            method,
-            path,
-            headers={**HEADER, **(headers or {})},
-            **kw,  # type: ignore[arg-type]
-        )
-
-    def tokens_sent(self) -> list[list[str]]:
-        return [r.headers.get_list("authorization") for r in self.upstream.requests]
 
 
 async def test_a_call_goes_to_the_upstream_with_the_held_token_only(tmp_path: Path) -> None:
@@ -456,39 +301,3 @@ async def test_a_body_that_fits_is_repeated_even_when_chunked(tmp_path: Path) ->
     response = await rig.call("POST", "/upstream/api/x", content=chunks())
     assert response.status_code == 200
     assert rig.upstream.bodies == [b"a" * 1000 + b"b" * 1000] * 2
-
-
-# --- sealed /token and metrics ---------------------------------------------------------------
-
-
-async def test_sealed_token_route_is_refused(tmp_path: Path) -> None:
-    rig = SealedRig(Script(ok("t1")), tmp_path)
-    for method in ("GET", "POST"):
-        response = await rig.call(method, "/token")
-        assert response.status_code == 403
-        assert response.json()["error"] == "sealed"
-        assert "/upstream/" in response.json()["error_description"]
-    put = await rig.call("PUT", "/token")
-    assert put.status_code == 405
-    assert rig.cp.count == 0  # a refusal costs the CP nothing
-    # without the guard header too: nothing to protect, the same answer
-    assert (await rig.client.get("/token")).json()["error"] == "sealed"
-
-
-async def test_metrics_count_by_upstream_and_class_only(tmp_path: Path) -> None:
-    rig = SealedRig(Script(ok("t1")), tmp_path)
-    await rig.call("GET", "/upstream/api/x?secret=1")
-    await rig.call("GET", "/upstream/api/moved")
-    await rig.call("GET", "/upstream/api/down")
-    page = (await rig.client.get("/metrics")).text
-    name = "cp_token_sidecar_proxied_requests_total"
-    for cls, value in (("2xx", 1), ("3xx", 1), ("4xx", 0), ("5xx", 1)):
-        assert f'{name}{{protocol="http",upstream="api",class="{cls}"}} {value:.1f}' in page
-    assert "secret=" not in page and "/moved" not in page and "t1" not in page
-    assert json.dumps(page)  # plain text
-
-
-async def test_unknown_names_are_not_a_metric_label(tmp_path: Path) -> None:
-    rig = SealedRig(Script(ok("t1")), tmp_path)
-    await rig.call("GET", "/upstream/made-up-name/x")
-    assert "made-up-name" not in (await rig.client.get("/metrics")).text

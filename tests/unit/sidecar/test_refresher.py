@@ -7,6 +7,7 @@ import asyncio
 import base64
 import json
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import pytest
 
 from cp_token.runtime.clock import FakeClock
 from tests.fakes.client import Script, ok, refused, unavailable
+from tests.fakes.clock import SteppedClock
+from tests.fakes.loop import run_until
 from tests.fakes.sidecar_rig import ManualClock, Rig
 
 
@@ -217,3 +220,35 @@ async def test_anything_else_left_in_the_token_file_is_removed_at_once(
     await rig.refresher.adopt_left_over()
     assert not token_file.exists()
     assert not rig.holder.ready
+
+
+async def test_after_a_refusal_a_rotated_sa_token_is_tried_at_once(tmp_path: Path) -> None:
+    def cp_answer(request: httpx.Request) -> httpx.Response:
+        if request.headers["Authorization"] == "Bearer rotated-sa-token":
+            return ok("t1")
+        return refused(401, "the ServiceAccount token is not valid")
+
+    cp = Script(cp_answer)
+    clock = SteppedClock()
+    rig = Rig(cp, tmp_path, clock=clock)
+    loop = asyncio.create_task(rig.refresher.run())
+    try:
+        await run_until(lambda: rig.holder.rejection is not None, "the refusal")
+        assert (await rig.get()).status_code == 401  # relayed
+        for _ in range(4):  # the file is unchanged: no new fetch, however often it is polled
+            await run_until(lambda: clock.sleepers > 0, "the refresher asleep")
+            clock.advance(0.5)
+            await run_until(lambda: clock.sleepers > 0, "the refresher asleep again")
+        assert cp.count == 1
+        sa = tmp_path / "sa-token"
+        (tmp_path / "sa-token.new").write_text("rotated-sa-token")
+        os.replace(tmp_path / "sa-token.new", sa)  # as kubelet swaps it
+        await run_until(lambda: clock.sleepers > 0, "the refresher asleep")
+        clock.advance(0.5)
+        await run_until(lambda: rig.holder.ready, "a token after the rotation")
+        assert cp.count == 2
+        assert rig.holder.rejection is None
+        assert (await rig.get()).json()["token"] == "t1"
+        assert clock.monotonic() - 1000 < 3  # not the 30-60 s slow retry
+    finally:
+        loop.cancel()

@@ -8,7 +8,7 @@ import asyncio
 import json
 import socket
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +17,7 @@ import trustme
 from cp_token.client import TokenError, TokenRejected, TokenUnavailable
 from cp_token.runtime.clock import FakeClock
 from sidecar.upstream import MAX_BODY, UpstreamSource
+from tests.fakes.hostile_upstream import HOSTILE_ANSWERS, RawUpstream, check_bad_answer
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 TOKEN_JSON = json.dumps(
@@ -255,3 +256,34 @@ async def test_a_rotated_service_account_token_is_noticed(
     assert up.sa_token_changed()
     (tmp_path / "sa").unlink()
     assert not up.sa_token_changed()  # unreadable: not a reason to fetch
+
+
+CASES = sorted(HOSTILE_ANSWERS)
+
+
+RETRY_AFTER_CASES = [c for c in CASES if c.startswith("retry-after-")]
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[RawUpstream]:
+    with RawUpstream() as server:
+        yield server
+
+
+@pytest.fixture
+def sa_file(tmp_path: Path) -> Path:
+    path = tmp_path / "sa"
+    path.write_text("sa.jwt.token")
+    return path
+
+
+@pytest.mark.parametrize("case", CASES)
+async def test_the_sidecars_http_client(case: str, upstream: RawUpstream, sa_file: Path) -> None:
+    fetcher = UpstreamSource(
+        cp_url=upstream.url(case), sa_token_file=str(sa_file), clock=FakeClock(), timeout=5
+    )
+    with pytest.raises(Exception) as info:
+        await fetcher.afetch_once()
+    check_bad_answer(info.value, case)
+    if case in RETRY_AFTER_CASES:  # treated as absent: the backoff decides
+        assert isinstance(info.value, TokenUnavailable) and info.value.retry_after is None

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, unquote_plus
 
+import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -128,6 +129,11 @@ class FakeIdP(LoopbackFake):
     def token_url(self) -> str:
         """The token endpoint, ``<url>/oauth/token``."""
         return f"{self.url}/oauth/token"
+
+    def transport(self) -> httpx.AsyncBaseTransport:
+        """The same endpoint in process (no socket, no thread): a unit test's minter calls it
+        on the test's own event loop, so waiting for an answer needs no wall-clock time."""
+        return httpx.ASGITransport(app=self._server._app)
 
     # -- control -----------------------------------------------------------------------------
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
+import random
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import cp_token.client._source as source_module
 from cp_token.client import TokenError, TokenRejected, TokenSource, TokenUnavailable
 from cp_token.runtime.clock import FakeClock
 from tests.fakes.client import Script, ok, options, refused, unavailable
+from tests.fakes.hostile_upstream import HOSTILE_ANSWERS, REFUSALS, RawUpstream, check_bad_answer
 
 SIDECAR = "http://127.0.0.1:8099/token"
 CP = "https://cp.example.svc:8080/token"
@@ -623,3 +625,72 @@ def test_static_token_needs_no_network() -> None:
     source = TokenSource(static_token="dev")
     assert source.token() == "dev"
     assert source.fetch().expires_in is None
+
+
+# --- folded from test_source_hostile.py ----------------------------------------
+
+CASES = sorted(HOSTILE_ANSWERS)
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[RawUpstream]:
+    with RawUpstream() as server:
+        yield server
+
+
+@pytest.fixture
+def jwt_sa_file(tmp_path: Path) -> Path:
+    path = tmp_path / "sa"
+    path.write_text("sa.jwt.token")
+    return path
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_client_library_sync_direct(
+    case: str, upstream: RawUpstream, jwt_sa_file: Path
+) -> None:
+    clock = FakeClock()  # retries wait on it: instant
+    source = TokenSource(
+        cp_url=upstream.url(case),
+        sa_token_file=str(jwt_sa_file),
+        clock=clock,
+        rand=random.Random(1).random,
+        timeout=5,
+    )
+    with source, pytest.raises(Exception) as info:
+        source.token()
+    check_bad_answer(info.value, case)
+    if case not in REFUSALS:
+        assert upstream.count(case) >= 2  # retried as the unavailable path, to the deadline
+
+
+@pytest.mark.parametrize("case", CASES)
+async def test_the_client_library_async_through_a_sidecar_url(
+    case: str, upstream: RawUpstream
+) -> None:
+    source = TokenSource(
+        sidecar_url=upstream.url(case), clock=FakeClock(), rand=random.Random(2).random
+    )
+    async with source:
+        with pytest.raises(Exception) as info:
+            await source.atoken()
+    check_bad_answer(info.value, case)
+
+
+@pytest.mark.parametrize("case", ["expires-in-1e308", "expires-in-400-digits"])
+def test_an_absurd_lifetime_is_a_bad_answer_not_year_9999(
+    case: str, upstream: RawUpstream, jwt_sa_file: Path
+) -> None:
+    """Before: 1e308 was served as expiring in year 9999 and never refreshed; 400 digits
+    overflowed the expiry arithmetic."""
+    source = TokenSource(
+        cp_url=upstream.url(case), sa_token_file=str(jwt_sa_file), clock=FakeClock(), timeout=5
+    )
+    with pytest.raises(TokenUnavailable, match="expires_in"):
+        source.fetch_once()
+
+
+# --- the shared reading, piece by piece ------------------------------------------------------
+
+
+# --- what the sidecar relays to its callers ---------------------------------------------------

@@ -48,9 +48,7 @@ NO_TEST_FILE = {
 }
 
 # Test files that may still sleep, and why; remove an entry once its file is fixed.
-MAY_SLEEP = {
-    "tests/unit/minters/test_oidc.py": "being rewritten on another branch (issue 20, item 5)",
-}
+MAY_SLEEP: dict[str, str] = {}
 
 
 def rel(path: Path) -> str:

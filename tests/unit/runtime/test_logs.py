@@ -13,7 +13,14 @@ from collections.abc import Iterator
 import pytest
 
 from cp_token.runtime.clock import FakeClock
-from cp_token.runtime.logs import JsonFormatter, RepeatFilter, TextFormatter, audit, escape_controls
+from cp_token.runtime.logs import (
+    AUDIT_FIELDS,
+    JsonFormatter,
+    RepeatFilter,
+    TextFormatter,
+    audit,
+    escape_controls,
+)
 
 FORGED = "bob\n2026-01-01T00:00:00.000Z info    cp_token.audit: token_request issued"
 HOSTILE = [FORGED, "eve\x1b[2K\x1b[1Gadmin", "nul\x00del\x7fc1\x85ls\u2028ps\u2029cr\r"]
@@ -158,3 +165,37 @@ async def test_asyncio_accept_out_of_resources_floods_nothing(
     lines = lines_of(out)
     assert len(lines) == 1, lines[:3]
     assert "socket.accept() out of system resource" in lines[0]
+
+
+def test_text_audit_line_carries_every_schema_field(
+    stream: tuple[logging.Logger, io.StringIO, logging.Handler],
+) -> None:
+    # SPEC: "the audit line has a fixed schema: ts, event, outcome, reason, username,
+    # namespace, pod, jti, latency_ms" in either format; a refusal before authentication
+    # has no username, pod or jti, and the text line still names them.
+    _, out, handler = stream
+    handler.setFormatter(TextFormatter())
+    audit_logger = logging.getLogger("cp_token.audit")
+    audit_logger.addHandler(handler)
+    level = audit_logger.level
+    audit_logger.setLevel(logging.INFO)
+    try:
+        audit(
+            outcome="invalid_token",
+            reason="missing",
+            username=None,
+            namespace=None,
+            pod=None,
+            jti=None,
+            latency_ms=0.5,
+        )
+    finally:
+        audit_logger.removeHandler(handler)
+        audit_logger.setLevel(level)
+    (line,) = lines_of(out)
+    pairs = [word.split("=", 1) for word in line.split() if "=" in word]
+    assert [key for key, _ in pairs] == list(AUDIT_FIELDS)
+    values = dict(pairs)
+    assert values["event"] == "token_request" and values["outcome"] == "invalid_token"
+    assert values["username"] == values["pod"] == values["jti"] == "-"
+    assert values["latency_ms"] == "0.5" and values["ts"] == line.split()[0]

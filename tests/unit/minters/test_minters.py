@@ -276,3 +276,23 @@ async def test_jwt_issuer_is_kept_exactly_as_configured() -> None:
     assert claims["iss"] == "https://iss.example/a/"
     assert m.openid_configuration()["issuer"] == "https://iss.example/a/"
     assert m.jwks_uri == "https://iss.example/a/.well-known/jwks.json"
+
+
+async def test_jwt_a_forced_refresh_five_seconds_later_gets_a_new_token() -> None:
+    # SPEC: the sidecar's `POST /token` "forces a fresh token" and may ask the CP again 5 s
+    # after its last fetch (sealed mode: a 401 from an upstream, at most one fetch per 5 s).
+    # The minter's reuse of a caller's last token must end before that, or the consumer whose
+    # token was just rejected gets the very same token back.
+    clock = FakeClock()
+    m = JwtMinter(issuer="https://cp", audience="api", ttl=900, clock=clock)
+    who = Identity(
+        "system:serviceaccount:ns:session-1-sa",
+        extra={
+            "authentication.kubernetes.io/pod-name": ("runner-1",),
+            "authentication.kubernetes.io/pod-uid": ("u1",),
+        },
+    )
+    first = await m.mint(who)
+    clock.advance(5.0)
+    again = await m.mint(who)
+    assert again.token != first.token and again.jti != first.jti

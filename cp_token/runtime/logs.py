@@ -221,9 +221,19 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         """Render the record."""
         audit_fields: dict[str, Any] | None = getattr(record, "audit", None)
-        extra = audit_fields if audit_fields is not None else getattr(record, "fields", None)
-        tail = " ".join(f"{k}={_text_value(v)}" for k, v in (extra or {}).items() if v is not None)
-        base = f"{_ts(record.created)} {record.levelname.lower():7} {record.name}: "
+        ts = _ts(record.created)
+        if audit_fields is not None:
+            # The audit line keeps its fixed schema here too: every field, in order, an
+            # absent value written as "-" (a refusal before authentication has no username).
+            fields = {"ts": ts, **audit_fields}
+            tail = " ".join(
+                f"{k}={'-' if fields.get(k) is None else _text_value(fields[k])}"
+                for k in AUDIT_FIELDS
+            )
+        else:
+            extra: dict[str, Any] = getattr(record, "fields", None) or {}
+            tail = " ".join(f"{k}={_text_value(v)}" for k, v in extra.items() if v is not None)
+        base = f"{ts} {record.levelname.lower():7} {record.name}: "
         return escape_controls(base + record.getMessage() + (f" {tail}" if tail else ""))
 
 

@@ -31,10 +31,10 @@ def minter(clock: FakeClock, ttl: float = 900, **kw: Any) -> JwtMinter:
 async def test_a_caller_asking_again_at_once_gets_the_same_token() -> None:
     clock = FakeClock()
     m = minter(clock)
-    assert m.reuse_window == 9.0  # 1 % of 900 s
+    assert m.reuse_window == 4.0  # REUSE_WINDOW (below 1 % of 900 s)
     who = Identity(RUNNER, extra=BOUND)
     first = await m.mint(who)
-    clock.advance(9.0)
+    clock.advance(4.0)
     assert await m.mint(Identity(RUNNER, extra=BOUND)) is first
     clock.advance(0.5)
     later = await m.mint(who)
@@ -148,3 +148,23 @@ async def test_jwt_issuer_is_kept_exactly_as_configured() -> None:
     assert claims["iss"] == "https://iss.example/a/"
     assert m.openid_configuration()["issuer"] == "https://iss.example/a/"
     assert m.jwks_uri == "https://iss.example/a/.well-known/jwks.json"
+
+
+async def test_a_forced_refresh_five_seconds_later_gets_a_new_token() -> None:
+    """The sidecar's ``POST /token`` forces a fresh token and may ask the CP again 5 s after
+    its last fetch (sealed mode: after an upstream 401, at most one fetch per 5 s): the
+    minter's reuse of a caller's last token ends before that, or the consumer whose token was
+    just rejected gets the very same token back."""
+    clock = FakeClock()
+    m = JwtMinter(issuer="https://cp", audience="api", ttl=900, clock=clock)
+    who = Identity(
+        "system:serviceaccount:ns:session-1-sa",
+        extra={
+            "authentication.kubernetes.io/pod-name": ("runner-1",),
+            "authentication.kubernetes.io/pod-uid": ("u1",),
+        },
+    )
+    first = await m.mint(who)
+    clock.advance(5.0)
+    again = await m.mint(who)
+    assert again.token != first.token and again.jti != first.jti

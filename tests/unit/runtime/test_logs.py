@@ -230,3 +230,37 @@ def test_the_audit_record_goes_through_the_logger_and_its_handlers() -> None:
         logger.setLevel(level)
     line = json.loads(out.getvalue())
     assert list(line) == list(AUDIT_FIELDS) and line["latency_ms"] == 1.235
+
+
+def test_text_audit_line_carries_every_schema_field(
+    stream: tuple[logging.Logger, io.StringIO, logging.Handler],
+) -> None:
+    # SPEC: "the audit line has a fixed schema: ts, event, outcome, reason, username,
+    # namespace, pod, jti, latency_ms" in either format; a refusal before authentication
+    # has no username, pod or jti, and the text line still names them.
+    _, out, handler = stream
+    handler.setFormatter(TextFormatter())
+    audit_logger = logging.getLogger("cp_token.audit")
+    audit_logger.addHandler(handler)
+    level = audit_logger.level
+    audit_logger.setLevel(logging.INFO)
+    try:
+        audit(
+            outcome="invalid_token",
+            reason="missing",
+            username=None,
+            namespace=None,
+            pod=None,
+            jti=None,
+            latency_ms=0.5,
+        )
+    finally:
+        audit_logger.removeHandler(handler)
+        audit_logger.setLevel(level)
+    (line,) = lines_of(out)
+    pairs = [word.split("=", 1) for word in line.split() if "=" in word]
+    assert [key for key, _ in pairs] == list(AUDIT_FIELDS)
+    values = dict(pairs)
+    assert values["event"] == "token_request" and values["outcome"] == "invalid_token"
+    assert values["username"] == values["pod"] == values["jti"] == "-"
+    assert values["latency_ms"] == "0.5" and values["ts"] == line.split()[0]

@@ -80,10 +80,14 @@ def load_client_settings(env: Mapping[str, str] | None = None) -> ClientSettings
     :class:`~cp_token.settings.common.ConfigError`."""
     e = Env(env)
     allow = e.flag(ALLOW_PLAINTEXT, ClientSettings.allow_plaintext)
+    # The first source that is set decides; the ones after it are not read at all, so a
+    # mistake in a variable that does not decide cannot stop a pod whose source is fine.
+    sidecar_url = e.url("AMBIENT_TOKEN_SIDECAR_URL")
+    cp_token_url = None if sidecar_url else e.cp_url("AMBIENT_CP_TOKEN_URL", allow)
     return ClientSettings(
-        sidecar_url=e.url("AMBIENT_TOKEN_SIDECAR_URL"),
-        cp_token_url=e.cp_url("AMBIENT_CP_TOKEN_URL", allow),
-        bot_token=e.get("BOT_TOKEN"),
+        sidecar_url=sidecar_url,
+        cp_token_url=cp_token_url,
+        bot_token=None if sidecar_url or cp_token_url else e.get("BOT_TOKEN"),
         allow_plaintext=allow,
         **upstream_fields(e),
         api_url=e.url("AMBIENT_API_URL"),

@@ -85,3 +85,28 @@ def test_the_connection_variables_are_read_the_same_for_the_sidecar(tmp_path: Pa
     defaults = upstream_fields(Env({}))
     assert defaults == {"sa_token_file": DEFAULT_SA_TOKEN_FILE, "ca_file": None, "timeout": TIMEOUT}
     assert DEFAULT_SA_TOKEN_FILE == f"{SA_TOKEN_DIR}/ambient-cp"
+
+
+@pytest.mark.parametrize(
+    ("env", "decides"),
+    [
+        (  # the sidecar decides: a broken direct URL or a stray BOT_TOKEN is never read
+            {
+                "AMBIENT_TOKEN_SIDECAR_URL": "http://127.0.0.1:8099/token",
+                "AMBIENT_CP_TOKEN_URL": "http://cp.example/token",  # plaintext: refused if read
+                "BOT_TOKEN": "stray",
+            },
+            "sidecar",
+        ),
+        (
+            {"AMBIENT_CP_TOKEN_URL": "https://cp.example/token", "BOT_TOKEN": "stray"},
+            "direct",
+        ),
+    ],
+)
+def test_only_the_deciding_source_is_read(env: dict[str, str], decides: str) -> None:
+    s = load_client_settings(env)
+    assert s.source == decides
+    assert s.bot_token is None
+    if decides == "sidecar":
+        assert s.cp_token_url is None

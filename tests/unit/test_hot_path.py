@@ -431,18 +431,31 @@ async def test_the_reviewer_gets_the_precheck_s_decoding() -> None:
 def test_loop_metrics_expose_what_the_library_s_own_would() -> None:
     import re
 
-    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
     from prometheus_client.openmetrics.exposition import generate_latest as openmetrics
 
-    from cp_token.metrics import LATENCY_BUCKETS, LoopCounter, LoopHistogram
+    from cp_token.metrics import LATENCY_BUCKETS, SharedFamilies
+    from cp_token.runtime import metrics as shared
 
     ours, theirs = CollectorRegistry(auto_describe=True), CollectorRegistry(auto_describe=True)
     counter = Counter("c", "Counted", ["outcome", "reason"], registry=theirs)
     histogram = Histogram(
         "h_seconds", "Timed", ["outcome"], buckets=LATENCY_BUCKETS, registry=theirs
     )
-    loop_counter = LoopCounter("c", "Counted", ("outcome", "reason"), ours)
-    loop_histogram = LoopHistogram("h_seconds", "Timed", ("outcome",), LATENCY_BUCKETS, ours)
+    plain = Histogram("p_seconds", "Plain", buckets=LATENCY_BUCKETS, registry=theirs)
+    gauge = Gauge("up", "Up", ["dependency"], registry=theirs)
+    loop_counter = shared.Counter("c", "Counted", ("outcome", "reason"))
+    loop_histogram = shared.Histogram("h_seconds", "Timed", LATENCY_BUCKETS, ("outcome",))
+    loop_plain = shared.Histogram("p_seconds", "Plain", LATENCY_BUCKETS, series=[()])
+    up = {"kubernetes": 0.0, "idp": 1.0}
+    loop_gauge = shared.Gauge(
+        "up", "Up", lambda: [((k,), v) for k, v in up.items()], ("dependency",)
+    )
+    SharedFamilies([loop_counter, loop_histogram, loop_plain, loop_gauge], ours)
+    for name, value in up.items():
+        gauge.labels(name).set(value)
+    plain.observe(0.3)
+    loop_plain.observe(0.3)
     for outcome, reason, seconds in [
         ("issued", "ok", 0.0004),
         ("issued", "ok", 0.001),  # on a bound: that bucket

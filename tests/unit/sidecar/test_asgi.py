@@ -17,7 +17,7 @@ from cp_token.client._http import client_options
 from cp_token.runtime.clock import FakeClock
 from sidecar.asgi import Message, Router
 from sidecar.holder import TokenHolder
-from sidecar.metrics import Histogram, SidecarMetrics, format_value
+from sidecar.metrics import SidecarMetrics
 from tests.fakes.client import Script, ok, unavailable
 from tests.fakes.sidecar_rig import Rig
 
@@ -116,26 +116,6 @@ async def test_the_exposition_parses_and_counts(tmp_path: Path) -> None:
     info = families["cp_token_sidecar_build_info"].samples[0]
     assert info.labels["version"]
     assert families["cp_token_sidecar_token_expires_in_seconds"].samples[0].value == 600.0
-
-
-def test_histogram_buckets_are_cumulative() -> None:
-    h = Histogram(buckets=(0.1, 1.0))
-    for value in (0.05, 0.1, 0.5, 3.0):
-        h.observe(value)
-    lines = list(h.samples("x"))
-    assert lines == [
-        'x_bucket{le="0.1"} 2.0',
-        'x_bucket{le="1.0"} 3.0',
-        'x_bucket{le="+Inf"} 4.0',
-        "x_count 4.0",
-        "x_sum 3.65",
-    ]
-    assert [format_value(v) for v in (float("inf"), float("-inf"), float("nan"), 3)] == [
-        "+Inf",
-        "-Inf",
-        "NaN",
-        "3.0",
-    ]
 
 
 def test_counters_refuse_to_go_down() -> None:

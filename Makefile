@@ -52,7 +52,7 @@ test-cluster: $(STAMP) cluster-tools
 # oldest and the newest uvicorn that pyproject's pin allows, each installed alone (no deps)
 # into a directory that shadows the venv's copy (tests/integration/test_edge.py checks which
 # version it ran on).
-UVICORN_PIN := $(shell sed -n 's/^ *"\(uvicorn[^"]*\)",.*/\1/p' pyproject.toml)
+UVICORN_PIN := $(shell sed -n 's/^ *"\(uvicorn[<>=!~][^"]*\)",.*/\1/p' pyproject.toml)
 UVICORN_OLDEST := $(shell echo '$(UVICORN_PIN)' | sed -n 's/.*>=\([0-9.]*\).*/\1/p')
 EDGE_TESTS := tests/integration/test_edge.py tests/unit/http/test_framing.py
 edge-uvicorn: $(STAMP)

@@ -1,19 +1,29 @@
-"""The egress routes' HTTP/1.1 client: pooled keep-alive connections to the upstreams.
+"""The sidecar's one HTTP/1.1 client: pooled keep-alive connections, for the egress routes'
+calls to the upstreams (sealed mode) and for the token fetch from the CP (``upstream.py``).
 
-Every byte an upstream sends is parsed by httptools (llhttp, Node.js's parser: the same one
+Every byte a server sends is parsed by httptools (llhttp, Node.js's parser: the same one
 the sidecar's own server uses for the requests it receives); TLS is the ssl module's, through
-asyncio's transports. What is ours: writing the request (a head from headers the server
-already parsed, and the body as it comes, chunked when its length is unknown), the pool, and
-flow control both ways. Why not httpx here (it is the client library's HTTP client): measured
-on this machine, httpx's AsyncClient spent 0.75-2 ms of CPU per proxied GET (h11 in pure
-Python, anyio's TLS streams, a pool that polls every idle connection per request: the cost
-grew with concurrency), against 0.06-0.12 ms for this client over the same TLS connection:
-with httpx a sealed sidecar could relay at most 0.05-0.2x of what the upstream serves, and it
-held 36 MiB (goal 35). See bench/bench_sealed.py.
+asyncio's transports, verified against the context the caller gives (a CA file or the system
+roots). No proxy is ever consulted and no redirect followed: a 3xx is an answer like any
+other. What is ours: writing the request (a head from headers the server already parsed, and
+the body as it comes, chunked when its length is unknown), the pool, flow control both ways,
+and the bounds: a response head (all of an exchange's heads, informational ones included) at
+:data:`MAX_HEAD` bytes and :data:`MAX_HEADERS` lines, at most :data:`MAX_INFORMATIONAL` 1xx
+answers before the real one, and :meth:`UpstreamResponse.read` for a whole body up to a limit
+(a ``Content-Length`` over it is refused before any of the body is read). Time is the
+caller's: it wraps a call in its deadline, and cancelling closes the connection.
+
+Why not httpx here (it is the client library's HTTP client): measured on this machine,
+httpx's AsyncClient spent 0.75-2 ms of CPU per proxied GET (h11 in pure Python, anyio's TLS
+streams, a pool that polls every idle connection per request: the cost grew with
+concurrency), against 0.06-0.12 ms for this client over the same TLS connection: with httpx a
+sealed sidecar relayed 0.05x of what the upstream serves, added 1.37 ms at p50 and held
+35.9 MiB (goal 35). See bench/bench_sealed.py and docs/design.md.
 
 A response's body is kept to ``HIGH_WATER`` bytes before the connection stops reading (the
 caller's pace sets the upstream's); a request body is written as it arrives, each write
-awaited. A connection goes back to the pool only after a complete answer that keeps it alive.
+awaited. A connection goes back to the pool only after a complete answer that keeps it alive
+(a request that says ``Connection: close`` never does).
 """
 
 from __future__ import annotations
@@ -21,18 +31,30 @@ from __future__ import annotations
 import asyncio
 import asyncio.sslproto
 import collections
+import inspect
 import ssl
 import time
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass, field
+from typing import cast
 from urllib.parse import urlsplit
 
 import httptools
 
-__all__ = ["Origin", "UpstreamError", "UpstreamPool", "UpstreamResponse", "split_base"]
+__all__ = [
+    "MAX_HEAD",
+    "Origin",
+    "UntrustedUpstream",
+    "UpstreamError",
+    "UpstreamPool",
+    "UpstreamResponse",
+    "split_base",
+]
 
-MAX_HEAD = 64 * 1024  # response head bytes before it is refused
+MAX_HEAD = 64 * 1024  # response head bytes (all of an exchange's heads) before it is refused
 MAX_HEADERS = 256
+MAX_INFORMATIONAL = 8  # 1xx answers skipped before the real one; more is a malformed answer
+_HEAD_TOO_LARGE = f"response head over {MAX_HEAD} bytes from the upstream"
 HIGH_WATER = 256 * 1024  # response body buffered before the upstream connection pauses
 LOW_WATER = 64 * 1024
 CONNECT_HANDSHAKE = 10  # the TLS handshake's own bound (the caller's deadline is shorter)
@@ -42,6 +64,15 @@ TLS_READ_BUFFER = 32 * 1024
 class UpstreamError(Exception):
     """The upstream cannot be reached, or broke the exchange off. The message is a short
     reason (never a header value, never a token)."""
+
+
+class UntrustedUpstream(UpstreamError):
+    """The upstream's TLS certificate does not verify against the context's roots (retrying
+    cannot fix that: the caller may say so differently)."""
+
+    def __init__(self, message: str, cause: ssl.SSLCertVerificationError) -> None:
+        super().__init__(message)
+        self.cause = cause
 
 
 @dataclass(frozen=True)
@@ -57,8 +88,10 @@ class Origin:
         # ``host[:port]`` (the port only when it is not the scheme's default), once
         host = f"[{self.host}]" if ":" in self.host else self.host
         default = 443 if self.tls else 80
-        header = (host if self.port == default else f"{host}:{self.port}").encode("idna")
-        object.__setattr__(self, "host_header", header)
+        header = host if self.port == default else f"{host}:{self.port}"
+        # the idna codec only for a name outside ASCII: it loads unicodedata (~0.3 MiB)
+        encoded = header.encode("ascii") if header.isascii() else header.encode("idna")
+        object.__setattr__(self, "host_header", encoded)
 
     @property
     def tls(self) -> bool:
@@ -74,13 +107,42 @@ def split_base(url: str) -> tuple[Origin, str]:
     return Origin(scheme, parts.hostname or "", port), parts.path.rstrip("/")
 
 
-class _TlsLayer(asyncio.sslproto.SSLProtocol):
+_SSL_PROTOCOL_ARGS = frozenset(
+    {"loop", "app_protocol", "sslcontext", "waiter", "server_hostname", "ssl_handshake_timeout"}
+)
+
+
+def _small_buffer_tls() -> type[asyncio.sslproto.SSLProtocol] | None:
     """asyncio's TLS layer (what ``create_connection(ssl=...)`` builds), reading into a
     32 KiB buffer instead of 256 KiB: a sidecar holds one per open upstream connection, and
     churning 256 KiB buffers grew a sidecar to 100 MiB under 16 concurrent calls (measured;
-    32 KiB: under 50 MiB with churn, and the pool no longer churns below its cap)."""
+    32 KiB: under 50 MiB with churn, and the pool no longer churns below its cap).
 
-    max_size = TLS_READ_BUFFER
+    ``asyncio.sslproto.SSLProtocol`` is private: its ``max_size`` (the read buffer's size)
+    and its constructor are the same on CPython 3.11, 3.12 and 3.13 (checked). On an
+    interpreter where they are not as expected this returns None and connections use the
+    plain ``create_connection(ssl=...)`` path (bigger buffers, same behaviour)."""
+    base: object = getattr(asyncio.sslproto, "SSLProtocol", None)
+    if not isinstance(base, type) or not isinstance(getattr(base, "max_size", None), int):
+        return None
+    try:
+        params = set(inspect.signature(base).parameters)
+    except (TypeError, ValueError):
+        return None
+    if not _SSL_PROTOCOL_ARGS <= params:
+        return None
+    layer = type("_TlsLayer", (base,), {"max_size": TLS_READ_BUFFER, "__module__": __name__})
+    return cast("type[asyncio.sslproto.SSLProtocol]", layer)
+
+
+_TLS_LAYER = _small_buffer_tls()
+
+
+def _parser_reason(exc: httptools.HttpParserError) -> str:
+    """llhttp's reason for refusing an answer (a fixed phrase such as "Invalid character in
+    chunk size", never the answer's bytes), or the exception's name."""
+    reason = str(exc)[:80]
+    return reason if reason.isascii() and reason.isprintable() and reason else type(exc).__name__
 
 
 class _Connection(asyncio.Protocol):
@@ -97,10 +159,11 @@ class _Connection(asyncio.Protocol):
         self._drain: asyncio.Future[None] | None = None
         self._write_paused = False
         self._read_paused = False
-        self._new_exchange(head_only=False)
+        self._new_exchange(head_only=False, close=False)
 
-    def _new_exchange(self, *, head_only: bool) -> None:
+    def _new_exchange(self, *, head_only: bool, close: bool) -> None:
         self.status: int | None = None
+        self.reason = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.chunks: collections.deque[bytes] = collections.deque()
         self.buffered = 0
@@ -109,7 +172,10 @@ class _Connection(asyncio.Protocol):
         self.error: str | None = None
         self.received = 0
         self._head_only = head_only
-        self._informational = False
+        self._close = close  # the request said "Connection: close"
+        self._head_bytes = 0  # status lines and header lines parsed in this exchange
+        self._informational = 0
+        self._in_informational = False
         self._until_eof = False
 
     # --- asyncio.Protocol ---------------------------------------------------------------------
@@ -123,23 +189,31 @@ class _Connection(asyncio.Protocol):
         if self.status is not None and self._until_eof and self.error is None:
             self.complete = True  # a body delimited by the end of the connection
         elif not self.complete and self.error is None:
-            self.error = "the upstream closed the connection"
+            self.error = (
+                "the connection to the upstream closed before a complete response head"
+                if self.status is None
+                else "the connection to the upstream closed before the end of the response"
+            )
         self._wake()
         drain, self._drain = self._drain, None
         if drain is not None and not drain.done():
             drain.set_result(None)
 
     def data_received(self, data: bytes) -> None:
-        self.received += len(data)
-        if self.status is None and self.received > MAX_HEAD:
-            self._fail("the upstream's response head is too large")
+        if self.closed:
             return
+        self.received += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fail("the upstream switched protocols")
         except httptools.HttpParserError as exc:
-            self._fail(f"malformed response from the upstream ({type(exc).__name__})")
+            self._fail(f"malformed response from the upstream ({_parser_reason(exc)})")
+        if self.status is None and self.received > MAX_HEAD:
+            # still no whole head after this many bytes (the callbacks bound one that came
+            # whole in a single read)
+            self._fail(_HEAD_TOO_LARGE)
+            return
         if self.buffered > HIGH_WATER and not self._read_paused and self.transport is not None:
             self._read_paused = True
             self.transport.pause_reading()
@@ -160,19 +234,39 @@ class _Connection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self.headers = []
+        self.reason = b""
+
+    def _count_head(self, size: int) -> None:
+        self._head_bytes += size
+        if self._head_bytes > MAX_HEAD:
+            self._fail(_HEAD_TOO_LARGE)
+            raise ValueError(_HEAD_TOO_LARGE)  # stops the parser; the reason is set
+
+    def on_status(self, status: bytes) -> None:
+        # the reason phrase, possibly in pieces (one per read)
+        self._count_head(len(status))
+        self.reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value) + 4)
         if len(self.headers) >= MAX_HEADERS:
+            self._fail(f"more than {MAX_HEADERS} header lines in the upstream's response")
             raise ValueError("too many headers")
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
         if 100 <= status < 200:  # 103 Early Hints and the like: the answer follows
-            self._informational = True
+            self._in_informational = True
+            self._informational += 1
+            if self._informational > MAX_INFORMATIONAL:
+                self._fail("too many informational (1xx) answers from the upstream")
+                raise ValueError("too many informational answers")
             return
         self.status = status
-        self.keep_alive = bool(self._parser.should_keep_alive()) and not self._head_only
+        self.keep_alive = (
+            bool(self._parser.should_keep_alive()) and not self._head_only and not self._close
+        )
         if self._head_only:  # the parser cannot know the request was HEAD: no body follows
             self.complete = True
         names = {name.lower() for name, _ in self.headers}
@@ -192,8 +286,8 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
-        if self._informational:
-            self._informational = False
+        if self._in_informational:
+            self._in_informational = False
             return
         self.complete = True
         self._wake()
@@ -263,7 +357,7 @@ def _head(
     headers: list[tuple[bytes, bytes]],
     framing: tuple[bytes, bytes] | None,
 ) -> bytes:
-    lines = [method.encode("ascii"), b" ", target, b" HTTP/1.1\r\nhost: ", origin.host_header]
+    lines = [method.encode("ascii"), b" ", target, b" HTTP/1.1\r\nHost: ", origin.host_header]
     for name, value in headers:
         lines += [b"\r\n", name, b": ", value]
     if framing is not None:
@@ -280,6 +374,7 @@ class UpstreamResponse:
         self._conn: _Connection | None = conn
         assert conn.status is not None
         self.status: int = conn.status
+        self.reason: bytes = conn.reason
         self.headers = conn.headers
 
     @property
@@ -297,6 +392,23 @@ class UpstreamResponse:
         while (chunk := await conn.next_chunk()) is not None:
             yield chunk
 
+    async def read(self, limit: int) -> bytes:
+        """The whole body, at most ``limit`` bytes: a ``Content-Length`` over it is refused
+        before any of the body is read, and a body that grows past it as it arrives
+        (chunked, or delimited by the end of the connection) when it does. Raises
+        :class:`UpstreamError`. The caller still closes the response."""
+        for name, value in self.headers:
+            if name.lower() == b"content-length":
+                # llhttp has checked it is digits (and refused a second, different one)
+                if len(value.strip()) > 12 or int(value) > limit:
+                    raise UpstreamError(f"response body over {limit} bytes (Content-Length)")
+        body = bytearray()
+        async for chunk in self.body():
+            body += chunk
+            if len(body) > limit:
+                raise UpstreamError(f"response body over {limit} bytes")
+        return bytes(body)
+
     def close(self) -> None:
         """Done with the answer: the connection goes back to the pool when the answer was
         complete and keeps it alive, else it is closed. Idempotent."""
@@ -312,11 +424,14 @@ class UpstreamPool:
 
     Every connection below the cap is kept (a connection closed after each call would cost
     a TLS handshake per call); idle ones close after ``idle_expiry``, so a burst's
-    connections (32 KiB of TLS buffer each, and OpenSSL's state) do not stay."""
+    connections (32 KiB of TLS buffer each, and OpenSSL's state) do not stay.
+
+    ``context`` verifies https origins (None: the pool only speaks plain http, and an https
+    origin is an :class:`UpstreamError`)."""
 
     def __init__(
         self,
-        context: ssl.SSLContext,
+        context: ssl.SSLContext | None,
         *,
         max_connections: int = 64,
         max_idle: int | None = None,
@@ -360,6 +475,9 @@ class UpstreamPool:
         body: bytes | AsyncIterable[bytes],
     ) -> UpstreamResponse:
         has_length = any(name.lower() == b"content-length" for name, _ in headers)
+        close = any(
+            name.lower() == b"connection" and b"close" in value.lower() for name, value in headers
+        )
         if isinstance(body, bytes):
             framing = None if has_length or not body else (b"content-length", b"%d" % len(body))
         else:
@@ -369,7 +487,7 @@ class UpstreamPool:
             conn = self._take(origin) if attempt == 1 else None
             if conn is None:
                 conn = await self._connect(origin)
-            conn._new_exchange(head_only=method == "HEAD")
+            conn._new_exchange(head_only=method == "HEAD", close=close)
             started = False
             try:
                 await conn.write(head)
@@ -420,19 +538,32 @@ class UpstreamPool:
 
     async def _connect(self, origin: Origin) -> _Connection:
         """A new connection; over TLS the way ``create_connection(ssl=...)`` builds it, with
-        :class:`_TlsLayer` for its smaller buffer."""
+        the small-buffer TLS layer when this interpreter's asyncio has the expected one."""
         loop = asyncio.get_running_loop()
         conn = _Connection(origin)
         transport: asyncio.BaseTransport | None = None
+        context = self._context
         try:
             if not origin.tls:
                 await loop.create_connection(lambda: conn, origin.host, origin.port)
                 return conn
+            if context is None:
+                raise UpstreamError("https is not configured for this client")
+            if _TLS_LAYER is None:  # asyncio's own layer, its default buffer
+                await loop.create_connection(
+                    lambda: conn,
+                    origin.host,
+                    origin.port,
+                    ssl=context,
+                    server_hostname=origin.host,
+                    ssl_handshake_timeout=CONNECT_HANDSHAKE,
+                )
+                return conn
             handshake: asyncio.Future[None] = loop.create_future()
-            layer = _TlsLayer(
+            layer = _TLS_LAYER(
                 loop,
                 conn,
-                self._context,
+                context,
                 handshake,
                 server_hostname=origin.host,
                 ssl_handshake_timeout=CONNECT_HANDSHAKE,
@@ -440,6 +571,11 @@ class UpstreamPool:
             transport, _ = await loop.create_connection(lambda: layer, origin.host, origin.port)
             await handshake
             return conn
+        except ssl.SSLCertVerificationError as exc:
+            raise UntrustedUpstream(
+                f"the upstream's TLS certificate does not verify ({exc.verify_message or exc})",
+                exc,
+            ) from None
         except ssl.SSLError as exc:
             raise UpstreamError(f"TLS with the upstream failed ({exc.reason or exc})") from None
         except (OSError, ConnectionError) as exc:

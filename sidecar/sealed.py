@@ -15,15 +15,16 @@ import contextlib
 import json
 import logging
 import ssl
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from cp_token.runtime.metrics import Counter, CounterSeries
 from cp_token.settings.sidecar import UPSTREAM_PREFIX, SidecarSettings
 
 from .asgi import ASGIApp, Lifespan, Receive, Scope, Send
 from .bearer import HeldBearer
-from .metrics import Counter, SidecarMetrics, counter_lines
+from .metrics import SidecarMetrics
 
 if TYPE_CHECKING:
     from .refresher import Refresher
@@ -116,17 +117,23 @@ class ProxyMetrics:
     values only (the configured upstream names, the gRPC target, four classes), never a
     path, query, method or identity."""
 
-    NAME = "cp_token_sidecar_proxied_requests_total"
+    NAME = "cp_token_sidecar_proxied_requests_total"  # as exposed
 
     def __init__(self, http_names: Sequence[str], grpc_target: str | None) -> None:
-        self.counters: dict[tuple[str, str, str], Counter] = {}
-        for name in http_names:
-            for cls in STATUS_CLASSES:
-                self.counters[("http", name, cls)] = Counter()
-        self._grpc_target = grpc_target
+        keys = [("http", name, cls) for name in http_names for cls in STATUS_CLASSES]
         if grpc_target is not None:
-            for cls in STATUS_CLASSES:
-                self.counters[("grpc", grpc_target, cls)] = Counter()
+            keys += [("grpc", grpc_target, cls) for cls in STATUS_CLASSES]
+        self.family = Counter(
+            self.NAME,
+            "Calls proxied to the upstreams (sealed mode) by protocol, upstream and status class.",
+            ("protocol", "upstream", "class"),
+            series=keys,
+        )
+        # only these series are counted (a name not configured is never a label value)
+        self.counters: dict[tuple[str, ...], CounterSeries] = {
+            key: self.family.labels(*key) for key in keys
+        }
+        self._grpc_target = grpc_target
 
     def http(self, upstream: str, status: int) -> None:
         """Count one HTTP call to ``upstream`` answered ``status``."""
@@ -139,15 +146,6 @@ class ProxyMetrics:
         if self._grpc_target is not None:
             cls = GRPC_CLASSES.get(code, "5xx")
             self.counters[("grpc", self._grpc_target, cls)].inc()
-
-    def lines(self) -> Iterator[str]:
-        """The counter family in the text exposition format."""
-        return counter_lines(
-            self.NAME,
-            "Calls proxied to the upstreams (sealed mode) by protocol, upstream and status class.",
-            ("protocol", "upstream", "class"),
-            self.counters,
-        )
 
 
 @dataclass
@@ -170,7 +168,7 @@ async def sealed_parts(
     if not settings.upstreams and settings.grpc_upstream is None:
         return parts
     proxy_metrics = ProxyMetrics([name for name, _ in settings.upstreams], settings.grpc_upstream)
-    metrics.extra.append(proxy_metrics.lines)
+    metrics.add(proxy_metrics.family)
     bearer = HeldBearer(refresher, settings.min_ttl)
     if settings.upstreams:
         from .egress import EgressApp, Upstream

@@ -1,17 +1,18 @@
-"""The sidecar's request to the CP: one HTTP/1.1 exchange, parsed by ``h11``.
+"""The sidecar's request to the CP: one HTTP/1.1 exchange through the sidecar's own client.
 
 What to send and what the answer means are the client library's (``read_sa_token``,
 ``parse_token_response``, the errors, the retry policy): only the transport differs. httpx
 and its dependencies (httpcore, anyio, idna, cookie and multipart support) cost every
 session pod about 5 MiB of resident memory for a request made once every few minutes, so
-the sidecar drives the one exchange it needs itself: ``GET`` with the pod's ServiceAccount
-token, ``Connection: close``, no proxy (none is ever consulted), no redirect. The bytes of
-the answer are parsed by ``h11`` (the maintained HTTP/1.1 parser under httpx and uvicorn:
-ARCHITECTURE's "Trust boundaries"), TLS is the ``ssl`` module's through asyncio streams,
-and every size and time is bounded: the head (and each chunk-size line, trailer included)
-at :data:`MAX_HEAD`, the body at :data:`MAX_BODY` (a ``Content-Length`` over it is refused
-before any body is read), informational answers at a handful, the whole exchange at the
-timeout.
+the sidecar sends the one request it needs through its own HTTP/1.1 client,
+:mod:`sidecar.egress_pool` (the one sealed mode's egress uses; the answer's bytes are parsed
+by httptools, the parser of the sidecar's own server: ARCHITECTURE's "Trust boundaries"):
+``GET`` with the pod's ServiceAccount token, ``Connection: close`` (a request every few
+minutes: no connection is kept between fetches), no proxy (none is ever consulted), no
+redirect. TLS is the ``ssl`` module's, verified against ``AMBIENT_CP_CA_FILE`` or the system
+roots, and every size and time is bounded: the response head at :data:`MAX_HEAD`, the body at
+:data:`MAX_BODY` (a ``Content-Length`` over it is refused before any body is read),
+informational answers at a handful, the whole exchange at the timeout.
 """
 
 from __future__ import annotations
@@ -19,11 +20,9 @@ from __future__ import annotations
 import asyncio
 import random
 import ssl
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Protocol
-from urllib.parse import urlsplit
-
-import h11
+from urllib.parse import quote, urlsplit
 
 from cp_token.client import FetchedToken, TokenError, TokenUnavailable
 from cp_token.client._http import (
@@ -40,12 +39,14 @@ from cp_token.runtime.errors import ConfigError
 from cp_token.settings.client import TIMEOUT
 from cp_token.settings.common import parse_url
 
+from .egress_pool import MAX_HEAD, UntrustedUpstream, UpstreamError, UpstreamPool, split_base
+
 __all__ = ["MAX_BODY", "MAX_HEAD", "TokenFetcher", "UpstreamSource"]
 
-MAX_HEAD = 64 * 1024
-MAX_INFORMATIONAL = 8  # 1xx answers skipped before the real one; more is a malformed answer
-READ_SIZE = 64 * 1024
 _HEADER_VALUE_OK = frozenset(range(0x21, 0x7F))  # visible ASCII: no CR/LF, no spaces
+_TARGET_SAFE = "".join(map(chr, range(0x21, 0x7F)))  # left as is in the request target
+# Fetches in flight at once: the refresher makes one at a time; a bound all the same.
+MAX_CONNECTIONS = 4
 
 
 class TokenFetcher(Protocol):
@@ -63,76 +64,6 @@ class TokenFetcher(Protocol):
 
     def sa_token_changed(self) -> bool:
         """Whether the SA token file holds another token than the one last sent."""
-
-
-class _Malformed(Exception):
-    """The bytes received are not an HTTP/1.1 answer we accept (a fixed message: never
-    the answer's own bytes)."""
-
-
-def _protocol_error(exc: h11.ProtocolError) -> _Malformed:
-    # h11's messages quote the offending bytes after a colon; keep only what went wrong.
-    what = str(exc).partition(":")[0].strip()[:80] or type(exc).__name__
-    return _Malformed(f"malformed HTTP answer ({what})")
-
-
-def _content_length(headers: Iterable[tuple[bytes, bytes]]) -> int | None:
-    """The declared body length (h11 has checked it is ASCII digits and consistent)."""
-    for name, value in headers:
-        if name == b"content-length":
-            if len(value) > 12:  # over a terabyte: no need to convert it to know
-                raise _Malformed(f"response body over {MAX_BODY} bytes (Content-Length)")
-            return int(value)
-    return None
-
-
-async def _read_answer(reader: asyncio.StreamReader, conn: h11.Connection) -> RawAnswer:
-    """Feed ``conn`` from ``reader`` until one whole response has arrived, bounded."""
-    response: h11.Response | None = None
-    body = bytearray()
-    informational = 0
-    received = 0  # bytes fed to h11 so far
-    while True:
-        try:
-            event = conn.next_event()
-        except h11.ProtocolError as exc:
-            raise _protocol_error(exc) from None
-        if event is h11.NEED_DATA:
-            data = await reader.read(READ_SIZE)
-            if not data and response is None:
-                raise _Malformed("connection closed before a complete response head")
-            received += len(data)
-            try:
-                conn.receive_data(data)  # b"": the peer closed (h11 then decides)
-            except h11.ProtocolError as exc:
-                raise _protocol_error(exc) from None
-            continue
-        if isinstance(event, h11.InformationalResponse | h11.Response) and (
-            received - len(conn.trailing_data[0]) > MAX_HEAD
-        ):  # h11 bounds a head still incomplete; this bounds one that came whole
-            raise _Malformed(f"response head over {MAX_HEAD} bytes")
-        if isinstance(event, h11.InformationalResponse):
-            informational += 1
-            if informational > MAX_INFORMATIONAL:
-                raise _Malformed("too many informational (1xx) answers")
-        elif isinstance(event, h11.Response):
-            length = _content_length(event.headers)
-            if length is not None and length > MAX_BODY:
-                raise _Malformed(f"response body over {MAX_BODY} bytes (Content-Length)")
-            response = event
-        elif isinstance(event, h11.Data):
-            body += event.data
-            if len(body) > MAX_BODY:
-                raise _Malformed(f"response body over {MAX_BODY} bytes")
-        elif isinstance(event, h11.EndOfMessage):
-            assert response is not None  # h11 orders the events
-            return RawAnswer.from_h11(
-                response.status_code, response.reason, response.headers, bytes(body)
-            )
-        elif isinstance(event, h11.ConnectionClosed):
-            raise _Malformed("connection closed before a complete response")
-        else:  # PAUSED cannot happen before the response ends; anything else is not ours
-            raise _Malformed(f"unexpected HTTP event {type(event).__name__}")
 
 
 class UpstreamSource:
@@ -158,84 +89,72 @@ class UpstreamSource:
         except ConfigError as exc:
             raise TokenError(str(exc)) from None
         parts = urlsplit(cp_url)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         self.url = cp_url
-        self._tls = parts.scheme == "https"
-        self._host = parts.hostname or ""
-        self._port = parts.port or (443 if self._tls else 80)
-        self._target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        self._host_header = parts.netloc
+        self._origin, _ = split_base(cp_url)
+        self._target = quote(target, safe=_TARGET_SAFE).encode("ascii")
         self._sa_file = ServiceAccountTokenFile(sa_token_file)
         self._ca_file = ca_file
-        self._context: ssl.SSLContext | None = None
+        self._pool: UpstreamPool | None = None
         self._timeout = timeout
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._retry = Retrier(RetryPolicy(deadline=deadline), self._clock, rand)
 
-    def _ssl(self) -> ssl.SSLContext | None:
-        if not self._tls:
-            return None
-        if self._context is None:
-            try:
-                self._context = ssl.create_default_context(cafile=self._ca_file)
-            except (OSError, ValueError) as exc:
-                raise TokenError(f"cannot load the CA file {self._ca_file!r} ({exc})") from None
-        return self._context
+    def _client(self) -> UpstreamPool:
+        """The HTTP client, made at the first fetch (the CA file is read then: a bad one is
+        that fetch's error, not the constructor's)."""
+        if self._pool is None:
+            context = None
+            if self._origin.tls:
+                try:
+                    context = ssl.create_default_context(cafile=self._ca_file)
+                except (OSError, ValueError) as exc:
+                    raise TokenError(f"cannot load the CA file {self._ca_file!r} ({exc})") from None
+            # nothing is kept idle: every request says Connection: close
+            self._pool = UpstreamPool(context, max_connections=MAX_CONNECTIONS, max_idle=0)
+        return self._pool
 
-    def _request(self) -> h11.Request:
-        token = self._sa_file.read_for_sending()
-        if not set(token.encode("utf-8", "replace")) <= _HEADER_VALUE_OK:
+    def _headers(self) -> list[tuple[bytes, bytes]]:
+        token = self._sa_file.read_for_sending().encode("utf-8", "replace")
+        if not set(token) <= _HEADER_VALUE_OK:
             raise TokenError(
                 f"the ServiceAccount token file {self._sa_file.path!r} holds characters a "
                 "bearer token cannot have"
             )
-        return h11.Request(
-            method="GET",
-            target=self._target,
-            headers=[
-                ("Host", self._host_header),
-                ("Authorization", f"Bearer {token}"),
-                ("Accept", "application/json"),
-                ("Accept-Encoding", "identity"),
-                ("User-Agent", "cp-token-sidecar"),
-                ("Connection", "close"),
-            ],
-        )
+        return [
+            (b"Authorization", b"Bearer " + token),
+            (b"Accept", b"application/json"),
+            (b"Accept-Encoding", b"identity"),
+            (b"User-Agent", b"cp-token-sidecar"),
+            (b"Connection", b"close"),
+        ]
 
-    async def _exchange(self, request: h11.Request) -> RawAnswer:
-        context = self._ssl()
-        conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
-        data = conn.send(request) or b""
-        reader, writer = await asyncio.open_connection(
-            self._host,
-            self._port,
-            ssl=context,
-            server_hostname=self._host if context is not None else None,
-            limit=READ_SIZE,
-        )
+    async def _exchange(self, pool: UpstreamPool, headers: list[tuple[bytes, bytes]]) -> RawAnswer:
+        response = await pool.request(self._origin, "GET", self._target, headers, b"")
         try:
-            writer.write(data + (conn.send(h11.EndOfMessage()) or b""))
-            await writer.drain()
-            return await _read_answer(reader, conn)
+            body = await response.read(MAX_BODY)
         finally:
-            writer.close()
+            response.close()
+        return RawAnswer.from_parts(response.status, response.reason, response.headers, body)
 
     async def afetch_once(
         self, min_ttl: float | None = None, *, force: bool = False
     ) -> FetchedToken:
         """One attempt; the CP mints afresh on every request (``min_ttl``/``force`` are for
         a sidecar upstream, which this never is)."""
-        request = self._request()
+        headers = self._headers()
+        pool = self._client()
         started = self._clock.monotonic()
         try:
             async with asyncio.timeout(self._timeout):
-                answer = await self._exchange(request)
-        except ssl.SSLCertVerificationError as exc:
-            raise untrusted_certificate(self.url, exc) from None
+                answer = await self._exchange(pool, headers)
+        except UntrustedUpstream as exc:
+            raise untrusted_certificate(self.url, exc.cause) from None
         except TimeoutError:
             raise TokenUnavailable(
                 f"{self.url}: timed out after {self._timeout:g} s", self.url
             ) from None
-        except _Malformed as exc:
+        except UpstreamError as exc:
             raise TokenUnavailable(f"{self.url}: {exc}", self.url) from None
         except OSError as exc:
             detail = printable(exc.strerror or str(exc) or type(exc).__name__)
@@ -255,7 +174,9 @@ class UpstreamSource:
         return await self._retry.acall(lambda: self.afetch_once(min_ttl, force=force))
 
     async def aclose(self) -> None:
-        """Nothing held between fetches (one connection per fetch)."""
+        """Close the client (no connection is kept between fetches)."""
+        if self._pool is not None:
+            await self._pool.aclose()
 
     def sa_token_changed(self) -> bool:
         """Whether ``AMBIENT_SA_TOKEN_FILE`` now holds another token than the one last sent

@@ -197,7 +197,8 @@ def transport_error(exc: httpx.HTTPError, url: str) -> TokenError:
 
 class Answer(Protocol):
     """What is read of a token endpoint's HTTP answer: :class:`RawAnswer` (the client
-    library reads httpx's answers into one, bounded; the sidecar builds one from h11's)."""
+    library reads httpx's answers into one, bounded; the sidecar builds one from what its own
+    client read)."""
 
     @property
     def status_code(self) -> int:
@@ -227,10 +228,10 @@ class RawAnswer:
     content: bytes = field(repr=False)
 
     @classmethod
-    def from_h11(
+    def from_parts(
         cls, status: int, reason: bytes, headers: Iterable[tuple[bytes, bytes]], body: bytes
     ) -> RawAnswer:
-        """From h11's pieces (bytes; names already lower-case)."""
+        """From an HTTP parser's pieces (bytes as received; names in any case)."""
         joined: dict[str, str] = {}
         for raw_name, raw_value in headers:
             name, value = raw_name.decode("latin-1").lower(), raw_value.decode("latin-1")

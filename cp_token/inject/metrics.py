@@ -1,21 +1,17 @@
 """Prometheus metrics of the injector, in a registry of their own (no globals).
 
-Labels carry only the result, never a pod, namespace or user.
+Labels carry only the result, never a pod, namespace or user. The series are the shared
+primitives of :mod:`cp_token.runtime.metrics`, exposed through ``prometheus_client``'s
+registry beside its ``process_*`` collector and the build info, as the CP's are.
 """
 
 from __future__ import annotations
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    Info,
-    ProcessCollector,
-    generate_latest,
-)
+from prometheus_client import CollectorRegistry, Info, ProcessCollector, generate_latest
 
 from cp_token import __version__
-from cp_token.metrics import LATENCY_BUCKETS
+from cp_token.metrics import LATENCY_BUCKETS, SharedFamilies
+from cp_token.runtime.metrics import Counter, Histogram
 
 __all__ = ["RESULTS", "InjectMetrics"]
 
@@ -31,29 +27,28 @@ class InjectMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         # process_open_fds / process_max_fds and the rest (the file-descriptor alert)
         ProcessCollector(registry=self.registry)
+        every = [(result,) for result in RESULTS]  # every series exists from the start, at 0
         self.requests = Counter(
             "cp_token_inject_requests",
             "Admission requests to /mutate by result",
-            ["result"],
-            registry=self.registry,
+            ("result",),
+            series=every,
         )
         self.latency = Histogram(
             "cp_token_inject_request_duration_seconds",
             "Latency of POST /mutate, as the injector measures it",
-            ["result"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
+            LATENCY_BUCKETS,
+            ("result",),
+            series=every,
         )
-        for result in RESULTS:  # every series exists from the start, at 0
-            self.requests.labels(result)
-            self.latency.labels(result)
+        SharedFamilies([self.requests, self.latency], self.registry)
         info = Info("cp_token_inject_build", "Build information", registry=self.registry)
         info.info({"version": __version__})
 
     def request(self, result: str, seconds: float) -> None:
         """Record one request."""
-        self.requests.labels(result).inc()
-        self.latency.labels(result).observe(seconds)
+        self.requests.inc(result)
+        self.latency.observe(seconds, result)
 
     def render(self) -> bytes:
         """Prometheus text exposition."""

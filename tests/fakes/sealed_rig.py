@@ -116,7 +116,7 @@ class SealedRig(Rig):
         self.upstream = Upstream401()
         self.proxy_metrics = ProxyMetrics(["api"], None)
         self.rig_metrics = self.metrics
-        self.metrics.extra.append(self.proxy_metrics.lines)
+        self.metrics.add(self.proxy_metrics.family)
         egress = EgressApp(
             [Upstream.from_url("api", BASE)],
             HeldBearer(self.refresher, 60),

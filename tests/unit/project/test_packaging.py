@@ -149,24 +149,24 @@ def test_the_extra_list_matches_pyproject() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     server = project["optional-dependencies"]["server"]
     names = {re.split(r"[<>=!~;\[ ]", req, maxsplit=1)[0].lower() for req in server}
-    # h11 is listed for the sidecar's own use but comes with httpx (httpcore): never missing
-    # where the client is installed, and blocking it would block the client too
-    assert names == set(SERVER_MODULES) | {"h11"}
+    assert names == set(SERVER_MODULES)
     assert project["dependencies"] == ["httpx>=0.27"]
     assert "cp-token[server]" in project["optional-dependencies"]["dev"]
 
 
 def test_the_sidecar_loads_neither_httpx_nor_the_cp() -> None:
     """What a sidecar process imports: its server (uvicorn), the client library's errors and
-    answer parsing, and its own small HTTP client; no httpx (about 5 MiB per pod), no
-    Starlette, no prometheus_client, nothing of the CP."""
+    answer parsing, and its own small HTTP client (httptools' parser, as its server's); no
+    httpx (about 5 MiB per pod), no h11, no Starlette, no prometheus_client, nothing of the
+    CP."""
     done = run_python(
         "-c",
         "import json, sys, sidecar.cli, sidecar.__main__\nprint(json.dumps(sorted(sys.modules)))",
     )
     loaded = set(json.loads(done.stdout))
-    assert {"uvicorn", "h11", "sidecar.upstream", "cp_token.client._http"} <= loaded
-    heavy = {"httpx", "httpcore", "anyio", "starlette", "prometheus_client", "kubernetes"}
+    assert {"uvicorn", "httptools", "sidecar.upstream", "sidecar.egress_pool"} <= loaded
+    assert "cp_token.client._http" in loaded
+    heavy = {"httpx", "httpcore", "h11", "anyio", "starlette", "prometheus_client", "kubernetes"}
     heavy |= {"joserfc", "cryptography", "cachetools", "urllib3"}
     assert {m.partition(".")[0] for m in loaded} & heavy == set()
     ours = {m for m in loaded if m.partition(".")[0] == "cp_token"}

@@ -4,6 +4,7 @@ process): framing both ways, keep-alive reuse, stale connections, limits, TLS, e
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -11,10 +12,13 @@ from typing import Any
 import pytest
 import trustme
 
+from sidecar import egress_pool
 from sidecar.egress_pool import (
     MAX_HEAD,
+    MAX_INFORMATIONAL,
     TLS_READ_BUFFER,
     Origin,
+    UntrustedUpstream,
     UpstreamError,
     UpstreamPool,
     split_base,
@@ -133,7 +137,7 @@ async def test_request_framing_host_and_headers() -> None:
         await p.aclose()
     first = seen[0][0].split(b"\r\n")
     assert first[0] == b"GET /v1/a%2Fb?q=1 HTTP/1.1"
-    assert first[1] == b"host: " + origin.host_header
+    assert first[1] == b"Host: " + origin.host_header
     assert b"x-a: 1" in first and b"content-length: 3" in first
     assert seen[0][1] == b"xyz"
     assert b"transfer-encoding: chunked" in seen[1][0] and seen[1][1] == b"abcd"
@@ -240,7 +244,7 @@ async def test_limits_and_malformed_answers_are_upstream_errors() -> None:
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly this")
         await writer.drain()
 
-    for handler, fragment in ((huge_head, "too large"), (garbage, "malformed")):
+    for handler, fragment in ((huge_head, "head over"), (garbage, "malformed")):
         async with RawServer(handler) as server:
             with pytest.raises(UpstreamError, match=fragment):
                 await pool().request(server.origin, "GET", b"/", [], b"")
@@ -327,3 +331,124 @@ async def test_cancelling_a_call_closes_its_connection() -> None:
             await asyncio.sleep(0)
         assert not other.done() or other.exception() is None
         other.cancel()
+
+
+async def test_a_small_head_then_a_large_body_in_one_read_is_not_a_large_head() -> None:
+    """Before: every byte of a read that completed the head counted as head, so a short head
+    followed by more than 64 KiB of body in the same read was refused as 'too large'."""
+    body = b"x" * (3 * MAX_HEAD)
+
+    async def at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(ok(body))
+        await writer.drain()
+        await reader.read()
+
+    async with RawServer(at_once) as server:
+        status, got, _ = await whole(pool(), server.origin)
+    assert (status, got) == (200, body)
+
+
+async def test_informational_answers_are_bounded() -> None:
+    early = b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n"
+
+    def answering(count: int) -> Handler:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await read_request(reader)
+            writer.write(early * count + ok(b"final"))
+            await writer.drain()
+            await reader.read()
+
+        return handler
+
+    async with RawServer(answering(MAX_INFORMATIONAL)) as server:
+        assert (await whole(pool(), server.origin))[:2] == (200, b"final")
+    async with RawServer(answering(MAX_INFORMATIONAL + 1)) as server:
+        with pytest.raises(UpstreamError, match="informational"):
+            await whole(pool(), server.origin)
+
+
+async def test_a_request_that_says_connection_close_keeps_no_connection() -> None:
+    async with RawServer(keep_answering) as server:  # would keep it alive
+        p = pool()
+        await whole(p, server.origin, headers=[(b"Connection", b"close")])
+        assert p.idle == 0
+        await whole(p, server.origin)
+        assert p.idle == 1
+        await p.aclose()
+
+
+async def test_read_bounds_the_whole_body() -> None:
+    async def sized(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head, _ = await read_request(reader)
+            if b"/length" in head:  # a declared length over the limit
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n")
+            elif b"/chunked" in head:  # no length: refused once it grows past the limit
+                writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                writer.write((b"64\r\n" + b"y" * 100 + b"\r\n") * 2)
+            else:
+                writer.write(ok(b"y" * 150))
+            await writer.drain()
+
+    async with RawServer(sized) as server:
+        p = pool()
+        response = await p.request(server.origin, "GET", b"/length", [], b"")
+        with pytest.raises(UpstreamError, match=r"^response body over 150 bytes \(Content-Length"):
+            await response.read(150)
+        assert response.headers and not response.finished  # nothing of the body was awaited
+        response.close()
+        response = await p.request(server.origin, "GET", b"/chunked", [], b"")
+        with pytest.raises(UpstreamError, match=r"^response body over 150 bytes$"):
+            await response.read(150)
+        response.close()
+        assert p.idle == 0  # both connections abandoned mid-answer: closed
+        response = await p.request(server.origin, "GET", b"/fits", [], b"")
+        assert await response.read(150) == b"y" * 150
+        response.close()
+        assert p.idle == 1
+        await p.aclose()
+
+
+@pytest.mark.parametrize("small_buffer", [True, False])
+async def test_tls_through_the_small_buffer_layer_or_asyncio_s_own(
+    small_buffer: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The 32 KiB layer subclasses a private asyncio class; where it is not as expected the
+    pool falls back to ``create_connection(ssl=...)``: both verify and both work."""
+    if not small_buffer:
+        monkeypatch.setattr(egress_pool, "_TLS_LAYER", None)
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    async with RawServer(keep_answering, server_context) as server:
+        trusting = ssl.create_default_context()
+        ca.configure_trust(trusting)
+        p = UpstreamPool(trusting)
+        assert (await whole(p, server.origin, method="POST", body=b"tls"))[1] == b"got tls"
+        conn = next(iter(p._idle.values()))
+        layer = conn.transport._ssl_protocol  # type: ignore[union-attr]
+        assert layer.max_size == (TLS_READ_BUFFER if small_buffer else 256 * 1024)
+        await p.aclose()
+        with pytest.raises(UntrustedUpstream, match="does not verify") as info:
+            await pool().request(server.origin, "GET", b"/", [], b"")  # system roots
+        assert isinstance(info.value.cause, ssl.SSLCertVerificationError)
+        with pytest.raises(UpstreamError, match="https is not configured"):
+            await UpstreamPool(None).request(server.origin, "GET", b"/", [], b"")
+
+
+def test_the_small_buffer_layer_only_where_asyncio_has_the_expected_class(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    layer = egress_pool._small_buffer_tls()
+    assert layer is not None and layer.max_size == TLS_READ_BUFFER  # 3.11 to 3.13
+
+    class Elsewhere:
+        def __init__(self, loop: object, app_protocol: object) -> None: ...
+
+    monkeypatch.setattr(asyncio.sslproto, "SSLProtocol", Elsewhere)
+    assert egress_pool._small_buffer_tls() is None  # no max_size
+    monkeypatch.setattr(Elsewhere, "max_size", 1024, raising=False)
+    assert egress_pool._small_buffer_tls() is None  # another constructor
+    monkeypatch.delattr(asyncio.sslproto, "SSLProtocol")
+    assert egress_pool._small_buffer_tls() is None

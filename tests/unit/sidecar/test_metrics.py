@@ -12,8 +12,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cp_token.client import FetchedToken
 from cp_token.runtime.clock import FakeClock
+from cp_token.runtime.metrics import Counter
 from sidecar.holder import State, TokenHolder
-from sidecar.metrics import Counter, Histogram, SidecarMetrics, counter_lines, format_value
+from sidecar.metrics import SidecarMetrics
 from tests.fakes.client import Script, ok, unavailable
 from tests.fakes.sidecar_rig import Rig
 
@@ -59,26 +60,6 @@ async def test_the_exposition_parses_and_counts(tmp_path: Path) -> None:
     assert families["cp_token_sidecar_token_expires_in_seconds"].samples[0].value == 600.0
 
 
-def test_histogram_buckets_are_cumulative() -> None:
-    h = Histogram(buckets=(0.1, 1.0))
-    for value in (0.05, 0.1, 0.5, 3.0):
-        h.observe(value)
-    lines = list(h.samples("x"))
-    assert lines == [
-        'x_bucket{le="0.1"} 2.0',
-        'x_bucket{le="1.0"} 3.0',
-        'x_bucket{le="+Inf"} 4.0',
-        "x_count 4.0",
-        "x_sum 3.65",
-    ]
-    assert [format_value(v) for v in (float("inf"), float("-inf"), float("nan"), 3)] == [
-        "+Inf",
-        "-Inf",
-        "NaN",
-        "3.0",
-    ]
-
-
 def test_counters_refuse_to_go_down() -> None:
     metrics = SidecarMetrics(TokenHolder(FakeClock()))
     with pytest.raises(ValueError, match="only go up"):
@@ -102,11 +83,9 @@ def test_the_holder_gauges_with_nothing_held_and_an_opaque_token() -> None:
 
 def test_extra_series_are_rendered_after_the_sidecar_s_own_with_labels_escaped() -> None:
     metrics = SidecarMetrics(TokenHolder(FakeClock()))
-    counter = Counter()
-    counter.inc(2)
-    metrics.extra.append(
-        lambda: counter_lines("x_total", "Extra.", ("name",), {'a"b\\c\nd': counter})
-    )
+    counter = Counter("x_total", "Extra.", ("name",))
+    counter.labels('a"b\\c\nd').inc(2)
+    metrics.add(counter)
     text = metrics.render().decode()
     assert text.endswith('x_total{name="a\\"b\\\\c\\nd"} 2.0\n')
     (sample,) = _families(text)["x"].samples

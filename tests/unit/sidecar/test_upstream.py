@@ -287,3 +287,52 @@ async def test_the_sidecars_http_client(case: str, upstream: RawUpstream, sa_fil
     check_bad_answer(info.value, case)
     if case in RETRY_AFTER_CASES:  # treated as absent: the backoff decides
         assert isinstance(info.value, TokenUnavailable) and info.value.retry_after is None
+
+
+async def test_no_connection_is_kept_between_fetches(
+    tmp_path: Path, serve: Callable[..., Awaitable[int]]
+) -> None:
+    """The server would keep the connection alive; the fetch said ``Connection: close``
+    and closes it once the answer is read (a fetch every few minutes keeps nothing open)."""
+    closed = asyncio.Event()
+
+    async def keep_alive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(ok_with("length"))
+        await writer.drain()
+        await reader.read()  # until the client closes
+        closed.set()
+        writer.close()
+
+    port = await serve(keep_alive)
+    up = source(tmp_path, f"http://127.0.0.1:{port}/token")
+    assert (await up.afetch_once()).token == "api-tok"
+    await asyncio.wait_for(closed.wait(), 5)
+    await up.aclose()
+
+
+async def test_informational_answers_and_bodies_are_bounded(
+    tmp_path: Path, serve: Callable[..., Awaitable[int]]
+) -> None:
+    early = b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n"
+    port = await serve(reply(early * 2 + ok_with("length")))
+    assert (await source(tmp_path, f"http://127.0.0.1:{port}/t").afetch_once()).token == "api-tok"
+
+    port = await serve(reply(early * 9 + ok_with("length")))
+    with pytest.raises(TokenUnavailable, match="informational"):
+        await source(tmp_path, f"http://127.0.0.1:{port}/t").afetch_once()
+
+    chunk = b"x" * 65536
+    endless = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    endless += b"%x\r\n%s\r\n" % (len(chunk), chunk) * (MAX_BODY // len(chunk) + 2)
+    port = await serve(reply(endless))
+    with pytest.raises(TokenUnavailable, match=f"body over {MAX_BODY} bytes"):
+        await source(tmp_path, f"http://127.0.0.1:{port}/t").afetch_once()
+
+
+async def test_a_path_outside_ascii_is_sent_percent_encoded(
+    tmp_path: Path, serve: Callable[..., Awaitable[int]]
+) -> None:
+    port = await serve(reply(ok_with("length")))
+    await source(tmp_path, f"http://127.0.0.1:{port}/tök%2F?a=é").afetch_once()
+    assert seen[0].startswith(b"GET /t%C3%B6k%2F?a=%C3%A9 HTTP/1.1\r\n")

@@ -1,17 +1,38 @@
-"""Authentication by Kubernetes TokenReview (``CP_TOKEN_AUTHN=tokenreview``)."""
+"""Authentication by Kubernetes TokenReview (``CP_TOKEN_AUTHN=tokenreview``).
+
+The API server's answer alone is not enough for revocation: kube-apiserver caches a successful
+token authentication for 10 s (its token authenticator's success cache, not configurable), so
+a TokenReview keeps saying "authenticated" for up to 10 s after the bound pod is deleted, and
+the CP's review cache would add its own TTL to that. So for a ServiceAccount identity the CP
+also reads the ServiceAccount and, for a pod-bound one, the pod, through the object cache the
+``jwks`` authenticator and the policy use, and applies the API server's own rule to what it
+reads (:mod:`cp_token.authn.liveness`); the review is then reused only while those reads are
+(``Identity.cache_until``): caches never stack. The reads start with the TokenReview, named by
+the token's unverified claims, so a cold review waits for the slower of the two, not both; a
+running session's refreshes find them cached. The policy's ServiceAccount label check then
+reads nothing more.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
 import sys
 from typing import Any
 
+from cp_token.authn.liveness import check_live, object_names, proof_bounds
 from cp_token.authn.precheck import UnverifiedJWT, decode_unverified
 from cp_token.errors import Unauthenticated, Unavailable
 from cp_token.identity import SHARED_EXTRA, Identity
 from cp_token.kube.client import KubeClient, KubeDown, KubeForbidden, KubeUnavailable
+from cp_token.kube.objects import Cached, ObjectCache
+from cp_token.runtime.clock import Clock
 
 __all__ = ["TokenReviewer", "identity_from_user"]
+
+Names = tuple[str, str, str | None]  # namespace, ServiceAccount, pod (None: not pod-bound)
+Reads = tuple[Cached, Cached | None]  # the ServiceAccount read, the pod read (None: no pod)
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +72,24 @@ def identity_from_user(user: dict[str, Any], expires_at: float | None) -> Identi
 
 
 class TokenReviewer:
-    """One TokenReview per call, audiences in ``spec.audiences``, checked in the answer."""
+    """One TokenReview per call, audiences in ``spec.audiences``, checked in the answer; with
+    ``objects``, the ServiceAccount and the bound pod read alongside and checked as
+    kube-apiserver checks them (see the module's docstring)."""
 
-    def __init__(self, kube: KubeClient, audiences: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        kube: KubeClient,
+        audiences: tuple[str, ...],
+        *,
+        objects: ObjectCache | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        if objects is not None and clock is None:
+            raise ValueError("the liveness checks need the clock the object cache runs on")
         self._kube = kube
         self._audiences = audiences
+        self._objects = objects
+        self._clock = clock
         self._forbidden_logged = False
 
     async def aclose(self) -> None:
@@ -74,6 +108,21 @@ class TokenReviewer:
         return await self._review(token, jwt)
 
     async def _review(self, token: str, jwt: UnverifiedJWT | None) -> Identity:
+        names = None
+        if self._objects is not None and jwt is not None and not self._kube.down:
+            # (while the API server is taken for down one call at a time finds out whether
+            # it is back: reads alongside would only be held back; they follow the review)
+            names = object_names(jwt.claims)
+        early = None if names is None else self._start_reads(names)
+        try:
+            identity = await self._ask(token, jwt)
+            return await self._alive(identity, names, early)
+        finally:
+            if isinstance(early, asyncio.Future):
+                _cancel(early)  # when not awaited (the shared reads go on for the cache)
+
+    async def _ask(self, token: str, jwt: UnverifiedJWT | None) -> Identity:
+        """The TokenReview's answer as an Identity, or its refusal."""
         try:
             status = await self._kube.token_review(token, self._audiences)
         except KubeForbidden as exc:
@@ -110,3 +159,72 @@ class TokenReviewer:
                 "the Kubernetes API returned a review without a user", reason="kube_bad_answer"
             )
         return identity_from_user(user, jwt.exp if jwt is not None else None)
+
+    # --- liveness: the ServiceAccount and the pod, as the API server checks them ----------------
+
+    def _start_reads(self, names: Names) -> Reads | asyncio.Future[Reads]:
+        """The ServiceAccount and pod reads when both are cached; else one task reading
+        what is not, one after the other (so a review holds at most two calls at once: its
+        TokenReview and one read; the Kubernetes pool is sized for that)."""
+        objects = self._objects
+        assert objects is not None
+        namespace, sa_name, pod_name = names
+        sa = objects.cached_entry("serviceaccounts", namespace, sa_name)
+        pod = None if pod_name is None else objects.cached_entry("pods", namespace, pod_name)
+        if sa is not None and (pod_name is None or pod is not None):
+            return sa, pod
+        return asyncio.ensure_future(self._read(names, sa, pod))
+
+    async def _read(self, names: Names, sa: Cached | None, pod: Cached | None) -> Reads:
+        objects = self._objects
+        assert objects is not None
+        namespace, sa_name, pod_name = names
+        if sa is None:
+            sa = await objects.service_account_entry(namespace, sa_name)
+        if pod_name is not None and pod is None and sa.exists:  # (no SA: refused anyway)
+            pod = await objects.pod_entry(namespace, pod_name)
+        return sa, pod
+
+    async def _alive(
+        self,
+        identity: Identity,
+        names: Names | None,
+        early: Reads | asyncio.Future[Reads] | None,
+    ) -> Identity:
+        """The identity, once its ServiceAccount and pod are found alive, bounded by those
+        reads; refused (401 ``sa_gone`` / ``pod_gone``) when one is gone."""
+        if self._objects is None or identity.namespace is None or identity.service_account is None:
+            return identity  # not a ServiceAccount: nothing to read (the policy refuses it)
+        assert self._clock is not None
+        pod_name = identity.pod_name if identity.pod_bound else None
+        wanted = (identity.namespace, identity.service_account, pod_name)
+        if early is None or names != wanted:
+            # no JWT claims to go by, or claims that name other objects than the API server
+            # vouched for: read what it vouched for, now
+            early = self._start_reads(wanted)
+        live_sa, live_pod = early if isinstance(early, tuple) else await early
+        now = self._clock.time()
+        check_live(
+            live_sa, identity.uid, now, "sa_gone", "the token's ServiceAccount no longer exists"
+        )
+        reads = [live_sa]
+        if pod_name is not None:
+            assert live_pod is not None
+            check_live(
+                live_pod,
+                identity.pod_uid,
+                now,
+                "pod_gone",
+                "the pod this token is bound to no longer exists",
+            )
+            reads.append(live_pod)
+        # The review may be reused only while the reads it rests on are: caches never stack.
+        fresh, stale = proof_bounds(reads, self._clock, self._objects.stale_ttl)
+        return dataclasses.replace(identity, cache_until=fresh, stale_until=stale)
+
+
+def _cancel(read: asyncio.Future[Reads]) -> None:
+    if not read.done():
+        read.cancel()
+    elif not read.cancelled():
+        read.exception()  # retrieved: a failed read that no one awaited is no error

@@ -109,6 +109,11 @@ class BoundedCache(Generic[K, V]):
             self._heap = [(e[1], e[3], k) for k, e in self._data.items()]
             heapq.heapify(self._heap)
 
+    def discard(self, key: K) -> None:
+        """Forget ``key`` (nothing happens when it is not held)."""
+        if key in self._data:
+            self._drop(key)
+
     def _drop(self, key: K) -> None:
         entry = self._data.pop(key)
         self.currsize -= entry[2]

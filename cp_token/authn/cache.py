@@ -107,7 +107,7 @@ INTERNAL = Refusal.of(InternalError("the token service failed to review the toke
 # Identity, the cache's bookkeeping; per ``extra`` item and per group. Measured with
 # tracemalloc (bench/profile_memory.py); group names, ``extra`` keys and node values are
 # interned by the reviewers, so one copy serves every entry.
-ENTRY_OVERHEAD = 460
+ENTRY_OVERHEAD = 500
 EXTRA_ITEM_OVERHEAD = 130
 GROUP_OVERHEAD = 8
 REFUSAL_OVERHEAD = 400

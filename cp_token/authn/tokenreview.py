@@ -116,10 +116,18 @@ class TokenReviewer:
         early = None if names is None else self._start_reads(names)
         try:
             identity = await self._ask(token, jwt)
-            return await self._alive(identity, names, early)
-        finally:
+        except (asyncio.CancelledError, Unauthenticated):
             if isinstance(early, asyncio.Future):
-                _cancel(early)  # when not awaited (the shared reads go on for the cache)
+                early.cancel()  # the token is refused: a read not sent yet goes nowhere
+            raise
+        except BaseException:
+            if isinstance(early, asyncio.Future):
+                # The API server failed: the review holds its calls until they end (the pool
+                # is sized for two per review slot, and after a 429 nothing of this review
+                # goes out later); a read not sent yet finds the backoff and goes nowhere.
+                await _settled(early)
+            raise
+        return await self._alive(identity, names, early)
 
     async def _ask(self, token: str, jwt: UnverifiedJWT | None) -> Identity:
         """The TokenReview's answer as an Identity, or its refusal."""
@@ -201,6 +209,8 @@ class TokenReviewer:
         if early is None or names != wanted:
             # no JWT claims to go by, or claims that name other objects than the API server
             # vouched for: read what it vouched for, now
+            if isinstance(early, asyncio.Future):
+                await _settled(early)
             early = self._start_reads(wanted)
         live_sa, live_pod = early if isinstance(early, tuple) else await early
         now = self._clock.time()
@@ -223,8 +233,8 @@ class TokenReviewer:
         return dataclasses.replace(identity, cache_until=fresh, stale_until=stale)
 
 
-def _cancel(read: asyncio.Future[Reads]) -> None:
-    if not read.done():
-        read.cancel()
-    elif not read.cancelled():
-        read.exception()  # retrieved: a failed read that no one awaited is no error
+async def _settled(read: asyncio.Future[Reads]) -> None:
+    """Wait until ``read`` has ended, whatever its outcome (retrieved: not an error)."""
+    await asyncio.wait([read])
+    if not read.cancelled():
+        read.exception()

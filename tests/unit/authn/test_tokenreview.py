@@ -160,6 +160,24 @@ async def test_a_refused_review_reads_nothing() -> None:
     assert rig.kube.calls == {"tokenreview": 1}
 
 
+async def test_a_review_the_api_server_failed_holds_its_read_until_it_ends() -> None:
+    """Nothing of a review goes out after its TokenReview got a 429 or a 5xx, and a review
+    never holds more than its two calls: a read in flight is waited for, not orphaned (found
+    by tests/integration/test_kube_faults.py: a read landed after the 429 was answered)."""
+    rig = Rig()
+    token = rig.token()
+    rig.kube.hold("serviceaccount")
+    rig.kube.fail(KubeDown("tokenreview: Kubernetes API answered 429", 10.0))
+    review = asyncio.create_task(rig.authn.authenticate(token))
+    await asyncio.wait_for(rig.kube.began("serviceaccount").wait(), timeout=5)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert rig.kube.down and not review.done()  # the TokenReview failed; the read is out
+    rig.kube.release("serviceaccount")
+    with pytest.raises(Unavailable):
+        await review
+
+
 async def test_a_token_whose_claims_name_no_pod_is_checked_on_what_the_review_says() -> None:
     """Not a JWT (or claims naming other objects): the reads follow the review and check
     what the API server vouched for."""

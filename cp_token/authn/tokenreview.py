@@ -118,7 +118,7 @@ class TokenReviewer:
             identity = await self._ask(token, jwt)
         except (asyncio.CancelledError, Unauthenticated):
             if isinstance(early, asyncio.Future):
-                early.cancel()  # the token is refused: a read not sent yet goes nowhere
+                _drop(early)  # the token is refused: a read not sent yet goes nowhere
             raise
         except BaseException:
             if isinstance(early, asyncio.Future):
@@ -237,4 +237,12 @@ async def _settled(read: asyncio.Future[Reads]) -> None:
     """Wait until ``read`` has ended, whatever its outcome (retrieved: not an error)."""
     await asyncio.wait([read])
     if not read.cancelled():
+        read.exception()
+
+
+def _drop(read: asyncio.Future[Reads]) -> None:
+    """Cancel ``read`` if it is still going; retrieve its failure if it ended in one."""
+    if not read.done():
+        read.cancel()
+    elif not read.cancelled():
         read.exception()

@@ -63,8 +63,8 @@ KUBE_SHARED_CALLS = 4
 
 def kube_pool_size(max_reviews: int, calls_per_review: int = 1) -> int:
     """Connections to the API server: as many per review slot as a review makes at once
-    (``tokenreview``: its TokenReview and, alongside, its ServiceAccount and pod reads one
-    after the other; ``jwks``: one read at a time), one per label read, plus the shared calls,
+    (``tokenreview``: its TokenReview, then its ServiceAccount and pod reads together;
+    ``jwks``: one read at a time), one per label read, plus the shared calls,
     so a call never waits for a connection: every wait is at a semaphore with a deadline
     (CP_TOKEN_MAX_REVIEWS, the label-read bound)."""
     return max_reviews * calls_per_review + MAX_OBJECT_READS + KUBE_SHARED_CALLS
@@ -268,7 +268,7 @@ def build_reviewer(
             issuers=s.sa_issuers,
             keys=issuer_keys,
         )
-    # the ServiceAccount and the bound pod are read alongside each review (kube-apiserver
+    # the ServiceAccount and the bound pod are read after each review (kube-apiserver
     # caches a successful review for 10 s, so its answer alone outlives a deleted pod)
     return TokenReviewer(kube, s.audiences, objects=objects, clock=clock)
 

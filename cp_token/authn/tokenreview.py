@@ -7,10 +7,14 @@ the CP's review cache would add its own TTL to that. So for a ServiceAccount ide
 also reads the ServiceAccount and, for a pod-bound one, the pod, through the object cache the
 ``jwks`` authenticator and the policy use, and applies the API server's own rule to what it
 reads (:mod:`cp_token.authn.liveness`); the review is then reused only while those reads are
-(``Identity.cache_until``): caches never stack. The reads start with the TokenReview, named by
-the token's unverified claims, so a cold review waits for the slower of the two, not both; a
-running session's refreshes find them cached. The policy's ServiceAccount label check then
-reads nothing more.
+(``Identity.cache_until``): caches never stack.
+
+The two reads go together, once the TokenReview has vouched for the token: a cold review of a
+new pod costs the TokenReview and one read's time, as before (the TokenReview, then the
+policy's ServiceAccount read, which now finds it cached); a running session's refreshes find
+them cached. They are not sent beside the TokenReview: measured against a real API server
+shedding load (tests/cluster/test_priority_fairness.py), reads sent blind beside a TokenReview
+that got 429 went out after the 429 had been answered, and a refused token cost two reads.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import logging
 import sys
 from typing import Any
 
-from cp_token.authn.liveness import check_live, object_names, proof_bounds
+from cp_token.authn.liveness import check_live, proof_bounds
 from cp_token.authn.precheck import UnverifiedJWT, decode_unverified
 from cp_token.errors import Unauthenticated, Unavailable
 from cp_token.identity import SHARED_EXTRA, Identity
@@ -31,7 +35,6 @@ from cp_token.runtime.clock import Clock
 
 __all__ = ["TokenReviewer", "identity_from_user"]
 
-Names = tuple[str, str, str | None]  # namespace, ServiceAccount, pod (None: not pod-bound)
 Reads = tuple[Cached, Cached | None]  # the ServiceAccount read, the pod read (None: no pod)
 
 log = logging.getLogger(__name__)
@@ -73,7 +76,7 @@ def identity_from_user(user: dict[str, Any], expires_at: float | None) -> Identi
 
 class TokenReviewer:
     """One TokenReview per call, audiences in ``spec.audiences``, checked in the answer; with
-    ``objects``, the ServiceAccount and the bound pod read alongside and checked as
+    ``objects``, the ServiceAccount and the bound pod read after it and checked as
     kube-apiserver checks them (see the module's docstring)."""
 
     def __init__(
@@ -108,26 +111,7 @@ class TokenReviewer:
         return await self._review(token, jwt)
 
     async def _review(self, token: str, jwt: UnverifiedJWT | None) -> Identity:
-        names = None
-        if self._objects is not None and jwt is not None and not self._kube.down:
-            # (while the API server is taken for down one call at a time finds out whether
-            # it is back: reads alongside would only be held back; they follow the review)
-            names = object_names(jwt.claims)
-        early = None if names is None else self._start_reads(names)
-        try:
-            identity = await self._ask(token, jwt)
-        except (asyncio.CancelledError, Unauthenticated):
-            if isinstance(early, asyncio.Future):
-                _drop(early)  # the token is refused: a read not sent yet goes nowhere
-            raise
-        except BaseException:
-            if isinstance(early, asyncio.Future):
-                # The API server failed: the review holds its calls until they end (the pool
-                # is sized for two per review slot, and after a 429 nothing of this review
-                # goes out later); a read not sent yet finds the backoff and goes nowhere.
-                await _settled(early)
-            raise
-        return await self._alive(identity, names, early)
+        return await self._alive(await self._ask(token, jwt))
 
     async def _ask(self, token: str, jwt: UnverifiedJWT | None) -> Identity:
         """The TokenReview's answer as an Identity, or its refusal."""
@@ -170,49 +154,16 @@ class TokenReviewer:
 
     # --- liveness: the ServiceAccount and the pod, as the API server checks them ----------------
 
-    def _start_reads(self, names: Names) -> Reads | asyncio.Future[Reads]:
-        """The ServiceAccount and pod reads when both are cached; else one task reading
-        what is not, one after the other (so a review holds at most two calls at once: its
-        TokenReview and one read; the Kubernetes pool is sized for that)."""
-        objects = self._objects
-        assert objects is not None
-        namespace, sa_name, pod_name = names
-        sa = objects.cached_entry("serviceaccounts", namespace, sa_name)
-        pod = None if pod_name is None else objects.cached_entry("pods", namespace, pod_name)
-        if sa is not None and (pod_name is None or pod is not None):
-            return sa, pod
-        return asyncio.ensure_future(self._read(names, sa, pod))
-
-    async def _read(self, names: Names, sa: Cached | None, pod: Cached | None) -> Reads:
-        objects = self._objects
-        assert objects is not None
-        namespace, sa_name, pod_name = names
-        if sa is None:
-            sa = await objects.service_account_entry(namespace, sa_name)
-        if pod_name is not None and pod is None and sa.exists:  # (no SA: refused anyway)
-            pod = await objects.pod_entry(namespace, pod_name)
-        return sa, pod
-
-    async def _alive(
-        self,
-        identity: Identity,
-        names: Names | None,
-        early: Reads | asyncio.Future[Reads] | None,
-    ) -> Identity:
+    async def _alive(self, identity: Identity) -> Identity:
         """The identity, once its ServiceAccount and pod are found alive, bounded by those
         reads; refused (401 ``sa_gone`` / ``pod_gone``) when one is gone."""
         if self._objects is None or identity.namespace is None or identity.service_account is None:
             return identity  # not a ServiceAccount: nothing to read (the policy refuses it)
         assert self._clock is not None
         pod_name = identity.pod_name if identity.pod_bound else None
-        wanted = (identity.namespace, identity.service_account, pod_name)
-        if early is None or names != wanted:
-            # no JWT claims to go by, or claims that name other objects than the API server
-            # vouched for: read what it vouched for, now
-            if isinstance(early, asyncio.Future):
-                await _settled(early)
-            early = self._start_reads(wanted)
-        live_sa, live_pod = early if isinstance(early, tuple) else await early
+        live_sa, live_pod = await self._reads(
+            identity.namespace, identity.service_account, pod_name
+        )
         now = self._clock.time()
         check_live(
             live_sa, identity.uid, now, "sa_gone", "the token's ServiceAccount no longer exists"
@@ -232,17 +183,27 @@ class TokenReviewer:
         fresh, stale = proof_bounds(reads, self._clock, self._objects.stale_ttl)
         return dataclasses.replace(identity, cache_until=fresh, stale_until=stale)
 
-
-async def _settled(read: asyncio.Future[Reads]) -> None:
-    """Wait until ``read`` has ended, whatever its outcome (retrieved: not an error)."""
-    await asyncio.wait([read])
-    if not read.cancelled():
-        read.exception()
-
-
-def _drop(read: asyncio.Future[Reads]) -> None:
-    """Cancel ``read`` if it is still going; retrieve its failure if it ended in one."""
-    if not read.done():
-        read.cancel()
-    elif not read.cancelled():
-        read.exception()
+    async def _reads(self, namespace: str, sa_name: str, pod_name: str | None) -> Reads:
+        """The ServiceAccount and pod reads (cached ones as they are), the two at once when
+        both are due: a review holds at most two calls at once, and the Kubernetes pool is
+        sized for that. Both end before the review does, whatever either answers."""
+        objects = self._objects
+        assert objects is not None
+        sa = objects.cached_entry("serviceaccounts", namespace, sa_name)
+        pod = None if pod_name is None else objects.cached_entry("pods", namespace, pod_name)
+        if sa is None and pod_name is not None and pod is None:
+            sa_read, pod_read = await asyncio.gather(
+                objects.service_account_entry(namespace, sa_name),
+                objects.pod_entry(namespace, pod_name),
+                return_exceptions=True,
+            )
+            if isinstance(sa_read, BaseException):
+                raise sa_read
+            if isinstance(pod_read, BaseException):
+                raise pod_read
+            return sa_read, pod_read
+        if sa is None:
+            sa = await objects.service_account_entry(namespace, sa_name)
+        if pod_name is not None and pod is None:
+            pod = await objects.pod_entry(namespace, pod_name)
+        return sa, pod

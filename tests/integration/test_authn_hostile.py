@@ -342,8 +342,8 @@ async def test_kube_pool_is_as_large_as_the_slots(make_cp: Any) -> None:
     cp = make_cp("tokenreview", CP_TOKEN_MAX_REVIEWS="40")
     kube = cp.service.kube
     assert kube is not None
-    # reviews (each a TokenReview and a ServiceAccount or pod read alongside) + label reads +
-    # shared calls
+    # reviews (each a TokenReview, then a ServiceAccount and a pod read at once) + label
+    # reads + shared calls
     assert kube.max_connections == 40 * 2 + 16 + 4
     connector = kube._client().connector
     assert connector is not None and connector.limit == kube.max_connections

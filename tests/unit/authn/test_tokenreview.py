@@ -122,21 +122,39 @@ async def test_a_deleted_service_account_is_refused_too() -> None:
     token = rig.token()
     rig.kube.remove("serviceaccounts", NS, SA)
     assert await rig.refused(token) == "sa_gone"
-    assert rig.kube.calls["pod"] == 0  # no ServiceAccount: its pod is not read
 
 
-async def test_the_reads_go_alongside_the_review() -> None:
-    """A cold review waits for the slower of the TokenReview and the reads, not both."""
+async def test_the_two_reads_go_together_after_the_review() -> None:
+    """A cold review costs the TokenReview and one read's time: the ServiceAccount and the
+    pod are read at once."""
     rig = Rig()
     token = rig.token()
-    rig.kube.hold("tokenreview")
+    rig.kube.hold("serviceaccount")
     review = asyncio.create_task(rig.authn.authenticate(token))
-    # the pod is read while the TokenReview is still out
-    await asyncio.wait_for(rig.kube.began("pod").wait(), timeout=5)
+    await asyncio.wait_for(rig.kube.began("pod").wait(), timeout=5)  # while the SA read is out
     assert not review.done()
-    rig.kube.release("tokenreview")
+    rig.kube.release("serviceaccount")
     assert (await review).pod_uid == rig.pod_uid
     assert rig.kube.calls == {"tokenreview": 1, "serviceaccount": 1, "pod": 1}
+
+
+async def test_both_reads_end_before_the_review_does() -> None:
+    """A review holds at most its two reads, and none outlives it (the pool is sized for two
+    calls per review slot)."""
+    rig = Rig()
+    token = rig.token()
+    rig.kube.hold("serviceaccount")
+    rig.kube.hold("pod")
+    review = asyncio.create_task(rig.authn.authenticate(token))
+    await asyncio.wait_for(rig.kube.began("pod").wait(), timeout=5)
+    rig.kube.fail(KubeDown("serviceaccount: Kubernetes API answered 429", 10.0))
+    rig.kube.release("serviceaccount")  # fails: nothing read before stands in
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not review.done()  # the pod read is still out
+    rig.kube.release("pod")
+    with pytest.raises(Unavailable):
+        await review
 
 
 async def test_a_running_sessions_next_token_reads_nothing_while_the_reads_are_fresh() -> None:
@@ -150,37 +168,24 @@ async def test_a_running_sessions_next_token_reads_nothing_while_the_reads_are_f
     assert rig.kube.calls == {"tokenreview": 3, "serviceaccount": 2, "pod": 2}
 
 
-async def test_a_refused_review_reads_nothing() -> None:
-    """The reads start with the review, but one the API server refuses at once costs no
-    read (a forged token costs the API server one call, as before)."""
+@pytest.mark.parametrize("answer", ["refused", "429"])
+async def test_a_review_the_api_server_does_not_vouch_for_reads_nothing(answer: str) -> None:
+    """A token the API server refuses (or a 429) costs it one call, as before: nothing is
+    read for it, and nothing goes out after the 429."""
     rig = Rig()
-    with pytest.raises(Unauthenticated):
-        await rig.authn.authenticate(token_for(jti="unknown to the API server"))
-    await asyncio.sleep(0)
+    token = token_for(jti="unknown to the API server")
+    if answer == "429":
+        token = rig.token()
+        rig.kube.fail(KubeDown("tokenreview: Kubernetes API answered 429", 10.0))
+    with pytest.raises(Unauthenticated if answer == "refused" else Unavailable):
+        await rig.authn.authenticate(token)
+    for _ in range(20):
+        await asyncio.sleep(0)
     assert rig.kube.calls == {"tokenreview": 1}
 
 
-async def test_a_review_the_api_server_failed_holds_its_read_until_it_ends() -> None:
-    """Nothing of a review goes out after its TokenReview got a 429 or a 5xx, and a review
-    never holds more than its two calls: a read in flight is waited for, not orphaned (found
-    by tests/integration/test_kube_faults.py: a read landed after the 429 was answered)."""
-    rig = Rig()
-    token = rig.token()
-    rig.kube.hold("serviceaccount")
-    rig.kube.fail(KubeDown("tokenreview: Kubernetes API answered 429", 10.0))
-    review = asyncio.create_task(rig.authn.authenticate(token))
-    await asyncio.wait_for(rig.kube.began("serviceaccount").wait(), timeout=5)
-    for _ in range(20):
-        await asyncio.sleep(0)
-    assert rig.kube.down and not review.done()  # the TokenReview failed; the read is out
-    rig.kube.release("serviceaccount")
-    with pytest.raises(Unavailable):
-        await review
-
-
-async def test_a_token_whose_claims_name_no_pod_is_checked_on_what_the_review_says() -> None:
-    """Not a JWT (or claims naming other objects): the reads follow the review and check
-    what the API server vouched for."""
+async def test_reads_check_what_the_review_vouched_for() -> None:
+    """Not a JWT: the reads name what the API server vouched for (the review's user)."""
     rig = Rig()
     opaque = "an-opaque-token"
     rig.kube.reviews[opaque] = pod_status(NS, SA, rig.sa_uid, POD, rig.pod_uid)

@@ -45,7 +45,7 @@ from cp_token.runtime.bounded import BoundedCache, bounded_tlru, bounded_ttl, te
 from cp_token.runtime.clock import Clock
 from cp_token.runtime.singleflight import Singleflight
 
-__all__ = ["ANSWER_WITHIN", "CachedAuthenticator", "Refusal"]
+__all__ = ["ANSWER_WITHIN", "CachedAuthenticator", "Refusal", "identity_size"]
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,11 @@ Entry = tuple[Identity, float, float]
 
 
 def _identity_size(entry: Entry) -> int:
-    identity = entry[0]
+    return identity_size(entry[0])
+
+
+def identity_size(identity: Identity) -> int:
+    """The estimated bytes a cached identity holds (its entry's overhead included)."""
     size = ENTRY_OVERHEAD + EXTRA_ITEM_OVERHEAD * len(identity.extra)
     size += GROUP_OVERHEAD * len(identity.groups)
     size += text_bytes(identity.username, identity.uid, identity.service_account)

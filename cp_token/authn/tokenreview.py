@@ -12,7 +12,10 @@ reads (:mod:`cp_token.authn.liveness`); the review is then reused only while tho
 The two reads go together, once the TokenReview has vouched for the token: a cold review of a
 new pod costs the TokenReview and one read's time, as before (the TokenReview, then the
 policy's ServiceAccount read, which now finds it cached); a running session's refreshes find
-them cached. They are not sent beside the TokenReview: measured against a real API server
+them cached. When a read fails (the API server shedding load, down), the TokenReview's answer
+is kept for the retry, for as long as kube-apiserver would answer it from its own success cache
+(10 s from the call; never past the token's ``exp``): the retry costs the reads alone. They are
+not sent beside the TokenReview: measured against a real API server
 shedding load (tests/cluster/test_priority_fairness.py), reads sent blind beside a TokenReview
 that got 429 went out after the 429 had been answered, and a refused token cost two reads.
 """
@@ -25,12 +28,14 @@ import logging
 import sys
 from typing import Any
 
+from cp_token.authn.cache import identity_size
 from cp_token.authn.liveness import check_live, proof_bounds
 from cp_token.authn.precheck import UnverifiedJWT, decode_unverified
 from cp_token.errors import Unauthenticated, Unavailable
-from cp_token.identity import SHARED_EXTRA, Identity
+from cp_token.identity import SHARED_EXTRA, Identity, token_hash
 from cp_token.kube.client import KubeClient, KubeDown, KubeForbidden, KubeUnavailable
 from cp_token.kube.objects import Cached, ObjectCache
+from cp_token.runtime.bounded import BoundedCache, bounded_tlru
 from cp_token.runtime.clock import Clock
 
 __all__ = ["TokenReviewer", "identity_from_user"]
@@ -38,6 +43,13 @@ __all__ = ["TokenReviewer", "identity_from_user"]
 Reads = tuple[Cached, Cached | None]  # the ServiceAccount read, the pod read (None: no pod)
 
 log = logging.getLogger(__name__)
+
+# kube-apiserver's token success cache (pkg/kubeapiserver/options/authentication.go,
+# TokenSuccessCacheTTL): for this long after a TokenReview vouched for a token, asking again
+# gets the same answer from the API server's cache.
+VOUCHED_TTL = 10.0
+MAX_VOUCHED = 4096  # TokenReview answers kept for a retry after a failed read
+MAX_VOUCHED_BYTES = 8 * 1024 * 1024
 
 
 FORBIDDEN_HINT = (
@@ -94,6 +106,17 @@ class TokenReviewer:
         self._objects = objects
         self._clock = clock
         self._forbidden_logged = False
+        # token hash -> (the TokenReview's answer, monotonic time it may be reused until):
+        # kept only when the reads after it failed
+        self._vouched: BoundedCache[str, tuple[Identity, float]] | None = None
+        if objects is not None and clock is not None:
+            self._vouched = bounded_tlru(
+                max_entries=MAX_VOUCHED,
+                max_bytes=MAX_VOUCHED_BYTES,
+                ttu=lambda _k, v, _now: v[1],
+                timer=clock.monotonic,
+                estimate=lambda v: identity_size(v[0]),
+            )
 
     async def aclose(self) -> None:
         """Nothing of its own to close (the KubeClient is shared)."""
@@ -111,7 +134,31 @@ class TokenReviewer:
         return await self._review(token, jwt)
 
     async def _review(self, token: str, jwt: UnverifiedJWT | None) -> Identity:
-        return await self._alive(await self._ask(token, jwt))
+        vouched = self._vouched
+        if vouched is None:  # no liveness reads: the API server's answer alone
+            return await self._ask(token, jwt)
+        key = token_hash(token)
+        kept = vouched.get(key)
+        if kept is None:
+            assert self._clock is not None
+            started = self._clock.monotonic()
+            identity = await self._ask(token, jwt)
+            kept = (identity, self._vouched_until(identity, started))
+        try:
+            alive = await self._alive(kept[0])
+        except Unavailable:
+            vouched[key] = kept  # the retry costs the reads alone
+            raise
+        vouched.discard(key)
+        return alive
+
+    def _vouched_until(self, identity: Identity, started: float) -> float:
+        """When the API server's own cache lets go of its answer (never past ``exp``)."""
+        assert self._clock is not None
+        until = started + VOUCHED_TTL
+        if identity.expires_at is not None:
+            until = min(until, self._clock.monotonic() + identity.expires_at - self._clock.time())
+        return until
 
     async def _ask(self, token: str, jwt: UnverifiedJWT | None) -> Identity:
         """The TokenReview's answer as an Identity, or its refusal."""

@@ -8,7 +8,8 @@ event loop, no network, no clock of its own.
   objects say now: the real API server caches a success for 10 s.
 - ``key_set`` is the issuer's JWKS document.
 - ``hold(call)`` makes every call of that kind wait until ``release(call)``; ``started[call]``
-  is set when one begins; ``fail(exc)`` makes every call raise ``exc``; ``calls`` counts
+  is set when one begins; ``fail(exc)`` makes every call (or those named) raise ``exc``;
+  ``calls`` counts
   them by kind. As with the real client, a call that raises ``KubeDown`` makes the client
   "down" (``down``), and one answered makes it up again.
 """
@@ -58,6 +59,7 @@ class MemoryKube:
         self.down = False
         self.may_call = True
         self._failure: KubeError | None = None
+        self._failing: frozenset[str] = frozenset()
         self._holds: dict[str, asyncio.Event] = {}
 
     # --- the state ----------------------------------------------------------------------
@@ -89,9 +91,11 @@ class MemoryKube:
         """Delete an object (GET then answers 404)."""
         del self.objects[(kind, namespace, name)]
 
-    def fail(self, failure: KubeError | None) -> None:
-        """Every call raises ``failure`` from now on (None: calls answer again)."""
+    def fail(self, failure: KubeError | None, *calls: str) -> None:
+        """Every call (or every call of the kinds ``calls``) raises ``failure`` from now on
+        (None: calls answer again)."""
         self._failure = failure
+        self._failing = frozenset(calls)
 
     def hold(self, call: str) -> None:
         """Calls of kind ``call`` wait until :meth:`release`."""
@@ -113,7 +117,7 @@ class MemoryKube:
         held = self._holds.get(call)
         if held is not None:
             await held.wait()
-        if self._failure is not None:
+        if self._failure is not None and (not self._failing or call in self._failing):
             if isinstance(self._failure, KubeDown):
                 self.down = True
             raise self._failure

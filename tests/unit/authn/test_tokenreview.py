@@ -168,6 +168,32 @@ async def test_a_running_sessions_next_token_reads_nothing_while_the_reads_are_f
     assert rig.kube.calls == {"tokenreview": 3, "serviceaccount": 2, "pod": 2}
 
 
+async def test_a_retry_after_a_failed_read_costs_the_reads_alone() -> None:
+    """The API server shed a read: the pod's retry reuses the TokenReview's answer for the
+    10 s kube-apiserver itself would answer it from its cache, and asks only for the reads
+    (before, the retry cost a TokenReview again: 440 TokenReviews for 300 pods in
+    tests/cluster/test_priority_fairness.py)."""
+    rig = Rig()
+    token = rig.token()
+    rig.kube.fail(KubeDown("pod: Kubernetes API answered 429", 1.0), "pod")
+    with pytest.raises(Unavailable):
+        await rig.authn.authenticate(token)
+    rig.kube.fail(None)
+    rig.clock.advance(1)
+    assert (await rig.authn.authenticate(token)).pod_uid == rig.pod_uid
+    assert rig.kube.calls == {"tokenreview": 1, "serviceaccount": 1, "pod": 2}
+    # kept only until the API server's own cache would let go of it
+    rig.kube.put("pods", NS, "runner-2")  # never read: no earlier read stands in
+    other = rig.token(pod="runner-2")
+    rig.kube.fail(KubeDown("pod: Kubernetes API answered 429", 1.0), "pod")
+    with pytest.raises(Unavailable):
+        await rig.authn.authenticate(other)
+    rig.kube.fail(None)
+    rig.clock.advance(10)
+    await rig.authn.authenticate(other)
+    assert rig.kube.calls["tokenreview"] == 3
+
+
 @pytest.mark.parametrize("answer", ["refused", "429"])
 async def test_a_review_the_api_server_does_not_vouch_for_reads_nothing(answer: str) -> None:
     """A token the API server refuses (or a 429) costs it one call, as before: nothing is

@@ -13,6 +13,7 @@ would let a cache hold more memory than its bound says.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import hashlib
 import json
@@ -112,13 +113,16 @@ def main() -> int:
     expiry = time.time() + 3600
 
     def review(i: int) -> float:
-        value = (identity_from_user(user(i), expiry), 0.0)  # parsed here: counted
+        # parsed here: counted; bounded by the reads it rests on, as tokenreview's now are
+        identity = identity_from_user(user(i), expiry)
+        identity = dataclasses.replace(identity, cache_until=i + 0.5, stale_until=i + 0.25)
+        value = (identity, i + 0.5, i + 0.25)
         reviews[hashlib.sha256(b"%d" % i).hexdigest()] = value
         return review_cache._identity_size(value)
 
     def obj(i: int) -> float:
         key = ("serviceaccounts", "session-ns", f"session-b{i}-sa")
-        entry = _entry(key, service_account(i), clock.monotonic(), 3600.0)
+        entry = _entry(key, service_account(i), clock.monotonic(), 3600.0, clock.time())
         objects[key] = entry
         return entry.size
 

@@ -48,9 +48,12 @@ class Identity:
     groups: tuple[str, ...] = ()
     extra: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     expires_at: float | None = None  # the presented token's own `exp` (wall clock), if known
-    # Monotonic time until which this answer may be reused: the reads it rests on (the jwks
-    # authenticator's pod and ServiceAccount checks) expire then. None: no such limit.
+    # Monotonic time until which this answer may be reused: the reads it rests on (the pod
+    # and ServiceAccount checks) expire then. None: no such limit.
     cache_until: float | None = None
+    # Monotonic time until which this answer may stand in while the API server is down (the
+    # reads it rests on may, stale-if-error). None: no such limit.
+    stale_until: float | None = None
 
     # Derived once, when the identity is made (every request reads them).
     namespace: str | None = field(init=False, default=None, compare=False)

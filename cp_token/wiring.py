@@ -61,11 +61,13 @@ log = logging.getLogger(__name__)
 KUBE_SHARED_CALLS = 4
 
 
-def kube_pool_size(max_reviews: int) -> int:
-    """Connections to the API server (aiohttp's pool limit): one per review slot, one per
-    label read, plus the shared calls, so a call never waits for a connection: every wait is
-    at a semaphore with a deadline (CP_TOKEN_MAX_REVIEWS, the label-read bound)."""
-    return max_reviews + MAX_OBJECT_READS + KUBE_SHARED_CALLS
+def kube_pool_size(max_reviews: int, calls_per_review: int = 1) -> int:
+    """Connections to the API server: as many per review slot as a review makes at once
+    (``tokenreview``: its TokenReview, then its ServiceAccount and pod reads together;
+    ``jwks``: one read at a time), one per label read, plus the shared calls,
+    so a call never waits for a connection: every wait is at a semaphore with a deadline
+    (CP_TOKEN_MAX_REVIEWS, the label-read bound)."""
+    return max_reviews * calls_per_review + MAX_OBJECT_READS + KUBE_SHARED_CALLS
 
 
 @dataclass
@@ -150,9 +152,11 @@ class Service:
         needed: list[tuple[str, str, str, str]] = []
         if s.authn == "tokenreview":
             needed.append(("create", "authentication.k8s.io", "tokenreviews", FORBIDDEN_HINT))
-        if s.authn == "jwks":
-            needed.append(("get", "", "pods", "jwks authn checks that the pod still exists"))
-            needed.append(("get", "", "serviceaccounts", "jwks authn checks the ServiceAccount"))
+        if s.authn in ("tokenreview", "jwks"):
+            needed.append(("get", "", "pods", f"{s.authn} authn checks that the pod still exists"))
+            needed.append(
+                ("get", "", "serviceaccounts", f"{s.authn} authn checks the ServiceAccount")
+            )
         if self.objects is not None and s.managed_label is not None:
             needed.append(("get", "", "serviceaccounts", "for CP_TOKEN_MANAGED_LABEL"))
         if self.objects is not None and s.namespace_label is not None:
@@ -264,7 +268,9 @@ def build_reviewer(
             issuers=s.sa_issuers,
             keys=issuer_keys,
         )
-    return TokenReviewer(kube, s.audiences)
+    # the ServiceAccount and the bound pod are read after each review (kube-apiserver
+    # caches a successful review for 10 s, so its answer alone outlives a deleted pod)
+    return TokenReviewer(kube, s.audiences, objects=objects, clock=clock)
 
 
 def build_authenticator(
@@ -288,6 +294,11 @@ def build_authenticator(
         clock=clock,
         audiences=s.audiences,
         ttl=ttl,
+        # Stale-if-error: while the API server is down a TokenReview's answer stands in for
+        # up to CP_TOKEN_REVIEW_CACHE_TTL, as the object cache's reads do (a new review would
+        # need the API server). The jwks authenticator rides out on those reads themselves.
+        stale_ttl=s.review_cache_ttl,
+        upstream=kube if s.authn == "tokenreview" else None,
         max_in_flight=s.max_reviews,
         jwt_precheck=s.authn != "static",
         signature_check=signature_check,
@@ -325,7 +336,10 @@ def _kube_client(
                 why = "not a kubeconfig: expected a YAML mapping of clusters, users and contexts"
             raise ConfigError(variable, f"no usable Kubernetes configuration ({why})") from None
     return KubeClient(
-        connection, max_connections=kube_pool_size(s.max_reviews), metrics=metrics, clock=clock
+        connection,
+        max_connections=kube_pool_size(s.max_reviews, 2 if s.authn == "tokenreview" else 1),
+        metrics=metrics,
+        clock=clock,
     )
 
 
@@ -349,11 +363,16 @@ def build_service(
     objects = None
     if kube is not None:
         # reads answer for CP_TOKEN_LIVENESS_CACHE_TTL, and while the API server is down for
-        # up to CP_TOKEN_REVIEW_CACHE_TTL (stale-if-error)
+        # up to CP_TOKEN_REVIEW_CACHE_TTL (stale-if-error). With tokenreview authn a review is
+        # reused only while its pod read is, and SPEC bounds a deleted pod's token by
+        # CP_TOKEN_REVIEW_CACHE_TTL there: the reads then answer for the shorter of the two.
+        read_ttl = s.liveness_cache_ttl
+        if s.authn == "tokenreview":
+            read_ttl = min(read_ttl, s.review_cache_ttl)
         objects = ObjectCache(
             kube,
             clock,
-            ttl=s.liveness_cache_ttl,
+            ttl=read_ttl,
             stale_ttl=s.review_cache_ttl,
             metrics=metrics,
         )

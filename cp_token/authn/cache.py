@@ -6,6 +6,12 @@
   server anything.
 - Successful reviews are reused for ``ttl`` seconds from the review's start, never past the
   token's own ``exp`` nor past the reads the review rests on (``Identity.cache_until``).
+- Stale-if-error: a review is kept for ``stale_ttl`` seconds (``CP_TOKEN_REVIEW_CACHE_TTL``)
+  from its start, never past the token's ``exp`` nor past ``Identity.stale_until``, and past
+  its own reuse it stands in only while the API server is down: at once while the Kubernetes
+  client takes it for down (the review then goes on without the request, as the backoff's
+  probe, when a call may go), or when a new review fails for want of it (unreachable, 5xx,
+  429, the request's budget gone). Any real answer wins.
 - Failed reviews are remembered for a few seconds as a :class:`Refusal` (plain values: no
   exception, traceback, request or token), and each replay raises a fresh exception; a
   token refused only because its key is not (yet) published is not remembered.
@@ -26,6 +32,7 @@ import functools
 import ipaddress
 import logging
 from dataclasses import dataclass
+from typing import Protocol
 
 from cp_token.authn import DecodedReviewer, ReadyReviewer, Reviewer
 from cp_token.authn.fairness import FairSlots
@@ -38,7 +45,7 @@ from cp_token.runtime.bounded import BoundedCache, bounded_tlru, bounded_ttl, te
 from cp_token.runtime.clock import Clock
 from cp_token.runtime.singleflight import Singleflight
 
-__all__ = ["ANSWER_WITHIN", "CachedAuthenticator", "Refusal"]
+__all__ = ["ANSWER_WITHIN", "CachedAuthenticator", "Refusal", "identity_size"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +61,18 @@ MAX_ENTRIES = 50_000
 MAX_BYTES = 24 * 1024 * 1024  # about 15,000 identities
 MAX_NEGATIVE_ENTRIES = 20_000
 MAX_NEGATIVE_BYTES = 8 * 1024 * 1024
+
+
+class Upstream(Protocol):
+    """What the review cache needs to know of the API server (the Kubernetes client)."""
+
+    @property
+    def down(self) -> bool:
+        """Whether the API server is taken for down (a call failed, none answered since)."""
+
+    @property
+    def may_call(self) -> bool:
+        """Whether a call made now would go to the API server (not held back)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,14 +107,21 @@ INTERNAL = Refusal.of(InternalError("the token service failed to review the toke
 # Identity, the cache's bookkeeping; per ``extra`` item and per group. Measured with
 # tracemalloc (bench/profile_memory.py); group names, ``extra`` keys and node values are
 # interned by the reviewers, so one copy serves every entry.
-ENTRY_OVERHEAD = 420
+ENTRY_OVERHEAD = 500
 EXTRA_ITEM_OVERHEAD = 130
 GROUP_OVERHEAD = 8
 REFUSAL_OVERHEAD = 400
 
+# (identity, reused until, kept for stale-if-error until): monotonic times
+Entry = tuple[Identity, float, float]
 
-def _identity_size(entry: tuple[Identity, float]) -> int:
-    identity = entry[0]
+
+def _identity_size(entry: Entry) -> int:
+    return identity_size(entry[0])
+
+
+def identity_size(identity: Identity) -> int:
+    """The estimated bytes a cached identity holds (its entry's overhead included)."""
     size = ENTRY_OVERHEAD + EXTRA_ITEM_OVERHEAD * len(identity.extra)
     size += GROUP_OVERHEAD * len(identity.groups)
     size += text_bytes(identity.username, identity.uid, identity.service_account)
@@ -119,6 +145,8 @@ class CachedAuthenticator:
         clock: Clock,
         audiences: tuple[str, ...],
         ttl: float,
+        stale_ttl: float | None = None,
+        upstream: Upstream | None = None,
         max_in_flight: int,
         jwt_precheck: bool = True,
         signature_check: SignatureCheck | None = None,
@@ -137,6 +165,10 @@ class CachedAuthenticator:
         self._clock = clock
         self._audiences = audiences
         self._ttl = ttl
+        # without an upstream to be down there is no stale-if-error
+        self._stale_ttl = ttl if upstream is None or stale_ttl is None else max(ttl, stale_ttl)
+        self._upstream = upstream
+        self._background: set[asyncio.Task[Identity | Refusal]] = set()
         self._jwt_precheck = jwt_precheck
         self._signature = signature_check
         self._queue_wait = queue_wait
@@ -144,11 +176,11 @@ class CachedAuthenticator:
         """Seconds from a request's start within which it is answered, whatever the API
         server does."""
         self._metrics = metrics
-        # value = (identity, monotonic deadline); see _remember for what bounds the deadline.
-        self._ok: BoundedCache[str, tuple[Identity, float]] = bounded_tlru(
+        # see _remember for what bounds an entry's times
+        self._ok: BoundedCache[str, Entry] = bounded_tlru(
             max_entries=max_entries,
             max_bytes=max_bytes,
-            ttu=lambda _k, v, _now: v[1],
+            ttu=lambda _k, v, _now: v[2],
             timer=clock.monotonic,
             estimate=_identity_size,
         )
@@ -165,7 +197,9 @@ class CachedAuthenticator:
         self.reviews = 0  # upstream reviews started, for tests and metrics
 
     async def aclose(self) -> None:
-        """Close the reviewer's connections and stop background key refreshes."""
+        """Close the reviewer's connections and stop background key refreshes and reviews."""
+        for task in list(self._background):
+            task.cancel()
         close = getattr(self._reviewer, "aclose", None)
         if close is not None:
             await close()
@@ -183,9 +217,55 @@ class CachedAuthenticator:
         key = token_hash(token)
         cached = self._ok.get(key)
         if cached is not None:
-            self._metrics.cache("review", True)
-            return cached[0]
+            if cached[1] > self._clock.monotonic():
+                self._metrics.cache("review", True)
+                return cached[0]
+            return await self._authenticate_stale(key, token, peer, cached[0])
         return await self._authenticate_cold(key, token, peer)
+
+    async def _authenticate_stale(
+        self, key: str, token: str, peer: str | None, identity: Identity
+    ) -> Identity:
+        """A review past its reuse, kept for stale-if-error: it answers only while the API
+        server is down; otherwise a new review decides."""
+        upstream = self._upstream
+        assert upstream is not None  # without one, entries are never kept past their reuse
+        if upstream.down:
+            if upstream.may_call and not self._inflight.running(key):
+                self._review_in_background(key, token)
+            self._metrics.cache("review_stale", True)
+            # one turn of the event loop: the probe (this review's, or a read's) is sent, and
+            # its answer heard, while callers are answered from what was read before
+            await asyncio.sleep(0)
+            return identity
+        try:
+            return await self._authenticate_cold(key, token, peer)
+        except Unavailable as exc:
+            if not (upstream.down or exc.reason == "kube_timeout"):
+                raise
+        self._metrics.cache("review_stale", True)
+        return identity
+
+    def _review_in_background(self, key: str, token: str) -> None:
+        """Start the shared review of ``token`` without waiting for it (the backoff's probe);
+        what it decides is remembered for the next requests."""
+        jwt = None
+        if self._jwt_precheck:
+            try:
+                jwt = precheck(token, self._audiences, self._clock.time())
+            except Unauthenticated:
+                return  # expired since: the next request is refused by the precheck itself
+        start_by = asyncio.get_running_loop().time() + self._queue_wait
+        task = asyncio.ensure_future(
+            self._inflight.do(key, lambda: self._review(key, token, jwt, [], start_by))
+        )
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[Identity | Refusal]) -> None:
+        self._background.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: _review never raises, but a cancellation may
 
     async def _authenticate_cold(self, key: str, token: str, peer: str | None) -> Identity:
         """A token not in the review cache: a remembered refusal, or a (shared) review."""
@@ -235,6 +315,7 @@ class CachedAuthenticator:
                 identity = await self._reviewed(token, jwt)
         except Unauthenticated as exc:
             refusal = Refusal.of(exc)
+            self._ok.discard(key)  # a real answer: what was decided before stands in no more
             if exc.reason != UNKNOWN_KEY:  # the next key read may publish it: not remembered
                 self._bad[key] = refusal
             return refusal
@@ -259,6 +340,7 @@ class CachedAuthenticator:
             identity = self._review_ready(token, jwt)
         except Unauthenticated as exc:
             self.reviews += 1
+            self._ok.discard(key)
             self._bad[key] = Refusal.of(exc)
             raise
         if identity is not None:
@@ -278,13 +360,17 @@ class CachedAuthenticator:
 
     def _remember(self, key: str, identity: Identity, started: float) -> None:
         now = self._clock.monotonic()
-        deadline = started + self._ttl
+        fresh, stale = started + self._ttl, started + self._stale_ttl
         if identity.expires_at is not None:
-            deadline = min(deadline, now + identity.expires_at - self._clock.time())
+            expiry = now + identity.expires_at - self._clock.time()
+            fresh, stale = min(fresh, expiry), min(stale, expiry)
         if identity.cache_until is not None:
-            deadline = min(deadline, identity.cache_until)
-        if deadline > now:
-            self._ok[key] = (identity, deadline)
+            fresh = min(fresh, identity.cache_until)
+        if identity.stale_until is not None:
+            stale = min(stale, identity.stale_until)
+        stale = fresh if self._upstream is None else max(fresh, stale)
+        if stale > now:
+            self._ok[key] = (identity, fresh, stale)
 
 
 def _caller_keys(peer: str | None, jwt: UnverifiedJWT | None) -> list[str]:

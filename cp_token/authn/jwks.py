@@ -4,9 +4,10 @@ The projected ServiceAccount JWT is verified locally against the keys the API se
 publishes for its service-account issuer (``/openid/v1/jwks``, read through the same
 Kubernetes client as every other call, never from a ``jwks_uri`` elsewhere, so cluster
 credentials go nowhere else). Then what TokenReview would prove is proved with namespaced
-reads: the ServiceAccount exists with the token's UID, and the bound pod exists with its UID.
-Those reads are cached for ``CP_TOKEN_LIVENESS_CACHE_TTL`` seconds: that is how long a deleted
-pod's token keeps working.
+reads: the ServiceAccount exists with the token's UID, and the bound pod exists with its UID,
+neither deleted more than 60 s ago (:mod:`cp_token.authn.liveness`, claims.go's rule). Those
+reads are cached for ``CP_TOKEN_LIVENESS_CACHE_TTL`` seconds: that is how long a deleted pod's
+token keeps working.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from cp_token.authn.issuer_keys import (
     unknown_key,
     verifies,
 )
+from cp_token.authn.liveness import check_live, object_names, proof_bounds
 from cp_token.authn.precheck import EXP_LEEWAY, UnverifiedJWT, decode_unverified, numeric_date
 from cp_token.errors import Unauthenticated, Unavailable
 from cp_token.identity import (
@@ -140,7 +142,7 @@ class JwksReviewer:
         self._check_claims(unverified, await self._accepted_issuers())
         bound = _bound_objects(unverified.claims)
         live_sa = await self._objects.service_account_entry(bound.namespace, bound.sa_name)
-        _check_service_account(bound, live_sa)
+        self._check_service_account(bound, live_sa)
         live_pod = None
         if bound.pod_name is not None:
             live_pod = await self._objects.pod_entry(bound.namespace, bound.pod_name)
@@ -156,7 +158,7 @@ class JwksReviewer:
         keys, issuers = self.keys.known(kid, alg), self._issuers
         if keys is None or issuers is None:
             return None
-        names = _object_names(unverified.claims)
+        names = object_names(unverified.claims)
         if names is None:
             return None  # malformed: the full review says how
         namespace, sa_name, pod_name = names
@@ -170,8 +172,17 @@ class JwksReviewer:
             raise _bad("token signature does not verify", reason="bad_signature")
         self._check_claims(unverified, issuers)
         bound = _bound_objects(unverified.claims)
-        _check_service_account(bound, live_sa)
+        self._check_service_account(bound, live_sa)
         return self._identity(unverified.claims, bound, live_sa, live_pod)
+
+    def _check_service_account(self, bound: _Bound, live_sa: Cached) -> None:
+        check_live(
+            live_sa,
+            bound.sa_uid,
+            self._clock.time(),
+            "sa_gone",
+            "the token's ServiceAccount no longer exists",
+        )
 
     def _check_claims(self, jwt: UnverifiedJWT, issuers: frozenset[str]) -> None:
         claims = jwt.claims
@@ -201,15 +212,21 @@ class JwksReviewer:
         live_pod: Cached | None,
     ) -> Identity:
         """The identity, once the ServiceAccount matched; refused when the pod is gone."""
-        # The review may be reused only while the reads it rests on are: caches never stack.
-        proof_until = live_sa.valid_until
+        reads = [live_sa]
         extra: dict[str, tuple[str, ...]] = {}
         if bound.pod_name is not None and bound.pod_uid is not None:
             assert live_pod is not None
-            if live_pod.uid != bound.pod_uid:
-                raise _bad("the pod this token is bound to no longer exists", reason="pod_gone")
-            proof_until = min(proof_until, live_pod.valid_until)
+            check_live(
+                live_pod,
+                bound.pod_uid,
+                self._clock.time(),
+                "pod_gone",
+                "the pod this token is bound to no longer exists",
+            )
+            reads.append(live_pod)
             extra[POD_NAME_KEY], extra[POD_UID_KEY] = (bound.pod_name,), (bound.pod_uid,)
+        # The review may be reused only while the reads it rests on are: caches never stack.
+        proof_until, stale_until = proof_bounds(reads, self._clock, self._objects.stale_ttl)
         node = claims["kubernetes.io"].get("node") or {}
         if isinstance(node, dict):
             if isinstance(node.get("name"), str):
@@ -229,6 +246,7 @@ class JwksReviewer:
             extra=extra,
             expires_at=numeric_date(claims, "exp"),
             cache_until=proof_until,
+            stale_until=stale_until,
         )
 
 
@@ -249,24 +267,6 @@ def _algorithm(unverified: UnverifiedJWT) -> tuple[str, str | None]:
     if alg not in ALGORITHMS:
         raise _bad(f"token algorithm is not accepted ({ALGORITHM_NAMES} only)", "bad_algorithm")
     return alg, unverified.kid
-
-
-def _object_names(claims: dict[str, Any]) -> tuple[str, str, str | None] | None:
-    """(namespace, ServiceAccount, pod or None) when the claims name them plainly, else
-    None; a lenient peek (what :func:`_bound_objects` refuses, it says why)."""
-    k8s = claims.get("kubernetes.io")
-    if not isinstance(k8s, dict):
-        return None
-    ns, sa, pod = k8s.get("namespace"), k8s.get("serviceaccount"), k8s.get("pod")
-    if not isinstance(ns, str) or not isinstance(sa, dict) or not isinstance(sa.get("name"), str):
-        return None
-    if not pod:
-        return ns, sa["name"], None
-    return (
-        (ns, sa["name"], pod["name"])
-        if isinstance(pod, dict) and isinstance(pod.get("name"), str)
-        else None
-    )
 
 
 def _bound_objects(claims: dict[str, Any]) -> _Bound:
@@ -291,8 +291,3 @@ def _bound_objects(claims: dict[str, Any]) -> _Bound:
     if not isinstance(pod_name, str) or not isinstance(pod_uid, str):
         raise _bad("token's pod claim is malformed", reason="malformed")
     return _Bound(ns, sa_name, sa_uid, username, pod_name, pod_uid)
-
-
-def _check_service_account(bound: _Bound, live_sa: Cached) -> None:
-    if live_sa.uid != bound.sa_uid:
-        raise _bad("the token's ServiceAccount no longer exists", reason="sa_gone")

@@ -4,8 +4,8 @@ One cache serves the policy's label checks and the ``jwks`` authenticator's live
 so a cold request reads each object once. Reads are coalesced; a missing object is
 remembered as None for the same time as a found one.
 
-- Only what decisions need is kept (uid and labels), and the cache is bounded in entries and
-  bytes, so a large Pod spec never sits in memory.
+- Only what decisions need is kept (uid, labels, and when the object's deletion began), and
+  the cache is bounded in entries and bytes, so a large Pod spec never sits in memory.
 - An entry expires ``ttl`` seconds after its read *started* (the state it reflects may be
   that old), and callers that cache decisions built on it learn that moment
   (:attr:`Cached.valid_until`), so caches never stack.
@@ -40,7 +40,7 @@ from cp_token.kube.client import (
 )
 from cp_token.metrics import NO_METRICS, CacheMetrics
 from cp_token.runtime.bounded import BoundedCache, bounded_tlru, text_bytes
-from cp_token.runtime.clock import Clock
+from cp_token.runtime.clock import Clock, parse_rfc3339
 from cp_token.runtime.singleflight import Singleflight
 
 __all__ = ["MAX_OBJECT_READS", "Cached", "ObjectCache"]
@@ -59,7 +59,7 @@ MAX_BYTES = 16 * 1024 * 1024  # about 28,000 objects
 @dataclass(frozen=True, slots=True)
 class Cached:
     """One cached read, trimmed to what decisions use: whether the object exists, its uid
-    and labels; and its age."""
+    and labels, when its deletion began; and its age."""
 
     exists: bool
     uid: str | None
@@ -67,13 +67,17 @@ class Cached:
     fetched_at: float  # monotonic time the read started
     valid_until: float  # monotonic time the entry expires (fetched_at + ttl)
     size: int  # estimated bytes, for the cache's byte bound
+    # wall-clock time of metadata.deletionTimestamp: the object is being deleted and a
+    # finalizer holds it (None: not being deleted)
+    deleted_at: float | None = None
 
 
 # What one entry costs besides its own strings (the entry, its key tuple, the cache's
 # bookkeeping), and a label mapping of its own; measured with tracemalloc
-# (bench/profile_memory.py).
-ENTRY_OVERHEAD = 460
+# (bench/profile_memory.py); and a deletion time's float, when there is one.
+ENTRY_OVERHEAD = 468
 LABELS_OVERHEAD = 250
+FLOAT_BYTES = 24
 MAX_SHARED_LABEL_SETS = 1024
 _NO_LABELS: Mapping[str, str] = {}
 _label_sets: dict[tuple[tuple[str, str], ...], Mapping[str, str]] = {}
@@ -94,14 +98,30 @@ def _shared_labels(labels: dict[str, str]) -> tuple[Mapping[str, str], bool]:
     return labels, False
 
 
-def _entry(key: Key, obj: Obj, fetched_at: float, ttl: float) -> Cached:
-    """Keep what decisions use (uid, labels); drop spec, status, managed fields."""
+def deleted_at_of(obj: Obj, read_at: float) -> float | None:
+    """``metadata.deletionTimestamp`` of an API object as wall-clock seconds; None when it
+    has none. One that is no RFC 3339 time (the API server writes none such) counts as a
+    deletion begun at ``read_at`` (the wall-clock time of the read): the object is going."""
+    if not obj:
+        return None
+    stamp = (obj.get("metadata") or {}).get("deletionTimestamp")
+    if stamp is None:
+        return None
+    parsed = parse_rfc3339(stamp)
+    return read_at if parsed is None else parsed
+
+
+def _entry(key: Key, obj: Obj, fetched_at: float, ttl: float, read_at: float) -> Cached:
+    """Keep what decisions use (uid, labels, deletion); drop spec, status, managed fields."""
     uid = uid_of(obj)
     labels, shared = _shared_labels(labels_of(obj))
+    deleted_at = deleted_at_of(obj, read_at)
     size = ENTRY_OVERHEAD + text_bytes(key[2], uid)  # kind and namespace are shared
     if not shared:
         size += LABELS_OVERHEAD + sum(text_bytes(k, v) for k, v in labels.items())
-    return Cached(obj is not None, uid, labels, fetched_at, fetched_at + ttl, size)
+    if deleted_at is not None:
+        size += FLOAT_BYTES
+    return Cached(obj is not None, uid, labels, fetched_at, fetched_at + ttl, size, deleted_at)
 
 
 @functools.lru_cache(maxsize=8)  # kinds are this module's own words, never input
@@ -292,7 +312,7 @@ class ObjectCache:
 
     async def _read(self, key: Key, fetch: Callable[[], Awaitable[Obj]]) -> Cached:
         kind = key[0]
-        started = self._clock.monotonic()
+        started, read_at = self._clock.monotonic(), self._clock.time()
         try:
             obj = await fetch()
         except KubeForbidden as exc:
@@ -320,7 +340,7 @@ class ObjectCache:
             raise Unavailable(
                 "the Kubernetes API is unavailable", reason="kube_unavailable"
             ) from None
-        entry = _entry(key, obj, started, self.ttl)
+        entry = _entry(key, obj, started, self.ttl, read_at)
         if entry.valid_until > self._clock.monotonic():
             self._cache[key] = entry
         return entry

@@ -70,6 +70,10 @@ class BoundedCache(TLRUCache[K, V]):
         except KeyError:
             return default
 
+    def discard(self, key: K) -> None:
+        """Forget ``key`` (nothing happens when it is not held)."""
+        self.pop(key, None)
+
 
 def bounded_ttl(
     *,

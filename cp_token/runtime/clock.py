@@ -8,10 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import time
+from datetime import datetime
 from typing import Any, Protocol
 
-__all__ = ["MAX_SECONDS", "Clock", "FakeClock", "SystemClock", "rfc3339", "sleep_or_wake"]
+__all__ = [
+    "MAX_SECONDS",
+    "Clock",
+    "FakeClock",
+    "SystemClock",
+    "parse_rfc3339",
+    "rfc3339",
+    "sleep_or_wake",
+]
 
 
 class Clock(Protocol):
@@ -88,6 +98,29 @@ def rfc3339(ts: float, *, millis: bool = False) -> str:
     if millis:
         text += f".{int((ts - whole) * 1000):03d}"
     return text + "Z"
+
+
+# RFC 3339 section 5.6 date-time (what Kubernetes writes: metav1.Time, "2026-04-04T23:33:00Z"),
+# with a time offset always: a time without one names no instant.
+_RFC3339 = re.compile(
+    r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?:[Zz]|[+-]\d{2}:\d{2})", re.ASCII
+)
+
+
+def parse_rfc3339(text: object) -> float | None:
+    """Wall-clock seconds of an RFC 3339 date-time (``2026-04-04T23:33:00Z``, fractions and
+    offsets too); None for anything else (not a string, another format, an impossible date)."""
+    if not isinstance(text, str) or len(text) > 40 or not _RFC3339.fullmatch(text):
+        return None
+    text = text.upper()
+    head, dot, tail = text.partition(".")
+    if dot:  # datetime keeps microseconds: drop digits beyond six
+        digits = len(tail) - len(tail.lstrip("0123456789"))
+        text = f"{head}.{tail[: min(digits, 6)]}{tail[digits:]}"
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
 
 
 async def sleep_or_wake(clock: Clock, seconds: float | None, wake: asyncio.Event) -> None:

@@ -50,6 +50,8 @@ NOPERMS = "no-perms"
 TWIN = "cp-token-twin"
 TWIN_USERNAME = f"system:serviceaccount:{CP_NAMESPACE}:{TWIN}"
 READ_POD = "runner-read"  # never deleted
+HELD_POD = "runner-held"  # deleted, held by a finalizer
+HOLD = "example.com/hold"
 AGENT = "cluster-tier/1"
 TR = "/apis/authentication.k8s.io/v1/tokenreviews"
 SSAR = "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews"
@@ -78,6 +80,8 @@ class Side:
     forge: Callable[[dict[str, Any], dict[str, Any]], str]  # (claims, header) -> JWT
     uids: dict[str, str]  # sa, pod -> uid
     delete: Callable[[str, str], None]  # (resource, name) in NS, gone at once
+    hold_pod: Callable[[str], None]  # a new pod in NS, deleted at once, held by a finalizer
+    release_pod: Callable[[str], None]  # its finalizer removed: gone
 
     def call(
         self,
@@ -232,6 +236,30 @@ def _real(cluster: Cluster) -> Side:
             lambda: cluster.request("GET", path.split("?")[0]).status_code == 404,
         )
 
+    def hold_pod(name: str) -> None:
+        cluster.apply_objects(
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": name, "namespace": NS, "finalizers": [HOLD]},
+                "spec": {
+                    "serviceAccountName": NOPERMS,
+                    "nodeName": NODE,
+                    "containers": [{"name": "runner", "image": "runner:latest"}],
+                },
+            }
+        )
+        path = f"/api/v1/namespaces/{NS}/pods/{name}?gracePeriodSeconds=0"
+        assert cluster.request("DELETE", path).status_code == 200
+
+    def release_pod(name: str) -> None:
+        cluster.request(
+            "PATCH",
+            f"/api/v1/namespaces/{NS}/pods/{name}",
+            body={"metadata": {"finalizers": None}},
+            patch="merge",
+        )
+
     def uid(path: str) -> str:
         got: str = cluster.get(path)["metadata"]["uid"]
         return got
@@ -255,6 +283,8 @@ def _real(cluster: Cluster) -> Side:
             "pod": uid(f"/api/v1/namespaces/{NS}/pods/{POD}"),
         },
         delete=delete,
+        hold_pod=hold_pod,
+        release_pod=release_pod,
     )
 
 
@@ -275,6 +305,10 @@ def _fake(kube: FakeKubeAPIServer) -> Side:
             resource, kube.delete_secret
         )(NS, name)
 
+    def hold_pod(name: str) -> None:
+        kube.add_pod(NS, name, NOPERMS, node=NODE)
+        kube.hold_deletion("pods", NS, name, finalizer=HOLD)
+
     return Side(
         name="fake",
         url=kube.url,
@@ -291,6 +325,8 @@ def _fake(kube: FakeKubeAPIServer) -> Side:
         forge=forge,
         uids={"sa": kube.uid("serviceaccounts", NS, SA), "pod": kube.uid("pods", NS, POD)},
         delete=delete,
+        hold_pod=hold_pod,
+        release_pod=lambda name: kube.delete_pod(NS, name),
     )
 
 
@@ -467,6 +503,34 @@ def test_a_pod_read_back(sides: tuple[Side, Side]) -> None:
     assert not part_of(body_f, real.body), part_of(body_f, real.body)
     assert fake.body["spec"]["nodeName"] == NODE == real.body["spec"]["nodeName"]
     assert fake.body["spec"]["serviceAccountName"] == real.body["spec"]["serviceAccountName"]
+
+
+def test_a_pod_held_by_a_finalizer_read_back(sides: tuple[Side, Side]) -> None:
+    """Deleted, but a finalizer holds it: still read back, with its deletionTimestamp (which
+    the CP keeps: tokens bound to it stop authenticating 60 s later), a grace period of 0 and
+    the finalizer, on both."""
+    for side in sides:
+        side.hold_pod(HELD_POD)
+    try:
+        path = f"/api/v1/namespaces/{NS}/pods/{HELD_POD}"
+        real, fake = both(sides, lambda s: s.call("GET", path))
+        assert real.status == 200
+        assert (fake.status, fake.media, fake.cache_control) == (
+            200,
+            real.media,
+            real.cache_control,
+        )
+        body_f = json.loads(json.dumps(fake.body))
+        assert body_f["status"].pop("startTime")  # a kubelet's (see test_a_pod_read_back)
+        assert not part_of(body_f, real.body), part_of(body_f, real.body)
+        meta_r, meta_f = real.body["metadata"], fake.body["metadata"]
+        for key in ("deletionGracePeriodSeconds", "finalizers"):
+            assert meta_f[key] == meta_r[key], key
+        stamps = [meta["deletionTimestamp"] for meta in (meta_r, meta_f)]
+        assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", t) for t in stamps), stamps
+    finally:
+        for side in sides:
+            side.release_pod(HELD_POD)
 
 
 @pytest.mark.parametrize(

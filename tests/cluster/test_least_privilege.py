@@ -41,10 +41,12 @@ DEFAULT_GRANTS = {
     ("get", "", "/openid/v1/jwks"),
 }
 # What each authn mode needs from the ClusterRole (SPEC: "create tokenreviews; get
-# serviceaccounts, namespaces; and for jwks authn get pods")
+# serviceaccounts, namespaces; and for jwks authn get pods"; tokenreview reads pods too:
+# the API server caches a review for 10 s, so the CP checks the bound pod itself)
 NEEDS = {
     "tokenreview": {
         ("create", "authentication.k8s.io", "tokenreviews"),
+        ("get", "", "pods"),
         ("get", "", "serviceaccounts"),
         ("get", "", "namespaces"),
     },

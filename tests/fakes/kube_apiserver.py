@@ -127,6 +127,8 @@ class _Obj:
     node: str = ""  # pods
     data: dict[str, str] = field(default_factory=dict)  # secrets
     secret_type: str = "Opaque"
+    deletion: float | None = None  # metadata.deletionTimestamp: deleted, held by a finalizer
+    finalizers: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -421,6 +423,27 @@ class FakeKubeAPIServer(LoopbackFake):
         """Delete a Pod (tokens bound to it stop authenticating)."""
         with self._lock:
             del self._pods[(namespace, name)]
+
+    def hold_deletion(
+        self,
+        resource: str,
+        namespace: str,
+        name: str,
+        *,
+        at: float | None = None,
+        finalizer: str = "example.com/hold",
+    ) -> None:
+        """Delete a pod or ServiceAccount that a finalizer holds: it stays readable, with
+        ``metadata.deletionTimestamp`` (``at``, default now; whole seconds, as the real
+        server writes it), ``deletionGracePeriodSeconds: 0`` and the finalizer. Tokens bound
+        to it keep authenticating until 60 s (the leeway) after that time, as kube-apiserver's
+        (pkg/serviceaccount/claims.go)."""
+        with self._lock:
+            table = {"pods": self._pods, "serviceaccounts": self._service_accounts}[resource]
+            obj = table[(namespace, name)]
+            obj.deletion = float(int(self._clock() if at is None else at))
+            obj.finalizers = [finalizer]
+            obj.resource_version = self._next_rv()
 
     def add_secret(
         self,
@@ -774,6 +797,10 @@ class FakeKubeAPIServer(LoopbackFake):
             raise _ReviewFailure(
                 f"service account UID ({sa.uid}) does not match claim ({sa_ref.get('uid')})"
             )
+        # claims.go: deleted before now - leeway (held by a finalizer): no longer vouches
+        invalid_if_deleted_before = self._clock() - self._leeway
+        if sa.deletion is not None and sa.deletion < invalid_if_deleted_before:
+            raise _ReviewFailure(f"service account {namespace}/{sa.name} has been deleted")
         extra: dict[str, list[str]] = {}
         pod_ref, secret_ref, node_ref = ref.get("pod"), ref.get("secret"), ref.get("node")
         if isinstance(secret_ref, dict):
@@ -794,6 +821,8 @@ class FakeKubeAPIServer(LoopbackFake):
                     f"pod UID ({p.uid}) does not match service account pod ref claim "
                     f"({pod_ref.get('uid')})"
                 )
+            if p.deletion is not None and p.deletion < invalid_if_deleted_before:
+                raise _ReviewFailure("service account token has been invalidated")
             extra[_EXTRA + "pod-name"] = [p.name]
             extra[_EXTRA + "pod-uid"] = [p.uid]
         if isinstance(node_ref, dict):
@@ -1254,8 +1283,13 @@ def _metadata(obj: _Obj) -> dict[str, Any]:
     meta["uid"] = obj.uid
     meta["resourceVersion"] = obj.resource_version
     meta["creationTimestamp"] = _rfc3339(obj.created)
+    if obj.deletion is not None:
+        meta["deletionTimestamp"] = _rfc3339(obj.deletion)
+        meta["deletionGracePeriodSeconds"] = 0
     if obj.labels:  # like Kubernetes: no labels, no key
         meta["labels"] = dict(obj.labels)
+    if obj.finalizers:
+        meta["finalizers"] = list(obj.finalizers)
     return meta
 
 

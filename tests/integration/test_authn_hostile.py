@@ -341,7 +341,9 @@ async def test_kube_pool_is_as_large_as_the_slots(make_cp: Any) -> None:
     cp = make_cp("tokenreview", CP_TOKEN_MAX_REVIEWS="40")
     kube = cp.service.kube
     assert kube is not None
-    assert kube.max_connections == 40 + 16 + 4  # reviews + label reads + shared calls
+    # reviews (each a TokenReview, then a ServiceAccount and a pod read at once) + label
+    # reads + shared calls
+    assert kube.max_connections == 40 * 2 + 16 + 4
     connector = kube._client().connector
     assert connector is not None and connector.limit == kube.max_connections
 
@@ -352,16 +354,21 @@ async def test_label_reads_do_not_wait_behind_hung_reviews(
     cp = make_cp("tokenreview", CP_TOKEN_MAX_REVIEWS="10")
     assert cp.service.kube is not None
     cp.service.kube.timeout = 3.0
-    known = kube_apiserver.issue_bound_token(SESSION_NS, SESSION_SA, pod=SESSION_POD)
-    assert (await cp.get(known)).status_code == 200  # reviewed: cached for 30 s
-    cp.clock.advance(11)  # the label reads (10 s) are stale, the review (30 s) is not
+    first = kube_apiserver.issue_bound_token(SESSION_NS, SESSION_SA, pod=SESSION_POD)
+    assert (await cp.get(first)).status_code == 200  # the namespace read at t=0
+    cp.clock.advance(5)
+    # another session of the namespace: its review rests on its own ServiceAccount and pod
+    # reads (t=5, fresh until t=15); the namespace read is shared
+    (known,) = new_sessions(kube_apiserver, 1, "k")
+    assert (await cp.get(known)).status_code == 200
+    cp.clock.advance(6)  # t=11: the namespace read (10 s) is stale, the review is not
     new = new_sessions(kube_apiserver, 10, "n")
     kube_apiserver.fail("tokenreviews", "hang")
     try:
         hung = [asyncio.create_task(cp.get(t)) for t in new]  # every review slot, hung
         await asyncio.sleep(0.3)
         start = time.monotonic()
-        resp = await cp.get(known)  # needs two label reads, on threads of their own
+        resp = await cp.get(known)  # needs a label read, on a thread of its own
         took = time.monotonic() - start
         assert resp.status_code == 200, resp.text
         assert took < 1.0, took

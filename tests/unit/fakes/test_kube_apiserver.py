@@ -242,6 +242,31 @@ def _recreated_pod(kube: FakeKubeAPIServer) -> str:
     return token
 
 
+def _held(resource: str, name: str, ago: float) -> Callable[[FakeKubeAPIServer], str]:
+    """A token of the session's pod, whose pod or ServiceAccount was deleted ``ago`` seconds
+    ago and is still held by a finalizer."""
+
+    def make(kube: FakeKubeAPIServer) -> str:
+        token = kube.issue_bound_token(SESSION_NS, SESSION_SA, SESSION_POD)
+        kube.hold_deletion(resource, SESSION_NS, name, at=time.time() - ago)
+        return token
+
+    return make
+
+
+def test_a_deletion_held_by_a_finalizer_counts_60_s_later(
+    kube_apiserver: FakeKubeAPIServer, http: httpx.Client
+) -> None:
+    """kube-apiserver (pkg/serviceaccount/claims.go) refuses a token when its pod or
+    ServiceAccount was deleted more than the leeway (60 s) ago, although the object is still
+    there; until then it authenticates."""
+    token = _held("pods", SESSION_POD, 50)(kube_apiserver)
+    assert review(http, token, ["ambient-cp"])["authenticated"] is True
+    pod = http.get(f"/api/v1/namespaces/{SESSION_NS}/pods/{SESSION_POD}").json()["metadata"]
+    assert pod["deletionGracePeriodSeconds"] == 0 and pod["finalizers"] == ["example.com/hold"]
+    assert pod["deletionTimestamp"].endswith("Z") and len(pod["deletionTimestamp"]) == 20
+
+
 def _recreated_sa(kube: FakeKubeAPIServer) -> str:
     token = kube.issue_bound_token(SESSION_NS, SESSION_SA)
     kube.delete_service_account(SESSION_NS, SESSION_SA)
@@ -274,6 +299,16 @@ REJECTED: dict[str, tuple[Callable[[FakeKubeAPIServer], str], list[str], str]] =
     ),
     "deleted pod": (_deleted_pod, ["ambient-cp"], "service account token has been invalidated"),
     "recreated pod": (_recreated_pod, ["ambient-cp"], "does not match service account pod ref"),
+    "pod deleted 70 s ago, held by a finalizer": (
+        _held("pods", SESSION_POD, 70),
+        ["ambient-cp"],
+        "service account token has been invalidated",
+    ),
+    "service account deleted 70 s ago, held by a finalizer": (
+        _held("serviceaccounts", SESSION_SA, 70),
+        ["ambient-cp"],
+        f"service account {SESSION_NS}/{SESSION_SA} has been deleted",
+    ),
     "recreated service account": (_recreated_sa, ["ambient-cp"], "does not match claim"),
     "foreign signature": (_forged, ["ambient-cp"], "error in cryptographic primitive"),
     "tampered payload": (_tampered, ["ambient-cp"], "error in cryptographic primitive"),

@@ -42,9 +42,6 @@ NO_TEST_FILE = {
     "cp_token/runtime/__init__.py": "a docstring",
     "cp_token/settings/__init__.py": "a docstring (it imports nothing on purpose)",
     "sidecar/__init__.py": "a docstring",
-    # Being written on another branch (issue 20): remove these two when it is merged.
-    "cp_token/authn/jwks.py": "tests/unit/authn/test_jwks.py is being written elsewhere",
-    "cp_token/authn/tokenreview.py": "tests/unit/authn/test_tokenreview.py: likewise",
 }
 
 # Test files that may still sleep, and why; remove an entry once its file is fixed.

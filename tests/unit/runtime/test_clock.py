@@ -5,13 +5,31 @@ from __future__ import annotations
 import asyncio
 import math
 
-from cp_token.runtime.clock import MAX_SECONDS, FakeClock, SystemClock, rfc3339, sleep_or_wake
+from cp_token.runtime.clock import (
+    MAX_SECONDS,
+    FakeClock,
+    SystemClock,
+    parse_rfc3339,
+    rfc3339,
+    sleep_or_wake,
+)
 
 
 def test_rfc3339() -> None:
     assert rfc3339(0) == "1970-01-01T00:00:00Z"
     assert rfc3339(1775345580.9) == "2026-04-04T23:33:00Z"  # rounded down, never later
     assert rfc3339(1775345580.25, millis=True) == "2026-04-04T23:33:00.250Z"
+
+
+def test_parse_rfc3339() -> None:
+    assert parse_rfc3339("2026-04-04T23:33:00Z") == 1775345580.0
+    assert parse_rfc3339(rfc3339(1775345580.9)) == 1775345580.0
+    assert parse_rfc3339("2026-04-04t23:33:00.25z") == 1775345580.25
+    assert parse_rfc3339("2026-04-04T23:33:00.123456789+01:00") == 1775345580.123456 - 3600
+    for bad in ("2026-04-04T23:33:00", "20260404T233300Z", "2026-02-30T00:00:00Z", "", "x"):
+        assert parse_rfc3339(bad) is None, bad
+    assert parse_rfc3339(1775345580) is None and parse_rfc3339(None) is None
+    assert parse_rfc3339("2026-04-04T23:33:00Z" + " " * 100) is None
 
 
 def test_rfc3339_stays_within_four_digit_years() -> None:

@@ -8,6 +8,7 @@ process id.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -385,6 +386,19 @@ class Cluster:
             content = json.dumps(body).encode()
         with self.client() as c:
             return c.request(method, path, headers=headers, content=content)
+
+    def signing_kid(self) -> str:
+        """The ``kid`` the API server publishes for :attr:`sa_key` (after a rotation the
+        published set holds the old keys too, in no promised order)."""
+        private = serialization.load_pem_private_key(self.sa_key.read_bytes(), password=None)
+        assert isinstance(private, rsa.RSAPrivateKey)
+        n = private.public_key().public_numbers().n
+        n_b64 = base64.urlsafe_b64encode(n.to_bytes((n.bit_length() + 7) // 8, "big"))
+        wanted = n_b64.rstrip(b"=").decode()
+        for jwk in self.get("/openid/v1/jwks")["keys"]:
+            if jwk.get("n") == wanted:
+                return str(jwk["kid"])
+        raise ClusterError("the signing key is not in /openid/v1/jwks")
 
     def get(self, path: str) -> dict[str, Any]:
         """GET an object as the admin."""

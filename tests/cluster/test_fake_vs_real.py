@@ -221,8 +221,7 @@ def _real(cluster: Cluster) -> Side:
         },
     )  # fmt: skip
     key = RSAKey.import_key(cluster.sa_key.read_bytes())
-    with cluster.client() as c:
-        kid = c.get("/openid/v1/jwks").json()["keys"][0]["kid"]
+    kid = cluster.signing_kid()
 
     def forge(claims: dict[str, Any], header: dict[str, Any]) -> str:
         hdr = {"alg": "RS256", "kid": kid, **header}

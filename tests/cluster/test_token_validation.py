@@ -29,7 +29,7 @@ def forge(cluster: Cluster, session: Session, **claims: Any) -> str:
     """A token for the session's pod as TokenRequest makes it, signed with the cluster's
     ServiceAccount key; ``claims`` override (``exp=None`` drops one)."""
     key = RSAKey.import_key(cluster.sa_key.read_bytes())
-    kid = cluster.get("/openid/v1/jwks")["keys"][0]["kid"]
+    kid = cluster.signing_kid()
     sa = cluster.get(
         f"/api/v1/namespaces/{session.namespace}/serviceaccounts/{session.service_account}"
     )

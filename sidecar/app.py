@@ -36,6 +36,18 @@ _HOST = re.compile(r"\[(?P<v6>[0-9A-Fa-f:.]+)\](?::\d+)?|(?P<name>[^:\[\]]+)(?::
 _JSON_HEADERS = [(b"content-type", b"application/json"), (b"cache-control", b"no-store")]
 
 
+# RFC 6750 §3.1: a 401 names the scheme and the error (the CP's own header on its 401)
+_INVALID_TOKEN_CHALLENGE = (b"www-authenticate", b'Bearer error="invalid_token"')
+
+
+def rejection_error(status: int) -> tuple[str, list[tuple[bytes, bytes]]]:
+    """The ``error`` and headers a relayed refusal of this pod by the CP (401 or 403) is
+    answered with: ``invalid_token`` with a Bearer challenge, or ``access_denied``."""
+    if status == 401:
+        return "invalid_token", [_INVALID_TOKEN_CHALLENGE]
+    return "access_denied", []
+
+
 def _error(error: str, description: str) -> bytes:
     return json.dumps({"error": error, "error_description": description}).encode()
 
@@ -175,8 +187,8 @@ class TokenEndpoint:
         rejection = holder.rejection
         if rejection is not None:
             self._metrics.request(method, "rejected")
-            error = "invalid_token" if rejection.status == 401 else "access_denied"
-            return rejection.status, [], _error(error, rejection.description)
+            error, headers = rejection_error(rejection.status)
+            return rejection.status, headers, _error(error, rejection.description)
         self._metrics.request(method, "unavailable")
         why = holder.last_error or "no token fetched yet"
         retry_after = str(holder.advertised_retry_after()).encode()

@@ -22,12 +22,18 @@ _SENDABLE = re.compile(r"[\x21-\x7e]+")
 
 class NoToken(Exception):
     """No unexpired token is held and none could be fetched now: answer 503 (or gRPC
-    UNAVAILABLE) with ``retry_after`` whole seconds. The message never holds a token."""
+    UNAVAILABLE) with ``retry_after`` whole seconds; or, when the CP refused this pod
+    (``rejected``: its 401 or 403), relay that refusal as ``GET /token`` does, so a caller
+    stops retrying. The message never holds a token."""
 
-    def __init__(self, reason: str, retry_after: int) -> None:
+    def __init__(
+        self, reason: str, retry_after: int, rejected: int | None = None, description: str = ""
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retry_after = retry_after
+        self.rejected = rejected
+        self.description = description
 
 
 class HeldBearer:
@@ -48,6 +54,11 @@ class HeldBearer:
             await self._refresher.fetch()
         token = holder.current()
         if token is None:
+            rejection = holder.rejection
+            if rejection is not None:
+                raise NoToken(
+                    self._why(), holder.retry_after(), rejection.status, rejection.description
+                )
             raise NoToken(self._why(), holder.retry_after())
         if not _SENDABLE.fullmatch(token.token):
             raise NoToken("the held token cannot be sent in a header", holder.retry_after())

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 from cp_token.http.edge import absolute_form
 
-from .app import refusal
+from .app import refusal, rejection_error
 from .asgi import Receive, Scope, Send
 from .bearer import HeldBearer, NoToken
 from .egress_pool import Origin, UpstreamError, UpstreamPool, UpstreamResponse, split_base
@@ -214,9 +214,7 @@ class EgressApp:
         try:
             token = await self._bearer.current()
         except NoToken as exc:
-            self._metrics.http(upstream.name, 503)
-            retry = [(b"retry-after", str(exc.retry_after).encode())]
-            await send_json(send, 503, "temporarily_unavailable", exc.reason, retry)
+            await self._no_token(send, upstream, exc)
             return
         started = time.monotonic()
         try:
@@ -231,6 +229,19 @@ class EgressApp:
                 "seconds": round(time.monotonic() - started, 4),
             }
             log.debug("proxied", extra={"fields": fields})
+
+    async def _no_token(self, send: Send, upstream: Upstream, exc: NoToken) -> None:
+        """Nothing to send the call with: the CP's refusal of this pod relayed as ``GET
+        /token`` relays it (401 or 403 with its ``error_description``: retrying will not
+        help), else 503 with ``Retry-After``."""
+        if exc.rejected is not None:
+            self._metrics.http(upstream.name, exc.rejected)
+            error, headers = rejection_error(exc.rejected)
+            await send_json(send, exc.rejected, error, exc.description or exc.reason, headers)
+            return
+        self._metrics.http(upstream.name, 503)
+        retry = [(b"retry-after", str(exc.retry_after).encode())]
+        await send_json(send, 503, "temporarily_unavailable", exc.reason, retry)
 
     def _target(self, scope: Scope) -> tuple[Upstream, bytes]:
         """(upstream, request target) for the request; raises :class:`_Refused`."""

@@ -37,6 +37,8 @@ log = logging.getLogger("sidecar.grpc")
 OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
 MAX_CONCURRENT_RPCS = 1024
 GRACE_SECONDS = 5.0
+# the CP's refusal of this pod, as a gRPC status (grpc-gateway's HTTP mapping, reversed)
+REJECTED_CODES = {401: grpc.StatusCode.UNAUTHENTICATED, 403: grpc.StatusCode.PERMISSION_DENIED}
 # Metadata that belongs to the transport, not to the call: grpcio sets it itself.
 _RESERVED = frozenset({"authorization", "user-agent", "te", "content-type", "host"})
 
@@ -153,8 +155,12 @@ class GrpcProxy:
         try:
             token = await self._bearer.current()
         except NoToken as exc:
-            self._metrics.grpc("UNAVAILABLE")
-            await context.abort(grpc.StatusCode.UNAVAILABLE, exc.reason)
+            # the CP refused this pod: as final as GET /token's relayed 401/403
+            code = grpc.StatusCode.UNAVAILABLE
+            if exc.rejected is not None:
+                code = REJECTED_CODES.get(exc.rejected, grpc.StatusCode.PERMISSION_DENIED)
+            self._metrics.grpc(code.name)
+            await context.abort(code, exc.reason)
             return
         try:
             status, details, trailers = await self._relay(method, requests, context, token)

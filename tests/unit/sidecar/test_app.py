@@ -217,13 +217,18 @@ async def test_a_refusal_while_holding_a_token_keeps_serving_it(tmp_path: Path) 
 # --- nothing held ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("status", "error"), [(401, "invalid_token"), (403, "access_denied")])
+@pytest.mark.parametrize(
+    ("status", "error", "challenge"),
+    [(401, "invalid_token", 'Bearer error="invalid_token"'), (403, "access_denied", None)],
+)
 async def test_cp_refusals_are_relayed_while_nothing_is_held(
-    tmp_path: Path, status: int, error: str
+    tmp_path: Path, status: int, error: str, challenge: str | None
 ) -> None:
+    """With the CP's status and description; a 401 with its Bearer challenge (RFC 6750)."""
     rig = Rig(Script(refused(status, "serviceaccount default is not a session runner")), tmp_path)
     response = await rig.get()
     assert response.status_code == status
+    assert response.headers.get("www-authenticate") == challenge
     assert response.json() == {
         "error": error,
         "error_description": "serviceaccount default is not a session runner",

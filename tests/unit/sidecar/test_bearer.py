@@ -47,6 +47,8 @@ async def test_no_token_says_why_and_when_to_come_back(tmp_path: Path) -> None:
     with pytest.raises(NoToken) as refusal:
         await HeldBearer(rig.refresher, min_ttl=60).current()
     assert refusal.value.reason == "no unexpired token held: the CP refused this pod (403)"
+    assert (refusal.value.rejected, refusal.value.description) == (403, "not a session runner")
+    assert down.value.rejected is None
 
 
 async def test_a_token_that_cannot_be_sent_in_a_header_is_never_sent(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from sidecar.egress import BUFFERED_BODY, request_headers, response_headers
-from tests.fakes.client import Script, ok, unavailable
+from tests.fakes.client import Script, ok, refused, unavailable
 from tests.fakes.sealed_rig import BASE, SealedRig
 
 # --- the header rules ------------------------------------------------------------------------
@@ -207,6 +207,23 @@ async def test_no_token_is_503_with_retry_after(tmp_path: Path) -> None:
     assert response.status_code == 503
     assert response.json()["error"] == "temporarily_unavailable"
     assert int(response.headers["retry-after"]) >= 1
+    assert rig.upstream.requests == []
+
+
+@pytest.mark.parametrize(
+    "status, error, challenge",
+    [(401, "invalid_token", 'Bearer error="invalid_token"'), (403, "access_denied", None)],
+)
+async def test_a_pod_the_cp_refuses_gets_the_refusal_relayed(
+    tmp_path: Path, status: int, error: str, challenge: str | None
+) -> None:
+    """As GET /token relays it: final (no Retry-After), so a client stops retrying."""
+    rig = SealedRig(Script(refused(status, "not a session runner")), tmp_path)
+    response = await rig.call("GET", "/upstream/api/x")
+    assert response.status_code == status
+    assert response.json() == {"error": error, "error_description": "not a session runner"}
+    assert response.headers.get("www-authenticate") == challenge
+    assert "retry-after" not in response.headers
     assert rig.upstream.requests == []
 
 

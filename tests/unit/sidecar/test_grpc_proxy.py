@@ -1,6 +1,7 @@
 """The sealed sidecar's gRPC forwarding, without a network: the metadata rules both ways (the
 caller's ``authorization`` replaced by the held token's, nothing of the transport passed on,
-nothing holding the token handed back), and a call with no token held refused UNAVAILABLE
+nothing holding the token handed back), a call with no token held refused UNAVAILABLE, and
+a pod the CP refuses gets UNAUTHENTICATED or PERMISSION_DENIED
 before any upstream call. (A real grpcio client, the proxy and a TLS upstream:
 tests/integration/test_sealed.py.)"""
 
@@ -15,7 +16,7 @@ import pytest
 from sidecar.bearer import HeldBearer
 from sidecar.grpc_proxy import GrpcProxy, incoming_metadata, outgoing_metadata
 from sidecar.sealed import ProxyMetrics
-from tests.fakes.client import Script, refused
+from tests.fakes.client import Script, refused, unavailable
 from tests.fakes.sidecar_rig import Rig
 
 TOKEN = "held-token-abc"
@@ -71,10 +72,44 @@ class Context:
         raise grpc.RpcError()  # grpcio's abort never returns
 
 
+@pytest.mark.parametrize(
+    "answer, code, details",
+    [
+        (
+            refused(403, "not a session runner"),
+            grpc.StatusCode.PERMISSION_DENIED,
+            "no unexpired token held: the CP refused this pod (403)",
+        ),
+        (
+            refused(401, "token expired"),
+            grpc.StatusCode.UNAUTHENTICATED,
+            "no unexpired token held: the CP refused this pod (401)",
+        ),
+    ],
+)
+async def test_a_pod_the_cp_refuses_gets_the_refusal_and_reaches_no_upstream(
+    tmp_path: Path, answer: Any, code: grpc.StatusCode, details: str
+) -> None:
+    """As final as GET /token's relayed 401/403: a client does not retry it."""
+    rig = Rig(Script(answer), tmp_path)
+    metrics = ProxyMetrics([], "api.example:443")
+    proxy = GrpcProxy("api.example:443", HeldBearer(rig.refresher, 60), metrics)
+    context = Context()
+
+    async def no_requests() -> Any:
+        raise AssertionError("the request stream is not read")
+        yield b""  # pragma: no cover
+
+    with pytest.raises(grpc.RpcError):
+        await proxy.forward("/pkg.Service/Method", no_requests(), context)
+    assert context.aborted == (code, details)
+    assert metrics.counters[("grpc", "api.example:443", "4xx")].value == 1
+
+
 async def test_with_no_token_held_a_call_is_unavailable_and_reaches_no_upstream(
     tmp_path: Path,
 ) -> None:
-    rig = Rig(Script(refused(403, "not a session runner")), tmp_path)
+    rig = Rig(Script(unavailable(503, "3")), tmp_path)
     metrics = ProxyMetrics([], "api.example:443")
     proxy = GrpcProxy("api.example:443", HeldBearer(rig.refresher, 60), metrics)
     context = Context()
@@ -88,7 +123,7 @@ async def test_with_no_token_held_a_call_is_unavailable_and_reaches_no_upstream(
     assert context.aborted is not None
     code, details = context.aborted
     assert code is grpc.StatusCode.UNAVAILABLE
-    assert details == "no unexpired token held: the CP refused this pod (403)"
+    assert details.startswith("no unexpired token held: ")
     assert metrics.counters[("grpc", "api.example:443", "5xx")].value == 1
 
 

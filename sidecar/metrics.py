@@ -12,6 +12,7 @@ from __future__ import annotations
 import cp_token
 from cp_token.runtime.metrics import CONTENT_TYPE as TEXT_CONTENT_TYPE
 from cp_token.runtime.metrics import Counter, Family, Gauge, Histogram, Registry
+from cp_token.runtime.process_metrics import process_families
 
 from .holder import State, TokenHolder
 
@@ -105,6 +106,9 @@ class SidecarMetrics:
                 lambda: float(holder.failures),
             )
         )
+        # process_* as every exporter names them (memory per pod, CPU, file descriptors)
+        for family in process_families():
+            r.register(family)
 
     def _expires_in(self) -> float:
         remaining = self._holder.remaining()

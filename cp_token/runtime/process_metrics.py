@@ -20,9 +20,11 @@ from pathlib import Path
 
 from cp_token.runtime.metrics import Family, Gauge, GaugeReading, Kind, Sample
 
-__all__ = ["ProcStat", "ReadCounter", "process_families", "read_proc_stat"]
+__all__ = ["ProcStat", "ReadCounter", "boot_time", "process_families", "read_proc_stat"]
 
 PROC = Path("/proc")
+_TICKS = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 class ReadCounter(Gauge):
@@ -47,28 +49,40 @@ class ProcStat:
         self.start_time = start
 
 
-def read_proc_stat(proc: Path = PROC, pid: str = "self") -> ProcStat | None:
+def boot_time(proc: Path = PROC) -> float | None:
+    """The kernel's boot time (``btime`` in ``/proc/stat``, Unix seconds); None when
+    unreadable. It never changes while the machine runs: read it once."""
+    try:
+        for line in (proc / "stat").read_bytes().splitlines():
+            if line.startswith(b"btime "):
+                return float(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def read_proc_stat(
+    proc: Path = PROC, pid: str = "self", boot: float | None = None
+) -> ProcStat | None:
     """``/proc/<pid>/stat`` parsed (fields after the command name, which may hold spaces and
-    parentheses), with the boot time from ``/proc/stat``; None when unreadable."""
+    parentheses); ``boot`` is :func:`boot_time` (read here when not given). None when
+    unreadable."""
+    if boot is None:
+        boot = boot_time(proc)
+        if boot is None:
+            return None
     try:
         raw = (proc / pid / "stat").read_bytes()
         fields = raw[raw.rindex(b")") + 2 :].split()
-        boot = next(
-            float(line.split()[1])
-            for line in (proc / "stat").read_bytes().splitlines()
-            if line.startswith(b"btime ")
-        )
-        ticks = os.sysconf("SC_CLK_TCK")
-        page = os.sysconf("SC_PAGE_SIZE")
         # stat(5): utime 14, stime 15, starttime 22, vsize 23, rss 24 (1-based, from pid)
         utime, stime = float(fields[11]), float(fields[12])
         return ProcStat(
-            cpu_seconds=(utime + stime) / ticks,
+            cpu_seconds=(utime + stime) / _TICKS,
             virtual=int(fields[20]),
-            resident=int(fields[21]) * page,
-            start=boot + float(fields[19]) / ticks,
+            resident=int(fields[21]) * _PAGE,
+            start=boot + float(fields[19]) / _TICKS,
         )
-    except (OSError, ValueError, IndexError, StopIteration):
+    except (OSError, ValueError, IndexError):
         return None
 
 
@@ -85,11 +99,18 @@ def _max_fds() -> GaugeReading:
 
 
 def process_families(proc: Path = PROC) -> list[Family]:
-    """The ``process_*`` families, each read from ``proc`` when scraped."""
+    """The ``process_*`` families, each read from ``proc`` when scraped (the boot time once,
+    on the first scrape that finds it)."""
+    boot: list[float] = []
 
     def stat(part: Callable[[ProcStat], float]) -> Callable[[], GaugeReading]:
         def read() -> GaugeReading:
-            found = read_proc_stat(proc)
+            if not boot:
+                found_boot = boot_time(proc)
+                if found_boot is None:
+                    return None
+                boot.append(found_boot)
+            found = read_proc_stat(proc, boot=boot[0])
             return None if found is None else float(part(found))
 
         return read
